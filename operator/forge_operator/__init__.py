@@ -1,0 +1,1 @@
+"""Forge operator: reconciles ForgeTraining and ForgeEval resources."""

@@ -1,0 +1,177 @@
+"""Shared pieces of the Forge API: the base model, CEL rules, conditions, storage locations.
+
+Every API type derives from :class:`ApiModel`: camelCase on the wire, unknown
+fields rejected, attribute docstrings as field descriptions (they become the
+CRD's ``kubectl explain`` text). A class lists its cross-field rules once as
+:class:`Cel` entries; the CRD generator writes them as
+``x-kubernetes-validations`` and :meth:`ApiModel.check_rules` is the same rule
+in Python, so the API server and local validation agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, Callable, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "forge.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+
+@dataclass(frozen=True)
+class Cel:
+    """One validation rule, in CEL for the API server and in Python for everything else.
+
+    ``check`` takes the model and returns True when valid. ``field_path`` is
+    relative to the object the rule sits on (``.experts``) and makes the API
+    server's message name the offending field.
+    """
+
+    rule: str
+    message: str
+    check: Callable[[Any], bool] | None = None
+    field_path: str | None = None
+    reason: str | None = None
+
+    def as_schema(self) -> dict[str, str]:
+        out = {"rule": self.rule, "message": self.message}
+        if self.field_path:
+            out["fieldPath"] = self.field_path
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+def _schema_extra(schema: dict[str, Any], cls: type) -> None:
+    rules = cls.__dict__.get("cel_rules") or ()
+    if rules:
+        schema["x-kubernetes-validations"] = [r.as_schema() for r in rules]
+    for key, value in (cls.__dict__.get("schema_extra") or {}).items():
+        schema[key] = value
+
+
+class ApiModel(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+        json_schema_extra=_schema_extra,
+    )
+    cel_rules: ClassVar[tuple[Cel, ...]] = ()
+
+    @model_validator(mode="after")
+    def check_rules(self):
+        for rule in type(self).__dict__.get("cel_rules") or ():
+            if rule.check is not None and not rule.check(self):
+                raise ValueError(rule.message)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The object as it appears in YAML: camelCase, unset fields left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# Common constrained types. Lengths are bounded so the API server can estimate
+# the cost of CEL rules.
+DnsLabel = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
+Name253 = Annotated[str, Field(min_length=1, max_length=253)]
+ShortStr = Annotated[str, Field(max_length=256)]
+PathStr = Annotated[str, Field(max_length=1024)]
+Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
+PositiveInt = Annotated[int, Field(ge=1)]
+FreeForm = Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})]
+
+
+class PvcLocation(ApiModel):
+    """A path inside a PersistentVolumeClaim in the resource's namespace."""
+
+    claim_name: DnsLabel
+    """Name of the PersistentVolumeClaim. It must exist in the same namespace."""
+    path: PathStr = ""
+    """Path inside the volume, relative to its root ("" = the whole volume)."""
+    read_only: bool | None = None
+    """Mount the claim read-only (default: read-only for inputs, read-write for checkpoints and outputs)."""
+
+    cel_rules = (
+        Cel("!self.path.startsWith('/') && !self.path.contains('..')",
+            "path must be relative to the volume root and must not contain '..'",
+            lambda s: not s.path.startswith("/") and ".." not in s.path, field_path=".path"),
+    )
+
+
+class SecretKeyRef(ApiModel):
+    """A Secret in the same namespace."""
+
+    name: DnsLabel
+    """Name of the Secret. For S3 it holds AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."""
+
+
+class S3Location(ApiModel):
+    """An object-store prefix reachable from inside the cluster (S3-compatible: MinIO, Ceph RGW, ...)."""
+
+    uri: Annotated[str, Field(pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", max_length=1024)]
+    """Bucket and prefix, as s3://bucket/prefix."""
+    endpoint: Annotated[str, Field(pattern=r"^https?://", max_length=1024)] | None = None
+    """Endpoint URL of the S3-compatible service (default: the AWS endpoint). Keep it inside your network."""
+    secret_ref: SecretKeyRef | None = None
+    """Credentials; without it the pod's own identity (e.g. IRSA) is used."""
+
+
+class StorageLocation(ApiModel):
+    """Where files live: a path on a PersistentVolumeClaim, or an S3-compatible prefix. Set exactly one."""
+
+    pvc: PvcLocation | None = None
+    """A path on a PersistentVolumeClaim."""
+    s3: S3Location | None = None
+    """An S3-compatible URI with a Secret reference."""
+
+    cel_rules = (
+        Cel("has(self.pvc) != has(self.s3)", "set exactly one of pvc or s3",
+            lambda s: (s.pvc is None) != (s.s3 is None)),
+    )
+
+
+class VolumeLocation(ApiModel):
+    """A writable path on a PersistentVolumeClaim."""
+
+    pvc: PvcLocation
+    """The PersistentVolumeClaim and path to write to."""
+
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class Condition(ApiModel):
+    """A metav1.Condition: the latest observation of one aspect of the resource."""
+
+    type: Annotated[str, Field(max_length=316)]
+    """Condition type, e.g. Running, Succeeded, Failed."""
+    status: ConditionStatus
+    """True, False or Unknown."""
+    reason: Annotated[str, Field(max_length=1024)]
+    """CamelCase reason for the last transition."""
+    message: Annotated[str, Field(max_length=32768)] = ""
+    """Human-readable details."""
+    last_transition_time: datetime
+    """When the status last changed."""
+    observed_generation: int | None = None
+    """The .metadata.generation this condition was computed from."""
+
+
+class ObjectMeta(ApiModel):
+    """The parts of metadata that Forge reads; the API server owns the rest."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = ""
+    namespace: str = ""
+    uid: str = ""
+    generation: int = 0
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}

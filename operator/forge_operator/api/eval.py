@@ -1,0 +1,185 @@
+"""ForgeEval: evaluate a model on the user's own held-out data and task files."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from .base import API_VERSION, ApiModel, Cel, Condition, DnsLabel, FreeForm, ObjectMeta, Quantity, ShortStr, \
+    StorageLocation
+
+SuiteType = Literal["perplexity", "multiple-choice", "exact-match"]
+Comparator = Literal["<", "<=", ">", ">="]
+# The metrics each suite type reports; a gate names one of them as "<suite>.<metric>".
+SUITE_METRICS: dict[str, tuple[str, ...]] = {
+    "perplexity": ("loss", "perplexity", "bits_per_byte"),
+    "multiple-choice": ("acc", "acc_norm"),
+    "exact-match": ("exact_match",),
+}
+
+
+class EvalSuite(ApiModel):
+    """One evaluation task over a file set.
+
+    perplexity: documents (text files, or jsonl/parquet with textField).
+    multiple-choice: JSONL lines {question, choices: [...], answer: index}; scored by the sum of log-probs
+    of each choice (acc) and per-character normalised (acc_norm), as lm-evaluation-harness does.
+    exact-match: JSONL lines {question, answer}; greedy decoding, normalised string comparison.
+    """
+
+    name: DnsLabel
+    """Name of the suite, unique in the list; metrics are reported as <name>.<metric>."""
+    type: SuiteType
+    """perplexity, multiple-choice or exact-match."""
+    data: StorageLocation
+    """Where the evaluation files are."""
+    format: Literal["text", "jsonl", "parquet"] = "jsonl"
+    """File format (multiple-choice and exact-match read jsonl)."""
+    include: Annotated[list[ShortStr], Field(max_length=32)] | None = None
+    """Glob patterns of files to read (default by format)."""
+    text_field: ShortStr | None = None
+    """perplexity on jsonl/parquet: the field holding the text (default: text)."""
+    question_field: ShortStr | None = None
+    """multiple-choice and exact-match: the prompt field (default: question)."""
+    choices_field: ShortStr | None = None
+    """multiple-choice: the list of choices (default: choices)."""
+    answer_field: ShortStr | None = None
+    """The correct choice index (multiple-choice) or answer string (exact-match) (default: answer)."""
+    max_samples: Annotated[int, Field(ge=1)] | None = None
+    """Evaluate at most this many samples (documents for perplexity)."""
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
+    """exact-match: tokens generated per answer."""
+
+    cel_rules = (
+        Cel("self.type == 'perplexity' || self.format != 'text'",
+            "multiple-choice and exact-match suites read jsonl or parquet, not text",
+            lambda s: s.type == "perplexity" or s.format != "text", field_path=".format"),
+    )
+
+
+class EvalGate(ApiModel):
+    """A threshold a model must meet, e.g. heldout.perplexity < 20."""
+
+    metric: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\.[a-z_]+$", max_length=128)]
+    """<suite name>.<metric>: perplexity suites report loss, perplexity, bits_per_byte;
+    multiple-choice acc, acc_norm; exact-match exact_match."""
+    comparator: Comparator
+    """How the metric compares with the threshold to pass."""
+    threshold: float
+    """The value to compare with."""
+
+    def passes(self, value: float) -> bool:
+        return {"<": value < self.threshold, "<=": value <= self.threshold,
+                ">": value > self.threshold, ">=": value >= self.threshold}[self.comparator]
+
+
+class ModelSourceSpec(ApiModel):
+    """The model to evaluate. Set exactly one of trainingRef or checkpoint."""
+
+    training_ref: DnsLabel | None = None
+    """Name of a ForgeTraining in the same namespace: its exported model is evaluated once it has Succeeded."""
+    checkpoint: StorageLocation | None = None
+    """A Hugging Face-format model folder."""
+
+    cel_rules = (
+        Cel("has(self.trainingRef) != has(self.checkpoint)", "set exactly one of trainingRef or checkpoint",
+            lambda s: (s.training_ref is None) != (s.checkpoint is None)),
+    )
+
+
+class EvalResourcesSpec(ApiModel):
+    """The evaluation pod."""
+
+    gpus: Annotated[int, Field(ge=0, le=16)] = 1
+    """GPUs for the evaluation pod (0 for CPU)."""
+    gpu_resource_name: ShortStr = "nvidia.com/gpu"
+    """Extended resource that counts GPUs."""
+    cpu: Quantity | None = None
+    """CPU request and limit."""
+    memory: Quantity | None = None
+    """Memory request and limit."""
+    node_selector: dict[str, ShortStr] | None = None
+    """Node labels the pod must run on."""
+    tolerations: Annotated[list[FreeForm], Field(max_length=64)] | None = None
+    """Pod tolerations (core/v1 Toleration)."""
+    image: Annotated[str, Field(max_length=1024)] | None = None
+    """Evaluation image (default: the trainer image)."""
+
+
+class ForgeEvalSpec(ApiModel):
+    """Desired state of a ForgeEval."""
+
+    model: ModelSourceSpec
+    """What to evaluate."""
+    suites: Annotated[list[EvalSuite], Field(min_length=1, max_length=32)]
+    """Evaluation suites."""
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 8
+    """Sequences per forward pass."""
+    gates: Annotated[list[EvalGate], Field(max_length=32)] | None = None
+    """Thresholds; the GatePassed condition says whether all were met."""
+    resources: EvalResourcesSpec = EvalResourcesSpec()
+    """The evaluation pod."""
+
+    cel_rules = (
+        Cel("self.suites.all(a, self.suites.exists_one(b, b.name == a.name))", "suite names must be unique",
+            lambda s: len({x.name for x in s.suites}) == len(s.suites), field_path=".suites"),
+        Cel("!has(self.gates) || self.gates.all(g, self.suites.exists(s, g.metric.startsWith(s.name + '.')))",
+            "every gate metric must start with the name of one of the suites",
+            lambda s: all(any(g.metric.startswith(x.name + ".") for x in s.suites) for g in s.gates or []),
+            field_path=".gates"),
+    )
+
+
+class SuiteResult(ApiModel):
+    """Metrics of one suite."""
+
+    suite: str
+    """Suite name."""
+    metrics: dict[str, float]
+    """metric -> value."""
+    samples: int | None = None
+    """Samples evaluated."""
+
+
+class GateResult(ApiModel):
+    """Outcome of one gate."""
+
+    metric: str
+    """The gated metric."""
+    value: float | None = None
+    """Its value (absent if the metric was not produced)."""
+    passed: bool
+    """Whether the gate passed."""
+
+
+class ForgeEvalStatus(ApiModel):
+    """Observed state of a ForgeEval."""
+
+    phase: Literal["Pending", "Running", "Succeeded", "Failed"] | None = None
+    """Pending, Running, Succeeded or Failed."""
+    conditions: Annotated[list[Condition], Field(max_length=32)] | None = None
+    """Latest observations, including GatePassed."""
+    observed_generation: int | None = None
+    """The .metadata.generation last acted on."""
+    results: Annotated[list[SuiteResult], Field(max_length=32)] | None = None
+    """Per-suite metrics."""
+    gates: Annotated[list[GateResult], Field(max_length=32)] | None = None
+    """Per-gate outcomes."""
+    main_metric: str | None = None
+    """The first gate's (or first suite's) metric and value, for kubectl get."""
+    start_time: datetime | None = None
+    """When evaluation started."""
+    completion_time: datetime | None = None
+    """When evaluation finished."""
+
+
+class ForgeEval(ApiModel):
+    """Evaluation of a model on held-out data and task files, with optional gates."""
+
+    api_version: Literal["forge.dev/v1alpha1"] = API_VERSION
+    kind: Literal["ForgeEval"] = "ForgeEval"
+    metadata: ObjectMeta = ObjectMeta()
+    spec: ForgeEvalSpec
+    status: ForgeEvalStatus | None = None

@@ -1,0 +1,554 @@
+"""ForgeTraining: what to train, on what data, on which nodes, and how it is going."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field
+
+from .base import (
+    ApiModel, Cel, Condition, DnsLabel, FreeForm, ObjectMeta, PathStr,
+    Quantity, ShortStr, StorageLocation, VolumeLocation, API_VERSION,
+)
+from .eval import EvalGate, EvalSuite
+
+Method = Literal["pretrain", "continued-pretrain", "sft", "dpo"]
+METHODS_FROM_BASE = ("continued-pretrain", "sft", "dpo")
+
+
+# --------------------------------------------------------------------------- model
+class MoeSpec(ApiModel):
+    """Mixture-of-experts layers (Qwen3-MoE style: routed experts, top-k routing)."""
+
+    num_experts: Annotated[int, Field(ge=2, le=512)]
+    """Routed experts per MoE layer."""
+    num_experts_per_token: Annotated[int, Field(ge=1, le=64)]
+    """Experts each token is routed to (top-k)."""
+    expert_intermediate_size: Annotated[int, Field(ge=1)] | None = None
+    """Hidden size of each expert's MLP (default: intermediateSize / numExpertsPerToken)."""
+    router_aux_loss_coef: Annotated[float, Field(ge=0, le=1)] = 0.001
+    """Weight of the load-balancing loss that keeps the router spreading tokens."""
+
+    cel_rules = (
+        Cel("self.numExperts >= self.numExpertsPerToken",
+            "numExperts must be >= numExpertsPerToken",
+            lambda s: s.num_experts >= s.num_experts_per_token, field_path=".numExpertsPerToken"),
+    )
+
+
+class ArchitectureSpec(ApiModel):
+    """A decoder-only transformer built from scratch (Llama-style dense, or mixture-of-experts)."""
+
+    family: Literal["dense", "moe"] = "dense"
+    """dense (every token uses the whole MLP) or moe (tokens are routed to experts)."""
+    num_layers: Annotated[int, Field(ge=1, le=512)]
+    """Transformer blocks."""
+    hidden_size: Annotated[int, Field(ge=8, le=65536)]
+    """Model width (d_model)."""
+    intermediate_size: Annotated[int, Field(ge=8, le=262144)] | None = None
+    """Width of the MLP (default: about 8/3 x hiddenSize, rounded up to 64)."""
+    num_attention_heads: Annotated[int, Field(ge=1, le=512)]
+    """Attention heads; hiddenSize must be divisible by it."""
+    num_key_value_heads: Annotated[int, Field(ge=1, le=512)] | None = None
+    """Key/value heads for grouped-query attention (default: numAttentionHeads); must divide numAttentionHeads."""
+    context_length: Annotated[int, Field(ge=16, le=1048576)] = 4096
+    """Longest sequence the model supports (max position embeddings)."""
+    rope_theta: Annotated[float, Field(gt=0)] = 500000.0
+    """Base of the rotary position embedding."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding and output projection weights."""
+    experts: MoeSpec | None = None
+    """Mixture-of-experts settings; required when family is moe, forbidden when dense."""
+
+    cel_rules = (
+        Cel("self.hiddenSize % self.numAttentionHeads == 0",
+            "hiddenSize must be divisible by numAttentionHeads",
+            lambda s: s.hidden_size % s.num_attention_heads == 0, field_path=".hiddenSize"),
+        Cel("!has(self.numKeyValueHeads) || self.numAttentionHeads % self.numKeyValueHeads == 0",
+            "numAttentionHeads must be divisible by numKeyValueHeads",
+            lambda s: s.num_key_value_heads is None or s.num_attention_heads % s.num_key_value_heads == 0,
+            field_path=".numKeyValueHeads"),
+        Cel("self.family == 'moe' ? has(self.experts) : !has(self.experts)",
+            "experts is required when family is moe and forbidden when family is dense",
+            lambda s: (s.experts is not None) == (s.family == "moe"), field_path=".experts"),
+    )
+
+
+class ModelSpec(ApiModel):
+    """The model to train: a new architecture, or a base checkpoint to start from. Set exactly one."""
+
+    architecture: ArchitectureSpec | None = None
+    """Build a new model with random weights (method pretrain)."""
+    base: StorageLocation | None = None
+    """A Hugging Face-format checkpoint (config.json + safetensors) to continue from."""
+
+    cel_rules = (
+        Cel("has(self.architecture) != has(self.base)", "set exactly one of architecture or base",
+            lambda s: (s.architecture is None) != (s.base is None)),
+    )
+
+
+# --------------------------------------------------------------------------- tokenizer
+class TokenizerTrainSpec(ApiModel):
+    """Train a byte-level BPE tokenizer on the training data before training starts."""
+
+    vocab_size: Annotated[int, Field(ge=256, le=1048576)] = 32000
+    """Vocabulary size, special tokens included."""
+
+
+class TokenizerSpec(ApiModel):
+    """Which tokenizer to use. Set exactly one of train, fromBase or source."""
+
+    train: TokenizerTrainSpec | None = None
+    """Train a new tokenizer on the data (what a from-scratch sovereign model needs)."""
+    from_base: bool | None = None
+    """Use the base model's tokenizer (requires model.base)."""
+    source: StorageLocation | None = None
+    """A Hugging Face tokenizer (tokenizer.json) stored elsewhere."""
+
+    cel_rules = (
+        Cel("[has(self.train), has(self.fromBase) && self.fromBase, has(self.source)]"
+            ".filter(x, x).size() == 1",
+            "set exactly one of train, fromBase or source",
+            lambda s: [s.train is not None, bool(s.from_base), s.source is not None].count(True) == 1),
+    )
+
+
+# --------------------------------------------------------------------------- data
+DataFormat = Literal["text", "jsonl", "parquet"]
+
+
+class DataSource(ApiModel):
+    """One body of training data. Several sources are mixed by weight."""
+
+    name: DnsLabel
+    """Name of the source, unique in the list (used in metrics and the provenance record)."""
+    location: StorageLocation
+    """Where the files are."""
+    format: DataFormat = "text"
+    """text (each file is a document), jsonl (one JSON object a line) or parquet."""
+    include: Annotated[list[ShortStr], Field(max_length=32)] | None = None
+    """Glob patterns of files to read, relative to the location (default by format: **/*.txt, **/*.jsonl, **/*.parquet)."""
+    text_field: ShortStr | None = None
+    """For jsonl/parquet pre-training data: the field holding the text (default: text)."""
+    prompt_field: ShortStr | None = None
+    """For sft and dpo: the field holding the prompt."""
+    completion_field: ShortStr | None = None
+    """For sft: the field holding the answer to learn."""
+    chosen_field: ShortStr | None = None
+    """For dpo: the field holding the preferred answer."""
+    rejected_field: ShortStr | None = None
+    """For dpo: the field holding the dispreferred answer."""
+    weight: Annotated[float, Field(gt=0, le=1000)] = 1.0
+    """Relative sampling weight when mixing sources."""
+
+
+class ValidationSpec(ApiModel):
+    """Held-out data for the validation loss. Set exactly one of fraction or source."""
+
+    fraction: Annotated[float, Field(gt=0, lt=0.5)] | None = None
+    """Hold out this fraction of the training documents."""
+    source: DataSource | None = None
+    """A separate validation source."""
+
+    cel_rules = (
+        Cel("has(self.fraction) != has(self.source)", "set exactly one of fraction or source",
+            lambda s: (s.fraction is None) != (s.source is None)),
+    )
+
+
+def _is_preference(s: DataSource) -> bool:
+    return s.format != "text" and s.prompt_field is not None and s.chosen_field is not None \
+        and s.rejected_field is not None
+
+
+class DataSpec(ApiModel):
+    """The training data."""
+
+    sources: Annotated[list[DataSource], Field(min_length=1, max_length=16)]
+    """One or more sources, mixed by weight."""
+    validation: ValidationSpec | None = None
+    """Held-out data for the validation loss (default: 1% of the training documents)."""
+
+    cel_rules = (
+        Cel("self.sources.all(a, self.sources.exists_one(b, b.name == a.name))",
+            "source names must be unique",
+            lambda s: len({x.name for x in s.sources}) == len(s.sources), field_path=".sources"),
+    )
+
+
+# --------------------------------------------------------------------------- training
+class GlobalBatchSpec(ApiModel):
+    """Global batch per optimizer step, over all GPUs. Set exactly one of sequences or tokens."""
+
+    sequences: Annotated[int, Field(ge=1, le=1048576)] | None = None
+    """Sequences per step."""
+    tokens: Annotated[int, Field(ge=1)] | None = None
+    """Tokens per step (rounded down to whole sequences of sequenceLength)."""
+
+    cel_rules = (
+        Cel("has(self.sequences) != has(self.tokens)", "set exactly one of sequences or tokens",
+            lambda s: (s.sequences is None) != (s.tokens is None)),
+    )
+
+
+class BudgetSpec(ApiModel):
+    """When training ends. It ends gracefully (checkpoint, then export) at the first limit reached."""
+
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    """Optimizer steps."""
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    """Training tokens seen."""
+    deadline: datetime | None = None
+    """Wall-clock time (RFC 3339) by which training stops."""
+    max_gpu_hours: Annotated[float, Field(gt=0)] | None = None
+    """GPU-hours consumed (numNodes x gpusPerNode x hours running, restarts included)."""
+
+    cel_rules = (
+        Cel("has(self.maxSteps) || has(self.maxTokens)", "set maxSteps or maxTokens (or both)",
+            lambda s: s.max_steps is not None or s.max_tokens is not None),
+    )
+
+
+class TrainingSpec(ApiModel):
+    """Hyperparameters and the budget."""
+
+    sequence_length: Annotated[int, Field(ge=16, le=1048576)] = 2048
+    """Tokens per training sequence (documents are packed, separated by an end-of-text token)."""
+    global_batch: GlobalBatchSpec = GlobalBatchSpec(sequences=256)
+    """Global batch per optimizer step."""
+    micro_batch_size: Annotated[int, Field(ge=1, le=4096)] = 4
+    """Sequences per GPU per forward pass; gradient accumulation makes up the global batch."""
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = 3e-4
+    """Peak learning rate."""
+    min_learning_rate: Annotated[float, Field(ge=0, le=1)] | None = None
+    """Learning rate at the end of the schedule (default: learningRate / 10)."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """cosine decay, wsd (warmup-stable-decay) or constant, each after warmup."""
+    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    """Linear warmup steps."""
+    decay_fraction: Annotated[float, Field(gt=0, le=1)] = 0.2
+    """For wsd: fraction of the steps spent decaying at the end."""
+    weight_decay: Annotated[float, Field(ge=0, le=10)] = 0.1
+    """AdamW weight decay."""
+    gradient_clipping: Annotated[float, Field(gt=0)] | None = 1.0
+    """Clip the global gradient norm to this value."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 on GPUs, fp32 on CPUs."""
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 1234
+    """Seed for initialisation, data order and dropout."""
+    compile: bool = False
+    """Compile each transformer block with torch.compile."""
+    eval_interval_steps: Annotated[int, Field(ge=1)] = 500
+    """Compute the validation loss every this many steps (and at the end)."""
+    budget: BudgetSpec
+    """When to stop: at least maxSteps or maxTokens."""
+    dpo_beta: Annotated[float, Field(gt=0, le=10)] | None = None
+    """For dpo: strength of the preference (beta), default 0.1."""
+
+    cel_rules = (
+        Cel("!has(self.minLearningRate) || self.minLearningRate <= self.learningRate",
+            "minLearningRate must be <= learningRate",
+            lambda s: s.min_learning_rate is None or s.min_learning_rate <= s.learning_rate,
+            field_path=".minLearningRate"),
+    )
+
+
+# --------------------------------------------------------------------------- resources
+class ResourcesSpec(ApiModel):
+    """Nodes, GPUs and pod settings of the workers. Editable: a change restarts from the last checkpoint."""
+
+    num_nodes: Annotated[int, Field(ge=1, le=4096)] = 1
+    """Worker pods, one per node; each runs torchrun with gpusPerNode processes."""
+    gpus_per_node: Annotated[int, Field(ge=0, le=16)] = 1
+    """GPUs per node (0 trains on CPU, for tests and trials)."""
+    gpu_resource_name: ShortStr = "nvidia.com/gpu"
+    """Extended resource that counts GPUs (e.g. amd.com/gpu)."""
+    cpu: Quantity | None = None
+    """CPU request and limit per node, e.g. "32"."""
+    memory: Quantity | None = None
+    """Memory request and limit per node, e.g. "512Gi"."""
+    shm_size: Quantity = "16Gi"
+    """Size of the memory-backed /dev/shm (data loaders and NCCL need more than the default 64Mi)."""
+    node_selector: dict[str, ShortStr] | None = None
+    """Node labels the workers must run on (pin training to the nodes that may hold the data)."""
+    tolerations: Annotated[list[FreeForm], Field(max_length=64)] | None = None
+    """Pod tolerations (core/v1 Toleration). A toleration for the GPU resource taint is added for you."""
+    affinity: FreeForm | None = None
+    """Pod affinity (core/v1 Affinity)."""
+    priority_class_name: DnsLabel | None = None
+    """PriorityClass of the worker pods."""
+    service_account_name: DnsLabel | None = None
+    """ServiceAccount of the workers (default: the one the operator creates for this training)."""
+    image: Annotated[str, Field(max_length=1024)] | None = None
+    """Trainer image (default: the one the operator was installed with)."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    """Image pull policy of the trainer container."""
+    image_pull_secrets: Annotated[list[DnsLabel], Field(max_length=16)] | None = None
+    """Names of Secrets for pulling the image from a private registry."""
+    env: Annotated[list[FreeForm], Field(max_length=256)] | None = None
+    """Extra environment variables (core/v1 EnvVar) for the trainer container."""
+    volumes: Annotated[list[FreeForm], Field(max_length=64)] | None = None
+    """Extra pod volumes (core/v1 Volume)."""
+    volume_mounts: Annotated[list[FreeForm], Field(max_length=64)] | None = None
+    """Extra volume mounts (core/v1 VolumeMount) for the trainer container."""
+    termination_grace_period_seconds: Annotated[int, Field(ge=30, le=86400)] = 600
+    """Time a worker gets after SIGTERM to write its checkpoint before it is killed."""
+
+
+class SchedulingSpec(ApiModel):
+    """Queueing and suspension."""
+
+    queue_name: DnsLabel | None = None
+    """Kueue LocalQueue; the workers are created suspended and start when Kueue admits them."""
+    suspend: bool = False
+    """Stop the workers (they write a checkpoint first); unset to resume from it."""
+
+
+class CheckpointSpec(ApiModel):
+    """Periodic checkpoints, from which restarts and resumes continue."""
+
+    location: VolumeLocation
+    """Where checkpoints are written (shared by all nodes: a ReadWriteMany claim for several nodes)."""
+    interval_steps: Annotated[int, Field(ge=1)] | None = 1000
+    """Write a checkpoint every this many steps."""
+    interval_minutes: Annotated[int, Field(ge=1, le=10080)] | None = 30
+    """Write a checkpoint at least this often, in minutes of training."""
+    keep_last: Annotated[int, Field(ge=1, le=1000)] = 3
+    """Checkpoints kept; older ones are deleted after a newer one is complete."""
+    resume_from: PathStr | None = None
+    """Start from this checkpoint folder (relative to the location) instead of the latest one."""
+
+
+class FailurePolicySpec(ApiModel):
+    """What happens when a worker fails: the whole group restarts from the last checkpoint."""
+
+    max_restarts: Annotated[int, Field(ge=0, le=1000)] = 3
+    """Group restarts allowed before the training is Failed."""
+    backoff_seconds: Annotated[int, Field(ge=0, le=3600)] = 10
+    """Wait before the first restart; doubles on each restart."""
+    max_backoff_seconds: Annotated[int, Field(ge=0, le=86400)] = 600
+    """Upper bound of the wait between restarts."""
+    non_retryable_exit_codes: Annotated[list[Annotated[int, Field(ge=1, le=255)]], Field(max_length=64)] | None = None
+    """Trainer exit codes that fail the training at once (65 data error and 78 configuration error always do)."""
+    node_failure_timeout_seconds: Annotated[int, Field(ge=1, le=86400)] = 120
+    """A node NotReady, or a worker stuck terminating, for this long counts as a failure."""
+    stall_timeout_seconds: Annotated[int, Field(ge=60, le=86400)] | None = 1800
+    """Set the Stalled condition when the step has not advanced for this long while Running."""
+
+
+class OutputSpec(ApiModel):
+    """Where the final model goes (Hugging Face format plus a provenance record)."""
+
+    location: VolumeLocation
+    """Folder for the exported model."""
+
+
+class TrainingEvaluationSpec(ApiModel):
+    """Evaluate the final model when training completes; the result is written back and can gate it."""
+
+    suites: Annotated[list[EvalSuite], Field(min_length=1, max_length=32)]
+    """Evaluation suites to run (see ForgeEval)."""
+    gates: Annotated[list[EvalGate], Field(max_length=32)] | None = None
+    """Thresholds the model must meet; a failed gate fails the training with reason EvaluationGateFailed."""
+
+
+class ForgeTrainingSpec(ApiModel):
+    """Desired state of a ForgeTraining."""
+
+    method: Method
+    """pretrain (from scratch), continued-pretrain, sft (supervised fine-tuning) or dpo (preference alignment)."""
+    model: ModelSpec
+    """The architecture to build, or the base checkpoint to start from."""
+    tokenizer: TokenizerSpec
+    """Train a tokenizer on the data, or take the base model's."""
+    data: DataSpec
+    """Training (and validation) data."""
+    training: TrainingSpec
+    """Hyperparameters and budget."""
+    resources: ResourcesSpec = ResourcesSpec()
+    """Nodes, GPUs and pod settings."""
+    scheduling: SchedulingSpec = SchedulingSpec()
+    """Queueing and suspension."""
+    checkpoint: CheckpointSpec
+    """Checkpoint storage and frequency."""
+    failure_policy: FailurePolicySpec = FailurePolicySpec()
+    """Restarts, backoff and non-retryable exit codes."""
+    output: OutputSpec
+    """Where the final model is exported."""
+    evaluation: TrainingEvaluationSpec | None = None
+    """Evaluate the final model and gate on the result."""
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
+    """Delete the workers (never this resource) this long after it finished."""
+
+    cel_rules = (
+        Cel("self.method == 'pretrain' ? has(self.model.architecture) : has(self.model.base)",
+            "method pretrain needs model.architecture; continued-pretrain, sft and dpo need model.base",
+            lambda s: (s.model.architecture is not None) if s.method == "pretrain" else (s.model.base is not None),
+            field_path=".model"),
+        Cel("!has(self.tokenizer.fromBase) || !self.tokenizer.fromBase || has(self.model.base)",
+            "tokenizer.fromBase needs model.base",
+            lambda s: not s.tokenizer.from_base or s.model.base is not None, field_path=".tokenizer"),
+        Cel("!has(self.model.architecture) || self.training.sequenceLength <= self.model.architecture.contextLength",
+            "training.sequenceLength must not exceed model.architecture.contextLength",
+            lambda s: s.model.architecture is None
+            or s.training.sequence_length <= s.model.architecture.context_length,
+            field_path=".training.sequenceLength"),
+        Cel("self.method != 'dpo' || self.data.sources.all(s, s.format != 'text' && has(s.promptField)"
+            " && has(s.chosenField) && has(s.rejectedField))",
+            "method dpo needs preference data: every source jsonl or parquet with promptField, chosenField and rejectedField",
+            lambda s: s.method != "dpo" or all(_is_preference(x) for x in s.data.sources),
+            field_path=".data.sources"),
+        Cel("self.method != 'sft' || self.data.sources.all(s, s.format != 'text' && has(s.promptField)"
+            " && has(s.completionField))",
+            "method sft needs instruction data: every source jsonl or parquet with promptField and completionField",
+            lambda s: s.method != "sft" or all(
+                x.format != "text" and x.prompt_field is not None and x.completion_field is not None
+                for x in s.data.sources),
+            field_path=".data.sources"),
+        Cel("self.method == 'dpo' || !has(self.training.dpoBeta)", "training.dpoBeta is only for method dpo",
+            lambda s: s.method == "dpo" or s.training.dpo_beta is None, field_path=".training.dpoBeta"),
+    )
+
+
+# --------------------------------------------------------------------------- status
+Phase = Literal["Pending", "Queued", "Initializing", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+
+
+class CheckpointRef(ApiModel):
+    """A checkpoint the trainer finished writing."""
+
+    step: int
+    """Optimizer step it holds."""
+    path: str = ""
+    """Folder of the checkpoint inside the checkpoint location."""
+    time: datetime | None = None
+    """When it was complete."""
+
+
+class ProgressStatus(ApiModel):
+    """Training progress, as reported by rank 0 of the workers."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    total_steps: int | None = None
+    """Steps the budget allows."""
+    tokens_seen: int = 0
+    """Training tokens consumed."""
+    token_budget: int | None = None
+    """Tokens the budget allows."""
+    percent: float | None = None
+    """Progress towards the budget, 0-100."""
+    loss: float | None = None
+    """Training loss (mean over the last logging window)."""
+    validation_loss: float | None = None
+    """Latest validation loss."""
+    learning_rate: float | None = None
+    """Current learning rate."""
+    tokens_per_second: float | None = None
+    """Training throughput over all GPUs."""
+    mfu: float | None = None
+    """Model FLOPs utilisation, 0-1."""
+    eta_seconds: int | None = None
+    """Estimated seconds to the end of the budget."""
+    eta: str | None = None
+    """The same, for people (e.g. 3h12m)."""
+    updated_at: datetime | None = None
+    """When the trainer last reported."""
+
+
+class RestartRecord(ApiModel):
+    """One restart of the worker group."""
+
+    time: datetime
+    """When the restart was decided."""
+    reason: ShortStr
+    """PodFailed, Evicted, Preempted, NodeLost, OOMKilled, StuckTerminating, ResourcesChanged, ..."""
+    message: Annotated[str, Field(max_length=4096)] = ""
+    """Details (pod, node, exit code)."""
+    exit_code: int | None = None
+    """Exit code of the failed worker, when known."""
+    step: int | None = None
+    """Checkpoint step the restart resumes from."""
+
+
+class BudgetStatus(ApiModel):
+    """Budget consumed so far."""
+
+    gpu_hours: float = 0.0
+    """GPU-hours consumed (restarts included)."""
+    tokens: int = 0
+    """Training tokens consumed."""
+
+
+class EvaluationSummary(ApiModel):
+    """Result of the evaluation run when training completed."""
+
+    name: str
+    """The ForgeEval that evaluated the model."""
+    phase: str = ""
+    """Its phase."""
+    gate_passed: bool | None = None
+    """Whether every gate passed."""
+    metrics: dict[str, float] | None = None
+    """suite.metric -> value."""
+
+
+class ModelRef(ApiModel):
+    """Where the exported model is."""
+
+    location: VolumeLocation
+    """The output location."""
+    provenance: str = "provenance.json"
+    """Provenance record inside it: data digests, tokenizer, base model, image, config hash, nodes, times."""
+
+
+class ForgeTrainingStatus(ApiModel):
+    """Observed state of a ForgeTraining. Written by the operator only."""
+
+    phase: Phase | None = None
+    """Pending, Queued, Initializing, Running, Restarting, Suspended, Succeeded or Failed."""
+    conditions: Annotated[list[Condition], Field(max_length=32)] | None = None
+    """Latest observations (Queued, Initializing, Running, Restarting, Suspended, Stalled, Succeeded, Failed)."""
+    observed_generation: int | None = None
+    """The .metadata.generation last acted on."""
+    progress: ProgressStatus | None = None
+    """Step, tokens, loss, throughput and ETA."""
+    last_checkpoint: CheckpointRef | None = None
+    """The most recent complete checkpoint."""
+    restart_count: int | None = None
+    """Restarts of the worker group so far."""
+    restarts: Annotated[list[RestartRecord], Field(max_length=20)] | None = None
+    """The latest restarts with their reasons (at most 20 kept)."""
+    nodes: Annotated[list[str], Field(max_length=4096)] | None = None
+    """Nodes that ran workers of this training (data residency record)."""
+    budget: BudgetStatus | None = None
+    """Budget consumed."""
+    start_time: datetime | None = None
+    """When the workers first ran."""
+    completion_time: datetime | None = None
+    """When the training finished."""
+    evaluation: EvaluationSummary | None = None
+    """Evaluation of the final model."""
+    model_ref: ModelRef | None = None
+    """Where the final model is."""
+
+
+class ForgeTraining(ApiModel):
+    """A training run of a language model: method, model, tokenizer, data, hyperparameters, nodes, budget."""
+
+    api_version: Literal["forge.dev/v1alpha1"] = API_VERSION
+    kind: Literal["ForgeTraining"] = "ForgeTraining"
+    metadata: ObjectMeta = ObjectMeta()
+    spec: ForgeTrainingSpec
+    status: ForgeTrainingStatus | None = None
+
+    # Rules that compare with the stored object, checked by the API server only.
+    transition_rules: ClassVar[tuple[Cel, ...]] = tuple(
+        Cel(f"!has(oldSelf.status) || !has(oldSelf.status.startTime) || self.spec.{f} == oldSelf.spec.{f}",
+            f"spec.{f} is immutable once the training has started", field_path=f".spec.{f}",
+            reason="FieldValueForbidden")
+        for f in ("method", "model", "tokenizer", "data")
+    )
+

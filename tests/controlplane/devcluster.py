@@ -1,0 +1,369 @@
+"""Start and stop a real Kubernetes control plane on 127.0.0.1, for tests and people.
+
+etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok run as
+plain processes on free loopback ports; kwok fakes GPU nodes. Binaries come
+from ``scripts/controlplane-build`` (built from Go modules, cached per machine).
+
+    python3 tests/controlplane/devcluster.py up [--dir D] [--gpu-nodes N]
+    python3 tests/controlplane/devcluster.py down [--dir D]
+
+``up`` writes ``D/kubeconfig`` and ``D/state.json`` (the PIDs); ``down`` stops
+every process by PID. Only the standard library is used, so people can run it
+without the project's virtualenv; the pytest fixture imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+DEFAULT_DIR = ROOT / ".dev-cluster"
+
+# Fake GPU pool, shaped like a real one: a product label as NVIDIA's GPU
+# feature discovery sets it, and the taint GPU node pools carry so that only
+# pods asking for GPUs (with the matching toleration) land there.
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+# Annotating a pod with this ends its containers with that exit code (see kwok-stages.yaml).
+KWOK_EXIT_CODE_ANNOTATION = "kwok.forge.dev/exit-code"
+
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_binaries() -> Path:
+    """Build (or find in the cache) the control-plane binaries; return their folder."""
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "controlplane-build")],
+        check=True, stdout=subprocess.PIPE, text=True,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class ClusterState:
+    dir: str
+    server: str
+    token: str
+    kubeconfig: str
+    pids: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, directory: Path) -> "ClusterState":
+        return cls(**json.loads((directory / "state.json").read_text()))
+
+    def save(self) -> None:
+        Path(self.dir, "state.json").write_text(json.dumps(asdict(self), indent=2))
+
+
+class DevCluster:
+    """One control plane in one folder. Use ``up()``/``down()`` or as a context manager."""
+
+    def __init__(self, directory: Path | str = DEFAULT_DIR, gpu_nodes: int = 4,
+                 gpus_per_node: int = 8, node_monitor_grace_seconds: int = 20):
+        self.dir = Path(directory).resolve()
+        self.gpu_nodes = gpu_nodes
+        self.gpus_per_node = gpus_per_node
+        self.node_monitor_grace_seconds = node_monitor_grace_seconds
+        self.state: ClusterState | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+    def __enter__(self) -> "DevCluster":
+        self.up()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    def up(self, timeout: float = 120.0) -> ClusterState:
+        bin_dir = build_binaries()
+        if (self.dir / "state.json").exists():
+            self.down()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        (self.dir / "logs").mkdir(parents=True)
+        ports = {name: free_port() for name in (
+            "etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")}
+        token = secrets.token_hex(16)
+        server = f"https://127.0.0.1:{ports['apiserver']}"
+        self.state = ClusterState(dir=str(self.dir), server=server, token=token,
+                                  kubeconfig=str(self.dir / "kubeconfig"))
+        self._write_credentials(token)
+        try:
+            self._start(bin_dir, "etcd", self._etcd_args(ports))
+            self._start(bin_dir, "kube-apiserver", self._apiserver_args(ports))
+            self._wait_ready(timeout)
+            self._start(bin_dir, "kube-controller-manager", self._controller_manager_args(ports))
+            self._start(bin_dir, "kube-scheduler", self._scheduler_args(ports))
+            self._start(bin_dir, "kwok", self._kwok_args(ports))
+            self.add_gpu_nodes(self.gpu_nodes)
+            self._wait_nodes_ready(timeout)
+            self._wait_default_service_account(timeout)
+        except BaseException:
+            self.down()
+            raise
+        return self.state
+
+    def down(self) -> None:
+        """Stop every process this cluster started, by PID; SIGKILL the stubborn."""
+        state = self.state
+        if state is None and (self.dir / "state.json").exists():
+            state = ClusterState.load(self.dir)
+        if state is None:
+            return
+        for name in reversed(list(state.pids)):
+            _terminate(state.pids[name])
+        (self.dir / "state.json").unlink(missing_ok=True)
+        self.state = None
+
+    # -- nodes ---------------------------------------------------------------
+    def add_gpu_nodes(self, count: int, start: int = 0) -> list[str]:
+        names = [f"gpu-node-{i}" for i in range(start, start + count)]
+        docs = [self.gpu_node_manifest(n) for n in names]
+        self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
+        return names
+
+    def gpu_node_manifest(self, name: str) -> dict:
+        capacity = {"cpu": "96", "memory": "1Ti", "pods": "110", GPU_RESOURCE: str(self.gpus_per_node)}
+        return {
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {
+                "name": name,
+                "annotations": {KWOK_NODE_ANNOTATION: "fake"},
+                "labels": {
+                    "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64", "type": "kwok",
+                    GPU_PRODUCT_LABEL: GPU_PRODUCT, "nvidia.com/gpu.count": str(self.gpus_per_node),
+                },
+            },
+            "spec": {"taints": [GPU_TAINT]},
+            "status": {"capacity": capacity, "allocatable": capacity},
+        }
+
+    # -- helpers for callers -------------------------------------------------
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        assert self.state is not None, "cluster is not up"
+        return subprocess.run(
+            ["kubectl", "--kubeconfig", self.state.kubeconfig, *args],
+            input=input, text=True, capture_output=True, check=check,
+        )
+
+    def env(self) -> dict[str, str]:
+        assert self.state is not None
+        return {"KUBECONFIG": self.state.kubeconfig}
+
+    # -- internals -----------------------------------------------------------
+    def _write_credentials(self, token: str) -> None:
+        d = self.dir
+        subprocess.run(["openssl", "genrsa", "-out", str(d / "sa.key"), "2048"],
+                       check=True, capture_output=True)
+        subprocess.run(["openssl", "rsa", "-in", str(d / "sa.key"), "-pubout", "-out", str(d / "sa.pub")],
+                       check=True, capture_output=True)
+        (d / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')
+        (d / "certs").mkdir()
+        assert self.state is not None
+        Path(self.state.kubeconfig).write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "forge-dev",
+            "clusters": [{"name": "forge-dev", "cluster": {"server": self.state.server,
+                                                          "insecure-skip-tls-verify": True}}],
+            "users": [{"name": "admin", "user": {"token": token}}],
+            "contexts": [{"name": "forge-dev", "context": {"cluster": "forge-dev", "user": "admin",
+                                                          "namespace": "default"}}],
+        }, indent=2))
+
+    def _etcd_args(self, p: dict[str, int]) -> list[str]:
+        client, peer = f"http://127.0.0.1:{p['etcd']}", f"http://127.0.0.1:{p['etcd-peer']}"
+        return ["--name", "default", "--data-dir", str(self.dir / "etcd"),
+                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"default={peer}", "--unsafe-no-fsync",
+                "--log-level", "warn"]
+
+    def _apiserver_args(self, p: dict[str, int]) -> list[str]:
+        d = self.dir
+        return ["--etcd-servers", f"http://127.0.0.1:{p['etcd']}",
+                "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+                "--secure-port", str(p["apiserver"]), "--cert-dir", str(d / "certs"),
+                "--service-cluster-ip-range", "10.96.0.0/16",
+                "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
+                "--service-account-key-file", str(d / "sa.pub"),
+                "--service-account-signing-key-file", str(d / "sa.key"),
+                "--token-auth-file", str(d / "tokens.csv"),
+                "--authorization-mode", "RBAC", "--allow-privileged=true",
+                "--endpoint-reconciler-type", "none", "--v", "1"]
+
+    def _component_kubeconfig(self) -> str:
+        assert self.state is not None
+        return self.state.kubeconfig
+
+    def _controller_manager_args(self, p: dict[str, int]) -> list[str]:
+        g = self.node_monitor_grace_seconds
+        return ["--kubeconfig", self._component_kubeconfig(), "--leader-elect=false",
+                "--bind-address", "127.0.0.1", "--secure-port", str(p["controller-manager"]),
+                "--service-account-private-key-file", str(self.dir / "sa.key"),
+                "--root-ca-file", str(self.dir / "certs" / "apiserver.crt"),
+                "--use-service-account-credentials=false",
+                "--node-monitor-period", "2s", "--node-monitor-grace-period", f"{g}s",
+                "--v", "1"]
+
+    def _scheduler_args(self, p: dict[str, int]) -> list[str]:
+        return ["--kubeconfig", self._component_kubeconfig(), "--leader-elect=false",
+                "--bind-address", "127.0.0.1", "--secure-port", str(p["scheduler"]), "--v", "1"]
+
+    def _kwok_args(self, p: dict[str, int]) -> list[str]:
+        return ["--kubeconfig", self._component_kubeconfig(),
+                "--config", str(HERE / "kwok-stages.yaml"),
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+                "--server-address", f"127.0.0.1:{p['kwok']}",
+                "--node-ip", "127.0.0.1", "--cidr", "127.100.0.1/16",
+                "--node-lease-duration-seconds", "40"]
+
+    def _start(self, bin_dir: Path, name: str, args: list[str]) -> None:
+        assert self.state is not None
+        log = open(self.dir / "logs" / f"{name}.log", "ab")
+        proc = subprocess.Popen([str(bin_dir / name), *args], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.dir)
+        log.close()
+        self.state.pids[name] = proc.pid
+        self.state.save()
+        time.sleep(0.2)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited at once with {proc.returncode}; "
+                               f"see {self.dir / 'logs' / (name + '.log')}:\n{self.log_tail(name)}")
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.dir / "logs" / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def _get(self, path: str) -> tuple[int, bytes]:
+        assert self.state is not None
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        req = urllib.request.Request(self.state.server + path,
+                                     headers={"Authorization": f"Bearer {self.state.token}"})
+        try:
+            with urllib.request.urlopen(req, context=ctx, timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def _wait(self, what: str, ok, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.state is not None
+            for name, pid in self.state.pids.items():
+                if not _alive(pid):
+                    raise RuntimeError(f"{name} died while waiting for {what}:\n{self.log_tail(name)}")
+            try:
+                if ok():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"control plane: {what} not reached in {timeout:.0f}s (logs in {self.dir / 'logs'})")
+
+    def _wait_ready(self, timeout: float) -> None:
+        self._wait("kube-apiserver /readyz", lambda: self._get("/readyz")[0] == 200, timeout)
+
+    def _wait_nodes_ready(self, timeout: float) -> None:
+        def ready() -> bool:
+            status, body = self._get("/api/v1/nodes")
+            if status != 200:
+                return False
+            nodes = json.loads(body)["items"]
+            ready_count = sum(
+                any(c["type"] == "Ready" and c["status"] == "True" for c in n.get("status", {}).get("conditions", []))
+                for n in nodes)
+            return ready_count >= self.gpu_nodes
+        self._wait(f"{self.gpu_nodes} Ready GPU nodes", ready, timeout)
+
+    def _wait_default_service_account(self, timeout: float) -> None:
+        self._wait("the default ServiceAccount",
+                   lambda: self._get("/api/v1/namespaces/default/serviceaccounts/default")[0] == 200, timeout)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def _terminate(pid: int, grace: float = 10.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    while _alive(pid):
+        time.sleep(0.05)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dev-cluster", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["up", "down", "build", "status"])
+    parser.add_argument("--dir", default=str(DEFAULT_DIR), help="state folder (default: %(default)s)")
+    parser.add_argument("--gpu-nodes", type=int, default=4, help="fake GPU nodes to create")
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    args = parser.parse_args(argv)
+    cluster = DevCluster(args.dir, gpu_nodes=args.gpu_nodes, gpus_per_node=args.gpus_per_node)
+    if args.command == "build":
+        print(build_binaries())
+    elif args.command == "up":
+        t0 = time.monotonic()
+        state = cluster.up()
+        print(f"control plane up in {time.monotonic() - t0:.1f}s: {state.server}")
+        print(f"export KUBECONFIG={state.kubeconfig}")
+    elif args.command == "down":
+        cluster.down()
+        print("control plane stopped")
+    else:
+        path = Path(args.dir) / "state.json"
+        if not path.exists():
+            print("down")
+            return 1
+        state = ClusterState.load(Path(args.dir))
+        for name, pid in state.pids.items():
+            print(f"{name:25} pid {pid:<8} {'running' if _alive(pid) else 'DEAD'}")
+        print(f"KUBECONFIG={state.kubeconfig}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

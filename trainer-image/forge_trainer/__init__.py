@@ -1,0 +1,1 @@
+"""Forge trainer: the torch training loop that runs inside each worker pod."""
