@@ -145,7 +145,7 @@ def openapi_schema(kind: Kind) -> dict[str, Any]:
             "status": _structural(props["status"], defs),
         },
     }
-    rules = getattr(kind.model, "transition_rules", ())
+    rules = [*kind.model.__dict__.get("cel_rules", ()), *getattr(kind.model, "transition_rules", ())]
     if rules:
         root["x-kubernetes-validations"] = [r.as_schema() for r in rules]
     conditions = root["properties"]["status"]["properties"].get("conditions")

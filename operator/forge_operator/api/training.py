@@ -456,6 +456,8 @@ class ProgressStatus(ApiModel):
     """The same, for people (e.g. 3h12m)."""
     updated_at: datetime | None = None
     """When the trainer last reported."""
+    last_step_time: datetime | None = None
+    """When the step last advanced (the Stalled condition compares it with stallTimeoutSeconds)."""
 
 
 class RestartRecord(ApiModel):
@@ -480,6 +482,8 @@ class BudgetStatus(ApiModel):
     """GPU-hours consumed (restarts included)."""
     tokens: int = 0
     """Training tokens consumed."""
+    accounted_at: datetime | None = None
+    """Time up to which gpuHours is counted."""
 
 
 class EvaluationSummary(ApiModel):
@@ -544,6 +548,11 @@ class ForgeTraining(ApiModel):
     spec: ForgeTrainingSpec
     status: ForgeTrainingStatus | None = None
 
+    cel_rules = (
+        Cel("self.metadata.name.size() <= 40",
+            "metadata.name must be at most 40 characters: it prefixes the worker pods' host names",
+            lambda s: len(s.metadata.name) <= 40, field_path=".metadata.name"),
+    )
     # Rules that compare with the stored object, checked by the API server only.
     transition_rules: ClassVar[tuple[Cel, ...]] = tuple(
         Cel(f"!has(oldSelf.status) || !has(oldSelf.status.startTime) || self.spec.{f} == oldSelf.spec.{f}",

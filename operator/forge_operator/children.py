@@ -1,0 +1,253 @@
+"""Pure builders of every child object of a ForgeTraining.
+
+``desired_children`` returns plain dicts ready for server-side apply; nothing
+here talks to the API server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .api.base import PvcLocation
+from .api.training import ForgeTraining
+from .constants import (
+    ANNOTATION_RESTART_REASON, CONFIG_FILE, CONFIG_MOUNT, CONTAINER_NAME, DEFAULT_TRAINER_IMAGE, ENV_POD_NAME,
+    ENV_POD_NAMESPACE, ENV_RESTART_COUNT, ENV_RESUME_STEP, ENV_TRAINING_NAME, LABEL_ATTEMPT, LABEL_KUEUE_QUEUE,
+    LABEL_MANAGED_BY, LABEL_NAME, LABEL_TRAINING, MANAGED_BY, METRICS_PORT, PVC_MOUNT_ROOT, RENDEZVOUS_PORT,
+    SHM_MOUNT, TERMINATION_MESSAGE_PATH,
+)
+
+ANNOTATION_SPEC_HASH = "forge.dev/spec-hash"
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """What the pod template depends on besides the spec: decided by the reconcile from status."""
+
+    restart_count: int = 0
+    resume_step: int | None = None
+    suspend: bool = False
+    restart_reason: str = ""
+
+
+def labels(ft: ForgeTraining) -> dict[str, str]:
+    return {LABEL_MANAGED_BY: MANAGED_BY, LABEL_NAME: "forge-trainer", LABEL_TRAINING: ft.metadata.name}
+
+
+def owner_reference(ft: ForgeTraining) -> dict[str, Any]:
+    return {"apiVersion": ft.api_version, "kind": ft.kind, "name": ft.metadata.name, "uid": ft.metadata.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _meta(ft: ForgeTraining, name: str, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"name": name, "namespace": ft.metadata.namespace, "labels": labels(ft) | (extra_labels or {}),
+            "ownerReferences": [owner_reference(ft)]}
+
+
+def config_map_name(ft: ForgeTraining) -> str:
+    return f"{ft.metadata.name}-config"
+
+
+def service_name(ft: ForgeTraining) -> str:
+    return ft.metadata.name
+
+
+def service_account_name(ft: ForgeTraining) -> str:
+    return ft.spec.resources.service_account_name or f"{ft.metadata.name}-trainer"
+
+
+def job_name(ft: ForgeTraining, restart_count: int) -> str:
+    """One Job per attempt: a restart replaces the whole group with a new Job."""
+    return f"{ft.metadata.name}-r{restart_count}"
+
+
+def rendezvous_host(ft: ForgeTraining, restart_count: int) -> str:
+    """Stable DNS name of rank 0: Indexed Job pods are <job>-<index> under the headless Service."""
+    return f"{job_name(ft, restart_count)}-0.{service_name(ft)}.{ft.metadata.namespace}.svc"
+
+
+def build_config_map(ft: ForgeTraining, trainer_yaml: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(ft, config_map_name(ft)),
+            "data": {CONFIG_FILE: trainer_yaml}}
+
+
+def build_service(ft: ForgeTraining) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Service", "metadata": _meta(ft, service_name(ft)),
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                 "selector": {LABEL_TRAINING: ft.metadata.name, LABEL_MANAGED_BY: MANAGED_BY},
+                 "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT},
+                           {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT}]},
+    }
+
+
+def build_rbac(ft: ForgeTraining) -> list[dict[str, Any]]:
+    """The trainer's identity: it may read and annotate pods (rank 0 reports progress on its own pod)."""
+    if ft.spec.resources.service_account_name:
+        return []
+    name = service_account_name(ft)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(ft, name)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(ft, name),
+         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(ft, name),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ft.metadata.namespace}]},
+    ]
+
+
+def _claims(ft: ForgeTraining) -> dict[str, bool]:
+    """Every PVC the workers mount -> whether it must be writable."""
+    spec = ft.spec
+    inputs: list[PvcLocation] = [s.location.pvc for s in spec.data.sources if s.location.pvc]
+    if spec.data.validation and spec.data.validation.source and spec.data.validation.source.location.pvc:
+        inputs.append(spec.data.validation.source.location.pvc)
+    if spec.model.base and spec.model.base.pvc:
+        inputs.append(spec.model.base.pvc)
+    if spec.tokenizer.source and spec.tokenizer.source.pvc:
+        inputs.append(spec.tokenizer.source.pvc)
+    claims: dict[str, bool] = {}
+    for loc in inputs:
+        claims[loc.claim_name] = claims.get(loc.claim_name, False) or loc.read_only is False
+    for loc in (spec.checkpoint.location.pvc, spec.output.location.pvc):
+        claims[loc.claim_name] = True
+    return claims
+
+
+def _tolerations(ft: ForgeTraining) -> list[dict[str, Any]]:
+    r = ft.spec.resources
+    out = list(r.tolerations or [])
+    if r.gpus_per_node > 0 and not any(t.get("key") == r.gpu_resource_name for t in out):
+        out.append({"key": r.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"})
+    return out
+
+
+def _container_resources(ft: ForgeTraining) -> dict[str, Any]:
+    r = ft.spec.resources
+    amounts: dict[str, Any] = {}
+    if r.cpu is not None:
+        amounts["cpu"] = str(r.cpu)
+    if r.memory is not None:
+        amounts["memory"] = str(r.memory)
+    if r.gpus_per_node > 0:
+        amounts[r.gpu_resource_name] = str(r.gpus_per_node)
+    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+
+
+def torchrun_command(ft: ForgeTraining, restart_count: int) -> list[str]:
+    r = ft.spec.resources
+    return [
+        "torchrun", f"--nnodes={r.num_nodes}", f"--nproc-per-node={max(1, r.gpus_per_node)}",
+        "--node-rank=$(JOB_COMPLETION_INDEX)", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={rendezvous_host(ft, restart_count)}:{RENDEZVOUS_PORT}",
+        f"--rdzv-id={ft.metadata.uid or ft.metadata.name}-r{restart_count}",
+        # the operator restarts the whole group; torchrun must not half-restart it
+        "--max-restarts=0",
+        "-m", "forge_trainer", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}",
+    ]
+
+
+def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dict[str, Any]:
+    r = ft.spec.resources
+    claims = _claims(ft)
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_map_name(ft)}},
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": str(r.shm_size)}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        {"name": "shm", "mountPath": SHM_MOUNT},
+    ]
+    for claim, writable in sorted(claims.items()):
+        volumes.append({"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim,
+                                                                         "readOnly": not writable}})
+        mounts.append({"name": f"pvc-{claim}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": not writable})
+    env: list[dict[str, Any]] = [
+        {"name": ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": ENV_POD_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": ENV_TRAINING_NAME, "value": ft.metadata.name},
+        {"name": ENV_RESTART_COUNT, "value": str(state.restart_count)},
+    ]
+    if state.resume_step is not None:
+        env.append({"name": ENV_RESUME_STEP, "value": str(state.resume_step)})
+    env += r.env or []
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME, "image": image, "command": torchrun_command(ft, state.restart_count),
+        "env": env, "volumeMounts": mounts + (r.volume_mounts or []),
+        "ports": [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
+                  {"name": "metrics", "containerPort": METRICS_PORT}],
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if r.image_pull_policy:
+        container["imagePullPolicy"] = r.image_pull_policy
+    resources = _container_resources(ft)
+    if resources:
+        container["resources"] = resources
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": service_name(ft),
+        "serviceAccountName": service_account_name(ft),
+        "terminationGracePeriodSeconds": r.termination_grace_period_seconds,
+        "containers": [container],
+        "volumes": volumes + (r.volumes or []),
+    }
+    tolerations = _tolerations(ft)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    for key, value in (("nodeSelector", r.node_selector), ("affinity", r.affinity),
+                       ("priorityClassName", r.priority_class_name)):
+        if value:
+            pod_spec[key] = value
+    if r.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in r.image_pull_secrets]
+    return {
+        "metadata": {"labels": labels(ft) | {LABEL_ATTEMPT: str(state.restart_count)},
+                     "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT)}},
+        "spec": pod_spec,
+    }
+
+
+def spec_hash(ft: ForgeTraining, trainer_yaml: str, image: str) -> str:
+    """Digest of what running workers depend on; a change means a controlled restart.
+
+    Suspension and the attempt number are left out: those change the Job in place or by name.
+    """
+    template = build_pod_template(ft, WorkerState(), image)
+    blob = json.dumps({"template": template, "config": trainer_yaml, "nodes": ft.spec.resources.num_nodes},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_job(ft: ForgeTraining, state: WorkerState, image: str, hash_: str) -> dict[str, Any]:
+    n = ft.spec.resources.num_nodes
+    extra_labels = {LABEL_ATTEMPT: str(state.restart_count)}
+    if ft.spec.scheduling.queue_name:
+        extra_labels[LABEL_KUEUE_QUEUE] = ft.spec.scheduling.queue_name
+    meta = _meta(ft, job_name(ft, state.restart_count), extra_labels)
+    meta["annotations"] = {ANNOTATION_SPEC_HASH: hash_}
+    if state.restart_reason:
+        meta["annotations"][ANNOTATION_RESTART_REASON] = state.restart_reason
+    return {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
+        "spec": {
+            "completionMode": "Indexed", "completions": n, "parallelism": n,
+            # any failed rank fails the Job at once; the operator then restarts the whole group
+            "backoffLimit": 0,
+            "suspend": state.suspend,
+            "template": build_pod_template(ft, state, image),
+        },
+    }
+
+
+def desired_children(ft: ForgeTraining, trainer_yaml: str, state: WorkerState, *, image: str | None = None,
+                     include_job: bool = True) -> list[dict[str, Any]]:
+    """Every object the training needs, in apply order."""
+    image = ft.spec.resources.image or image or DEFAULT_TRAINER_IMAGE
+    children = [build_config_map(ft, trainer_yaml), build_service(ft), *build_rbac(ft)]
+    if include_job:
+        children.append(build_job(ft, state, image, spec_hash(ft, trainer_yaml, image)))
+    return children

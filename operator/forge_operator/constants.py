@@ -1,0 +1,37 @@
+"""Every label, annotation, port, path and environment variable name, defined once."""
+
+from .api.base import GROUP
+
+FIELD_MANAGER = "forge-operator"
+MANAGED_BY = "forge-operator"
+
+# labels on every child object
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_TRAINING = f"{GROUP}/training"
+LABEL_ATTEMPT = f"{GROUP}/attempt"
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+
+# written by the trainer's rank 0 on its own pod; read by the operator
+ANNOTATION_PROGRESS = f"{GROUP}/progress"
+# set by the operator on the Job it creates, so a restarted operator knows the reason of a restart it began
+ANNOTATION_RESTART_REASON = f"{GROUP}/restart-reason"
+
+# pod layout
+CONTAINER_NAME = "trainer"
+CONFIG_MOUNT = "/etc/forge"
+CONFIG_FILE = "trainer.yaml"
+PVC_MOUNT_ROOT = "/mnt/pvc"
+SHM_MOUNT = "/dev/shm"
+RENDEZVOUS_PORT = 29400
+METRICS_PORT = 9090
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+
+# environment of the trainer container
+ENV_POD_NAME = "FORGE_POD_NAME"
+ENV_POD_NAMESPACE = "FORGE_POD_NAMESPACE"
+ENV_TRAINING_NAME = "FORGE_TRAINING_NAME"
+ENV_RESTART_COUNT = "FORGE_RESTART_COUNT"
+ENV_RESUME_STEP = "FORGE_RESUME_STEP"
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/forge-dev/forge-trainer:0.1.0"

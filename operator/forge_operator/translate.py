@@ -1,0 +1,130 @@
+"""ForgeTraining -> TrainerConfig: the one translation both the operator and `forge train` use.
+
+Pure. Where a PersistentVolumeClaim path ends up on disk is the caller's
+business (in a pod: under /mnt/pvc/<claim>; locally: a folder given with
+--volume), so it is passed in as ``resolve``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from forge_trainer.config import (
+    ArchitectureConfig, BudgetConfig, CheckpointConfig, DataConfig, DataSourceConfig, MetricsConfig,
+    ModelConfig, OutputConfig, TokenizerConfig, TokenizerTrainConfig, TrainerConfig, TrainingConfig,
+    ValidationConfig,
+)
+
+from .api.base import PvcLocation, StorageLocation
+from .api.training import ArchitectureSpec, DataSource, ForgeTraining
+from .constants import METRICS_PORT, PVC_MOUNT_ROOT
+
+Resolve = Callable[[PvcLocation], str]
+
+
+class TranslationError(ValueError):
+    """The spec is valid, but this trainer cannot run it; the message names the field."""
+
+
+def pod_path(loc: PvcLocation) -> str:
+    """Where a PVC path is inside a worker pod."""
+    return f"{PVC_MOUNT_ROOT}/{loc.claim_name}" + (f"/{loc.path.strip('/')}" if loc.path.strip("/") else "")
+
+
+def _local(location: StorageLocation, field: str, resolve: Resolve) -> str:
+    if location.pvc is None:
+        raise TranslationError(f"{field}.s3: S3 locations are not supported by this trainer yet; "
+                               "copy the files to a PersistentVolumeClaim and use pvc")
+    return resolve(location.pvc)
+
+
+def default_intermediate_size(hidden: int) -> int:
+    return -(-int(hidden * 8 / 3) // 64) * 64
+
+
+def _architecture(a: ArchitectureSpec) -> ArchitectureConfig:
+    intermediate = a.intermediate_size or default_intermediate_size(a.hidden_size)
+    moe = {}
+    if a.experts is not None:
+        e = a.experts
+        moe = dict(num_experts=e.num_experts, num_experts_per_token=e.num_experts_per_token,
+                   moe_intermediate_size=e.expert_intermediate_size or max(8, intermediate // e.num_experts_per_token),
+                   router_aux_loss_coef=e.router_aux_loss_coef)
+    return ArchitectureConfig(
+        family=a.family, num_layers=a.num_layers, hidden_size=a.hidden_size, intermediate_size=intermediate,
+        num_attention_heads=a.num_attention_heads, num_key_value_heads=a.num_key_value_heads,
+        max_position_embeddings=a.context_length, rope_theta=a.rope_theta,
+        tie_word_embeddings=a.tie_word_embeddings, **moe)
+
+
+def _source(s: DataSource, field: str, resolve: Resolve) -> DataSourceConfig:
+    extra = {"include": s.include} if s.include is not None else {}
+    if s.text_field is not None:
+        extra["text_field"] = s.text_field
+    return DataSourceConfig(name=s.name, path=_local(s.location, f"{field}.location", resolve),
+                            format=s.format, weight=s.weight, **extra)
+
+
+def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir: str | None = None,
+                   metrics_port: int | None = METRICS_PORT, progress_interval_seconds: float = 15.0) -> TrainerConfig:
+    """Build the trainer's configuration. Raises TranslationError (or pydantic's ValueError) naming the field."""
+    spec = ft.spec
+    t = spec.training
+    if spec.method in ("sft", "dpo"):
+        raise TranslationError(f"spec.method: {spec.method} is accepted by the API but this trainer version "
+                               "implements pretrain and continued-pretrain only")
+
+    if spec.model.architecture is not None:
+        model = ModelConfig(architecture=_architecture(spec.model.architecture))
+    else:
+        model = ModelConfig(base_path=_local(spec.model.base, "spec.model.base", resolve))
+
+    tok = spec.tokenizer
+    if tok.train is not None:
+        tokenizer = TokenizerConfig(train=TokenizerTrainConfig(vocab_size=tok.train.vocab_size))
+    elif tok.from_base:
+        tokenizer = TokenizerConfig(from_base=True)
+    else:
+        tokenizer = TokenizerConfig(path=_local(tok.source, "spec.tokenizer.source", resolve))
+
+    sources = [_source(s, f"spec.data.sources[{i}]", resolve) for i, s in enumerate(spec.data.sources)]
+    validation = ValidationConfig(fraction=0.01)
+    v = spec.data.validation
+    if v is not None and v.fraction is not None:
+        validation = ValidationConfig(fraction=v.fraction)
+    elif v is not None and v.source is not None:
+        sources.append(_source(v.source, "spec.data.validation.source", resolve))
+        validation = ValidationConfig(source=v.source.name)
+
+    gb = t.global_batch
+    global_sequences = gb.sequences if gb.sequences is not None else max(1, gb.tokens // t.sequence_length)
+    world = spec.resources.num_nodes * max(1, spec.resources.gpus_per_node)
+    if global_sequences % (t.micro_batch_size * world):
+        raise TranslationError(
+            f"spec.training.globalBatch: {global_sequences} sequences is not a multiple of "
+            f"microBatchSize x GPUs ({t.micro_batch_size} x {world} = {t.micro_batch_size * world})")
+
+    training = TrainingConfig(
+        seq_len=t.sequence_length, global_batch_sequences=global_sequences, micro_batch_sequences=t.micro_batch_size,
+        lr=t.learning_rate, min_lr=t.min_learning_rate if t.min_learning_rate is not None else t.learning_rate / 10,
+        schedule=t.schedule, warmup_steps=t.warmup_steps, decay_fraction=t.decay_fraction,
+        weight_decay=t.weight_decay, grad_clip=t.gradient_clipping, precision=t.precision, seed=t.seed,
+        compile=t.compile, eval_interval_steps=t.eval_interval_steps,
+        budget=BudgetConfig(max_steps=t.budget.max_steps, max_tokens=t.budget.max_tokens,
+                            deadline=t.budget.deadline),
+    )
+    ck = spec.checkpoint
+    checkpoint_dir = resolve(ck.location.pvc)
+    checkpoint = CheckpointConfig(
+        dir=checkpoint_dir, interval_steps=ck.interval_steps, interval_minutes=ck.interval_minutes,
+        keep_last=ck.keep_last,
+        resume=f"{checkpoint_dir}/{ck.resume_from.strip('/')}" if ck.resume_from else "auto")
+    return TrainerConfig(
+        run_name=f"{ft.metadata.namespace}/{ft.metadata.name}" if ft.metadata.namespace else ft.metadata.name,
+        method=spec.method, model=model, tokenizer=tokenizer,
+        data=DataConfig(sources=sources, validation=validation), training=training, checkpoint=checkpoint,
+        output=OutputConfig(dir=resolve(spec.output.location.pvc)),
+        # shared by all nodes: rank 0 prepares the token shards once, the others read them
+        cache_dir=cache_dir or f"{checkpoint_dir}/.forge-cache",
+        metrics=MetricsConfig(port=metrics_port, progress_interval_seconds=progress_interval_seconds),
+    )
