@@ -1,1 +1,21 @@
-"""Forge trainer: the torch training loop that runs inside each worker pod."""
+"""Forge trainer: the torch training loop that runs inside each worker pod.
+
+`forge_trainer.config` is importable without torch (the operator uses it);
+`run` and `sample` import torch and transformers on first use.
+"""
+
+from .config import TrainerConfig, load_config
+
+__all__ = ["TrainerConfig", "load_config", "run", "sample", "RunSummary"]
+
+
+def __getattr__(name: str):
+    if name in ("run", "RunSummary"):
+        from . import train
+
+        return getattr(train, name)
+    if name == "sample":
+        from .sample import sample
+
+        return sample
+    raise AttributeError(f"module 'forge_trainer' has no attribute {name!r}")

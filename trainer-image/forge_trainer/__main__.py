@@ -1,0 +1,64 @@
+"""`python -m forge_trainer --config PATH`: one process, or one of many under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pydantic import ValidationError
+
+from . import exitcodes
+from .config import load_config
+from .exitcodes import ConfigError, TrainerError
+
+PREFIX = "forge-trainer"
+
+
+def _validation_message(e: ValidationError) -> str:
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"{where}: {first['msg'].removeprefix('Value error, ')}{more}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m forge_trainer", description="Train a language model as configured.")
+    parser.add_argument("--config", required=True, help="TrainerConfig as YAML or JSON")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(message)s" if "WORLD_SIZE" in os.environ else "%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    termination_path = "/dev/termination-log"
+    try:
+        try:
+            config = load_config(args.config)
+        except OSError as e:
+            raise ConfigError(f"cannot read {args.config}: {e.strerror or e}") from e
+        except ValidationError as e:
+            raise ConfigError(_validation_message(e)) from e
+        except ValueError as e:  # YAML/JSON syntax
+            raise ConfigError(f"{args.config}: {e}") from e
+        termination_path = config.termination_message_path
+        from .progress import write_termination_message
+        from .train import run
+
+        summary = run(config)
+    except TrainerError as e:
+        print(f"{PREFIX}: {e}", file=sys.stderr, flush=True)
+        if rank == 0:
+            from .progress import write_termination_message
+
+            write_termination_message(termination_path, {"status": "failed", "exitCode": e.exit_code, "message": str(e)})
+        return e.exit_code
+    if rank == 0:
+        write_termination_message(termination_path, summary.to_message())
+    return exitcodes.PREEMPTED if summary.status == "preempted" else exitcodes.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP), written atomically.
+
+Layout of checkpoint.dir:
+
+    step-00000500/            a complete checkpoint
+      .metadata, __*.distcp   DCP: model and optimizer, one shard file per rank
+      rng/rank-00000.pt       each rank's torch (and CUDA) RNG state
+      trainer_state.json      step, tokens, data-loader position, scheduler, losses, config
+    step-00001000.tmp/        a checkpoint being written (ignored, removed on the next save)
+    latest                    the name of the newest complete checkpoint
+
+All ranks write into `step-N.tmp/`; rank 0 then writes trainer_state.json,
+renames the directory and finally replaces `latest` (itself via a temporary
+file and rename). A kill at any moment leaves the previous checkpoint, and
+`latest`, valid. DCP reshards on load, so a run may resume on another world size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .dist import Dist
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+LATEST = "latest"
+# Test hook: seconds to sleep after the shards are written, before the commit,
+# so a test can kill the process mid-save deterministically.
+SLEEP_ENV = "FORGE_TEST_SLEEP_IN_SAVE"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    """A committed checkpoint: renamed from .tmp, with DCP metadata and trainer state."""
+    if path.name.endswith(".tmp") or not path.is_dir():
+        return False
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (path / ".metadata").is_file() and path.name == step_name(int(state.get("step", -1)))
+
+
+def find_latest(ckpt_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names if it is complete, else the newest complete one."""
+    root = Path(ckpt_dir)
+    try:
+        named = root / (root / LATEST).read_text().strip()
+        if is_complete(named):
+            return named
+    except OSError:
+        pass
+    candidates = sorted((p for p in root.glob("step-*") if is_complete(p)), reverse=True) if root.is_dir() else []
+    return candidates[0] if candidates else None
+
+
+def save(ckpt_dir: str | Path, step: int, model, optimizer, trainer_state: dict, keep_last: int, d: Dist) -> Path:
+    """Write a checkpoint of this step on every rank; returns its final path."""
+    root = Path(ckpt_dir)
+    final = root / step_name(step)
+    tmp = root / (step_name(step) + ".tmp")
+    if d.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("step-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    d.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, tmp / "rng" / f"rank-{d.rank:05d}.pt")
+    if os.environ.get(SLEEP_ENV):
+        time.sleep(float(os.environ[SLEEP_ENV]))
+    d.barrier()
+    if d.is_main:
+        _write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, default=str))
+        if final.exists():  # the same step saved again after a resume
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_atomic(root / LATEST, final.name + "\n")
+        _fsync_dir(root)
+        _prune(root, keep_last)
+    d.barrier()
+    return final
+
+
+def load(path: Path, model, optimizer, d: Dist) -> dict:
+    """Restore model, optimizer and this rank's RNG from a checkpoint; returns its trainer state."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = path / "rng" / f"rank-{d.rank:05d}.pt"
+    if rng_file.exists():  # absent when resuming on more ranks than saved
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    done = sorted(p for p in root.glob("step-*") if is_complete(p))
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)

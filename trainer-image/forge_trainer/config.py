@@ -1,0 +1,325 @@
+"""The trainer's configuration: one typed tree that holds every knob.
+
+This module imports neither torch nor transformers: the operator imports it to
+validate a training spec and to write it into a ConfigMap. Field docstrings are
+the user's documentation (docs/trainer.md summarises them).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_INCLUDE = {
+    "text": ["**/*.txt"],
+    "jsonl": ["**/*.jsonl"],
+    "parquet": ["**/*.parquet"],
+}
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class ArchitectureConfig(_Model):
+    """A model built from scratch with random weights."""
+
+    family: Literal["dense", "moe"] = "dense"
+    """dense = Llama (LlamaForCausalLM); moe = Qwen3-MoE (Qwen3MoeForCausalLM)."""
+    vocab_size: PositiveInt | None = None
+    """Embedding rows; default: the tokenizer's vocabulary size."""
+    num_layers: PositiveInt = 6
+    """Transformer blocks."""
+    hidden_size: PositiveInt = 256
+    """Model width."""
+    intermediate_size: PositiveInt = 768
+    """Width of the dense MLP."""
+    num_attention_heads: PositiveInt = 4
+    """Query heads; hidden_size must be a multiple of it."""
+    num_key_value_heads: PositiveInt | None = None
+    """Key/value heads (grouped-query attention); default: num_attention_heads."""
+    max_position_embeddings: PositiveInt = 2048
+    """Longest context the model supports; training.seq_len may not exceed it."""
+    num_experts: PositiveInt = 8
+    """MoE only: experts per layer."""
+    num_experts_per_token: PositiveInt = 2
+    """MoE only: experts each token is routed to (top-k)."""
+    moe_intermediate_size: PositiveInt = 256
+    """MoE only: width of each expert's MLP."""
+    router_aux_loss_coef: float = Field(0.01, ge=0)
+    """MoE only: weight of the load-balancing loss added to the training loss."""
+    rope_theta: float = Field(10000.0, gt=0)
+    """Base of the rotary position embedding."""
+    tie_word_embeddings: bool = True
+    """Share the input embedding with the output projection."""
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ArchitectureConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
+        kv = self.num_key_value_heads or self.num_attention_heads
+        if self.num_attention_heads % kv:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {kv}"
+            )
+        if self.family == "moe" and self.num_experts_per_token > self.num_experts:
+            raise ValueError(
+                f"num_experts_per_token {self.num_experts_per_token} exceeds num_experts {self.num_experts}"
+            )
+        return self
+
+
+class ModelConfig(_Model):
+    """Exactly one of `architecture` (from scratch) or `base_path` (continue a model)."""
+
+    architecture: ArchitectureConfig | None = None
+    """Build a new model with random weights from this shape."""
+    base_path: str | None = None
+    """A local directory in Hugging Face format (config.json + safetensors); never downloaded."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ModelConfig:
+        if (self.architecture is None) == (self.base_path is None):
+            raise ValueError("set exactly one of model.architecture or model.base_path")
+        return self
+
+
+class TokenizerTrainConfig(_Model):
+    vocab_size: int = Field(8192, ge=260, le=2**32 - 1)
+    """Vocabulary of the byte-level BPE trained on the training data (256 bytes + merges + specials)."""
+    min_frequency: PositiveInt = 2
+    """A pair must occur this often to be merged; the data must support vocab_size merges."""
+    max_training_bytes: PositiveInt = 1_000_000_000
+    """Train the BPE on at most this many bytes of training text (the first files, in order)."""
+
+
+class TokenizerConfig(_Model):
+    """Exactly one of `train`, `from_base` or `path`."""
+
+    train: TokenizerTrainConfig | None = None
+    """Train a byte-level BPE on the training data."""
+    from_base: bool = False
+    """Use the tokenizer stored with model.base_path."""
+    path: str | None = None
+    """A local directory holding a Hugging Face tokenizer (tokenizer.json)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TokenizerConfig:
+        if sum([self.train is not None, self.from_base, self.path is not None]) != 1:
+            raise ValueError("set exactly one of tokenizer.train, tokenizer.from_base or tokenizer.path")
+        return self
+
+
+class DataSourceConfig(_Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Short name, used in the manifest, the metrics and validation.source."""
+    path: str
+    """A local directory or a single file."""
+    format: Literal["text", "jsonl", "parquet"] = "text"
+    """text: each file is one document; jsonl/parquet: each record's text_field is one document."""
+    include: list[str] | None = None
+    """Glob patterns relative to path; default **/*.txt, **/*.jsonl or **/*.parquet by format."""
+    exclude: list[str] = []
+    """Glob patterns relative to path to leave out."""
+    text_field: str = "text"
+    """jsonl/parquet: the field holding the document text."""
+    weight: float = Field(1.0, gt=0)
+    """Mixing weight: the share of training sequences drawn from this source."""
+
+    @property
+    def include_patterns(self) -> list[str]:
+        return self.include if self.include is not None else DEFAULT_INCLUDE[self.format]
+
+
+class ValidationConfig(_Model):
+    """Exactly one of `fraction` or `source`."""
+
+    fraction: float | None = Field(None, ge=0, lt=1)
+    """Hold out this fraction of documents (chosen by a hash of their location) from every source."""
+    source: str | None = None
+    """Use the named source entirely for validation (it is not trained on)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ValidationConfig:
+        if (self.fraction is None) == (self.source is None):
+            raise ValueError("set exactly one of data.validation.fraction or data.validation.source")
+        return self
+
+
+class DataConfig(_Model):
+    sources: list[DataSourceConfig] = Field(min_length=1)
+    """Where the training text comes from."""
+    validation: ValidationConfig = ValidationConfig(fraction=0.01)
+    """How the held-out validation set is chosen."""
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> DataConfig:
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.sources names must be unique, got {names}")
+        if self.validation.source is not None:
+            if self.validation.source not in names:
+                raise ValueError(f"data.validation.source {self.validation.source!r} is not one of {names}")
+            if len(names) < 2:
+                raise ValueError("data.validation.source needs another source to train on")
+        return self
+
+
+class BudgetConfig(_Model):
+    """When the run ends (the first limit reached wins). At least one is required."""
+
+    max_steps: PositiveInt | None = None
+    """Optimizer steps."""
+    max_tokens: PositiveInt | None = None
+    """Training tokens seen (rounded up to whole steps)."""
+    deadline: datetime | None = None
+    """Absolute time (UTC if no zone is given) after which the run checkpoints, exports and ends."""
+
+    @field_validator("deadline")
+    @classmethod
+    def _utc(cls, v: datetime | None) -> datetime | None:
+        if v is not None and v.tzinfo is None:
+            v = v.replace(tzinfo=timezone.utc)
+        return v
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> BudgetConfig:
+        if self.max_steps is None and self.max_tokens is None and self.deadline is None:
+            raise ValueError("set at least one of training.budget.max_steps, max_tokens or deadline")
+        return self
+
+
+class TrainingConfig(_Model):
+    seq_len: PositiveInt = 1024
+    """Tokens per training sequence (documents are packed, separated by EOS)."""
+    global_batch_sequences: PositiveInt = 64
+    """Sequences per optimizer step over all workers."""
+    micro_batch_sequences: PositiveInt = 8
+    """Sequences per forward/backward on one worker; gradient accumulation makes up the rest."""
+    lr: float = Field(3e-4, gt=0)
+    """Peak learning rate."""
+    min_lr: float = Field(3e-5, ge=0)
+    """Learning rate at the end of the cosine / WSD decay."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """Learning-rate schedule after warmup (wsd = warmup-stable-decay)."""
+    warmup_steps: int = Field(100, ge=0)
+    """Linear warmup from 0 to lr."""
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    """wsd only: the final fraction of steps that decays linearly to min_lr."""
+    weight_decay: float = Field(0.1, ge=0)
+    """AdamW weight decay on matrices (not on norms and biases)."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value; null disables clipping."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto = bf16 autocast on CUDA, fp32 on CPU."""
+    seed: int = 1337
+    """Seeds weight init and data order; the same seed and data give the same run."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    budget: BudgetConfig = BudgetConfig(max_steps=1000)
+    """When to stop."""
+    eval_interval_steps: PositiveInt | None = 200
+    """Compute the validation loss every N steps (and always at the end); null = only at the end."""
+    eval_batches: PositiveInt = 20
+    """Micro-batches per worker in one validation pass."""
+    log_interval_steps: PositiveInt = 10
+    """Print a log line every N steps (rank 0)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingConfig:
+        if self.global_batch_sequences % self.micro_batch_sequences:
+            raise ValueError(
+                f"global_batch_sequences {self.global_batch_sequences} is not a multiple of "
+                f"micro_batch_sequences {self.micro_batch_sequences}"
+            )
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} exceeds lr {self.lr}")
+        if self.schedule != "constant" and self.budget.max_steps is None and self.budget.max_tokens is None:
+            raise ValueError(f"schedule {self.schedule} needs training.budget.max_steps or max_tokens to know its length")
+        return self
+
+
+class CheckpointConfig(_Model):
+    dir: str = "/checkpoints"
+    """Where checkpoints go; must be shared storage when workers run on several nodes."""
+    interval_steps: PositiveInt | None = 500
+    """Checkpoint every N steps (null: never by step)."""
+    interval_minutes: float | None = Field(30.0, gt=0)
+    """Checkpoint when this many minutes passed since the last one (null: never by time)."""
+    keep_last: PositiveInt = 3
+    """Delete older checkpoints, keeping this many."""
+    resume: str = "auto"
+    """auto = resume from the latest valid checkpoint in dir; never = start fresh; or a checkpoint path."""
+
+
+class OutputConfig(_Model):
+    dir: str = "/output"
+    """Where the exported Hugging Face model, tokenizer and provenance.json are written."""
+
+
+class MetricsConfig(_Model):
+    port: int | None = Field(9090, ge=0, le=65535)
+    """Rank 0 serves Prometheus metrics on this port; 0 or null disables."""
+    progress_interval_seconds: float = Field(30.0, gt=0)
+    """How often rank 0 reports progress (callback, pod annotation)."""
+    peak_flops_per_device: float | None = Field(None, gt=0)
+    """Peak FLOP/s of one device for MFU; default: looked up by GPU name (none on CPU)."""
+
+
+class TrainerConfig(_Model):
+    """Everything one training run needs."""
+
+    run_name: str = "forge-run"
+    """Shown in logs and recorded in provenance.json."""
+    method: Literal["pretrain", "continued-pretrain", "sft", "dpo"] = "pretrain"
+    """pretrain = from scratch; continued-pretrain = keep training model.base_path on new text."""
+    model: ModelConfig
+    tokenizer: TokenizerConfig = TokenizerConfig(train=TokenizerTrainConfig())
+    data: DataConfig
+    training: TrainingConfig = TrainingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    output: OutputConfig = OutputConfig()
+    cache_dir: str = "/cache"
+    """Where prepared token shards and trained tokenizers are cached (keyed by data and tokenizer digests)."""
+    metrics: MetricsConfig = MetricsConfig()
+    termination_message_path: str = "/dev/termination-log"
+    """A one-line JSON summary is written here at exit (when its directory is writable)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainerConfig:
+        if self.method in ("sft", "dpo"):
+            raise ValueError(f"method {self.method} is not implemented yet (use pretrain or continued-pretrain)")
+        if self.method == "continued-pretrain" and self.model.base_path is None:
+            raise ValueError("method continued-pretrain needs model.base_path")
+        if self.method == "pretrain" and self.model.base_path is not None:
+            raise ValueError("method pretrain builds a new model: use model.architecture (or method continued-pretrain)")
+        if self.tokenizer.from_base and self.model.base_path is None:
+            raise ValueError("tokenizer.from_base needs model.base_path")
+        arch = self.model.architecture
+        if arch is not None and self.training.seq_len > arch.max_position_embeddings:
+            raise ValueError(
+                f"training.seq_len {self.training.seq_len} exceeds the model's context "
+                f"(model.architecture.max_position_embeddings {arch.max_position_embeddings})"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_config(path: str | Path) -> TrainerConfig:
+    """Read a TrainerConfig from YAML or JSON (JSON is YAML, but its error messages are better)."""
+    text = Path(path).read_text()
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    return TrainerConfig.model_validate(data)

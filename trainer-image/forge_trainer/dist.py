@@ -1,0 +1,99 @@
+"""Process-group setup: the same code runs as one process or under torchrun."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+# Rank 0 may tokenize a large corpus while the others wait: give that wait (and
+# only that one) a long timeout on a side group, keeping the default elsewhere.
+SETUP_TIMEOUT = timedelta(hours=12)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    device: torch.device = torch.device("cpu")
+    setup_group: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast_object(self, obj, src: int = 0, group=None):
+        """obj from src on every rank (a no-op in one process)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=group)
+        return box[0]
+
+    def all_gather_object(self, obj) -> list:
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def max_flags(self, flags: list[int]) -> list[int]:
+        """Element-wise max over ranks, so every rank takes the same decision."""
+        if not self.distributed:
+            return flags
+        t = torch.tensor(flags, dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def sum(self, values: list[float]) -> list[float]:
+        if not self.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun process group if there is one (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world <= 1:
+        return Dist(device=device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
+    setup_group = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
+    return Dist(
+        rank=dist.get_rank(),
+        world=dist.get_world_size(),
+        local_rank=local_rank,
+        local_world=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        device=device,
+        setup_group=setup_group,
+    )
+
+
+def shutdown(d: Dist) -> None:
+    if d.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def hostname() -> str:
+    return socket.gethostname()

@@ -1,0 +1,83 @@
+"""Export: the trained model in Hugging Face format plus provenance.json.
+
+The directory is written under a temporary name and renamed when complete:
+an output directory that exists holds a model that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig
+
+from .dist import Dist
+from .tokenizer import TextTokenizer
+
+PROVENANCE = "provenance.json"
+
+
+def versions() -> dict:
+    import tokenizers
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
+def export(out_dir: str | Path, model, hf_cfg: PretrainedConfig, tokenizer: TextTokenizer, provenance: dict, d: Dist) -> Path | None:
+    """Gather the full weights (a collective) and write the export on rank 0."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not d.is_main:
+        return None
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        # A fresh plain model: the trained one may be sharded or compiled.
+        plain = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if k not in _tied_keys(plain)]:
+            raise RuntimeError(f"export: state dict mismatch (missing {missing}, unexpected {unexpected})")
+        plain.config.use_cache = True
+        plain.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id
+        )
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=1, default=str) + "\n")
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.{uuid.uuid4().hex}.old"
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _tied_keys(model) -> set[str]:
+    if getattr(model.config, "tie_word_embeddings", False):
+        return {"lm_head.weight"}
+    return set()
+
+
+def runtime_info() -> dict:
+    return {"argv": sys.argv, "platform": platform.platform()}

@@ -1,0 +1,206 @@
+"""How the world learns about a run: a Progress dict for callbacks, the pod's
+`forge.dev/progress` annotation, Prometheus metrics, and the termination message."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PROGRESS_ANNOTATION = "forge.dev/progress"
+POD_NAME_ENV = "FORGE_POD_NAME"
+POD_NAMESPACE_ENV = "FORGE_POD_NAMESPACE"
+SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+def rfc3339(t: datetime | None = None) -> str:
+    t = t or datetime.now(timezone.utc)
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def build_progress(
+    *,
+    step: int,
+    total_steps: int | None,
+    tokens_seen: int,
+    token_budget: int | None,
+    loss: float | None,
+    learning_rate: float,
+    grad_norm: float | None,
+    tokens_per_second: float | None,
+    mfu: float | None,
+    last_checkpoint: dict | None,
+    deadline: datetime | None = None,
+    now: datetime | None = None,
+) -> dict:
+    """The Progress object, camelCase keys as the operator's status expects them."""
+    now = now or datetime.now(timezone.utc)
+    fractions = []
+    if total_steps:
+        fractions.append(step / total_steps)
+    if token_budget:
+        fractions.append(tokens_seen / token_budget)
+    percent = 100.0 * min(max(fractions), 1.0) if fractions else None
+    eta = None
+    if tokens_per_second and fractions:
+        remaining_tokens = []
+        if total_steps and step:
+            remaining_tokens.append((total_steps - step) * tokens_seen / step)
+        if token_budget:
+            remaining_tokens.append(token_budget - tokens_seen)
+        if remaining_tokens:
+            eta = max(min(remaining_tokens), 0) / tokens_per_second
+    if deadline is not None:
+        left = (deadline - now).total_seconds()
+        eta = max(left, 0.0) if eta is None else max(min(eta, left), 0.0)
+    return {
+        "step": step,
+        "totalSteps": total_steps,
+        "tokensSeen": tokens_seen,
+        "tokenBudget": token_budget,
+        "percent": None if percent is None else round(percent, 2),
+        "loss": loss,
+        "learningRate": learning_rate,
+        "gradNorm": grad_norm,
+        "tokensPerSecond": None if tokens_per_second is None else round(tokens_per_second, 1),
+        "mfu": None if mfu is None else round(mfu, 4),
+        "etaSeconds": None if eta is None else round(eta),
+        "updatedAt": rfc3339(now),
+        "lastCheckpoint": last_checkpoint,
+    }
+
+
+class PodAnnotator:
+    """Patches this pod's progress annotation from a background thread.
+
+    Only the newest value matters, so the queue holds one; a failed patch is
+    logged once and never stops training.
+    """
+
+    def __init__(self, name: str, namespace: str):
+        from kubernetes import client, config
+
+        config.load_incluster_config()
+        self._api = client.CoreV1Api()
+        self._name, self._namespace = name, namespace
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._warned = False
+        self._thread = threading.Thread(target=self._loop, name="forge-progress-annotator", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_env(cls) -> PodAnnotator | None:
+        name, namespace = os.environ.get(POD_NAME_ENV), os.environ.get(POD_NAMESPACE_ENV)
+        if not name or not namespace or not SERVICE_ACCOUNT_TOKEN.exists():
+            return None
+        try:
+            return cls(name, namespace)
+        except Exception as e:  # no kubernetes client or config: report locally only
+            log.warning("cannot report progress on pod %s/%s: %s", namespace, name, e)
+            return None
+
+    def submit(self, progress: dict) -> None:
+        try:
+            self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        try:
+            self._queue.put_nowait(progress)
+        except queue.Full:
+            pass
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            progress = self._queue.get()
+            if progress is None:
+                return
+            body = {"metadata": {"annotations": {PROGRESS_ANNOTATION: json.dumps(progress, separators=(",", ":"))}}}
+            try:
+                self._api.patch_namespaced_pod(self._name, self._namespace, body, _request_timeout=10)
+            except Exception as e:
+                if not self._warned:
+                    log.warning("cannot annotate pod %s/%s with progress (will keep trying quietly): %s", self._namespace, self._name, e)
+                    self._warned = True
+
+
+class Metrics:
+    """Prometheus gauges on rank 0's metrics port (a private registry, so runs in one process do not clash)."""
+
+    def __init__(self, port: int):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+        self.registry = CollectorRegistry()
+        g = lambda name, doc: Gauge(name, doc, registry=self.registry)  # noqa: E731
+        self.step = g("forge_trainer_step", "Optimizer steps done")
+        self.tokens = Counter("forge_trainer_tokens_seen", "Training tokens seen", registry=self.registry)
+        self.loss = g("forge_trainer_loss", "Training loss (mean over the last log window)")
+        self.lr = g("forge_trainer_learning_rate", "Current learning rate")
+        self.grad_norm = g("forge_trainer_grad_norm", "Global gradient norm before clipping")
+        self.tps = g("forge_trainer_tokens_per_second", "Training tokens per second, all workers")
+        self.mfu = g("forge_trainer_mfu", "Model FLOPs utilisation (0 when the peak is unknown)")
+        self.eta = g("forge_trainer_eta_seconds", "Estimated seconds until the budget is reached")
+        self._tokens_reported = 0
+        started = start_http_server(port, registry=self.registry)
+        self._server = started[0] if isinstance(started, tuple) else None
+
+    def update(self, p: dict) -> None:
+        self.step.set(p["step"])
+        delta = p["tokensSeen"] - self._tokens_reported
+        if delta > 0:
+            self.tokens.inc(delta)
+            self._tokens_reported = p["tokensSeen"]
+        for gauge, key in ((self.loss, "loss"), (self.lr, "learningRate"), (self.grad_norm, "gradNorm"),
+                           (self.tps, "tokensPerSecond"), (self.mfu, "mfu"), (self.eta, "etaSeconds")):
+            gauge.set(p[key] if p[key] is not None else 0)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+class Reporter:
+    """Rank 0's progress fan-out: callback, pod annotation, metrics."""
+
+    def __init__(self, on_progress, metrics_port: int | None, interval: float):
+        self.on_progress = on_progress
+        self.interval = interval
+        self.annotator = PodAnnotator.from_env()
+        self.metrics = Metrics(metrics_port) if metrics_port else None
+        self.last: dict | None = None
+
+    def report(self, progress: dict) -> None:
+        self.last = progress
+        if self.metrics is not None:
+            self.metrics.update(progress)
+        if self.annotator is not None:
+            self.annotator.submit(progress)
+        if self.on_progress is not None:
+            self.on_progress(progress)
+
+    def close(self) -> None:
+        if self.annotator is not None:
+            self.annotator.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def write_termination_message(path: str, summary: dict) -> None:
+    """One line of JSON for the kubelet's terminationMessagePath, if its directory is writable."""
+    p = Path(path)
+    try:
+        if not p.parent.is_dir() or not os.access(p.parent, os.W_OK) and not os.access(p, os.W_OK):
+            return
+        p.write_text(json.dumps(summary, separators=(",", ":"), default=str) + "\n")
+    except OSError:
+        pass
