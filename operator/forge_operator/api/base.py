@@ -64,6 +64,10 @@ class ApiModel(BaseModel):
         use_attribute_docstrings=True,
         json_schema_extra=_schema_extra,
     )
+    # The API server does not apply defaults (crdgen strips them), so a rule that
+    # reads a field with a default must guard it with has() and use the same
+    # default as the model; otherwise a manifest leaving it out fails with
+    # "no such key".
     cel_rules: ClassVar[tuple[Cel, ...]] = ()
 
     @model_validator(mode="after")
@@ -100,7 +104,7 @@ class PvcLocation(ApiModel):
     """Mount the claim read-only (default: read-only for inputs, read-write for checkpoints and outputs)."""
 
     cel_rules = (
-        Cel("!self.path.startsWith('/') && !self.path.contains('..')",
+        Cel("!has(self.path) || (!self.path.startsWith('/') && !self.path.contains('..'))",
             "path must be relative to the volume root and must not contain '..'",
             lambda s: not s.path.startswith("/") and ".." not in s.path, field_path=".path"),
     )
@@ -170,6 +174,7 @@ class ObjectMeta(ApiModel):
 
     model_config = ConfigDict(extra="allow")
     name: str = ""
+    """Name of the resource, unique in its namespace. A ForgeTraining's name is at most 40 characters."""
     namespace: str = ""
     uid: str = ""
     generation: int = 0

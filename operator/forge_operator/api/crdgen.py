@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from .base import GROUP, VERSION
+from .base import GROUP, VERSION, ObjectMeta
 from .eval import ForgeEval
 from .training import ForgeTraining
 
@@ -140,7 +140,9 @@ def openapi_schema(kind: Kind) -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": "forge.dev/v1alpha1"},
             "kind": {"type": "string", "description": kind.kind},
-            "metadata": {"type": "object"},
+            # only name (and generateName) may be described here; a rule's fieldPath may then point to it
+            "metadata": {"type": "object", "properties": {"name": {
+                "type": "string", "description": ObjectMeta.model_fields["name"].description}}},
             "spec": _structural(props["spec"], defs),
             "status": _structural(props["status"], defs),
         },

@@ -53,7 +53,7 @@ class EvalSuite(ApiModel):
     """exact-match: tokens generated per answer."""
 
     cel_rules = (
-        Cel("self.type == 'perplexity' || self.format != 'text'",
+        Cel("self.type == 'perplexity' || !has(self.format) || self.format != 'text'",
             "multiple-choice and exact-match suites read jsonl or parquet, not text",
             lambda s: s.type == "perplexity" or s.format != "text", field_path=".format"),
     )
@@ -73,6 +73,17 @@ class EvalGate(ApiModel):
     def passes(self, value: float) -> bool:
         return {"<": value < self.threshold, "<=": value <= self.threshold,
                 ">": value > self.threshold, ">=": value >= self.threshold}[self.comparator]
+
+
+# For every object with suites and gates: a ForgeEval's spec and a ForgeTraining's spec.evaluation.
+SUITES_AND_GATES_RULES = (
+    Cel("self.suites.all(a, self.suites.exists_one(b, b.name == a.name))", "suite names must be unique",
+        lambda s: len({x.name for x in s.suites}) == len(s.suites), field_path=".suites"),
+    Cel("!has(self.gates) || self.gates.all(g, self.suites.exists(s, g.metric.startsWith(s.name + '.')))",
+        "every gate metric must start with the name of one of the suites",
+        lambda s: all(any(g.metric.startswith(x.name + ".") for x in s.suites) for g in s.gates or []),
+        field_path=".gates"),
+)
 
 
 class ModelSourceSpec(ApiModel):
@@ -122,14 +133,7 @@ class ForgeEvalSpec(ApiModel):
     resources: EvalResourcesSpec = EvalResourcesSpec()
     """The evaluation pod."""
 
-    cel_rules = (
-        Cel("self.suites.all(a, self.suites.exists_one(b, b.name == a.name))", "suite names must be unique",
-            lambda s: len({x.name for x in s.suites}) == len(s.suites), field_path=".suites"),
-        Cel("!has(self.gates) || self.gates.all(g, self.suites.exists(s, g.metric.startsWith(s.name + '.')))",
-            "every gate metric must start with the name of one of the suites",
-            lambda s: all(any(g.metric.startswith(x.name + ".") for x in s.suites) for g in s.gates or []),
-            field_path=".gates"),
-    )
+    cel_rules = SUITES_AND_GATES_RULES
 
 
 class SuiteResult(ApiModel):

@@ -11,7 +11,7 @@ from .base import (
     ApiModel, Cel, Condition, DnsLabel, FreeForm, ObjectMeta, PathStr,
     Quantity, ShortStr, StorageLocation, VolumeLocation, API_VERSION,
 )
-from .eval import EvalGate, EvalSuite
+from .eval import SUITES_AND_GATES_RULES, EvalGate, EvalSuite
 
 Method = Literal["pretrain", "continued-pretrain", "sft", "dpo"]
 METHODS_FROM_BASE = ("continued-pretrain", "sft", "dpo")
@@ -69,7 +69,7 @@ class ArchitectureSpec(ApiModel):
             "numAttentionHeads must be divisible by numKeyValueHeads",
             lambda s: s.num_key_value_heads is None or s.num_attention_heads % s.num_key_value_heads == 0,
             field_path=".numKeyValueHeads"),
-        Cel("self.family == 'moe' ? has(self.experts) : !has(self.experts)",
+        Cel("has(self.family) && self.family == 'moe' ? has(self.experts) : !has(self.experts)",
             "experts is required when family is moe and forbidden when family is dense",
             lambda s: (s.experts is not None) == (s.family == "moe"), field_path=".experts"),
     )
@@ -248,7 +248,8 @@ class TrainingSpec(ApiModel):
     """For dpo: strength of the preference (beta), default 0.1."""
 
     cel_rules = (
-        Cel("!has(self.minLearningRate) || self.minLearningRate <= self.learningRate",
+        Cel("!has(self.minLearningRate)"
+            " || self.minLearningRate <= (has(self.learningRate) ? self.learningRate : 0.0003)",
             "minLearningRate must be <= learningRate",
             lambda s: s.min_learning_rate is None or s.min_learning_rate <= s.learning_rate,
             field_path=".minLearningRate"),
@@ -353,6 +354,8 @@ class TrainingEvaluationSpec(ApiModel):
     gates: Annotated[list[EvalGate], Field(max_length=32)] | None = None
     """Thresholds the model must meet; a failed gate fails the training with reason EvaluationGateFailed."""
 
+    cel_rules = SUITES_AND_GATES_RULES
+
 
 class ForgeTrainingSpec(ApiModel):
     """Desired state of a ForgeTraining."""
@@ -390,18 +393,19 @@ class ForgeTrainingSpec(ApiModel):
         Cel("!has(self.tokenizer.fromBase) || !self.tokenizer.fromBase || has(self.model.base)",
             "tokenizer.fromBase needs model.base",
             lambda s: not s.tokenizer.from_base or s.model.base is not None, field_path=".tokenizer"),
-        Cel("!has(self.model.architecture) || self.training.sequenceLength <= self.model.architecture.contextLength",
+        Cel("!has(self.model.architecture) || (has(self.training.sequenceLength) ? self.training.sequenceLength : 2048)"
+            " <= (has(self.model.architecture.contextLength) ? self.model.architecture.contextLength : 4096)",
             "training.sequenceLength must not exceed model.architecture.contextLength",
             lambda s: s.model.architecture is None
             or s.training.sequence_length <= s.model.architecture.context_length,
             field_path=".training.sequenceLength"),
-        Cel("self.method != 'dpo' || self.data.sources.all(s, s.format != 'text' && has(s.promptField)"
-            " && has(s.chosenField) && has(s.rejectedField))",
+        Cel("self.method != 'dpo' || self.data.sources.all(s, has(s.format) && s.format != 'text'"
+            " && has(s.promptField) && has(s.chosenField) && has(s.rejectedField))",
             "method dpo needs preference data: every source jsonl or parquet with promptField, chosenField and rejectedField",
             lambda s: s.method != "dpo" or all(_is_preference(x) for x in s.data.sources),
             field_path=".data.sources"),
-        Cel("self.method != 'sft' || self.data.sources.all(s, s.format != 'text' && has(s.promptField)"
-            " && has(s.completionField))",
+        Cel("self.method != 'sft' || self.data.sources.all(s, has(s.format) && s.format != 'text'"
+            " && has(s.promptField) && has(s.completionField))",
             "method sft needs instruction data: every source jsonl or parquet with promptField and completionField",
             lambda s: s.method != "sft" or all(
                 x.format != "text" and x.prompt_field is not None and x.completion_field is not None
@@ -522,7 +526,9 @@ class ForgeTrainingStatus(ApiModel):
     last_checkpoint: CheckpointRef | None = None
     """The most recent complete checkpoint."""
     restart_count: int | None = None
-    """Restarts of the worker group so far."""
+    """Restarts of the worker group so far, whatever the reason."""
+    failure_count: int | None = None
+    """Restarts caused by failures; compared with failurePolicy.maxRestarts (edits do not count)."""
     restarts: Annotated[list[RestartRecord], Field(max_length=20)] | None = None
     """The latest restarts with their reasons (at most 20 kept)."""
     nodes: Annotated[list[str], Field(max_length=4096)] | None = None

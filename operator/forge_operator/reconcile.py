@@ -1,0 +1,485 @@
+"""The pure heart of the operator: from a ForgeTraining and what was observed, decide everything.
+
+``plan_training(obj, observed, settings)`` returns the new status, the children to
+apply, what to delete and which events to emit. It reads no clock and no API:
+the handler passes ``observed.now`` and the listed Jobs, Pods and Nodes. Running
+it twice on the same input gives the same plan, which is what makes the
+operator level-based and safe to kill at any point.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+
+from forge_trainer import exitcodes
+
+from . import conditions as C
+from .api.training import ForgeTraining
+from .children import ANNOTATION_SPEC_HASH, WorkerState, desired_children, job_name, spec_hash
+from .conditions import Reason
+from .constants import ANNOTATION_PROGRESS, DEFAULT_TRAINER_IMAGE, LABEL_ATTEMPT
+from .translate import TranslationError, trainer_config
+
+MAX_RESTART_RECORDS = 20
+JOB_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+ALWAYS_NON_RETRYABLE = (exitcodes.DATA_ERROR, exitcodes.CONFIG_ERROR)
+PHASE_CONDITION = {
+    "Queued": C.QUEUED, "Initializing": C.INITIALIZING, "Running": C.RUNNING, "Restarting": C.RESTARTING,
+    "Suspended": C.SUSPENDED, "Succeeded": C.SUCCEEDED, "Failed": C.FAILED,
+}
+TERMINAL = ("Succeeded", "Failed")
+# restarts the user asked for (an edit) do not use up failurePolicy.maxRestarts
+NOT_A_FAILURE = (Reason.RESOURCES_CHANGED,)
+
+
+@dataclass(frozen=True)
+class Settings:
+    trainer_image: str | None = None
+    # how often an unfinished training is looked at again without any event (timeouts, backoff, accounting)
+    resync_seconds: float = 15.0
+
+
+@dataclass
+class Observed:
+    now: datetime
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    status: dict[str, Any]
+    apply: list[dict[str, Any]] = field(default_factory=list)
+    delete_jobs: list[str] = field(default_factory=list)
+    force_delete_pods: list[str] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    # reconcile again after this many seconds even if nothing changes (controller-runtime's RequeueAfter)
+    requeue_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str
+    message: str
+    exit_code: int | None = None
+
+
+# --------------------------------------------------------------------------- small readers
+def ts(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_ts(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def human_duration(seconds: float) -> str:
+    s = int(max(0, seconds))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d{h}h"
+    if h:
+        return f"{h}h{m:02d}m"
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def format_error(err: Exception) -> str:
+    if isinstance(err, ValidationError):
+        parts = []
+        for e in err.errors()[:5]:
+            loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+            parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+        return "; ".join(parts)
+    return str(err)
+
+
+def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    c = C.find(job.get("status", {}).get("conditions"), type_)
+    return c if c and c.get("status") == "True" else None
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for cs in pod.get("status", {}).get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated")
+        if term:
+            return term
+    return None
+
+
+def _node_ready(node: dict[str, Any] | None) -> tuple[bool, datetime | None]:
+    if node is None:
+        return False, None
+    c = C.find(node.get("status", {}).get("conditions"), "Ready")
+    if c is None:
+        return False, None
+    return c.get("status") == "True", parse_ts(c.get("lastTransitionTime"))
+
+
+def pod_index(pod: dict[str, Any]) -> str | None:
+    return (pod["metadata"].get("annotations") or {}).get(JOB_INDEX_ANNOTATION)
+
+
+# --------------------------------------------------------------------------- failure detection
+def pod_failure(pod: dict[str, Any]) -> Failure | None:
+    """Why one worker pod failed, or None if it has not."""
+    st = pod.get("status", {})
+    name = pod["metadata"]["name"]
+    node = pod.get("spec", {}).get("nodeName", "?")
+    disruption = C.find(st.get("conditions"), "DisruptionTarget")
+    if st.get("phase") != "Failed":
+        return None
+    if st.get("reason") == "Evicted":
+        return Failure(Reason.EVICTED, f"pod {name} on node {node} was evicted: {st.get('message', '')}".strip())
+    if disruption and disruption.get("status") == "True" and "Preempt" in disruption.get("reason", ""):
+        return Failure(Reason.PREEMPTED, f"pod {name} on node {node} was preempted")
+    term = _terminated(pod) or {}
+    code = term.get("exitCode")
+    if term.get("reason") == "OOMKilled":
+        return Failure(Reason.OOM_KILLED, f"pod {name} on node {node} was OOM-killed (exit code {code})", code)
+    if code == exitcodes.PREEMPTED:
+        return Failure(Reason.PREEMPTED, f"pod {name} on node {node} was stopped and saved a checkpoint "
+                                         f"(exit code {code})", code)
+    detail = (term.get("message") or "").strip().splitlines()
+    suffix = f": {detail[-1][:300]}" if detail else ""
+    return Failure(Reason.POD_FAILED, f"pod {name} on node {node} failed with exit code {code}{suffix}", code)
+
+
+def group_failure(ft: ForgeTraining, job: dict[str, Any] | None, pods: list[dict[str, Any]],
+                  obs: Observed) -> tuple[Failure | None, list[str]]:
+    """The first reason to restart the group, and pods that must be force-deleted."""
+    fp = ft.spec.failure_policy
+    timeout = timedelta(seconds=fp.node_failure_timeout_seconds)
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        f = pod_failure(pod)
+        if f is not None:
+            return f, []
+    stuck: list[str] = []
+    for pod in pods:
+        deleted = parse_ts(pod["metadata"].get("deletionTimestamp"))
+        grace = pod["metadata"].get("deletionGracePeriodSeconds") or 0
+        if deleted and obs.now - deleted > timeout + timedelta(seconds=grace):
+            stuck.append(pod["metadata"]["name"])
+    if stuck:
+        return Failure(Reason.STUCK_TERMINATING, f"pods {', '.join(sorted(stuck))} stuck terminating for more than "
+                                                 f"{fp.node_failure_timeout_seconds}s"), stuck
+    for pod in pods:
+        node_name = pod.get("spec", {}).get("nodeName")
+        if not node_name or pod.get("status", {}).get("phase") not in ("Running", "Pending"):
+            continue
+        ready, since = _node_ready(obs.nodes.get(node_name))
+        if not ready and (since is None or obs.now - since > timeout):
+            return Failure(Reason.NODE_LOST, f"node {node_name} of pod {pod['metadata']['name']} is not Ready for "
+                                             f"more than {fp.node_failure_timeout_seconds}s"), []
+    if job is not None and _job_condition(job, "Failed"):
+        c = _job_condition(job, "Failed")
+        return Failure(Reason.POD_FAILED, f"job {job['metadata']['name']} failed: {c.get('reason')}: "
+                                          f"{c.get('message', '')}".strip()), []
+    return None, []
+
+
+def backoff_seconds(ft: ForgeTraining, failures: int) -> int:
+    fp = ft.spec.failure_policy
+    if failures <= 0:
+        return 0
+    return min(fp.max_backoff_seconds, fp.backoff_seconds * 2 ** (failures - 1))
+
+
+# --------------------------------------------------------------------------- progress
+def read_progress(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Rank 0's last report: its progress annotation, or its final summary in the termination message."""
+    for pod in pods:
+        if pod_index(pod) != "0":
+            continue
+        term = _terminated(pod) or {}
+        for text in ((pod["metadata"].get("annotations") or {}).get(ANNOTATION_PROGRESS), term.get("message")):
+            if not text:
+                continue
+            try:
+                data = json.loads(text.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                continue
+            if isinstance(data, dict) and "step" in data:
+                return data
+    return None
+
+
+PROGRESS_KEYS = ("step", "totalSteps", "tokensSeen", "tokenBudget", "percent", "loss", "validationLoss",
+                 "learningRate", "tokensPerSecond", "mfu", "etaSeconds", "updatedAt")
+
+
+def merge_progress(old: dict[str, Any] | None, report: dict[str, Any], now: datetime) -> dict[str, Any]:
+    new = {k: report[k] for k in PROGRESS_KEYS if report.get(k) is not None}
+    for k in ("step", "totalSteps", "tokensSeen", "tokenBudget", "etaSeconds"):
+        if k in new:
+            new[k] = int(new[k])
+    if "percent" in new:
+        new["percent"] = round(float(new["percent"]), 1)
+    if "etaSeconds" in new:
+        new["eta"] = human_duration(new["etaSeconds"])
+    old = old or {}
+    advanced = new.get("step", 0) > old.get("step", 0)
+    new["lastStepTime"] = ts(now) if advanced or not old.get("lastStepTime") else old["lastStepTime"]
+    return new
+
+
+# --------------------------------------------------------------------------- the plan
+def set_phase(status: dict[str, Any], phase: str, reason: str, message: str, now: datetime,
+              generation: int | None) -> None:
+    status["phase"] = phase
+    conds = status.get("conditions") or []
+    for p, type_ in PHASE_CONDITION.items():
+        if p == phase:
+            conds = C.set_condition(conds, type_, True, reason, message, now, generation)
+        elif type_ == C.RESTARTING and phase not in ("Running", *TERMINAL):
+            continue  # a restart is "in progress" until the group runs again
+        elif C.find(conds, type_) is not None:
+            conds = C.set_condition(conds, type_, False, reason, message, now, generation)
+    status["conditions"] = conds
+
+
+def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Settings()) -> Plan:
+    old_status = obj.get("status") or {}
+    status: dict[str, Any] = json.loads(json.dumps(old_status))
+    generation = obj.get("metadata", {}).get("generation")
+    status["observedGeneration"] = generation
+    now = obs.now
+    plan = Plan(status=status)
+    old_phase = old_status.get("phase")
+
+    def transition(phase: str, reason: str, message: str, warning: bool = False) -> None:
+        set_phase(status, phase, reason, message, now, generation)
+        if phase != old_phase:
+            plan.events.append(Event("Warning" if warning else "Normal", reason, message))
+
+    # 1. the spec must translate into a runnable trainer configuration
+    try:
+        ft = ForgeTraining.model_validate({k: v for k, v in obj.items() if k != "status"})
+        trainer_yaml = trainer_config(ft).to_yaml()
+    except (ValidationError, TranslationError, ValueError) as err:
+        message = format_error(err)
+        status["conditions"] = C.set_condition(status.get("conditions"), C.INVALID, True, Reason.INVALID_SPEC,
+                                               message, now, generation)
+        if old_phase not in TERMINAL:
+            status.setdefault("completionTime", ts(now))
+        transition("Failed", Reason.INVALID_SPEC, message, warning=True)
+        plan.delete_jobs = [j["metadata"]["name"] for j in obs.jobs if _active(j)]
+        return plan
+    if C.find(status.get("conditions"), C.INVALID):
+        status["conditions"] = [c for c in status["conditions"] if c["type"] != C.INVALID]
+
+    spec = ft.spec
+    n = spec.resources.num_nodes
+    restart_count = int(status.get("restartCount") or 0)
+    failures = int(status.get("failureCount") or 0)
+    current_name = job_name(ft, restart_count)
+    current = next((j for j in obs.jobs if j["metadata"]["name"] == current_name), None)
+    plan.delete_jobs = [j["metadata"]["name"] for j in obs.jobs if j["metadata"]["name"] != current_name
+                        and not j["metadata"].get("deletionTimestamp")]
+    pods = [p for p in obs.pods if (p["metadata"].get("labels") or {}).get(LABEL_ATTEMPT) == str(restart_count)]
+
+    # 2. what rank 0 reported, and who ran
+    report = read_progress(pods)
+    if report is not None:
+        status["progress"] = merge_progress(old_status.get("progress"), report, now)
+        ckpt = report.get("lastCheckpoint")
+        if isinstance(ckpt, dict) and ckpt.get("step") is not None:
+            status["lastCheckpoint"] = {k: ckpt[k] for k in ("step", "path", "time") if ckpt.get(k) is not None}
+        budget = status.setdefault("budget", {})
+        budget["tokens"] = int(report.get("tokensSeen") or budget.get("tokens") or 0)
+    nodes = set(status.get("nodes") or [])
+    nodes.update(p["spec"]["nodeName"] for p in pods if p.get("spec", {}).get("nodeName"))
+    if nodes:
+        status["nodes"] = sorted(nodes)
+
+    running = [p for p in pods if p.get("status", {}).get("phase") == "Running"
+               and not p["metadata"].get("deletionTimestamp")]
+    _account_gpu_hours(status, ft, len(running), now)
+
+    # 3. finished trainings only age out
+    if old_phase in TERMINAL:
+        plan.apply = desired_children(ft, trainer_yaml, WorkerState(restart_count), image=settings.trainer_image,
+                                      include_job=False)
+        ttl = spec.ttl_seconds_after_finished
+        done = parse_ts(status.get("completionTime"))
+        if current is not None and ttl is not None and done is not None:
+            left = (done + timedelta(seconds=ttl) - now).total_seconds()
+            if left <= 0:
+                plan.delete_jobs.append(current_name)
+            else:
+                plan.requeue_after = left
+        if current is not None and _active(current):
+            plan.delete_jobs.append(current_name)
+        return plan
+
+    max_gpu_hours = spec.training.budget.max_gpu_hours
+    if max_gpu_hours is not None and status["budget"]["gpuHours"] >= max_gpu_hours:
+        status["completionTime"] = ts(now)
+        transition("Failed", Reason.GPU_HOUR_BUDGET_EXHAUSTED,
+                   f"{status['budget']['gpuHours']:.2f} GPU-hours used, budget.maxGpuHours={max_gpu_hours}; the "
+                   f"workers were stopped (they checkpoint on SIGTERM)", warning=True)
+        if _active(current):
+            plan.delete_jobs.append(current_name)
+        return plan
+
+    user_suspend = spec.scheduling.suspend
+    job_suspended = bool(current and current.get("spec", {}).get("suspend"))
+
+    # 4. success, or a reason to restart the group
+    if current is not None and _job_condition(current, "Complete"):
+        status["completionTime"] = ts(now)
+        status["modelRef"] = {"location": spec.output.location.to_dict(), "provenance": "provenance.json"}
+        transition("Succeeded", Reason.TRAINING_COMPLETED, f"training finished; model exported to "
+                                                            f"{spec.output.location.pvc.claim_name}:/"
+                                                            f"{spec.output.location.pvc.path}")
+        plan.apply = desired_children(ft, trainer_yaml, WorkerState(restart_count), image=settings.trainer_image,
+                                      include_job=False)
+        return plan
+
+    failure, stuck = (None, [])
+    if current is not None and not job_suspended:
+        failure, stuck = group_failure(ft, current, pods, obs)
+    image = spec.resources.image or settings.trainer_image
+    if failure is None and current is not None and not job_suspended:
+        want = spec_hash(ft, trainer_yaml, image or DEFAULT_TRAINER_IMAGE)
+        have = (current["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
+        if have and have != want:
+            failure = Failure(Reason.RESOURCES_CHANGED, "the spec changed (resources, budget or hyperparameters); "
+                                                        "restarting from the last checkpoint")
+    plan.force_delete_pods = stuck
+
+    if failure is not None:
+        counts = failure.reason not in NOT_A_FAILURE
+        non_retryable = set(ALWAYS_NON_RETRYABLE) | set(spec.failure_policy.non_retryable_exit_codes or [])
+        if failure.exit_code in non_retryable:
+            status["completionTime"] = ts(now)
+            transition("Failed", Reason.NON_RETRYABLE_EXIT_CODE, failure.message, warning=True)
+            if _active(current):
+                plan.delete_jobs.append(current_name)
+            return plan
+        if counts and failures >= spec.failure_policy.max_restarts:
+            status["completionTime"] = ts(now)
+            transition("Failed", Reason.MAX_RESTARTS_EXCEEDED,
+                       f"{failures} restarts used up failurePolicy.maxRestarts={spec.failure_policy.max_restarts}; "
+                       f"last failure: {failure.message}", warning=True)
+            if _active(current):
+                plan.delete_jobs.append(current_name)
+            return plan
+        restart_count += 1
+        failures += 1 if counts else 0
+        resume = (status.get("lastCheckpoint") or {}).get("step")
+        record = {"time": ts(now), "reason": failure.reason, "message": failure.message}
+        if failure.exit_code is not None:
+            record["exitCode"] = failure.exit_code
+        if resume is not None:
+            record["step"] = resume
+        status["restarts"] = ([*(status.get("restarts") or []), record])[-MAX_RESTART_RECORDS:]
+        status["restartCount"] = restart_count
+        status["failureCount"] = failures
+        plan.delete_jobs.append(current_name)
+        current, pods, running = None, [], []
+        where = f"checkpoint step {resume}" if resume is not None else "the start (no checkpoint yet)"
+        status["conditions"] = C.set_condition(status.get("conditions"), C.RESTARTING, True, failure.reason,
+                                               f"{failure.message}; restart {restart_count} resumes from {where}",
+                                               now, generation)
+        plan.events.append(Event("Warning", failure.reason, f"restarting all {n} workers (restart {restart_count}): "
+                                                            f"{failure.message}; resuming from {where}"))
+
+    # 5. the Job this attempt should have
+    waiting = 0.0
+    if current is None and restart_count > 0:
+        last = (status.get("restarts") or [{}])[-1]
+        last_time = parse_ts(last.get("time"))
+        delay = 0 if last.get("reason") in NOT_A_FAILURE else backoff_seconds(ft, failures)
+        if last_time is not None:
+            waiting = (last_time + timedelta(seconds=delay) - now).total_seconds()
+    # Kueue owns `suspend` of a queued Job: created suspended, unsuspended by Kueue on admission.
+    queued = bool(spec.scheduling.queue_name) and (current is None or job_suspended)
+    # the pod template of an attempt is fixed when the attempt starts: it names the checkpoint the
+    # restart resumes from (the trainer itself always resumes from the latest complete one)
+    last_restart = (status.get("restarts") or [{}])[-1] if restart_count else {}
+    state = WorkerState(restart_count=restart_count, resume_step=last_restart.get("step"),
+                        suspend=user_suspend or queued, restart_reason=last_restart.get("reason", ""))
+    plan.apply = desired_children(ft, trainer_yaml, state, image=settings.trainer_image, include_job=waiting <= 0)
+
+    # 6. the phase, from what runs now
+    plan.requeue_after = waiting if waiting > 0 else settings.resync_seconds
+    if waiting > 0:
+        transition("Restarting", Reason.BACKING_OFF, f"restart {restart_count} in {int(waiting) + 1}s "
+                                                     f"(failurePolicy backoff)", warning=True)
+    elif user_suspend:
+        active = [p for p in pods if p.get("status", {}).get("phase") in ("Pending", "Running")]
+        msg = "suspended by the user" + (f"; {len(active)} workers still stopping" if active else "; no workers run")
+        transition("Suspended", Reason.SUSPENDED_BY_USER, msg)
+    elif state.suspend:
+        transition("Queued", Reason.QUEUED_BY_KUEUE, f"waiting for Kueue to admit the workers from queue "
+                                                      f"{spec.scheduling.queue_name}")
+    elif len(running) == n:
+        status.setdefault("startTime", ts(now))
+        message = f"all {n} ranks running"
+        reason = Reason.RESUMED if old_phase == "Suspended" else Reason.ALL_RANKS_RUNNING
+        transition("Running", reason, message)
+        _check_stall(status, ft, now, generation, plan)
+    elif any(p.get("spec", {}).get("nodeName") for p in pods):
+        transition("Initializing", Reason.PODS_STARTING, f"{len(running)}/{n} ranks running")
+    else:
+        set_phase(status, "Pending", Reason.CREATED, f"waiting for {n} worker pods to be scheduled", now, generation)
+        if old_phase != "Pending":
+            plan.events.append(Event("Normal", Reason.CREATED, f"created {n} worker(s) as job "
+                                                               f"{job_name(ft, restart_count)}"))
+    return plan
+
+
+def _active(job: dict[str, Any] | None) -> bool:
+    if job is None or job["metadata"].get("deletionTimestamp"):
+        return False
+    return not (_job_condition(job, "Complete") or _job_condition(job, "Failed"))
+
+
+def _account_gpu_hours(status: dict[str, Any], ft: ForgeTraining, running: int, now: datetime) -> None:
+    budget = status.setdefault("budget", {})
+    last = parse_ts(budget.get("accountedAt"))
+    gpus = max(1, ft.spec.resources.gpus_per_node) if ft.spec.resources.gpus_per_node else 0
+    if last is not None and running and now > last:
+        budget["gpuHours"] = round(float(budget.get("gpuHours") or 0) + (now - last).total_seconds()
+                                   * running * gpus / 3600, 4)
+    budget.setdefault("gpuHours", 0.0)
+    budget.setdefault("tokens", 0)
+    budget["accountedAt"] = ts(now)
+
+
+def _check_stall(status: dict[str, Any], ft: ForgeTraining, now: datetime, generation: int | None,
+                 plan: Plan) -> None:
+    limit = ft.spec.failure_policy.stall_timeout_seconds
+    if limit is None:
+        return
+    progress = status.get("progress") or {}
+    since = parse_ts(progress.get("lastStepTime")) or parse_ts(
+        (C.find(status.get("conditions"), C.RUNNING) or {}).get("lastTransitionTime"))
+    if since is None:
+        return
+    stalled = (now - since).total_seconds() > limit
+    was = C.is_true(status.get("conditions"), C.STALLED)
+    if stalled:
+        msg = f"step {progress.get('step', 0)} has not advanced for {human_duration((now - since).total_seconds())}"
+        status["conditions"] = C.set_condition(status["conditions"], C.STALLED, True, Reason.NO_PROGRESS, msg, now,
+                                               generation)
+        if not was:
+            plan.events.append(Event("Warning", Reason.NO_PROGRESS, msg))
+    elif C.find(status.get("conditions"), C.STALLED) is not None:
+        status["conditions"] = C.set_condition(status["conditions"], C.STALLED, False, Reason.PROGRESSING,
+                                               f"step {progress.get('step', 0)} advancing", now, generation)
