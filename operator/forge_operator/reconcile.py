@@ -322,7 +322,9 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
                 plan.delete_jobs.append(current_name)
             else:
                 plan.requeue_after = left
-        if current is not None and _active(current):
+        # a Job with a failed pod ends by itself (backoffLimit 0) and is kept for its logs; one whose
+        # workers still run (lost node, budget used up, spec now invalid) is stopped: SIGTERM, checkpoint
+        if _active(current) and not any(p.get("status", {}).get("phase") == "Failed" for p in pods):
             plan.delete_jobs.append(current_name)
         return plan
 
@@ -368,16 +370,12 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
         if failure.exit_code in non_retryable:
             status["completionTime"] = ts(now)
             transition("Failed", Reason.NON_RETRYABLE_EXIT_CODE, failure.message, warning=True)
-            if _active(current):
-                plan.delete_jobs.append(current_name)
             return plan
         if counts and failures >= spec.failure_policy.max_restarts:
             status["completionTime"] = ts(now)
             transition("Failed", Reason.MAX_RESTARTS_EXCEEDED,
                        f"{failures} restarts used up failurePolicy.maxRestarts={spec.failure_policy.max_restarts}; "
                        f"last failure: {failure.message}", warning=True)
-            if _active(current):
-                plan.delete_jobs.append(current_name)
             return plan
         restart_count += 1
         failures += 1 if counts else 0

@@ -114,6 +114,7 @@ class DevCluster:
             self._start(bin_dir, "etcd", self._etcd_args(ports))
             self._start(bin_dir, "kube-apiserver", self._apiserver_args(ports))
             self._wait_ready(timeout)
+            self._write_kubeconfig()
             self._start(bin_dir, "kube-controller-manager", self._controller_manager_args(ports))
             self._start(bin_dir, "kube-scheduler", self._scheduler_args(ports))
             self._start(bin_dir, "kwok", self._kwok_args(ports))
@@ -182,12 +183,16 @@ class DevCluster:
                        check=True, capture_output=True)
         (d / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')
         (d / "certs").mkdir()
+
+    def _write_kubeconfig(self) -> None:
+        """Once the API server has made its self-signed serving certificate, trust exactly that."""
         assert self.state is not None
+        ca = self.dir / "certs" / "apiserver.crt"
         Path(self.state.kubeconfig).write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "forge-dev",
             "clusters": [{"name": "forge-dev", "cluster": {"server": self.state.server,
-                                                          "insecure-skip-tls-verify": True}}],
-            "users": [{"name": "admin", "user": {"token": token}}],
+                                                          "certificate-authority": str(ca)}}],
+            "users": [{"name": "admin", "user": {"token": self.state.token}}],
             "contexts": [{"name": "forge-dev", "context": {"cluster": "forge-dev", "user": "admin",
                                                           "namespace": "default"}}],
         }, indent=2))
