@@ -1,0 +1,357 @@
+"""Manifests the API tests share: the examples, minimal valid bases, and one-mutation cases.
+
+Every case starts from a fresh copy of a valid base manifest and changes one
+thing. BAD_CASES must be rejected, naming ``field`` in the API server's
+message together with ``phrase``; GOOD_CASES must be accepted, and most of
+them leave out a field whose default a validation rule depends on, which is
+where the API server (no defaulting) and pydantic (defaults filled in) can
+disagree.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from forge_operator.api import ForgeEval, ForgeTraining
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES_DIR = ROOT / "examples"
+MODELS = {"ForgeTraining": ForgeTraining, "ForgeEval": ForgeEval}
+
+
+def example_paths() -> list[Path]:
+    return sorted(EXAMPLES_DIR.glob("*.yaml"))
+
+
+def load_example(path: Path) -> dict[str, Any]:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert len(docs) == 1, f"{path.name}: one manifest per example"
+    return docs[0]
+
+
+def validate(manifest: dict[str, Any]):
+    """Validate with the pydantic model of the manifest's kind (raises pydantic.ValidationError)."""
+    return MODELS[manifest["kind"]].model_validate(manifest)
+
+
+# --------------------------------------------------------------------------- bases
+def _pvc(claim: str, path: str | None = None) -> dict[str, Any]:
+    return {"pvc": {"claimName": claim, **({"path": path} if path is not None else {})}}
+
+
+def pretrain() -> dict[str, Any]:
+    """The smallest valid pretraining: every field with a default left out."""
+    return {
+        "apiVersion": "forge.dev/v1alpha1", "kind": "ForgeTraining", "metadata": {"name": "base"},
+        "spec": {
+            "method": "pretrain",
+            "model": {"architecture": {"numLayers": 2, "hiddenSize": 64, "numAttentionHeads": 4}},
+            "tokenizer": {"train": {}},
+            "data": {"sources": [{"name": "web", "location": _pvc("corpus")}]},
+            "training": {"budget": {"maxSteps": 100}},
+            "checkpoint": {"location": _pvc("checkpoints")},
+            "output": {"location": _pvc("models")},
+        },
+    }
+
+
+def finetune(method: str = "sft") -> dict[str, Any]:
+    """A minimal training from a base checkpoint, with data fields that suit ``method``."""
+    m = pretrain()
+    source = {"name": "pairs", "location": _pvc("pairs"), "format": "jsonl"}
+    if method == "sft":
+        source |= {"promptField": "prompt", "completionField": "response"}
+    if method == "dpo":
+        source |= {"promptField": "prompt", "chosenField": "chosen", "rejectedField": "rejected"}
+    m["spec"] |= {"method": method, "model": {"base": _pvc("models", "base")}, "tokenizer": {"fromBase": True},
+                  "data": {"sources": [source]}}
+    return m
+
+
+def sft() -> dict[str, Any]:
+    return finetune("sft")
+
+
+def dpo() -> dict[str, Any]:
+    return finetune("dpo")
+
+
+def evaluation() -> dict[str, Any]:
+    """A minimal ForgeEval: a multiple-choice suite (format left out: jsonl), a perplexity suite, a gate."""
+    return {
+        "apiVersion": "forge.dev/v1alpha1", "kind": "ForgeEval", "metadata": {"name": "base"},
+        "spec": {
+            "model": {"trainingRef": "my-training"},
+            "suites": [
+                {"name": "mc", "type": "multiple-choice", "data": _pvc("eval", "mc")},
+                {"name": "heldout", "type": "perplexity", "data": _pvc("eval", "heldout"), "format": "text"},
+            ],
+            "gates": [{"metric": "heldout.perplexity", "comparator": "<", "threshold": 30}],
+        },
+    }
+
+
+def with_evaluation() -> dict[str, Any]:
+    """A pretraining that evaluates and gates its final model."""
+    m = pretrain()
+    m["spec"]["evaluation"] = {
+        "suites": [{"name": "heldout", "type": "perplexity", "data": _pvc("eval"), "format": "text"}],
+        "gates": [{"metric": "heldout.loss", "comparator": "<=", "threshold": 3.5}],
+    }
+    return m
+
+
+# --------------------------------------------------------------------------- mutations
+_STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _walk(obj: Any, path: str) -> tuple[Any, str | int]:
+    keys: list[str | int] = [int(i) if i else k for k, i in _STEP.findall(path)]
+    for key in keys[:-1]:
+        obj = obj[key]
+    return obj, keys[-1]
+
+
+def put(path: str, value: Any) -> Callable[[dict], None]:
+    """Set ``path`` (dotted, with [i] list indexes) to ``value``."""
+    def mutate(m: dict) -> None:
+        parent, key = _walk(m, path)
+        parent[key] = value
+    return mutate
+
+
+def drop(path: str) -> Callable[[dict], None]:
+    def mutate(m: dict) -> None:
+        parent, key = _walk(m, path)
+        del parent[key]
+    return mutate
+
+
+def chain(*steps: Callable[[dict], None]) -> Callable[[dict], None]:
+    def mutate(m: dict) -> None:
+        for step in steps:
+            step(m)
+    return mutate
+
+
+def _keep(m: dict) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    """Also the object's name, so a case that is wrongly accepted can be found."""
+    base: Callable[[], dict[str, Any]]
+    mutate: Callable[[dict], None] = _keep
+    field: str = ""
+    """Field path the API server's error names (metadata.name, spec.x.y, spec.list[0].z)."""
+    phrase: str = ""
+    """Key phrase of that error."""
+
+    def manifest(self) -> dict[str, Any]:
+        m = self.base()
+        m["metadata"]["name"] = self.id
+        self.mutate(m)
+        return m
+
+
+ARCH = "spec.model.architecture"
+SRC0 = "spec.data.sources[0]"
+MOE = {"numExperts": 8, "numExpertsPerToken": 2}
+EXPERTS = f"{ARCH}.experts"
+S3 = "spec.data.sources[0].location.s3"
+
+BAD_CASES: tuple[Case, ...] = (
+    # --- schema: enums, ranges, patterns, required and unknown fields
+    Case("method-not-an-enum", pretrain, put("spec.method", "rlhf"), "spec.method", "Unsupported value"),
+    Case("family-not-an-enum", pretrain, put(f"{ARCH}.family", "sparse"), f"{ARCH}.family", "Unsupported value"),
+    Case("schedule-not-an-enum", pretrain, put("spec.training.schedule", "linear"),
+         "spec.training.schedule", "Unsupported value"),
+    Case("data-format-not-an-enum", pretrain, put(f"{SRC0}.format", "csv"), f"{SRC0}.format", "Unsupported value"),
+    Case("learning-rate-above-1", pretrain, put("spec.training.learningRate", 2),
+         "spec.training.learningRate", "less than or equal to 1"),
+    Case("learning-rate-zero", pretrain, put("spec.training.learningRate", 0),
+         "spec.training.learningRate", "greater than 0"),
+    Case("num-nodes-negative", pretrain, put("spec.resources", {"numNodes": -1}),
+         "spec.resources.numNodes", "greater than or equal to 1"),
+    Case("gpus-per-node-17", pretrain, put("spec.resources", {"gpusPerNode": 17}),
+         "spec.resources.gpusPerNode", "less than or equal to 16"),
+    Case("grace-period-below-30", pretrain, put("spec.resources", {"terminationGracePeriodSeconds": 5}),
+         "spec.resources.terminationGracePeriodSeconds", "greater than or equal to 30"),
+    Case("validation-fraction-half", pretrain, put("spec.data.validation", {"fraction": 0.5}),
+         "spec.data.validation.fraction", "less than 0.5"),
+    Case("vocab-size-too-small", pretrain, put("spec.tokenizer.train", {"vocabSize": 100}),
+         "spec.tokenizer.train.vocabSize", "greater than or equal to 256"),
+    Case("exit-code-300", pretrain, put("spec.failurePolicy", {"nonRetryableExitCodes": [1, 300]}),
+         "spec.failurePolicy.nonRetryableExitCodes[1]", "less than or equal to 255"),
+    Case("no-sources", pretrain, put("spec.data.sources", []), "spec.data.sources", "at least 1 items"),
+    Case("missing-method", pretrain, drop("spec.method"), "spec.method", "Required value"),
+    Case("missing-budget", pretrain, drop("spec.training.budget"), "spec.training.budget", "Required value"),
+    Case("missing-checkpoint", pretrain, drop("spec.checkpoint"), "spec.checkpoint", "Required value"),
+    Case("missing-hidden-size", pretrain, drop(f"{ARCH}.hiddenSize"), f"{ARCH}.hiddenSize", "Required value"),
+    Case("unknown-training-field", pretrain, put("spec.training.epochs", 3),
+         "spec.training.epochs", "unknown field"),
+    Case("unknown-spec-field", pretrain, put("spec.replicas", 4), "spec.replicas", "unknown field"),
+    Case("source-name-not-a-label", pretrain, put(f"{SRC0}.name", "Web_Text"), f"{SRC0}.name", "should match"),
+    Case("bad-claim-name", pretrain, put("spec.output.location.pvc.claimName", "Models!"),
+         "spec.output.location.pvc.claimName", "should match"),
+    Case("bad-queue-name", pretrain, put("spec.scheduling", {"queueName": "Team A"}),
+         "spec.scheduling.queueName", "should match"),
+    Case("bad-s3-uri", pretrain, put(f"{SRC0}.location", {"s3": {"uri": "https://bucket/prefix"}}),
+         f"{S3}.uri", "should match"),
+    Case("bad-s3-endpoint", pretrain, put(f"{SRC0}.location", {"s3": {"uri": "s3://bucket", "endpoint": "minio:9000"}}),
+         f"{S3}.endpoint", "should match"),
+    Case("bad-secret-name", pretrain,
+         put(f"{SRC0}.location", {"s3": {"uri": "s3://bucket", "secretRef": {"name": "MinIO"}}}),
+         f"{S3}.secretRef.name", "should match"),
+    Case("deadline-not-a-time", pretrain, put("spec.training.budget.deadline", "next friday"),
+         "spec.training.budget.deadline", "date-time"),
+    Case("name-longer-than-40", pretrain, put("metadata.name", "a-training-name-that-is-41-characters-xyz"),
+         "metadata.name", "at most 40 characters"),
+    # --- model
+    Case("architecture-and-base", pretrain, put("spec.model.base", _pvc("models", "base")),
+         "spec.model", "set exactly one of architecture or base"),
+    Case("neither-architecture-nor-base", pretrain, put("spec.model", {}),
+         "spec.model", "set exactly one of architecture or base"),
+    Case("moe-without-experts", pretrain, put(f"{ARCH}.family", "moe"), EXPERTS, "experts is required"),
+    Case("dense-with-experts", pretrain, chain(put(f"{ARCH}.family", "dense"), put(EXPERTS, MOE)),
+         EXPERTS, "forbidden when family is dense"),
+    Case("experts-with-default-family", pretrain, put(EXPERTS, MOE), EXPERTS, "forbidden when family is dense"),
+    Case("fewer-experts-than-top-k", pretrain,
+         chain(put(f"{ARCH}.family", "moe"), put(EXPERTS, {"numExperts": 4, "numExpertsPerToken": 8})),
+         f"{EXPERTS}.numExpertsPerToken", "numExperts must be >= numExpertsPerToken"),
+    Case("one-expert", pretrain,
+         chain(put(f"{ARCH}.family", "moe"), put(EXPERTS, {"numExperts": 1, "numExpertsPerToken": 1})),
+         f"{EXPERTS}.numExperts", "greater than or equal to 2"),
+    Case("hidden-not-divisible-by-heads", pretrain, put(f"{ARCH}.hiddenSize", 66),
+         f"{ARCH}.hiddenSize", "divisible by numAttentionHeads"),
+    Case("heads-not-divisible-by-kv-heads", pretrain, put(f"{ARCH}.numKeyValueHeads", 3),
+         f"{ARCH}.numKeyValueHeads", "divisible by numKeyValueHeads"),
+    # --- method against model and data
+    Case("pretrain-with-base", pretrain,
+         chain(drop("spec.model.architecture"), put("spec.model.base", _pvc("models", "base"))),
+         "spec.model", "method pretrain needs model.architecture"),
+    Case("continued-pretrain-without-base", pretrain, put("spec.method", "continued-pretrain"),
+         "spec.model", "need model.base"),
+    Case("sft-without-base", sft, put("spec.model", {"architecture": {"numLayers": 2, "hiddenSize": 64,
+                                                                       "numAttentionHeads": 4}}),
+         "spec.model", "need model.base"),
+    Case("dpo-without-preference-fields", sft, put("spec.method", "dpo"),
+         "spec.data.sources", "method dpo needs preference data"),
+    Case("dpo-on-text-data", dpo, put(f"{SRC0}.format", "text"),
+         "spec.data.sources", "method dpo needs preference data"),
+    Case("sft-without-completion-field", sft, drop(f"{SRC0}.completionField"),
+         "spec.data.sources", "method sft needs instruction data"),
+    Case("sft-on-default-text-format", sft, drop(f"{SRC0}.format"),
+         "spec.data.sources", "method sft needs instruction data"),
+    Case("dpo-beta-on-sft", sft, put("spec.training.dpoBeta", 0.1),
+         "spec.training.dpoBeta", "only for method dpo"),
+    Case("dpo-beta-zero", dpo, put("spec.training.dpoBeta", 0), "spec.training.dpoBeta", "greater than 0"),
+    # --- tokenizer
+    Case("from-base-without-base", pretrain, put("spec.tokenizer", {"fromBase": True}),
+         "spec.tokenizer", "tokenizer.fromBase needs model.base"),
+    Case("two-tokenizer-choices", pretrain, put("spec.tokenizer.source", _pvc("tokenizers", "bpe")),
+         "spec.tokenizer", "set exactly one of train, fromBase or source"),
+    Case("no-tokenizer-choice", sft, put("spec.tokenizer", {"fromBase": False}),
+         "spec.tokenizer", "set exactly one of train, fromBase or source"),
+    # --- data and storage
+    Case("duplicate-source-names", pretrain,
+         put("spec.data.sources", [{"name": "web", "location": _pvc("a")}, {"name": "web", "location": _pvc("b")}]),
+         "spec.data.sources", "source names must be unique"),
+    Case("validation-fraction-and-source", pretrain,
+         put("spec.data.validation", {"fraction": 0.01, "source": {"name": "val", "location": _pvc("val")}}),
+         "spec.data.validation", "set exactly one of fraction or source"),
+    Case("validation-neither", pretrain, put("spec.data.validation", {}),
+         "spec.data.validation", "set exactly one of fraction or source"),
+    Case("pvc-path-with-dotdot", pretrain, put(f"{SRC0}.location.pvc.path", "web/../../etc"),
+         f"{SRC0}.location.pvc.path", "must not contain '..'"),
+    Case("absolute-pvc-path", pretrain, put("spec.checkpoint.location.pvc.path", "/ckpt"),
+         "spec.checkpoint.location.pvc.path", "relative to the volume root"),
+    Case("storage-pvc-and-s3", pretrain, put(f"{SRC0}.location.s3", {"uri": "s3://bucket/web"}),
+         f"{SRC0}.location", "set exactly one of pvc or s3"),
+    Case("storage-neither", sft, put("spec.model.base", {}), "spec.model.base", "set exactly one of pvc or s3"),
+    Case("checkpoint-on-s3", pretrain, put("spec.checkpoint.location", {"s3": {"uri": "s3://bucket/ckpt"}}),
+         "spec.checkpoint.location.s3", "unknown field"),
+    # --- training
+    Case("sequence-longer-than-context", pretrain,
+         chain(put(f"{ARCH}.contextLength", 2048), put("spec.training.sequenceLength", 4096)),
+         "spec.training.sequenceLength", "must not exceed model.architecture.contextLength"),
+    Case("sequence-longer-than-default-context", pretrain, put("spec.training.sequenceLength", 8192),
+         "spec.training.sequenceLength", "must not exceed model.architecture.contextLength"),
+    Case("default-sequence-longer-than-context", pretrain, put(f"{ARCH}.contextLength", 1024),
+         "spec.training.sequenceLength", "must not exceed model.architecture.contextLength"),
+    Case("global-batch-both", pretrain, put("spec.training.globalBatch", {"sequences": 8, "tokens": 8192}),
+         "spec.training.globalBatch", "set exactly one of sequences or tokens"),
+    Case("global-batch-neither", pretrain, put("spec.training.globalBatch", {}),
+         "spec.training.globalBatch", "set exactly one of sequences or tokens"),
+    Case("budget-without-steps-or-tokens", pretrain, put("spec.training.budget", {"maxGpuHours": 100}),
+         "spec.training.budget", "set maxSteps or maxTokens"),
+    Case("min-lr-above-lr", pretrain,
+         chain(put("spec.training.learningRate", 1e-4), put("spec.training.minLearningRate", 2e-4)),
+         "spec.training.minLearningRate", "minLearningRate must be <= learningRate"),
+    Case("min-lr-above-default-lr", pretrain, put("spec.training.minLearningRate", 5e-4),
+         "spec.training.minLearningRate", "minLearningRate must be <= learningRate"),
+    # --- evaluation inside a training
+    Case("training-gate-unknown-suite", with_evaluation,
+         put("spec.evaluation.gates[0].metric", "mmlu.acc"),
+         "spec.evaluation.gates", "must start with the name of one of the suites"),
+    Case("training-duplicate-suites", with_evaluation,
+         lambda m: m["spec"]["evaluation"]["suites"].append(dict(m["spec"]["evaluation"]["suites"][0])),
+         "spec.evaluation.suites", "suite names must be unique"),
+    # --- ForgeEval
+    Case("eval-gate-unknown-suite", evaluation, put("spec.gates[0].metric", "mmlu.acc"),
+         "spec.gates", "must start with the name of one of the suites"),
+    Case("eval-gate-metric-without-suite", evaluation, put("spec.gates[0].metric", "perplexity"),
+         "spec.gates[0].metric", "should match"),
+    Case("eval-gate-bad-comparator", evaluation, put("spec.gates[0].comparator", "=="),
+         "spec.gates[0].comparator", "Unsupported value"),
+    Case("eval-duplicate-suites", evaluation, put("spec.suites[0].name", "heldout"),
+         "spec.suites", "suite names must be unique"),
+    Case("eval-training-ref-and-checkpoint", evaluation, put("spec.model.checkpoint", _pvc("models", "m")),
+         "spec.model", "set exactly one of trainingRef or checkpoint"),
+    Case("eval-no-model", evaluation, put("spec.model", {}),
+         "spec.model", "set exactly one of trainingRef or checkpoint"),
+    Case("eval-multiple-choice-on-text", evaluation, put("spec.suites[0].format", "text"),
+         "spec.suites[0].format", "read jsonl or parquet, not text"),
+    Case("eval-suite-type-not-an-enum", evaluation, put("spec.suites[1].type", "bleu"),
+         "spec.suites[1].type", "Unsupported value"),
+    Case("eval-no-suites", evaluation, chain(put("spec.suites", []), drop("spec.gates")),
+         "spec.suites", "at least 1 items"),
+    Case("eval-gpus-17", evaluation, put("spec.resources", {"gpus": 17}),
+         "spec.resources.gpus", "less than or equal to 16"),
+    Case("eval-unknown-field", evaluation, put("spec.suites[0].shots", 5), "spec.suites[0].shots", "unknown field"),
+)
+
+GOOD_CASES: tuple[Case, ...] = (
+    Case("minimal-pretrain", pretrain),
+    Case("minimal-continued-pretrain", finetune, put("spec.method", "continued-pretrain")),
+    Case("minimal-sft", sft),
+    Case("minimal-dpo", dpo),
+    Case("minimal-eval", evaluation),
+    Case("minimal-eval-of-checkpoint", evaluation, put("spec.model", {"checkpoint": _pvc("models", "m")})),
+    Case("gated-training", with_evaluation),
+    Case("sequence-equals-default-context", pretrain, put("spec.training.sequenceLength", 4096)),
+    Case("default-sequence-within-context", pretrain, put(f"{ARCH}.contextLength", 2048)),
+    Case("min-lr-equals-default-lr", pretrain, put("spec.training.minLearningRate", 3e-4)),
+    Case("moe-with-experts", pretrain, chain(put(f"{ARCH}.family", "moe"), put(EXPERTS, MOE))),
+    Case("explicit-dense", pretrain, put(f"{ARCH}.family", "dense")),
+    Case("from-base-false-with-train", pretrain, put("spec.tokenizer", {"train": {}, "fromBase": False})),
+    Case("tokenizer-from-source", pretrain, put("spec.tokenizer", {"source": _pvc("tokenizers", "bpe")})),
+    Case("s3-without-secret", pretrain, put(f"{SRC0}.location", {"s3": {"uri": "s3://bucket/web"}})),
+    Case("int-and-string-quantities", pretrain, put("spec.resources", {"cpu": 32, "memory": "256Gi"})),
+    Case("cpu-only", pretrain, put("spec.resources", {"gpusPerNode": 0})),
+    Case("name-of-40-characters", pretrain, put("metadata.name", "a-training-name-of-exactly-40-characters")),
+)
+
+
+def all_cases() -> tuple[Case, ...]:
+    cases = BAD_CASES + GOOD_CASES
+    ids = [c.id for c in cases]
+    assert len(set(ids)) == len(ids), "case ids must be unique"
+    return cases
