@@ -28,7 +28,7 @@ import numpy as np
 
 from .config import DataConfig, DataSourceConfig, TrainerConfig
 from .exitcodes import DataError
-from .tokenizer import TextTokenizer, iter_limited, train_bpe
+from .tokenizer import TextTokenizer, check_vocab, iter_limited, train_bpe
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +181,17 @@ def ensure_tokenizer(config: TrainerConfig, digest: str, listing) -> TextTokeniz
 
         return TextTokenizer(Tokenizer.from_file(str(cached)), "<|endoftext|>")
     t0 = time.monotonic()
-    texts = iter_limited(iter_training_text(config, listing), tcfg.train.max_training_bytes)
-    tok = train_bpe(texts, tcfg.train.vocab_size, tcfg.train.min_frequency)
+    seen = [0]
+
+    def counted():
+        for text in iter_limited(iter_training_text(config, listing), tcfg.train.max_training_bytes):
+            seen[0] += len(text)
+            yield text
+
+    tok = train_bpe(counted(), tcfg.train.vocab_size, tcfg.train.min_frequency, check=False)
+    if seen[0] == 0:
+        raise DataError("data.sources: the matching files hold no text")
+    check_vocab(tok, tcfg.train.vocab_size, tcfg.train.min_frequency)
     log.info("trained a %d-token byte-level BPE in %.1fs", tok.get_vocab_size(), time.monotonic() - t0)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".{uuid.uuid4().hex}.tmp")

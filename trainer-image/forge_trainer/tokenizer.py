@@ -37,7 +37,7 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, check: bool = True) -> Tokenizer:
     """Train a byte-level BPE; DataError when the text cannot support vocab_size tokens."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -50,13 +50,18 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    if check:
+        check_vocab(tok, vocab_size, min_frequency)
+    return tok
+
+
+def check_vocab(tok: Tokenizer, vocab_size: int, min_frequency: int) -> None:
     got = tok.get_vocab_size()
     if got < vocab_size:
         raise DataError(
             f"tokenizer.train.vocab_size {vocab_size} is larger than the training data supports "
             f"({got} tokens with min_frequency {min_frequency}); lower vocab_size or add data"
         )
-    return tok
 
 
 class TextTokenizer:
@@ -73,7 +78,7 @@ class TextTokenizer:
         self.eos_id = eos_id
         self.vocab_size = tok.get_vocab_size()
         self.json = tok.to_str()
-        self.digest = hashlib.sha256(self.json.encode()).hexdigest()
+        self.digest = encoding_digest(self.json)
         self._tiktoken = to_tiktoken(tok, name=f"forge-{self.digest[:12]}")
         self.source_dir: Path | None = None  # set when loaded from a Hugging Face directory
 
@@ -149,6 +154,19 @@ class TextTokenizer:
         obj = cls(tok, eos)
         obj.source_dir = path
         return obj
+
+
+def encoding_digest(tokenizer_json: str) -> str:
+    """SHA-256 of what decides the token ids (model, normalizer, pre-tokenizer, added tokens),
+    so a tokenizer re-saved by transformers (which adds a post-processor) keeps its digest."""
+    spec = json.loads(tokenizer_json)
+    key = {
+        "model": spec.get("model"),
+        "normalizer": spec.get("normalizer"),
+        "pre_tokenizer": spec.get("pre_tokenizer"),
+        "added_tokens": sorted((t["id"], t["content"]) for t in spec.get("added_tokens", [])),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def to_tiktoken(tok: Tokenizer, name: str):

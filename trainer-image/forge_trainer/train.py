@@ -271,14 +271,13 @@ def _prepare_data(config: TrainerConfig, d: Dist) -> tuple[TextTokenizer, Path, 
     if result[0] == "crash":
         raise RuntimeError(f"rank 0 failed to prepare the data: {result[1]}: {result[2]}")
     _, tok_json, eos, path, digest = result
-    if d.is_main:
-        return tokenizer, Path(path), digest
-    tokenizer = TextTokenizer.from_json(tok_json, eos)
-    if d.local_rank == 0 and load_manifest(Path(path)) is None:
-        local_digest, listing = data_digest(config.data)
-        if local_digest != digest:
-            raise DataError(f"the data on {hostname()} differs from rank 0's (digest {local_digest[:12]} != {digest[:12]})")
-        prepare(config, tokenizer, digest, listing)
+    if not d.is_main:
+        tokenizer = TextTokenizer.from_json(tok_json, eos)
+        if d.local_rank == 0 and load_manifest(Path(path)) is None:
+            local_digest, listing = data_digest(config.data)
+            if local_digest != digest:
+                raise DataError(f"the data on {hostname()} differs from rank 0's (digest {local_digest[:12]} != {digest[:12]})")
+            prepare(config, tokenizer, digest, listing)
     if d.distributed:
         torch.distributed.barrier(group=d.setup_group)
     return tokenizer, Path(path), digest

@@ -1,0 +1,70 @@
+"""TrainerConfig: validation, YAML round trip, and that the operator can import it without torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from forge_trainer.config import TrainerConfig, load_config
+
+from trainer_helpers import tiny_config
+
+
+def test_importing_the_config_does_not_import_torch():
+    code = "import sys, forge_trainer, forge_trainer.config, forge_trainer.exitcodes; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False False"
+
+
+def test_yaml_round_trip_keeps_every_value(tmp_path, corpus):
+    cfg = tiny_config(tmp_path, corpus, training__grad_clip=None, metrics__port=None,
+                      training__budget={"max_tokens": 10_000, "deadline": "2030-01-02T03:04:05"})
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(path)
+    assert again == cfg
+    assert again.training.grad_clip is None and again.metrics.port is None
+    assert again.training.budget.deadline.tzinfo is not None  # naive deadlines are UTC
+
+
+def test_json_is_accepted(tmp_path, corpus):
+    cfg = tiny_config(tmp_path, corpus)
+    path = tmp_path / "c.json"
+    path.write_text(cfg.model_dump_json())
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"method": "sft"}, "method sft is not implemented yet"),
+        ({"method": "dpo"}, "method dpo is not implemented yet"),
+        ({"training__seq_len": 256}, "training.seq_len 256 exceeds the model's context"),
+        ({"training__global_batch_sequences": 10}, "not a multiple of micro_batch_sequences"),
+        ({"model__base_path": "/models/x"}, "set exactly one of model.architecture or model.base_path"),
+        ({"tokenizer__from_base": True}, "set exactly one of tokenizer.train"),
+        ({"training__budget": {}}, "set at least one of training.budget"),
+        ({"training__schedule": "cosine", "training__budget": {"deadline": "2030-01-01T00:00:00Z"}}, "needs training.budget.max_steps or max_tokens"),
+        ({"data__validation": {"source": "nope"}}, "data.validation.source 'nope' is not one of"),
+        ({"training__bogus": 1}, "Extra inputs are not permitted"),
+        ({"model__architecture__num_attention_heads": 5}, "not a multiple of num_attention_heads"),
+    ],
+)
+def test_invalid_configs_name_the_problem(tmp_path, corpus, override, message):
+    with pytest.raises(ValidationError, match=message):
+        tiny_config(tmp_path, corpus, **override)
+
+
+def test_defaults_fill_a_minimal_config():
+    cfg = TrainerConfig.model_validate({
+        "model": {"architecture": {}},
+        "data": {"sources": [{"name": "docs", "path": "/data", "format": "jsonl"}]},
+    })
+    assert cfg.data.sources[0].include_patterns == ["**/*.jsonl"]
+    assert cfg.tokenizer.train.vocab_size == 8192
+    assert cfg.training.precision == "auto"
+    assert cfg.checkpoint.resume == "auto"
+    assert cfg.termination_message_path == "/dev/termination-log"
