@@ -15,7 +15,7 @@ def __getattr__(name: str):
 
         return getattr(train, name)
     if name == "sample":
-        from .sample import sample
+        from .sampling import sample
 
         return sample
     raise AttributeError(f"module 'forge_trainer' has no attribute {name!r}")

@@ -8,6 +8,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 def sample(output_dir: str, prompt: str, max_new_tokens: int = 64, top_k: int | None = None, temperature: float = 1.0, seed: int = 0) -> str:
     """The completion of `prompt` (without the prompt): greedy, or top-k sampling when top_k is set."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(output_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(output_dir, local_files_only=True)
     model.eval()
