@@ -7,8 +7,6 @@ cannot be built or started, every test that needs it errors: nothing skips.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import time
 import uuid
@@ -20,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "controlplane"))
 
 from devcluster import DevCluster  # noqa: E402
+from kubetest import Kube  # noqa: E402
 
 GPU_NODES = 4
 
@@ -48,41 +47,6 @@ def crds(cluster: DevCluster) -> DevCluster:
             raise TimeoutError("forge.dev kinds never appeared in discovery")
         time.sleep(0.5)
     return cluster
-
-
-class Kube:
-    """kubectl bound to one namespace of the test cluster."""
-
-    def __init__(self, cluster: DevCluster, namespace: str):
-        self.cluster = cluster
-        self.namespace = namespace
-        self.kubeconfig = cluster.state.kubeconfig
-
-    def __call__(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        return self.cluster.kubectl("-n", self.namespace, *args, input=input, check=check)
-
-    def get(self, kind: str, name: str | None = None, selector: str | None = None) -> dict:
-        args = ["get", kind] + ([name] if name else []) + (["-l", selector] if selector else []) + ["-o", "json"]
-        return json.loads(self(*args).stdout)
-
-    def apply(self, manifest: dict | str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-        text = manifest if isinstance(manifest, str) else json.dumps(manifest)
-        return self("apply", "-f", "-", *extra, input=text, check=check)
-
-    def events(self, field_selector: str = "") -> list[dict]:
-        args = ["get", "events", "-o", "json"] + (["--field-selector", field_selector] if field_selector else [])
-        return json.loads(self(*args).stdout)["items"]
-
-    def wait_for(self, what: str, predicate, timeout: float = 60.0, interval: float = 0.5):
-        """Poll ``predicate()`` until it returns something truthy; return that value."""
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            last = predicate()
-            if last:
-                return last
-            time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture

@@ -271,13 +271,15 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
         ft = ForgeTraining.model_validate({k: v for k, v in obj.items() if k != "status"})
         trainer_yaml = trainer_config(ft).to_yaml()
     except (ValidationError, TranslationError, ValueError) as err:
+        # Nothing is lost: running workers keep the last good spec, and the training goes on from
+        # here once the spec is fixed. Only the condition (and one event) says what is wrong.
         message = format_error(err)
+        was_invalid = C.is_true(old_status.get("conditions"), C.INVALID)
         status["conditions"] = C.set_condition(status.get("conditions"), C.INVALID, True, Reason.INVALID_SPEC,
                                                message, now, generation)
-        if old_phase not in TERMINAL:
-            status.setdefault("completionTime", ts(now))
-        transition("Failed", Reason.INVALID_SPEC, message, warning=True)
-        plan.delete_jobs = [j["metadata"]["name"] for j in obs.jobs if _active(j)]
+        status.setdefault("phase", "Pending")
+        if not was_invalid or C.find(old_status.get("conditions"), C.INVALID).get("message") != message:
+            plan.events.append(Event("Warning", Reason.INVALID_SPEC, message))
         return plan
     if C.find(status.get("conditions"), C.INVALID):
         status["conditions"] = [c for c in status["conditions"] if c["type"] != C.INVALID]
@@ -429,7 +431,7 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
     elif len(running) == n:
         status.setdefault("startTime", ts(now))
         message = f"all {n} ranks running"
-        reason = Reason.RESUMED if old_phase == "Suspended" else Reason.ALL_RANKS_RUNNING
+        reason = Reason.RESUMED if _resumed(status) else Reason.ALL_RANKS_RUNNING
         transition("Running", reason, message)
         _check_stall(status, ft, now, generation, plan)
     elif any(p.get("spec", {}).get("nodeName") for p in pods):
@@ -440,6 +442,15 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
             plan.events.append(Event("Normal", Reason.CREATED, f"created {n} worker(s) as job "
                                                                f"{job_name(ft, restart_count)}"))
     return plan
+
+
+def _resumed(status: dict[str, Any]) -> bool:
+    """Running again after a suspension (rather than for the first time or after a restart)."""
+    conds = status.get("conditions")
+    suspended, restarting = C.find(conds, C.SUSPENDED), C.find(conds, C.RESTARTING)
+    if suspended is None:
+        return False
+    return restarting is None or suspended["lastTransitionTime"] >= restarting["lastTransitionTime"]
 
 
 def _active(job: dict[str, Any] | None) -> bool:

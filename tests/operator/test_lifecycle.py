@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from conftest import training
+from operator_support import training
 
 pytestmark = pytest.mark.cluster
 

@@ -1,0 +1,94 @@
+"""Helpers of the operator tests: training manifests, claims, and the operator as a real process."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+BASE_TRAINING = {
+    "apiVersion": "forge.dev/v1alpha1", "kind": "ForgeTraining",
+    "metadata": {"name": "llm"},
+    "spec": {
+        "method": "pretrain",
+        "model": {"architecture": {"numLayers": 2, "hiddenSize": 64, "numAttentionHeads": 4, "contextLength": 256}},
+        "tokenizer": {"train": {"vocabSize": 512}},
+        "data": {"sources": [{"name": "corpus", "location": {"pvc": {"claimName": "corpus"}}}]},
+        "training": {"sequenceLength": 128, "globalBatch": {"sequences": 64}, "microBatchSize": 2,
+                     "budget": {"maxSteps": 100}},
+        "resources": {"numNodes": 4, "gpusPerNode": 8},
+        "checkpoint": {"location": {"pvc": {"claimName": "ckpt", "path": "llm"}}},
+        "failurePolicy": {"maxRestarts": 2, "backoffSeconds": 1, "nodeFailureTimeoutSeconds": 5},
+        "output": {"location": {"pvc": {"claimName": "models", "path": "llm"}}},
+    },
+}
+
+
+def training(name: str = "llm", **spec_overrides) -> dict:
+    """A valid ForgeTraining; keyword arguments replace top-level spec sections (merged one level deep)."""
+    obj = copy.deepcopy(BASE_TRAINING)
+    obj["metadata"]["name"] = name
+    for key, value in spec_overrides.items():
+        if isinstance(value, dict) and isinstance(obj["spec"].get(key), dict):
+            obj["spec"][key] = {**obj["spec"][key], **value}
+        else:
+            obj["spec"][key] = value
+    return obj
+
+
+class OperatorProcess:
+    """`forge operator` as a real process, killable and restartable like a crashed pod."""
+
+    def __init__(self, kubeconfig: str, namespaces: list[str], log: Path, resync: float = 1.0):
+        self.kubeconfig, self.namespaces, self.log_path, self.resync = kubeconfig, namespaces, log, resync
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "OperatorProcess":
+        env = os.environ | {"KUBECONFIG": self.kubeconfig, "FORGE_RESYNC_SECONDS": str(self.resync),
+                            "FORGE_HEALTH_ENDPOINT": "", "FORGE_TRAINER_IMAGE": "forge-trainer:test",
+                            "PYTHONUNBUFFERED": "1"}
+        args = [sys.executable, "-m", "forge_operator", "operator"]
+        for ns in self.namespaces:
+            args += ["--namespace", ns]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        log.close()
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def create_pvcs(kube, *claims: str) -> None:
+    """Bound ReadWriteMany claims (a pre-bound PV each), as a shared filesystem would provide."""
+    items = []
+    for claim in claims:
+        pv = f"{kube.namespace}-{claim}"
+        items.append({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+                      "spec": {"capacity": {"storage": "100Gi"}, "accessModes": ["ReadWriteMany"],
+                               "storageClassName": "", "hostPath": {"path": f"/tmp/forge-test-pv/{pv}"},
+                               "claimRef": {"namespace": kube.namespace, "name": claim}}})
+        items.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+                      "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv,
+                               "resources": {"requests": {"storage": "100Gi"}}}})
+    kube.apply({"apiVersion": "v1", "kind": "List", "items": items})
+    kube.wait_for("claims bound", lambda: all(
+        c["status"].get("phase") == "Bound" for c in kube.get("pvc")["items"]) and len(kube.get("pvc")["items"]) >= len(claims))

@@ -1,0 +1,90 @@
+"""Fault tolerance in real processes: SIGKILL mid-save, resume to the same loss, SIGTERM -> checkpoint + exit 75."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from trainer_helpers import REPO, read_termination, run_trainer, tiny_config, trainer_cmd, write_config
+
+from forge_trainer import exitcodes
+from forge_trainer.checkpoint import SLEEP_ENV, find_latest, is_complete
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early with {proc.returncode}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError("condition never became true")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def killed_mid_save(tmp_path_factory, corpus, shared_cache):
+    """The reference config in a process that is SIGKILLed while it writes its step-20 checkpoint."""
+    work = tmp_path_factory.mktemp("killed")
+    cfg = tiny_config(work, corpus, shared_cache)
+    config_path = write_config(cfg, work / "config.yaml")
+    ckpt = Path(cfg.checkpoint.dir)
+    log = open(work / "first.log", "w")
+    proc = subprocess.Popen(trainer_cmd(config_path), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                            env={**os.environ, SLEEP_ENV: "3"})
+    # The hook sleeps after the shards are written and before the commit.
+    _wait_for(lambda: (ckpt / "step-00000020.tmp" / ".metadata").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    return cfg, config_path
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_valid(killed_mid_save):
+    import torch.distributed.checkpoint as dcp
+
+    cfg, _ = killed_mid_save
+    ckpt = Path(cfg.checkpoint.dir)
+    assert (ckpt / "step-00000020.tmp").is_dir() and not is_complete(ckpt / "step-00000020.tmp")
+    assert not (ckpt / "step-00000020").exists()
+    assert (ckpt / "latest").read_text().strip() == "step-00000010"
+    assert find_latest(ckpt) == ckpt / "step-00000010"
+    metadata = dcp.FileSystemReader(str(ckpt / "step-00000010")).read_metadata()
+    assert any(k.startswith("model.") for k in metadata.state_dict_metadata)
+    assert json.loads((ckpt / "step-00000010" / "trainer_state.json").read_text())["step"] == 10
+
+
+def test_a_killed_run_resumes_to_the_same_loss_as_an_uninterrupted_one(killed_mid_save, reference):
+    cfg, config_path = killed_mid_save
+    _, uninterrupted, _ = reference
+    proc = run_trainer(config_path)
+    assert proc.returncode == exitcodes.OK, proc.stderr
+    assert "resumed from" in proc.stderr and "step-00000010" in proc.stderr
+    message = read_termination(cfg)
+    assert message["status"] == "completed" and message["step"] == 30
+    # log_interval_steps is 1, so trainLoss is the loss of step 30 itself.
+    assert message["trainLoss"] == pytest.approx(uninterrupted.history[-1]["loss"], rel=1e-5)
+    assert message["valLoss"] == pytest.approx(uninterrupted.val_loss, rel=1e-5)
+    ckpt = Path(cfg.checkpoint.dir)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-00000010", "step-00000020", "step-00000030"]
+    provenance = json.loads((Path(cfg.output.dir) / "provenance.json").read_text())
+    assert provenance["resumed_from"] == str(ckpt / "step-00000010")
+
+
+def test_sigterm_checkpoints_and_exits_75(tmp_path, corpus, shared_cache):
+    cfg = tiny_config(tmp_path, corpus, shared_cache, training__budget={"max_steps": 100_000}, training__schedule="constant",
+                      checkpoint__interval_steps=10)
+    log = open(tmp_path / "log", "w")
+    proc = subprocess.Popen(trainer_cmd(write_config(cfg, tmp_path / "config.yaml")), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    _wait_for(lambda: is_complete(Path(cfg.checkpoint.dir) / "step-00000010"), proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == exitcodes.PREEMPTED
+    message = read_termination(cfg)
+    assert message["status"] == "preempted" and message["reason"] == "sigterm" and message["step"] >= 10
+    latest = find_latest(cfg.checkpoint.dir)
+    assert latest.name == f"step-{message['step']:08d}" and message["checkpoint"] == str(latest)
+    assert not Path(cfg.output.dir).exists()  # preempted runs resume; they do not export
