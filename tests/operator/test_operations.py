@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -173,8 +174,9 @@ def test_operator_killed_20_times_converges_without_duplicates(kube, operator):
 @pytest.mark.slow
 def test_ten_trainings_in_ten_namespaces_do_not_cross_talk(cluster, crds, tmp_path):
     kubes = []
+    suffix = uuid.uuid4().hex[:6]
     for i in range(10):
-        ns = f"tenant-{i}-{tmp_path.name[-6:]}".lower()
+        ns = f"tenant-{i}-{suffix}"
         cluster.kubectl("create", "namespace", ns)
         kubes.append(Kube(cluster, ns))
     op = OperatorProcess(cluster.state.kubeconfig, [k.namespace for k in kubes], tmp_path / "op.log").start()

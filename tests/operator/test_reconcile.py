@@ -1,0 +1,180 @@
+"""The pure planner and builders, table-driven; no cluster."""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from forge_operator import conditions as C
+from forge_operator.api.training import ForgeTraining
+from forge_operator.children import desired_children, WorkerState
+from forge_operator.reconcile import Observed, backoff_seconds, human_duration, plan_training, pod_failure
+from forge_operator.translate import default_intermediate_size, trainer_config
+from operator_support import training
+
+NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def obj(**overrides) -> dict:
+    o = training("llm", **overrides)
+    o["metadata"].update(namespace="ns", uid="uid-1", generation=1, resourceVersion="1")
+    return o
+
+
+def job(name: str, **status) -> dict:
+    return {"metadata": {"name": name, "annotations": {}}, "spec": {"suspend": False}, "status": status}
+
+
+def pod(name: str, index: int, attempt: int = 0, phase: str = "Running", node: str = "n0", **extra) -> dict:
+    p = {"metadata": {"name": name, "labels": {"forge.dev/attempt": str(attempt)},
+                      "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}},
+         "spec": {"nodeName": node}, "status": {"phase": phase}}
+    for key, value in extra.items():
+        p[key].update(value) if isinstance(value, dict) else p.__setitem__(key, value)
+    return p
+
+
+READY = {"status": {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}
+
+
+def running_plan(o: dict, n: int = 4, now: datetime = NOW, **kw):
+    spec_job = job("llm-r0")
+    # a current hash so no edit is detected
+    child_job = next(c for c in desired_children(ForgeTraining.model_validate(o), trainer_config(
+        ForgeTraining.model_validate(o)).to_yaml(), WorkerState()) if c["kind"] == "Job")
+    spec_job["metadata"]["annotations"] = child_job["metadata"]["annotations"]
+    pods = [pod(f"p{i}", i, node=f"n{i}") for i in range(n)]
+    return plan_training(o, Observed(now=now, jobs=[spec_job], pods=pods,
+                                     nodes={f"n{i}": READY for i in range(n)}), **kw)
+
+
+@pytest.mark.parametrize("pod_status, reason, code", [
+    ({"phase": "Failed", "reason": "Evicted", "message": "low memory"}, "Evicted", None),
+    ({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]},
+     "OOMKilled", 137),
+    ({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"exitCode": 75}}}]}, "Preempted", 75),
+    ({"phase": "Failed", "conditions": [{"type": "DisruptionTarget", "status": "True",
+                                         "reason": "PreemptionByScheduler"}]}, "Preempted", None),
+    ({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"exitCode": 1, "message": "boom\nCUDA error"}}}]},
+     "PodFailed", 1),
+    ({"phase": "Running"}, None, None),
+])
+def test_pod_failure_reasons(pod_status, reason, code):
+    p = pod("w", 0)
+    p["status"] = pod_status
+    f = pod_failure(p)
+    assert (f.reason if f else None) == reason
+    if f:
+        assert f.exit_code == code
+    if reason == "PodFailed":
+        assert "CUDA error" in f.message
+
+
+def test_fresh_training_creates_children_with_owner_references():
+    plan = plan_training(obj(), Observed(now=NOW))
+    kinds = [c["kind"] for c in plan.apply]
+    assert kinds == ["ConfigMap", "Service", "ServiceAccount", "Role", "RoleBinding", "Job"]
+    assert all(c["metadata"]["ownerReferences"][0]["uid"] == "uid-1" for c in plan.apply)
+    assert plan.status["phase"] == "Pending" and plan.events[0].reason == "Created"
+
+
+def test_plan_is_idempotent():
+    o = obj()
+    first = plan_training(o, Observed(now=NOW))
+    o2 = copy.deepcopy(o) | {"status": first.status}
+    second = plan_training(o2, Observed(now=NOW))
+    assert second.status == first.status and second.apply == first.apply and not second.events
+
+
+def test_backoff_doubles_and_is_capped():
+    ft = ForgeTraining.model_validate(obj(failurePolicy={"backoffSeconds": 10, "maxBackoffSeconds": 60}))
+    assert [backoff_seconds(ft, n) for n in range(6)] == [0, 10, 20, 40, 60, 60]
+
+
+def test_restart_waits_for_backoff_before_recreating_the_job():
+    o = obj(failurePolicy={"backoffSeconds": 30})
+    o["status"] = {"phase": "Restarting", "restartCount": 1, "failureCount": 1,
+                   "restarts": [{"time": "2026-11-22T12:00:00Z", "reason": "PodFailed", "step": 10}]}
+    early = plan_training(o, Observed(now=NOW + timedelta(seconds=10)))
+    assert "Job" not in [c["kind"] for c in early.apply] and early.status["phase"] == "Restarting"
+    assert 19 <= early.requeue_after <= 20
+    late = plan_training(o, Observed(now=NOW + timedelta(seconds=31)))
+    jobs = [c for c in late.apply if c["kind"] == "Job"]
+    assert jobs[0]["metadata"]["name"] == "llm-r1"
+    env = {e["name"]: e.get("value") for e in jobs[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["FORGE_RESUME_STEP"] == "10"
+
+
+def test_stall_condition_after_no_step_for_the_timeout():
+    o = obj(failurePolicy={"stallTimeoutSeconds": 600})
+    o["status"] = {"phase": "Running", "startTime": "2026-11-22T10:00:00Z",
+                   "progress": {"step": 7, "lastStepTime": "2026-11-22T11:40:00Z"},
+                   "conditions": [{"type": "Running", "status": "True", "reason": "AllRanksRunning", "message": "",
+                                   "lastTransitionTime": "2026-11-22T10:00:00Z"}]}
+    plan = running_plan(o)
+    stalled = C.find(plan.status["conditions"], "Stalled")
+    assert stalled["status"] == "True" and "step 7 has not advanced for 20m00s" in stalled["message"]
+    assert [e.reason for e in plan.events] == ["NoProgress"]
+    o["status"]["progress"]["lastStepTime"] = "2026-11-22T11:59:00Z"
+    assert C.find(running_plan(o).status.get("conditions"), "Stalled") is None
+
+
+def test_gpu_hour_budget_ends_the_training():
+    o = obj(training={"budget": {"maxSteps": 100, "maxGpuHours": 10}})
+    o["status"] = {"phase": "Running", "budget": {"gpuHours": 9.9, "accountedAt": "2026-11-22T11:59:00Z"}}
+    plan = running_plan(o)  # 4 nodes x 8 GPUs for 60 s = 0.53 GPU-hours more
+    assert plan.status["phase"] == "Failed"
+    assert C.find(plan.status["conditions"], "Failed")["reason"] == "GpuHourBudgetExhausted"
+    assert plan.delete_jobs == ["llm-r0"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"method": "sft", "model": {"base": {"pvc": {"claimName": "m"}}, "architecture": None},
+      "tokenizer": {"fromBase": True, "train": None},
+      "data": {"sources": [{"name": "c", "format": "jsonl", "promptField": "p", "completionField": "c",
+                            "location": {"pvc": {"claimName": "c"}}}]}},
+     "sft is accepted by the API but this trainer version implements pretrain and continued-pretrain only"),
+    ({"data": {"sources": [{"name": "c", "location": {"s3": {"uri": "s3://bucket/x"}}}]}},
+     "spec.data.sources[0].location.s3: S3 locations are not supported"),
+    ({"training": {"globalBatch": {"sequences": 60}, "budget": {"maxSteps": 10}}},
+     "spec.training.globalBatch: 60 sequences is not a multiple of microBatchSize x GPUs"),
+])
+def test_specs_this_trainer_cannot_run_are_reported_not_crashed_on(overrides, message):
+    o = obj()
+    for k, v in overrides.items():
+        if isinstance(v, dict) and isinstance(o["spec"].get(k), dict):
+            o["spec"][k] = {kk: vv for kk, vv in {**o["spec"][k], **v}.items() if vv is not None}
+        else:
+            o["spec"][k] = v
+    plan = plan_training(o, Observed(now=NOW))
+    invalid = C.find(plan.status["conditions"], "Invalid")
+    assert invalid["status"] == "True" and message in invalid["message"]
+    assert not plan.apply and plan.events[0].type == "Warning"
+
+
+def test_set_condition_keeps_transition_time_when_status_unchanged():
+    first = C.set_condition([], "Running", True, "A", "m", NOW)
+    second = C.set_condition(first, "Running", True, "B", "m2", NOW + timedelta(hours=1))
+    assert second[0]["lastTransitionTime"] == first[0]["lastTransitionTime"] and second[0]["reason"] == "B"
+    third = C.set_condition(second, "Running", False, "C", "m3", NOW + timedelta(hours=2))
+    assert third[0]["lastTransitionTime"] == "2026-11-22T14:00:00Z"
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0s"), (59, "59s"), (61, "1m01s"), (3600, "1h00m"),
+                                           (90061, "1d1h")])
+def test_human_duration(seconds, text):
+    assert human_duration(seconds) == text
+
+
+def test_translation_maps_the_spec_onto_the_trainer_config():
+    o = obj(model={"architecture": {"family": "moe", "numLayers": 2, "hiddenSize": 64, "numAttentionHeads": 4,
+                                    "contextLength": 256, "experts": {"numExperts": 8, "numExpertsPerToken": 2}}})
+    cfg = trainer_config(ForgeTraining.model_validate(o))
+    a = cfg.model.architecture
+    assert (a.family, a.num_experts, a.num_experts_per_token) == ("moe", 8, 2)
+    assert a.intermediate_size == default_intermediate_size(64) == 192 and a.moe_intermediate_size == 96
+    assert cfg.data.sources[0].path == "/mnt/pvc/corpus" and cfg.checkpoint.dir == "/mnt/pvc/ckpt/llm"
+    assert cfg.output.dir == "/mnt/pvc/models/llm" and cfg.cache_dir == "/mnt/pvc/ckpt/llm/.forge-cache"
+    assert cfg.training.global_batch_sequences == 64 and cfg.training.min_lr == pytest.approx(3e-5)
