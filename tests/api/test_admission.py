@@ -110,8 +110,7 @@ def test_at_least_30_bad_cases_and_nothing_stored(verdicts: Verdicts):
 
 def test_pydantic_and_the_api_server_agree(verdicts: Verdicts):
     """Same verdict for every example and case. Not covered here, because only the API server can judge them:
-    immutability (it compares with the stored object; see below) and wrong JSON types, which pydantic's lax
-    mode coerces (see test_models' xfail)."""
+    immutability (it compares with the stored object; see below)."""
     def local(manifest: dict[str, Any]) -> bool:
         try:
             validate(manifest)

@@ -146,8 +146,6 @@ def test_good_case_is_accepted(case: Case):
     validate(case.manifest())
 
 
-@pytest.mark.xfail(strict=True, reason="ApiModel validates in pydantic's lax mode: '4' becomes 4 and true becomes 1, "
-                                       "which the API server rejects (must be of type integer)")
 @pytest.mark.parametrize("value", ["4", True])
 def test_pydantic_rejects_wrong_json_types_like_the_api_server(value):
     m = pretrain()

@@ -10,11 +10,12 @@ in Python, so the API server and local validation agree.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Callable, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "forge.dev"
@@ -63,6 +64,8 @@ class ApiModel(BaseModel):
         extra="forbid",
         use_attribute_docstrings=True,
         json_schema_extra=_schema_extra,
+        # JSON types as the API server checks them: "4" is not an integer, true is not a number
+        strict=True,
     )
     # The API server does not apply defaults (crdgen strips them), so a rule that
     # reads a field with a default must guard it with has() and use the same
@@ -82,13 +85,26 @@ class ApiModel(BaseModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+# RFC 3339 strings in YAML and JSON; the only place where strings are parsed.
+Timestamp = Annotated[datetime, Field(strict=False)]
 # Common constrained types. Lengths are bounded so the API server can estimate
 # the cost of CEL rules.
 DnsLabel = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
 Name253 = Annotated[str, Field(min_length=1, max_length=253)]
 ShortStr = Annotated[str, Field(max_length=256)]
 PathStr = Annotated[str, Field(max_length=1024)]
-Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
+QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+
+
+def _check_quantity(value: int | str) -> int | str:
+    if isinstance(value, str) and not re.match(QUANTITY_PATTERN, value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 32, 500m, 64Gi)")
+    return value
+
+
+# resource.Quantity, as controller-gen writes it: an integer or a string of the quantity grammar
+Quantity = Annotated[int | str, AfterValidator(_check_quantity),
+                     Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN})]
 PositiveInt = Annotated[int, Field(ge=1)]
 FreeForm = Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})]
 
@@ -163,7 +179,7 @@ class Condition(ApiModel):
     """CamelCase reason for the last transition."""
     message: Annotated[str, Field(max_length=32768)] = ""
     """Human-readable details."""
-    last_transition_time: datetime
+    last_transition_time: Timestamp
     """When the status last changed."""
     observed_generation: int | None = None
     """The .metadata.generation this condition was computed from."""

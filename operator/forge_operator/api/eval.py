@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import Field
 
-from .base import API_VERSION, ApiModel, Cel, Condition, DnsLabel, FreeForm, ObjectMeta, Quantity, ShortStr, \
-    StorageLocation
+from .base import (
+    API_VERSION, ApiModel, Cel, Condition, DnsLabel, FreeForm, ObjectMeta, Quantity, ShortStr, StorageLocation, Timestamp,
+)
 
 SuiteType = Literal["perplexity", "multiple-choice", "exact-match"]
 Comparator = Literal["<", "<=", ">", ">="]
@@ -173,9 +173,9 @@ class ForgeEvalStatus(ApiModel):
     """Per-gate outcomes."""
     main_metric: str | None = None
     """The first gate's (or first suite's) metric and value, for kubectl get."""
-    start_time: datetime | None = None
+    start_time: Timestamp | None = None
     """When evaluation started."""
-    completion_time: datetime | None = None
+    completion_time: Timestamp | None = None
     """When evaluation finished."""
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
 from .base import (
+    Timestamp,
     ApiModel, Cel, Condition, DnsLabel, FreeForm, ObjectMeta, PathStr,
     Quantity, ShortStr, StorageLocation, VolumeLocation, API_VERSION,
 )
@@ -200,7 +200,7 @@ class BudgetSpec(ApiModel):
     """Optimizer steps."""
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     """Training tokens seen."""
-    deadline: datetime | None = None
+    deadline: Timestamp | None = None
     """Wall-clock time (RFC 3339) by which training stops."""
     max_gpu_hours: Annotated[float, Field(gt=0)] | None = None
     """GPU-hours consumed (numNodes x gpusPerNode x hours running, restarts included)."""
@@ -427,7 +427,7 @@ class CheckpointRef(ApiModel):
     """Optimizer step it holds."""
     path: str = ""
     """Folder of the checkpoint inside the checkpoint location."""
-    time: datetime | None = None
+    time: Timestamp | None = None
     """When it was complete."""
 
 
@@ -458,16 +458,16 @@ class ProgressStatus(ApiModel):
     """Estimated seconds to the end of the budget."""
     eta: str | None = None
     """The same, for people (e.g. 3h12m)."""
-    updated_at: datetime | None = None
+    updated_at: Timestamp | None = None
     """When the trainer last reported."""
-    last_step_time: datetime | None = None
+    last_step_time: Timestamp | None = None
     """When the step last advanced (the Stalled condition compares it with stallTimeoutSeconds)."""
 
 
 class RestartRecord(ApiModel):
     """One restart of the worker group."""
 
-    time: datetime
+    time: Timestamp
     """When the restart was decided."""
     reason: ShortStr
     """PodFailed, Evicted, Preempted, NodeLost, OOMKilled, StuckTerminating, ResourcesChanged, ..."""
@@ -486,7 +486,7 @@ class BudgetStatus(ApiModel):
     """GPU-hours consumed (restarts included)."""
     tokens: int = 0
     """Training tokens consumed."""
-    accounted_at: datetime | None = None
+    accounted_at: Timestamp | None = None
     """Time up to which gpuHours is counted."""
 
 
@@ -535,9 +535,9 @@ class ForgeTrainingStatus(ApiModel):
     """Nodes that ran workers of this training (data residency record)."""
     budget: BudgetStatus | None = None
     """Budget consumed."""
-    start_time: datetime | None = None
+    start_time: Timestamp | None = None
     """When the workers first ran."""
-    completion_time: datetime | None = None
+    completion_time: Timestamp | None = None
     """When the training finished."""
     evaluation: EvaluationSummary | None = None
     """Evaluation of the final model."""
