@@ -206,3 +206,26 @@ def test_learning_rate_schedules(tmp_path, corpus, schedule):
         assert lrs[55] == pytest.approx(0.55, abs=0.01)  # half way down at half the decay
     else:
         assert set(lrs[9:80]) == {1.0} and lrs[-1] == pytest.approx(0.1) and lrs[90] == pytest.approx(0.55, abs=0.05)
+
+
+def test_bf16_precision_trains_under_autocast(tmp_path, corpus, shared_cache):
+    cfg = tiny_config(tmp_path, corpus, shared_cache, training__precision="bf16", training__budget={"max_steps": 6},
+                      checkpoint__interval_steps=None)
+    summary = forge_trainer.run(cfg)
+    losses = [h["loss"] for h in summary.history]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    # Master weights stay fp32; autocast only changes the compute dtype.
+    from safetensors import safe_open
+
+    with safe_open(str(Path(cfg.output.dir) / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager(tmp_path, corpus, shared_cache, reference):
+    _, eager, _ = reference
+    cfg = tiny_config(tmp_path, corpus, shared_cache, training__compile=True, training__budget={"max_steps": 30},
+                      checkpoint__interval_steps=None, training__eval_interval_steps=None)
+    compiled = forge_trainer.run(cfg)
+    for a, b in zip(compiled.history[:10], eager.history[:10]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3)

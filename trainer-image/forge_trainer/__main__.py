@@ -18,9 +18,10 @@ PREFIX = "forge-trainer"
 
 def _validation_message(e: ValidationError) -> str:
     first = e.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
+    where = ".".join(str(p) for p in first["loc"])
     more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-    return f"{where}: {first['msg'].removeprefix('Value error, ')}{more}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}{more}" if where else f"{message}{more}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,11 +83,8 @@ class PodAnnotator:
     logged once and never stops training.
     """
 
-    def __init__(self, name: str, namespace: str):
-        from kubernetes import client, config
-
-        config.load_incluster_config()
-        self._api = client.CoreV1Api()
+    def __init__(self, name: str, namespace: str, api):
+        self._api = api  # a kubernetes CoreV1Api
         self._name, self._namespace = name, namespace
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._warned = False
@@ -100,7 +97,10 @@ class PodAnnotator:
         if not name or not namespace or not SERVICE_ACCOUNT_TOKEN.exists():
             return None
         try:
-            return cls(name, namespace)
+            from kubernetes import client, config
+
+            config.load_incluster_config()
+            return cls(name, namespace, client.CoreV1Api())
         except Exception as e:  # no kubernetes client or config: report locally only
             log.warning("cannot report progress on pod %s/%s: %s", namespace, name, e)
             return None

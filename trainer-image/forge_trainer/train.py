@@ -65,10 +65,11 @@ def run(config: TrainerConfig, on_progress=None) -> RunSummary:
     reporter = None
     try:
         t = config.training
-        # ---- setup: data, model, optimizer
+        bf16 = t.precision == "bf16" or (t.precision == "auto" and d.device.type == "cuda")
+        # ---- setup: fail fast on a model that cannot run, then data, model, optimizer
+        _preflight(config, d, bf16)
         tokenizer, data_path, digest = _prepare_data(config, d)
         data = TokenData(data_path, config)
-        bf16 = t.precision == "bf16" or (t.precision == "auto" and d.device.type == "cuda")
         hf_cfg = hf_config(config, tokenizer.vocab_size, tokenizer.eos_id)
         check_context(hf_cfg, t.seq_len)
         stats = model_stats(hf_cfg, t.seq_len)
@@ -239,6 +240,17 @@ def run(config: TrainerConfig, on_progress=None) -> RunSummary:
 
 # ---------------------------------------------------------------------------
 # Setup
+
+
+def _preflight(config: TrainerConfig, d: Dist, bf16: bool) -> None:
+    """The context and memory checks with the configured vocabulary size, before any data is tokenized.
+
+    They run again with the real tokenizer once it exists."""
+    arch, train = config.model.architecture, config.tokenizer.train
+    vocab = (arch and arch.vocab_size) or (train and train.vocab_size) or 1
+    hf_cfg = hf_config(config, vocab, 0)
+    check_context(hf_cfg, config.training.seq_len)
+    check_fits(hf_cfg, model_stats(hf_cfg, config.training.seq_len), config, d.world, d.local_world, d.device, bf16)
 
 
 def _prepare_data(config: TrainerConfig, d: Dist) -> tuple[TextTokenizer, Path, str]:

@@ -1,0 +1,60 @@
+"""Two nodes x one process under torchrun (c10d rendezvous, gloo, FSDP2) match the single-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from trainer_helpers import REPO, read_termination, tiny_config, write_config
+
+import forge_trainer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_train_like_one_process_and_checkpoints_reshard(tmp_path, corpus, shared_cache, reference):
+    _, single, _ = reference
+    cfg = tiny_config(tmp_path, corpus, shared_cache)
+    config_path = write_config(cfg, tmp_path / "config.yaml")
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(i),
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "forge-test",
+             "-m", "forge_trainer", "--config", str(config_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+        for i in range(2)
+    ]
+    outputs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outputs
+    log = "\n".join(outputs)
+    assert "2 worker(s) on cpu" in log
+
+    # The same loss curve as one process: same data per step, gradients averaged over the two workers.
+    curve = {int(m[1]): float(m[2]) for m in re.finditer(r"\[rank 0\] step (\d+)/30 \| loss ([\d.]+)", log)}
+    assert sorted(curve) == list(range(1, 31))
+    for h in single.history:
+        assert curve[h["step"]] == pytest.approx(h["loss"], abs=2e-4), h["step"]
+    message = read_termination(cfg)
+    assert message["valLoss"] == pytest.approx(single.val_loss, rel=1e-4)
+    provenance = json.loads((Path(cfg.output.dir) / "provenance.json").read_text())
+    assert provenance["world_size"] == 2
+
+    # DCP reshards: the two-worker checkpoint of step 20 resumes in one process and ends where the single run did.
+    ckpt20 = Path(cfg.checkpoint.dir) / "step-00000020"
+    assert len(list(ckpt20.glob("*.distcp"))) == 2
+    resumed = forge_trainer.run(tiny_config(tmp_path / "resumed", corpus, shared_cache, checkpoint__resume=str(ckpt20)))
+    assert resumed.step == 30 and [h["step"] for h in resumed.history] == list(range(21, 31))
+    assert resumed.history[-1]["loss"] == pytest.approx(single.history[-1]["loss"], abs=2e-4)
