@@ -66,8 +66,12 @@ def _source(s: DataSource, field: str, resolve: Resolve) -> DataSourceConfig:
 
 
 def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir: str | None = None,
-                   metrics_port: int | None = METRICS_PORT, progress_interval_seconds: float = 15.0) -> TrainerConfig:
-    """Build the trainer's configuration. Raises TranslationError (or pydantic's ValueError) naming the field."""
+                   metrics_port: int | None = METRICS_PORT, progress_interval_seconds: float = 15.0,
+                   world_size: int | None = None, termination_message_path: str | None = None) -> TrainerConfig:
+    """Build the trainer's configuration. Raises TranslationError (or pydantic's ValueError) naming the field.
+
+    ``world_size`` defaults to numNodes x gpusPerNode (one process locally).
+    """
     spec = ft.spec
     t = spec.training
     if spec.method in ("sft", "dpo"):
@@ -98,7 +102,7 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
 
     gb = t.global_batch
     global_sequences = gb.sequences if gb.sequences is not None else max(1, gb.tokens // t.sequence_length)
-    world = spec.resources.num_nodes * max(1, spec.resources.gpus_per_node)
+    world = world_size or spec.resources.num_nodes * max(1, spec.resources.gpus_per_node)
     if global_sequences % (t.micro_batch_size * world):
         raise TranslationError(
             f"spec.training.globalBatch: {global_sequences} sequences is not a multiple of "
@@ -127,4 +131,5 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
         # shared by all nodes: rank 0 prepares the token shards once, the others read them
         cache_dir=cache_dir or f"{checkpoint_dir}/.forge-cache",
         metrics=MetricsConfig(port=metrics_port, progress_interval_seconds=progress_interval_seconds),
+        **({"termination_message_path": termination_message_path} if termination_message_path else {}),
     )

@@ -1,0 +1,112 @@
+"""`forge train FILE.yaml`: run a ForgeTraining on this machine, no cluster needed.
+
+The file is validated with the same models as the API server and translated
+by the same function the operator uses; PersistentVolumeClaims become local
+folders (``--volume CLAIM=DIR``, default ``./volumes/<claim>``). One process
+trains; ``resources`` (nodes, GPUs) are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from forge_trainer import exitcodes
+
+from .api.base import PvcLocation
+from .api.training import ForgeTraining
+from .reconcile import format_error
+from .translate import TranslationError, trainer_config
+
+DEFAULT_PROMPT = "def "
+
+
+def parse_volumes(volumes: list[str]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for item in volumes:
+        claim, sep, folder = item.partition("=")
+        if not sep or not claim or not folder:
+            raise ValueError(f"--volume {item!r}: expected CLAIM=DIR")
+        out[claim] = Path(os.path.expandvars(os.path.expanduser(folder))).resolve()
+    return out
+
+
+def load_training(path: str) -> ForgeTraining:
+    for doc in yaml.safe_load_all(Path(path).read_text()):
+        if isinstance(doc, dict) and doc.get("kind") == "ForgeTraining":
+            doc.setdefault("metadata", {}).setdefault("name", Path(path).stem)
+            return ForgeTraining.model_validate(doc)
+    raise ValueError(f"{path}: no ForgeTraining in the file")
+
+
+class ProgressBar:
+    """A tqdm bar fed by the trainer's progress reports: step, loss, tokens/s, ETA."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def __call__(self, p: dict) -> None:
+        if p.get("totalSteps") and self.bar.total != p["totalSteps"]:
+            self.bar.total = p["totalSteps"]
+        self.bar.n = p.get("step", 0)
+        post = {}
+        if p.get("loss") is not None:
+            post["loss"] = f"{p['loss']:.3f}"
+        if p.get("tokensPerSecond"):
+            post["tok/s"] = f"{p['tokensPerSecond']:,.0f}"
+        if p.get("etaSeconds") is not None:
+            post["eta"] = f"{int(p['etaSeconds']) // 60}m{int(p['etaSeconds']) % 60:02d}s"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def train_local(path: str, volumes: list[str], prompt: str | None = None) -> int:
+    try:
+        mounts = parse_volumes(volumes)
+        ft = load_training(path)
+
+        def resolve(loc: PvcLocation) -> str:
+            root = mounts.get(loc.claim_name, Path("volumes", loc.claim_name).resolve())
+            return str(root / loc.path.strip("/")) if loc.path.strip("/") else str(root)
+
+        output_dir = resolve(ft.spec.output.location.pvc)
+        config = trainer_config(ft, resolve, metrics_port=None, progress_interval_seconds=1.0, world_size=1,
+                                termination_message_path=str(Path(output_dir) / "run-summary.json"))
+    except (ValidationError, TranslationError, ValueError, OSError) as err:
+        print(f"forge: {path}: {format_error(err)}", file=sys.stderr)
+        return exitcodes.CONFIG_ERROR
+
+    import forge_trainer
+    from forge_trainer.exitcodes import TrainerError
+
+    print(f"forge: training {ft.metadata.name} ({ft.spec.method}) -> {output_dir}", file=sys.stderr)
+    bar = ProgressBar()
+    try:
+        summary = forge_trainer.run(config, on_progress=bar)
+    except TrainerError as err:
+        bar.close()
+        print(f"forge: {err}", file=sys.stderr)
+        return err.exit_code
+    bar.close()
+    if summary.status != "completed":
+        print(f"forge: stopped at step {summary.step} ({summary.reason}); run the same command to resume "
+              f"from {summary.checkpoint}", file=sys.stderr)
+        return exitcodes.PREEMPTED
+    print(f"step {summary.step}, {summary.tokens_seen:,} tokens, train loss {summary.train_loss:.4f}")
+    if summary.val_loss is not None:
+        print(f"validation loss {summary.val_loss:.4f}, perplexity {math.exp(summary.val_loss):.2f}")
+    text = prompt if prompt is not None else DEFAULT_PROMPT
+    completion = forge_trainer.sample(summary.output_dir, text, max_new_tokens=48, top_k=8, seed=0)
+    print(f"sample ({text!r} ->):\n{completion}")
+    print(f"model: {summary.output_dir} (Hugging Face format; provenance.json beside it)")
+    return exitcodes.OK

@@ -1,0 +1,34 @@
+"""The package layers hold: pure API/planner, no torch in the operator, no kopf in the trainer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_contracts():
+    out = subprocess.run([str(Path(sys.executable).parent / "lint-imports")], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "3 kept, 0 broken" in out.stdout
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sys.modules))"],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    return set(out.stdout.split())
+
+
+def test_operator_process_loads_no_torch():
+    mods = _modules_after("import forge_operator.handlers, forge_operator.runner, forge_operator.cli")
+    assert "kopf" in mods and "forge_trainer.config" in mods
+    assert not {"torch", "transformers", "accelerate"} & mods
+
+
+def test_trainer_process_loads_no_kopf():
+    mods = _modules_after("import forge_trainer.train, forge_trainer.__main__")
+    assert "torch" in mods
+    assert not {m for m in mods if m == "kopf" or m.startswith("forge_operator")}
