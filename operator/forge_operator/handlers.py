@@ -13,6 +13,7 @@ standby replicas; requeue timers are armed only by the replica that acted.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -26,10 +27,12 @@ import kubernetes
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
 
+from . import conditions as C
 from .api.base import GROUP, VERSION
+from .conditions import Reason
 from .constants import FIELD_MANAGER, LABEL_MANAGED_BY, LABEL_TRAINING, MANAGED_BY
 from .metrics import observe_training
-from .reconcile import Observed, Plan, Settings, plan_training
+from .reconcile import Event, Observed, Plan, Settings, plan_training
 
 log = logging.getLogger("forge.operator")
 PLURAL = "forgetrainings"
@@ -116,11 +119,33 @@ def reconcile_training(namespace: str, name: str) -> Plan | None:
         return plan
 
 
+def _rejected_child(plan: Plan, child: dict[str, Any], err: ApiException, now: datetime) -> None:
+    """The API server refused a child built from the user's free-form fields (env, volumes, ...):
+    report it on the training instead of failing the handler."""
+    try:
+        detail = json.loads(err.body or "{}").get("message") or err.reason
+    except ValueError:
+        detail = err.body or err.reason
+    message = f"the API server refused {child['kind']} {child['metadata']['name']}: {detail}"[:2000]
+    was = C.find(plan.status.get("conditions"), C.INVALID)
+    plan.status["conditions"] = C.set_condition(plan.status.get("conditions"), C.INVALID, True,
+                                                Reason.INVALID_SPEC, message, now,
+                                                plan.status.get("observedGeneration"))
+    if was is None or was.get("message") != message:
+        plan.events.append(Event("Warning", Reason.INVALID_SPEC, message))
+
+
 def _execute(c: Clients, obj: dict[str, Any], plan: Plan) -> None:
     namespace, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
     for child in plan.apply:
-        c.resource(child["apiVersion"], child["kind"]).server_side_apply(
-            body=child, namespace=namespace, field_manager=FIELD_MANAGER, force_conflicts=True)
+        try:
+            c.resource(child["apiVersion"], child["kind"]).server_side_apply(
+                body=child, namespace=namespace, field_manager=FIELD_MANAGER, force_conflicts=True)
+        except ApiException as e:
+            if e.status not in (400, 422):
+                raise
+            _rejected_child(plan, child, e, utcnow())
+            break
     for job in plan.delete_jobs:
         try:
             c.batch.delete_namespaced_job(job, namespace, propagation_policy="Background")

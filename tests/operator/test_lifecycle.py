@@ -142,3 +142,21 @@ def test_non_retryable_exit_code_fails_without_restart(kube, operator, code):
     assert failed["reason"] == "NonRetryableExitCode" and f"exit code {code}" in failed["message"]
     assert not o["status"].get("restartCount")
     assert kube.get("jobs")["items"][0]["metadata"]["name"] == "llm-r0"
+
+
+def test_child_refused_by_the_api_server_is_reported_not_crashed_on(kube, operator):
+    bad_env = {"resources": {"numNodes": 1, "env": [{"value": "no name"}]}}
+    kube.apply(training("llm", **bad_env))
+    o = kube.wait_for("Invalid", lambda: (x := ft(kube, "llm")) and any(
+        c["type"] == "Invalid" and c["status"] == "True" for c in x.get("status", {}).get("conditions", [])) and x)
+    invalid = next(c for c in o["status"]["conditions"] if c["type"] == "Invalid")
+    assert "Job llm-r0" in invalid["message"] and "name" in invalid["message"]
+    assert not kube.get("jobs")["items"]
+    # fixed by the user: the training goes on
+    kube("patch", "forgetraining", "llm", "--type=merge", "-p",
+         '{"spec":{"resources":{"env":[{"name":"NCCL_DEBUG","value":"INFO"}]}}}')
+    pods = kube.wait_for("running", running_workers(kube, "llm", 1, 0))
+    env = {e["name"]: e.get("value") for e in pods[0]["spec"]["containers"][0]["env"]}
+    assert env["NCCL_DEBUG"] == "INFO"
+    kube.wait_for("Invalid cleared", lambda: not any(
+        c["type"] == "Invalid" for c in ft(kube, "llm")["status"].get("conditions", [])))
