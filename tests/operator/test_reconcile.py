@@ -178,3 +178,29 @@ def test_translation_maps_the_spec_onto_the_trainer_config():
     assert cfg.data.sources[0].path == "/mnt/pvc/corpus" and cfg.checkpoint.dir == "/mnt/pvc/ckpt/llm"
     assert cfg.output.dir == "/mnt/pvc/models/llm" and cfg.cache_dir == "/mnt/pvc/ckpt/llm/.forge-cache"
     assert cfg.training.global_batch_sequences == 64 and cfg.training.min_lr == pytest.approx(3e-5)
+
+
+def test_pod_stuck_terminating_restarts_the_group_and_is_force_deleted():
+    o = obj(failurePolicy={"nodeFailureTimeoutSeconds": 60})
+    o["status"] = {"phase": "Running"}
+    stuck = {"metadata": {"deletionTimestamp": "2026-11-22T11:50:00Z", "deletionGracePeriodSeconds": 30}}
+    spec_job = job("llm-r0")
+    pods = [pod(f"p{i}", i, node=f"n{i}") for i in range(4)]
+    pods[3]["metadata"].update(stuck["metadata"])
+    plan = plan_training(o, Observed(now=NOW, jobs=[spec_job], pods=pods, nodes={f"n{i}": READY for i in range(4)}))
+    assert plan.force_delete_pods == ["p3"]
+    assert plan.status["restarts"][0]["reason"] == "StuckTerminating"
+    assert plan.delete_jobs == ["llm-r0"] and plan.status["restartCount"] == 1
+
+
+def test_node_not_ready_counts_only_after_the_timeout():
+    o = obj(failurePolicy={"nodeFailureTimeoutSeconds": 120})
+    o["status"] = {"phase": "Running"}
+    def nodes(since: str) -> dict:
+        lost = {"status": {"conditions": [{"type": "Ready", "status": "Unknown", "lastTransitionTime": since}]}}
+        return {"n0": READY, "n1": READY, "n2": READY, "n3": lost}
+    pods = [pod(f"p{i}", i, node=f"n{i}") for i in range(4)]
+    recent = plan_training(o, Observed(now=NOW, jobs=[job("llm-r0")], pods=pods, nodes=nodes("2026-11-22T11:59:00Z")))
+    assert not recent.status.get("restartCount")
+    old = plan_training(o, Observed(now=NOW, jobs=[job("llm-r0")], pods=pods, nodes=nodes("2026-11-22T11:57:00Z")))
+    assert old.status["restarts"][0]["reason"] == "NodeLost" and "n3" in old.status["restarts"][0]["message"]
