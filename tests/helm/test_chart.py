@@ -1,0 +1,394 @@
+"""The Helm chart, with a real helm: lint, render in both RBAC modes, install into the test control plane.
+
+The operator's pods do not run on the test cluster (kwok nodes only); what is
+checked there is what an administrator would check after `helm install`: the
+CRDs, the objects, and what the operator's ServiceAccount may and may not do.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from forge_operator import handlers, runner
+from forge_operator.api.training import ForgeTraining
+from forge_operator.children import WorkerState, build_rbac, desired_children
+from forge_operator.translate import trainer_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "forge"
+NAMESPACED = {"watchNamespaces": ["team-a", "team-b"]}
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+# Every grant the operator needs in a namespace it watches, and no other: (apiGroup, resource) -> verbs.
+CHILD_VERBS = {"create", "get", "list", "watch", "patch", "delete"}
+NAMESPACE_GRANTS = {
+    ("forge.dev", "forgetrainings"): {"get", "list", "watch"},
+    ("forge.dev", "forgeevals"): {"get", "list", "watch"},
+    ("forge.dev", "forgetrainings/status"): {"update", "patch"},
+    ("forge.dev", "forgeevals/status"): {"update", "patch"},
+    ("batch", "jobs"): CHILD_VERBS,
+    ("", "configmaps"): CHILD_VERBS,
+    ("", "services"): CHILD_VERBS,
+    ("", "serviceaccounts"): CHILD_VERBS,
+    ("rbac.authorization.k8s.io", "roles"): CHILD_VERBS,
+    ("rbac.authorization.k8s.io", "rolebindings"): CHILD_VERBS,
+    ("", "pods"): {"get", "list", "watch", "patch", "delete"},
+    ("", "events"): {"create", "patch"},
+}
+NODE_GRANTS = {("", "nodes"): {"get"}}
+
+
+def grants(rules: list[dict]) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in rules:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"], f"wildcard grant: {rule}"
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+def of_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = of_kind(docs, kind)
+    assert len(found) == 1, f"{len(found)} {kind} objects"
+    return found[0]
+
+
+def container(docs: list[dict]) -> dict:
+    return one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def env(docs: list[dict]) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container(docs)["env"]}
+
+
+def example_training(namespace: str) -> ForgeTraining:
+    o = yaml.safe_load((ROOT / "examples" / "pretrain-dense.yaml").read_text())
+    o["metadata"].update(namespace=namespace, uid=str(uuid.uuid4()), generation=1)
+    return ForgeTraining.model_validate(o)
+
+
+# --------------------------------------------------------------------------- lint and render
+@pytest.mark.parametrize("values", [{}, NAMESPACED, {"peering": {"enabled": False}, "replicas": 1},
+                                    {"metrics": {"serviceMonitor": {"enabled": True}}}],
+                         ids=["cluster-wide", "namespaced", "standalone", "servicemonitor"])
+def test_lint(helm, values):
+    helm("lint", "--strict", str(CHART), "--values", helm.values_file(values))
+
+
+def test_cluster_wide_by_default(helm):
+    docs = helm.template(release="forge", namespace="forge-system")
+    assert sorted(d["kind"] for d in docs) == sorted([
+        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment", "ClusterKopfPeering"])
+    role = one(docs, "ClusterRole")
+    assert grants(role["rules"]) == NAMESPACE_GRANTS | NODE_GRANTS | {
+        ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"}}
+    binding = one(docs, "ClusterRoleBinding")
+    sa = one(docs, "ServiceAccount")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
+                                    "namespace": "forge-system"}]
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+    assert "args" not in container(docs)  # no --namespace: every namespace
+    assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == env(docs)[handlers.ENV_PEERING] == "forge"
+
+
+def test_namespaced_mode_grants_nothing_cluster_wide(helm):
+    docs = helm.template(NAMESPACED | {"rbac": {"readNodes": False}}, namespace="forge-system")
+    assert not of_kind(docs, "ClusterRole") and not of_kind(docs, "ClusterRoleBinding")
+    assert not of_kind(docs, "ClusterKopfPeering")
+    roles = {r["metadata"]["namespace"]: r for r in of_kind(docs, "Role")}
+    bindings = {b["metadata"]["namespace"]: b for b in of_kind(docs, "RoleBinding")}
+    assert set(roles) == set(bindings) == {"team-a", "team-b"}
+    for ns, role in roles.items():
+        assert grants(role["rules"]) == NAMESPACE_GRANTS | {
+            ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"}}
+        assert bindings[ns]["subjects"][0]["namespace"] == "forge-system"
+    assert container(docs)["args"] == ["--namespace", "team-a", "--namespace", "team-b"]
+    assert {p["metadata"]["namespace"] for p in of_kind(docs, "KopfPeering")} == {"team-a", "team-b"}
+
+
+def test_namespaced_mode_can_read_nodes_and_nothing_else_cluster_wide(helm):
+    docs = helm.template(NAMESPACED)  # rbac.readNodes defaults to true
+    [cluster_role] = of_kind(docs, "ClusterRole")
+    assert grants(cluster_role["rules"]) == NODE_GRANTS
+    [binding] = of_kind(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
+
+
+@pytest.mark.parametrize("values", [{}, NAMESPACED], ids=["cluster-wide", "namespaced"])
+def test_the_operator_may_apply_every_child_it_builds(helm, values):
+    """Server-side apply of each child needs create+patch; granting the trainer Role needs its verbs (escalation)."""
+    docs = helm.template(values)
+    rules = of_kind(docs, "ClusterRole") + of_kind(docs, "Role")
+    held = grants([r for role in rules for r in role["rules"]])
+    ft = example_training("team-a")
+    for child in desired_children(ft, trainer_config(ft).to_yaml(), WorkerState(), image="trainer:1"):
+        group = child["apiVersion"].rpartition("/")[0]
+        resource = child["kind"].lower() + "s"
+        assert {"create", "patch", "get"} <= held[(group, resource)], child["kind"]
+    [trainer_role] = [c for c in build_rbac(ft) if c["kind"] == "Role"]
+    for (group, resource), verbs in grants(trainer_role["rules"]).items():
+        assert verbs <= held[(group, resource)], f"cannot grant {resource} {verbs} to the trainer"
+
+
+def test_operator_container_matches_what_the_operator_reads(helm):
+    docs = helm.template({"trainerImage": "registry.internal/forge/trainer:7", "resyncSeconds": 30})
+    c = container(docs)
+    e = env(docs)
+    assert e[handlers.ENV_TRAINER_IMAGE] == "registry.internal/forge/trainer:7"
+    assert float(e[handlers.ENV_RESYNC_SECONDS]) == 30
+    assert int(e[handlers.ENV_METRICS_PORT]) == 8000
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert e[runner.ENV_HEALTH_ENDPOINT] == f"http://0.0.0.0:{ports['health']}/healthz"
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert ports["metrics"] == 8000
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    service = one(docs, "Service")
+    assert service["spec"]["ports"][0]["port"] == 8000
+    assert service["spec"]["selector"].items() <= pod_labels(docs).items()
+
+
+def pod_labels(docs: list[dict]) -> dict[str, str]:
+    return one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+
+
+def test_air_gapped_values_leave_no_outside_reference(helm):
+    values = {"image": {"repository": "registry.internal/forge/forge-operator",
+                        "digest": "sha256:" + "a" * 64, "pullPolicy": "Never"},
+              "trainerImage": "registry.internal/forge/forge-trainer:0.1.0",
+              "imagePullSecrets": [{"name": "internal-registry"}],
+              "nodeSelector": {"node-role.kubernetes.io/control": "true"},
+              "tolerations": [{"key": "control", "operator": "Exists", "effect": "NoSchedule"}],
+              "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}}}
+    docs = helm.template(values)
+    text = json.dumps(docs)
+    assert "ghcr.io" not in text and "docker.io" not in text
+    c = container(docs)
+    assert c["image"] == "registry.internal/forge/forge-operator@sha256:" + "a" * 64
+    assert c["imagePullPolicy"] == "Never"
+    assert c["resources"]["requests"] == values["resources"]["requests"]
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "internal-registry"}]
+    assert pod["nodeSelector"] == values["nodeSelector"] and pod["tolerations"] == values["tolerations"]
+
+
+def test_image_tag_defaults_to_the_app_version(helm):
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert container(helm.template())["image"] == f"ghcr.io/forge-dev/forge-operator:{app_version}"
+    assert container(helm.template({"image": {"tag": "0.2.0-rc1"}}))["image"].endswith(":0.2.0-rc1")
+
+
+def test_service_monitor_is_optional(helm):
+    assert not of_kind(helm.template(), "ServiceMonitor")
+    docs = helm.template({"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}})
+    sm = one(docs, "ServiceMonitor")
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= one(docs, "Service")["metadata"]["labels"].items()
+    docs = helm.template({"metrics": {"enabled": False}})
+    assert not of_kind(docs, "Service") and handlers.ENV_METRICS_PORT not in env(docs)
+
+
+def test_standalone_mode_has_no_peering(helm):
+    docs = helm.template({"peering": {"enabled": False}, "replicas": 1})
+    assert handlers.ENV_PEERING not in env(docs)
+    assert not of_kind(docs, "ClusterKopfPeering")
+    assert ("kopf.dev", "clusterkopfpeerings") not in grants(one(docs, "ClusterRole")["rules"])
+
+
+def test_nothing_breaks_an_install(helm):
+    """No webhooks, no hooks, no lookups of live objects (kubeflow/trainer#2404)."""
+    for values in ({}, NAMESPACED, {"metrics": {"serviceMonitor": {"enabled": True}}}):
+        for d in helm.template(values):
+            assert "Webhook" not in d["kind"], d["kind"]
+            assert "helm.sh/hook" not in (d["metadata"].get("annotations") or {})
+    templates = "".join(p.read_text() for p in (CHART / "templates").iterdir())
+    assert "lookup" not in templates
+
+
+@pytest.mark.parametrize("values, error", [
+    ({"replicas": 3, "peering": {"enabled": False}}, "needs peering.enabled"),
+    ({"watchNamespaces": ["Team_A"]}, "does not match pattern"),
+    ({"watchNamespaces": ["team-a", "team-a"]}, "items at 0 and 1 are equal"),
+    ({"replica": 2}, "additional properties 'replica' not allowed"),
+    ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
+    ({"image": {"digest": "latest"}}, "digest"),
+    ({"metrics": {"port": 0}}, "port"),
+])
+def test_bad_values_are_refused(helm, values, error):
+    assert error in helm.template_error(values)
+
+
+def test_the_chart_and_the_image_agree():
+    """The chart runs the image's ENTRYPOINT as the numeric user the Dockerfile creates."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    uid = values["podSecurityContext"]["runAsUser"]
+    assert f"USER {uid}:{values['podSecurityContext']['runAsGroup']}" in dockerfile
+    assert 'ENTRYPOINT ["forge", "operator"]' in dockerfile
+    assert ".[operator]" in dockerfile and "trainer]" not in dockerfile  # the image never installs torch
+    assert f"EXPOSE {values['metrics']['port']} {values['health']['port']}" in dockerfile
+
+
+def test_the_operator_runs_without_the_trainers_dependencies():
+    """What the image installs (`forge[operator]`, no torch) is enough to start `forge operator`."""
+    blocked = ["torch", "transformers", "accelerate", "tokenizers", "tiktoken", "safetensors", "pyarrow", "tqdm"]
+    code = ("import sys\n"
+            f"for m in {blocked!r}: sys.modules[m] = None\n"
+            "import forge_operator.handlers, forge_operator.runner\n"
+            "from forge_operator.cli import main\n"
+            "main(['operator', '--help'])\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "--namespace" in out.stdout, out.stderr
+
+
+# --------------------------------------------------------------------------- installed into the control plane
+def can_i(cluster, sa: str, verb: str, resource: str, namespace: str | None, subresource: str = "") -> bool:
+    args = ["auth", "can-i", verb, resource, f"--as={sa}"]
+    args += ["-n", namespace] if namespace else ["--all-namespaces"]
+    if subresource:
+        args.append(f"--subresource={subresource}")
+    out = cluster.kubectl(*args, check=False)
+    assert out.stdout.strip() in ("yes", "no"), out.stderr
+    return out.stdout.strip() == "yes"
+
+
+class Release:
+    def __init__(self, helm, cluster, values: dict, watch: list[str]):
+        tag = uuid.uuid4().hex[:6]
+        self.helm, self.cluster = helm, cluster
+        self.name, self.namespace = f"forge-{tag}", f"forge-system-{tag}"
+        self.watch = [f"{ns}-{tag}" for ns in watch]
+        # the fake nodes carry the GPU taint: tolerating it lets kwok "run" the operator pods
+        self.values = values | {"tolerations": [GPU_TOLERATION]} | (
+            {"watchNamespaces": self.watch} if self.watch else {})
+
+    def install(self) -> "Release":
+        for ns in self.watch:
+            self.cluster.kubectl("create", "namespace", ns)
+        # --wait: Helm 4 waits for crds/ to be served only with a wait strategy (Helm 3 always did);
+        # without it the peering objects can race the CRDs they need (see docs/install.md)
+        self.helm("install", self.name, str(CHART), "--namespace", self.namespace, "--create-namespace",
+                  "--wait", "--timeout", "90s", "--values", self.helm.values_file(self.values))
+        return self
+
+    def uninstall(self) -> None:
+        self.helm("uninstall", self.name, "--namespace", self.namespace, check=False)
+        for ns in [self.namespace, *self.watch]:
+            self.cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+    @property
+    def sa(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.name}"
+
+
+@pytest.fixture(scope="module")
+def installs(helm, cluster):
+    """Two releases side by side: one cluster-wide, one watching two namespaces."""
+    h = copy.copy(helm)
+    h.kubeconfig = cluster.state.kubeconfig
+    wide = Release(h, cluster, {}, [])
+    narrow = Release(h, cluster, {"rbac": {"readNodes": False}}, ["team-a", "team-b"])
+    try:
+        yield wide.install(), narrow.install()
+    finally:
+        wide.uninstall()
+        narrow.uninstall()
+
+
+@pytest.mark.cluster
+def test_install_creates_the_crds_and_the_operator(installs, cluster):
+    wide, narrow = installs
+    crds = json.loads(cluster.kubectl("get", "crd", "-o", "json").stdout)["items"]
+    names = {c["metadata"]["name"] for c in crds}
+    assert {"forgetrainings.forge.dev", "forgeevals.forge.dev",
+            "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"} <= names
+    for release in installs:
+        objs = json.loads(cluster.kubectl("get", "deployment,serviceaccount,service", "-n", release.namespace,
+                                          "-l", f"app.kubernetes.io/instance={release.name}", "-o", "json").stdout)
+        assert sorted(o["kind"] for o in objs["items"]) == ["Deployment", "Service", "ServiceAccount"]
+        deployment = next(o for o in objs["items"] if o["kind"] == "Deployment")
+        assert deployment["status"].get("availableReplicas") == 2  # helm --wait saw it available
+    assert cluster.kubectl("get", "clusterkopfpeering", wide.name, check=False).returncode == 0
+    for ns in narrow.watch:
+        assert cluster.kubectl("get", "kopfpeering", narrow.name, "-n", ns, check=False).returncode == 0
+    cluster_roles = json.loads(cluster.kubectl("get", "clusterrole,clusterrolebinding", "-o", "json", "-l",
+                                               f"app.kubernetes.io/instance={narrow.name}").stdout)["items"]
+    assert cluster_roles == []
+
+
+@pytest.mark.cluster
+def test_installed_crds_equal_the_files(installs, cluster):
+    for folder in (CHART / "crds", ROOT / "crds"):
+        out = cluster.kubectl("diff", "--server-side", "-f", str(folder), check=False)
+        assert out.returncode == 0, f"the cluster's CRDs differ from {folder.relative_to(ROOT)}:\n{out.stdout}{out.stderr}"
+
+
+@pytest.mark.cluster
+def test_cluster_wide_operator_may_do_its_work_everywhere(installs, cluster):
+    wide, _ = installs
+    for ns in ("default", wide.namespace):
+        assert can_i(cluster, wide.sa, "create", "jobs.batch", ns)
+        assert can_i(cluster, wide.sa, "patch", "forgetrainings.forge.dev", ns, subresource="status")
+        assert can_i(cluster, wide.sa, "delete", "pods", ns)
+        assert not can_i(cluster, wide.sa, "update", "forgetrainings.forge.dev", ns)  # spec is the user's
+        assert not can_i(cluster, wide.sa, "get", "secrets", ns)
+    assert can_i(cluster, wide.sa, "list", "jobs.batch", None)
+    assert can_i(cluster, wide.sa, "get", "nodes", None)
+    assert not can_i(cluster, wide.sa, "create", "clusterroles.rbac.authorization.k8s.io", None)
+
+
+@pytest.mark.cluster
+def test_namespaced_operator_is_confined_to_its_namespaces(installs, cluster):
+    _, narrow = installs
+    for ns in narrow.watch:
+        assert can_i(cluster, narrow.sa, "create", "jobs.batch", ns)
+        assert can_i(cluster, narrow.sa, "patch", "forgetrainings.forge.dev", ns, subresource="status")
+        assert can_i(cluster, narrow.sa, "patch", "kopfpeerings.kopf.dev", ns)
+    for ns in ("default", narrow.namespace):
+        assert not can_i(cluster, narrow.sa, "list", "jobs.batch", ns)
+        assert not can_i(cluster, narrow.sa, "list", "forgetrainings.forge.dev", ns)
+    assert not can_i(cluster, narrow.sa, "list", "jobs.batch", None)
+    assert not can_i(cluster, narrow.sa, "get", "nodes", None)
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("which", [0, 1], ids=["cluster-wide", "namespaced"])
+def test_the_api_server_lets_the_operator_apply_a_trainings_children(installs, cluster, which):
+    """Not can-i on paper: the API server itself (RBAC escalation checks included) accepts, as the
+    operator's ServiceAccount, a server-side apply of every child the operator builds. For real, not
+    dry-run: binding the trainer Role is only checked against a Role that exists. The Job is
+    suspended, so no worker takes the cluster's fake GPUs."""
+    release = installs[which]
+    ns = release.watch[0] if release.watch else release.namespace
+    ft = example_training(ns)
+    children = desired_children(ft, trainer_config(ft).to_yaml(), WorkerState(suspend=True), image="trainer:1")
+    manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": children})
+    out = cluster.kubectl("apply", "--server-side", "--field-manager=forge-operator",
+                          f"--as={release.sa}", "-n", ns, "-f", "-", input=manifest, check=False)
+    assert out.returncode == 0, out.stderr
+    assert {line.split()[0].split("/")[0] for line in out.stdout.splitlines()} >= {
+        "configmap", "service", "serviceaccount", "role.rbac.authorization.k8s.io",
+        "rolebinding.rbac.authorization.k8s.io", "job.batch"}
+    if release.watch:  # and nowhere else
+        out = cluster.kubectl("apply", "--server-side", "--dry-run=server", f"--as={release.sa}",
+                              "-n", "default", "-f", "-", input=manifest.replace(f'"{ns}"', '"default"'),
+                              check=False)
+        assert out.returncode != 0 and "forbidden" in out.stderr
