@@ -110,7 +110,9 @@ def reconcile_training(namespace: str, name: str) -> Plan | None:
             try:
                 nodes[node_name] = c.plain(c.core.read_node(node_name))
             except ApiException as e:
-                if e.status not in (403, 404):  # a missing node is a lost node; no node RBAC reads the same
+                if e.status == 404:
+                    nodes[node_name] = None  # deleted: its pods are lost
+                elif e.status != 403:  # without RBAC on nodes, node health is simply not watched
                     raise
         plan = plan_training(obj, Observed(now=utcnow(), jobs=jobs, pods=pods, nodes=nodes), _settings)
         _execute(c, obj, plan)

@@ -49,7 +49,8 @@ class Observed:
     now: datetime
     jobs: list[dict[str, Any]] = field(default_factory=list)
     pods: list[dict[str, Any]] = field(default_factory=list)
-    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # node name -> Node; None for a node that no longer exists; a node that could not be read is absent
+    nodes: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,9 @@ def group_failure(ft: ForgeTraining, job: dict[str, Any] | None, pods: list[dict
         node_name = pod.get("spec", {}).get("nodeName")
         if not node_name or pod.get("status", {}).get("phase") not in ("Running", "Pending"):
             continue
-        ready, since = _node_ready(obs.nodes.get(node_name))
+        if node_name not in obs.nodes:
+            continue  # not observed (no RBAC to read nodes): unknown is not lost
+        ready, since = _node_ready(obs.nodes[node_name])
         if not ready and (since is None or obs.now - since > timeout):
             return Failure(Reason.NODE_LOST, f"node {node_name} of pod {pod['metadata']['name']} is not Ready for "
                                              f"more than {fp.node_failure_timeout_seconds}s"), []

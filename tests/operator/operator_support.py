@@ -44,14 +44,16 @@ def training(name: str = "llm", **spec_overrides) -> dict:
 class OperatorProcess:
     """`forge operator` as a real process, killable and restartable like a crashed pod."""
 
-    def __init__(self, kubeconfig: str, namespaces: list[str], log: Path, resync: float = 1.0):
+    def __init__(self, kubeconfig: str, namespaces: list[str], log: Path, resync: float = 1.0,
+                 env: dict[str, str] | None = None):
         self.kubeconfig, self.namespaces, self.log_path, self.resync = kubeconfig, namespaces, log, resync
+        self.extra_env = env or {}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "OperatorProcess":
         env = os.environ | {"KUBECONFIG": self.kubeconfig, "FORGE_RESYNC_SECONDS": str(self.resync),
                             "FORGE_HEALTH_ENDPOINT": "", "FORGE_TRAINER_IMAGE": "forge-trainer:test",
-                            "PYTHONUNBUFFERED": "1"}
+                            "PYTHONUNBUFFERED": "1"} | self.extra_env
         args = [sys.executable, "-m", "forge_operator", "operator"]
         for ns in self.namespaces:
             args += ["--namespace", ns]

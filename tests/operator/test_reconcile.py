@@ -204,3 +204,14 @@ def test_node_not_ready_counts_only_after_the_timeout():
     assert not recent.status.get("restartCount")
     old = plan_training(o, Observed(now=NOW, jobs=[job("llm-r0")], pods=pods, nodes=nodes("2026-11-22T11:57:00Z")))
     assert old.status["restarts"][0]["reason"] == "NodeLost" and "n3" in old.status["restarts"][0]["message"]
+
+
+def test_unreadable_node_is_not_a_lost_node_but_a_deleted_one_is():
+    o = obj()
+    o["status"] = {"phase": "Running"}
+    pods = [pod(f"p{i}", i, node=f"n{i}") for i in range(4)]
+    unread = plan_training(o, Observed(now=NOW, jobs=[job("llm-r0")], pods=pods, nodes={}))
+    assert not unread.status.get("restartCount") and unread.status["phase"] == "Running"
+    gone = plan_training(o, Observed(now=NOW, jobs=[job("llm-r0")], pods=pods,
+                                     nodes={"n0": READY, "n1": READY, "n2": READY, "n3": None}))
+    assert gone.status["restarts"][0]["reason"] == "NodeLost"
