@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from operator_support import ROOT, OperatorProcess, create_pvcs, training
 from test_lifecycle import exit_pod, phase_is, running_workers
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]  # the standby takes over once the peer's 60 s lease lapses
 
-PAUSED = "Pausing operations in favour of"
+
+def serving(replica: OperatorProcess) -> bool:
+    """kopf starts paused; it logs when peering lets it act, and when a higher priority makes it pause."""
+    log = replica.log()
+    return log.rfind("Resuming operations") > log.rfind("Pausing operations")
 
 
 def test_standby_replica_pauses_and_takes_over(crds, kube, tmp_path):
@@ -18,18 +24,24 @@ def test_standby_replica_pauses_and_takes_over(crds, kube, tmp_path):
     kube.apply({"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "forge"}})
     create_pvcs(kube, "corpus", "ckpt", "models")
     replicas = [OperatorProcess(kube.kubeconfig, [kube.namespace], tmp_path / f"op{i}.log",
-                                env={"FORGE_PEERING": "forge"}).start() for i in range(2)]
+                                env={"FORGE_PEERING": "forge"}) for i in range(2)]
     try:
-        standby = kube.wait_for("one replica pausing", lambda: [r for r in replicas if PAUSED in r.log()],
-                                timeout=150)
-        assert len(standby) == 1, "exactly one replica stands by"
-        active = next(r for r in replicas if r is not standby[0])
+        # one after the other, as a rolling Deployment starts them
+        replicas[0].start()
+        kube.wait_for("first replica serving", lambda: serving(replicas[0]), timeout=120)
+        replicas[1].start()
+        kube.wait_for("both replicas in the peering object", lambda: len(
+            kube.get("kopfpeering", "forge").get("status") or {}) == 2, timeout=120)
+        time.sleep(3)  # both have seen each other
+        active = kube.wait_for("exactly one replica serving", lambda: (
+            s := [r for r in replicas if serving(r)]) and len(s) == 1 and s[0], timeout=60)
+        standby = next(r for r in replicas if r is not active)
 
         kube.apply(training("llm", resources={"numNodes": 1}, failurePolicy={"backoffSeconds": 0}))
         pods = kube.wait_for("running", running_workers(kube, "llm", 1, 0))
 
         active.kill()
-        kube.wait_for("standby resumes", lambda: "Resuming operations" in standby[0].log(), timeout=90)
+        kube.wait_for("standby resumes", lambda: serving(standby), timeout=120)
         exit_pod(kube, pods[0]["metadata"]["name"], 1)
         kube.wait_for("restart handled by the former standby", running_workers(kube, "llm", 1, 1), timeout=60)
         assert kube.wait_for("Running", phase_is(kube, "llm", "Running"))["status"]["restartCount"] == 1
