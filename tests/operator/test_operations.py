@@ -200,3 +200,20 @@ def test_ten_trainings_in_ten_namespaces_do_not_cross_talk(cluster, crds, tmp_pa
         op.stop()
         for k in kubes:
             cluster.kubectl("delete", "namespace", k.namespace, "--wait=false", check=False)
+
+
+def test_forge_status_shows_progress_and_conditions(kube, operator):
+    import os
+    import subprocess
+    import sys
+
+    kube.apply(training("llm", resources={"numNodes": 1}))
+    pods = kube.wait_for("running", running_workers(kube, "llm", 1, 0))
+    report_progress(kube, pods[0]["metadata"]["name"], step=40, loss=2.5, checkpoint_step=40)
+    kube.wait_for("progress", lambda: ft(kube, "llm")["status"].get("progress", {}).get("step") == 40)
+    out = subprocess.run([sys.executable, "-m", "forge_operator", "status", "llm", "-n", kube.namespace],
+                         env=os.environ | {"KUBECONFIG": kube.kubeconfig}, capture_output=True, text=True, check=True)
+    header, row = out.stdout.splitlines()[:2]
+    assert header.split()[:5] == ["NAMESPACE", "NAME", "PHASE", "%", "STEP"]
+    assert row.split()[1:6] == ["llm", "Running", "40.0", "40", "2.500"]
+    assert "Running=True AllRanksRunning" in out.stdout and "last checkpoint: step 40" in out.stdout
