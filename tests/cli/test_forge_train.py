@@ -1,0 +1,86 @@
+"""`forge train FILE.yaml`: the ForgeTraining a cluster accepts, run on this machine."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from forge_operator.local import load_training, parse_volumes
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "trainer"))
+from trainer_helpers import write_corpus  # noqa: E402
+
+TINY = {
+    "apiVersion": "forge.dev/v1alpha1", "kind": "ForgeTraining", "metadata": {"name": "tiny"},
+    "spec": {
+        "method": "pretrain",
+        "model": {"architecture": {"numLayers": 2, "hiddenSize": 64, "intermediateSize": 128,
+                                   "numAttentionHeads": 4, "numKeyValueHeads": 2, "contextLength": 128}},
+        "tokenizer": {"train": {"vocabSize": 320}},
+        "data": {"sources": [{"name": "toy", "location": {"pvc": {"claimName": "data"}}}],
+                 "validation": {"fraction": 0.05}},
+        "training": {"sequenceLength": 64, "globalBatch": {"sequences": 16}, "microBatchSize": 4,
+                     "learningRate": 0.003, "warmupSteps": 5, "evalIntervalSteps": 10, "budget": {"maxSteps": 20}},
+        "resources": {"numNodes": 2, "gpusPerNode": 8},  # ignored locally: one process
+        "checkpoint": {"location": {"pvc": {"claimName": "runs", "path": "tiny/ckpt"}}, "intervalSteps": 10},
+        "output": {"location": {"pvc": {"claimName": "runs", "path": "tiny/model"}}},
+    },
+}
+
+
+def forge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "forge_operator", *args], cwd=cwd, capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": str(ROOT / "operator") + os.pathsep
+                                            + str(ROOT / "trainer-image")}, timeout=600)
+
+
+def test_forge_train_runs_a_forgetraining_file_locally(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(TINY))
+    out = forge("train", str(spec), "--volume", f"data={corpus}", "--volume", f"runs={tmp_path / 'runs'}",
+                "--prompt", "alice has", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 20," in out.stdout and "validation loss" in out.stdout and "perplexity" in out.stdout
+    assert "sample ('alice has' ->)" in out.stdout
+    model = tmp_path / "runs" / "tiny" / "model"
+    assert (model / "config.json").exists() and (model / "provenance.json").exists()
+    assert (tmp_path / "runs" / "tiny" / "ckpt").is_dir()
+    # the progress bar reports step, loss and tokens/s
+    assert "20/20" in out.stderr and "loss=" in out.stderr and "tok/s=" in out.stderr
+
+
+def test_forge_train_reports_what_it_cannot_run(tmp_path):
+    bad = yaml.safe_load(yaml.safe_dump(TINY))
+    bad["spec"]["data"]["sources"][0]["location"] = {"s3": {"uri": "s3://bucket/corpus"}}
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml.safe_dump(bad))
+    out = forge("train", str(spec), cwd=tmp_path)
+    assert out.returncode == 78
+    assert "spec.data.sources[0].location.s3: S3 locations are not supported" in out.stderr
+
+    bad["spec"]["training"]["learningRate"] = "fast"
+    spec.write_text(yaml.safe_dump(bad))
+    out = forge("train", str(spec), cwd=tmp_path)
+    assert out.returncode == 78 and "spec.training.learningRate" in out.stderr
+
+
+def test_empty_data_folder_is_a_data_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(TINY))
+    out = forge("train", str(spec), "--volume", f"data={tmp_path / 'empty'}", "--volume", f"runs={tmp_path / 'r'}",
+                cwd=tmp_path)
+    assert out.returncode == 65, out.stderr[-2000:]
+    assert "data" in out.stderr and "no files" in out.stderr.lower()
+
+
+def test_volumes_and_quickstart_file():
+    assert parse_volumes(["a=/x", "b=rel"]) == {"a": Path("/x"), "b": Path("rel").resolve()}
+    ft = load_training(str(ROOT / "examples" / "quickstart.yaml"))
+    assert ft.spec.model.architecture.num_layers == 4 and ft.spec.data.sources[0].include == ["*.py"]
