@@ -209,3 +209,16 @@ def test_bad_data_directories_are_data_errors(tmp_path, setup, message):
         _prepare(cfg)
         TokenData(_prepare(cfg)[1], cfg)
     assert not list((Path(cfg.cache_dir) / "tokens").glob("*/manifest.json"))
+
+
+def test_include_and_exclude_patterns(tmp_path):
+    from forge_trainer.config import DataSourceConfig
+    from forge_trainer.data import discover
+
+    for rel in ["a.py", "pkg/b.py", "pkg/tests/c.py", "site-packages/x/d.py", "notes.txt"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x = 1\n")
+    source = DataSourceConfig(name="s", path=str(tmp_path), include=["**/*.py"], exclude=["site-packages/**", "**/tests/*"])
+    assert sorted(f.rel for f in discover(source, 0)) == ["a.py", "pkg/b.py"]
+    top = DataSourceConfig(name="s", path=str(tmp_path), include=["*.py"])
+    assert [f.rel for f in discover(top, 0)] == ["a.py"]

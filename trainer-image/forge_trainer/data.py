@@ -63,7 +63,11 @@ def discover(source: DataSourceConfig, index: int) -> list[SourceFile]:
                 found[p.relative_to(root).as_posix()] = p
     for pattern in source.exclude:
         for p in root.glob(pattern):
-            found.pop(p.relative_to(root).as_posix(), None)
+            rel = p.relative_to(root).as_posix()
+            found.pop(rel, None)
+            if p.is_dir():  # "dir/**" matches directories: leave out everything under them
+                for key in [k for k in found if k.startswith(rel + "/")]:
+                    del found[key]
     if not found:
         raise DataError(f"{where}: no files match {', '.join(source.include_patterns)}")
     files = []
@@ -271,8 +275,8 @@ def prepare(config: TrainerConfig, tokenizer: TextTokenizer, digest: str, listin
     return out
 
 
-def _verification_sample(config: TrainerConfig, listing, max_bytes: int = 1 << 20) -> list[str]:
-    """About 1 MB of documents spread over all sources, to check the fast encoder against `tokenizers`."""
+def _verification_sample(config: TrainerConfig, listing, max_bytes: int = 256 << 10) -> list[str]:
+    """About 256 KB of documents spread over all sources, to check the fast encoder against `tokenizers`."""
     texts: list[str] = []
     per_source = max_bytes // len(config.data.sources)
     for i, src in enumerate(config.data.sources):

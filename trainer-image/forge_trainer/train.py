@@ -298,7 +298,7 @@ def _prepare_data(config: TrainerConfig, d: Dist) -> tuple[TextTokenizer, Path, 
 def _parallelize(model: torch.nn.Module, d: Dist, bf16: bool, compile: bool) -> torch.nn.Module:
     """Compile and shard each transformer block (FSDP2), then the root; plain in one process."""
     model.to(d.device)
-    layers = model.model.layers
+    layers = _blocks(model)
     if compile:
         for layer in layers:
             layer.compile()
@@ -310,6 +310,13 @@ def _parallelize(model: torch.nn.Module, d: Dist, bf16: bool, compile: bool) -> 
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
     return model
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks: the modules Hugging Face marks as not to be split."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    return blocks or list(model.model.layers)
 
 
 def _build_optimizer(model: torch.nn.Module, t: TrainingConfig, device: torch.device) -> torch.optim.Optimizer:
