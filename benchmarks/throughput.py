@@ -107,7 +107,7 @@ def main() -> None:
     if d.is_main:
         name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
         print(f"model: {type(model).__name__.removeprefix('FSDP')} {args.preset} {stats.params / 1e6:,.1f}M params, "
-              f"{stats.active_params / 1e6:,.1f}M active non-embedding, {stats.flops_per_token / 1e6:,.1f} MFLOP/token")
+              f"{stats.active_params / 1e6:,.1f}M counted in FLOPs (non-embedding, active experts, output layer), {stats.flops_per_token / 1e6:,.1f} MFLOP/token")
         print(f"setup: {world} x {name}, {'bf16' if bf16 else 'fp32'}, compile={args.compile}, "
               f"seq {seq_len} x micro-batch {micro} x accum {args.grad_accum}, {args.steps} timed steps")
         print(f"tokens/s per device: {tokens_per_device:,.0f}   total: {tokens_per_device * world:,.0f}")
