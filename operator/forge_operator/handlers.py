@@ -148,6 +148,13 @@ def _execute(c: Clients, obj: dict[str, Any], plan: Plan) -> None:
                 raise
             _rejected_child(plan, child, e, utcnow())
             break
+    if plan.suspend_job is not None:
+        job, suspend = plan.suspend_job
+        try:
+            c.batch.patch_namespaced_job(job, namespace, {"spec": {"suspend": suspend}}, field_manager=FIELD_MANAGER)
+        except ApiException as e:
+            if e.status != 404:
+                raise
     for job in plan.delete_jobs:
         try:
             c.batch.delete_namespaced_job(job, namespace, propagation_policy="Background")

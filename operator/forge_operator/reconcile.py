@@ -67,6 +67,8 @@ class Plan:
     delete_jobs: list[str] = field(default_factory=list)
     force_delete_pods: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    # (job name, suspend): set spec.suspend of that existing Job
+    suspend_job: tuple[str, bool] | None = None
     # reconcile again after this many seconds even if nothing changes (controller-runtime's RequeueAfter)
     requeue_after: float | None = None
 
@@ -122,6 +124,14 @@ def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _last_json_line(text: str | None) -> dict[str, Any]:
+    try:
+        data = json.loads((text or "").strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _node_ready(node: dict[str, Any] | None) -> tuple[bool, datetime | None]:
     if node is None:
         return False, None
@@ -150,13 +160,20 @@ def pod_failure(pod: dict[str, Any]) -> Failure | None:
         return Failure(Reason.PREEMPTED, f"pod {name} on node {node} was preempted")
     term = _terminated(pod) or {}
     code = term.get("exitCode")
+    # torchrun exits with its own code when a worker fails; the trainer's termination message
+    # (one JSON line) carries the worker's documented exit code
+    summary = _last_json_line(term.get("message"))
+    if isinstance(summary.get("exitCode"), int):
+        code = summary["exitCode"]
+    elif summary.get("status") == "preempted":
+        code = exitcodes.PREEMPTED
     if term.get("reason") == "OOMKilled":
         return Failure(Reason.OOM_KILLED, f"pod {name} on node {node} was OOM-killed (exit code {code})", code)
     if code == exitcodes.PREEMPTED:
         return Failure(Reason.PREEMPTED, f"pod {name} on node {node} was stopped and saved a checkpoint "
                                          f"(exit code {code})", code)
-    detail = (term.get("message") or "").strip().splitlines()
-    suffix = f": {detail[-1][:300]}" if detail else ""
+    detail = summary.get("message") or ((term.get("message") or "").strip().splitlines() or [""])[-1]
+    suffix = f": {detail[:300]}" if detail else ""
     return Failure(Reason.POD_FAILED, f"pod {name} on node {node} failed with exit code {code}{suffix}", code)
 
 
@@ -210,13 +227,8 @@ def read_progress(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
             continue
         term = _terminated(pod) or {}
         for text in ((pod["metadata"].get("annotations") or {}).get(ANNOTATION_PROGRESS), term.get("message")):
-            if not text:
-                continue
-            try:
-                data = json.loads(text.strip().splitlines()[-1])
-            except (ValueError, IndexError):
-                continue
-            if isinstance(data, dict) and "step" in data:
+            data = _last_json_line(text)
+            if "step" in data:
                 return data
     return None
 
@@ -417,7 +429,16 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
     last_restart = (status.get("restarts") or [{}])[-1] if restart_count else {}
     state = WorkerState(restart_count=restart_count, resume_step=last_restart.get("step"),
                         suspend=user_suspend or queued, restart_reason=last_restart.get("reason", ""))
-    plan.apply = desired_children(ft, trainer_yaml, state, image=settings.trainer_image, include_job=waiting <= 0)
+    # The Job is applied once, when its attempt starts; its template never changes after that (an edit
+    # is a new attempt). Afterwards only `suspend` is written, and only when the user's wish differs
+    # from what is observed, so a stale read can never undo Kueue's admission.
+    plan.apply = desired_children(ft, trainer_yaml, state, image=settings.trainer_image,
+                                  include_job=current is None and waiting <= 0)
+    if current is not None and not current["metadata"].get("deletionTimestamp"):
+        if user_suspend and not job_suspended:
+            plan.suspend_job = (current_name, True)
+        elif not user_suspend and job_suspended and not spec.scheduling.queue_name:
+            plan.suspend_job = (current_name, False)
 
     # 6. the phase, from what runs now
     plan.requeue_after = waiting if waiting > 0 else settings.resync_seconds

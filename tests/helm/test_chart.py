@@ -379,6 +379,12 @@ def test_the_api_server_lets_the_operator_apply_a_trainings_children(installs, c
     release = installs[which]
     ns = release.watch[0] if release.watch else release.namespace
     ft = example_training(ns)
+    # the owner must exist, or the garbage collector removes the children while they are applied
+    owner = ft.to_dict()
+    owner["metadata"] = {"name": ft.metadata.name, "namespace": ns}
+    cluster.kubectl("apply", "--server-side", "-n", ns, "-f", "-", input=json.dumps(owner))
+    ft.metadata.uid = json.loads(cluster.kubectl("get", "forgetraining", ft.metadata.name, "-n", ns, "-o",
+                                                 "json").stdout)["metadata"]["uid"]
     children = desired_children(ft, trainer_config(ft).to_yaml(), WorkerState(suspend=True), image="trainer:1")
     manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": children})
     out = cluster.kubectl("apply", "--server-side", "--field-manager=forge-operator",

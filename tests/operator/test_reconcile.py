@@ -60,6 +60,12 @@ def running_plan(o: dict, n: int = 4, now: datetime = NOW, **kw):
     ({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"exitCode": 1, "message": "boom\nCUDA error"}}}]},
      "PodFailed", 1),
     ({"phase": "Running"}, None, None),
+    # under torchrun the container's code is torchrun's; the trainer's termination message has its own
+    ({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {
+        "exitCode": 1, "message": '{"status": "failed", "exitCode": 65, "message": "data error: no files"}'}}}]},
+     "PodFailed", 65),
+    ({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {
+        "exitCode": 1, "message": '{"status": "preempted", "reason": "sigterm", "step": 7}'}}}]}, "Preempted", 75),
 ])
 def test_pod_failure_reasons(pod_status, reason, code):
     p = pod("w", 0)
@@ -69,7 +75,7 @@ def test_pod_failure_reasons(pod_status, reason, code):
     if f:
         assert f.exit_code == code
     if reason == "PodFailed":
-        assert "CUDA error" in f.message
+        assert ("CUDA error" if code == 1 else "data error: no files") in f.message
 
 
 def test_fresh_training_creates_children_with_owner_references():
