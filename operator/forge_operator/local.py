@@ -23,7 +23,7 @@ from .api.training import ForgeTraining
 from .reconcile import format_error
 from .translate import TranslationError, trainer_config
 
-DEFAULT_PROMPT = "def "
+DEFAULT_PROMPT = "def __init__(self"
 
 
 def parse_volumes(volumes: list[str]) -> dict[str, Path]:
@@ -106,7 +106,7 @@ def train_local(path: str, volumes: list[str], prompt: str | None = None) -> int
     if summary.val_loss is not None:
         print(f"validation loss {summary.val_loss:.4f}, perplexity {math.exp(summary.val_loss):.2f}")
     text = prompt if prompt is not None else DEFAULT_PROMPT
-    completion = forge_trainer.sample(summary.output_dir, text, max_new_tokens=48, top_k=8, seed=0)
+    completion = forge_trainer.sample(summary.output_dir, text, max_new_tokens=48)
     print(f"sample ({text!r} ->):\n{completion}")
     print(f"model: {summary.output_dir} (Hugging Face format; provenance.json beside it)")
     return exitcodes.OK

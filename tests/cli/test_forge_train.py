@@ -80,7 +80,26 @@ def test_empty_data_folder_is_a_data_error(tmp_path):
     assert "data" in out.stderr and "no files" in out.stderr.lower()
 
 
-def test_volumes_and_quickstart_file():
+def test_volumes_are_claim_to_folder():
     assert parse_volumes(["a=/x", "b=rel"]) == {"a": Path("/x"), "b": Path("rel").resolve()}
+
+
+def test_quickstart_file_trains_on_the_standard_library(tmp_path):
+    """The quickstart's own file, cut to 2 steps: the data is there on every machine, and it trains."""
+    import json
+    import math
+    import sysconfig
+
+    import forge_trainer
+    from forge_operator.translate import trainer_config
+
     ft = load_training(str(ROOT / "examples" / "quickstart.yaml"))
-    assert ft.spec.model.architecture.num_layers == 4 and ft.spec.data.sources[0].include == ["*.py"]
+    ft.spec.training.budget.max_steps = 2
+    roots = {"stdlib": sysconfig.get_paths()["stdlib"], "runs": str(tmp_path)}
+    cfg = trainer_config(ft, lambda loc: str(Path(roots[loc.claim_name]) / loc.path), metrics_port=None,
+                         world_size=1, termination_message_path=str(tmp_path / "summary.json"))
+    summary = forge_trainer.run(cfg)
+    assert summary.step == 2 and math.isfinite(summary.val_loss)
+    manifest = json.loads(next(Path(cfg.cache_dir).glob("tokens/*/manifest.json")).read_text())
+    assert len(manifest["sources"][0]["files"]) > 100 and manifest["vocab_size"] == 4096
+    assert forge_trainer.sample(cfg.output.dir, "def ", max_new_tokens=4)

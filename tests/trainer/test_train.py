@@ -229,15 +229,3 @@ def test_compiled_blocks_train_like_eager(tmp_path, corpus, shared_cache, refere
     compiled = forge_trainer.run(cfg)
     for a, b in zip(compiled.history[:10], eager.history[:10]):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-3)
-
-
-def test_quickstart_config_trains_on_the_standard_library(tmp_path):
-    from forge_trainer.quickstart import quickstart_config
-
-    cfg = quickstart_config(tmp_path, max_steps=2)
-    assert cfg.data.sources[0].path and cfg.training.seq_len == 128
-    summary = forge_trainer.run(cfg)
-    assert summary.step == 2 and math.isfinite(summary.val_loss)
-    manifest = json.loads(next((tmp_path / "cache" / "tokens").glob("*/manifest.json")).read_text())
-    assert len(manifest["sources"][0]["files"]) > 100 and manifest["vocab_size"] == 4096
-    assert forge_trainer.sample(cfg.output.dir, "def ", max_new_tokens=4)
