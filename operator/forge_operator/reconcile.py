@@ -226,10 +226,16 @@ def read_progress(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
         if pod_index(pod) != "0":
             continue
         term = _terminated(pod) or {}
-        for text in ((pod["metadata"].get("annotations") or {}).get(ANNOTATION_PROGRESS), term.get("message")):
+        # the final summary (termination message) is newer than the last periodic report
+        for text in (term.get("message"), (pod["metadata"].get("annotations") or {}).get(ANNOTATION_PROGRESS)):
             data = _last_json_line(text)
-            if "step" in data:
-                return data
+            if "step" not in data:
+                continue
+            if "trainLoss" in data or "valLoss" in data:  # the trainer's RunSummary
+                data = {**data, "loss": data.get("trainLoss"), "validationLoss": data.get("valLoss")}
+                if data.get("status") == "completed":
+                    data["percent"], data["etaSeconds"] = 100.0, 0
+            return data
     return None
 
 

@@ -221,3 +221,18 @@ def test_unreadable_node_is_not_a_lost_node_but_a_deleted_one_is():
     gone = plan_training(o, Observed(now=NOW, jobs=[job("llm-r0")], pods=pods,
                                      nodes={"n0": READY, "n1": READY, "n2": READY, "n3": None}))
     assert gone.status["restarts"][0]["reason"] == "NodeLost"
+
+
+def test_final_summary_in_the_termination_message_becomes_the_final_progress():
+    o = obj()
+    o["status"] = {"phase": "Running", "progress": {"step": 90, "loss": 2.0}}
+    rank0 = pod("p0", 0, phase="Succeeded")
+    rank0["status"]["containerStatuses"] = [{"state": {"terminated": {"exitCode": 0, "message": (
+        '{"status": "completed", "reason": "max_steps", "step": 100, "tokensSeen": 819200, '
+        '"trainLoss": 1.9, "valLoss": 2.1}')}}}]
+    rank0["metadata"]["annotations"]["forge.dev/progress"] = '{"step": 95, "loss": 1.95}'
+    plan = plan_training(o, Observed(now=NOW, jobs=[job("llm-r0", conditions=[{"type": "Complete", "status": "True"}])],
+                                     pods=[rank0]))
+    p = plan.status["progress"]
+    assert (p["step"], p["loss"], p["validationLoss"], p["percent"]) == (100, 1.9, 2.1, 100.0)
+    assert plan.status["phase"] == "Succeeded"
