@@ -1,5 +1,7 @@
 """Every label, annotation, port, path and environment variable name, defined once."""
 
+from forge_trainer import contract
+
 from .api.base import GROUP
 
 FIELD_MANAGER = "forge-operator"
@@ -13,7 +15,7 @@ LABEL_ATTEMPT = f"{GROUP}/attempt"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 
 # written by the trainer's rank 0 on its own pod; read by the operator
-ANNOTATION_PROGRESS = f"{GROUP}/progress"
+ANNOTATION_PROGRESS = contract.PROGRESS_ANNOTATION
 # set by the operator on the Job it creates, so a restarted operator knows the reason of a restart it began
 ANNOTATION_RESTART_REASON = f"{GROUP}/restart-reason"
 
@@ -25,11 +27,11 @@ PVC_MOUNT_ROOT = "/mnt/pvc"
 SHM_MOUNT = "/dev/shm"
 RENDEZVOUS_PORT = 29400
 METRICS_PORT = 9090
-TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TERMINATION_MESSAGE_PATH = contract.DEFAULT_TERMINATION_MESSAGE_PATH
 
 # environment of the trainer container
-ENV_POD_NAME = "FORGE_POD_NAME"
-ENV_POD_NAMESPACE = "FORGE_POD_NAMESPACE"
+ENV_POD_NAME = contract.POD_NAME_ENV
+ENV_POD_NAMESPACE = contract.POD_NAMESPACE_ENV
 ENV_TRAINING_NAME = "FORGE_TRAINING_NAME"
 ENV_RESTART_COUNT = "FORGE_RESTART_COUNT"
 ENV_RESUME_STEP = "FORGE_RESUME_STEP"

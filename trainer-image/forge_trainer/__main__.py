@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from . import exitcodes
 from .config import load_config
+from .contract import DEFAULT_TERMINATION_MESSAGE_PATH
 from .exitcodes import ConfigError, TrainerError
 
 PREFIX = "forge-trainer"
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank {rank}] %(message)s" if "WORLD_SIZE" in os.environ else "%(asctime)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    termination_path = "/dev/termination-log"
+    termination_path = DEFAULT_TERMINATION_MESSAGE_PATH
     try:
         try:
             config = load_config(args.config)

@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .contract import DEFAULT_TERMINATION_MESSAGE_PATH
+
 DEFAULT_INCLUDE = {
     "text": ["**/*.txt"],
     "jsonl": ["**/*.jsonl"],
@@ -293,7 +295,7 @@ class TrainerConfig(_Model):
     cache_dir: str = "/cache"
     """Where prepared token shards and trained tokenizers are cached (keyed by data and tokenizer digests)."""
     metrics: MetricsConfig = MetricsConfig()
-    termination_message_path: str = "/dev/termination-log"
+    termination_message_path: str = DEFAULT_TERMINATION_MESSAGE_PATH
     """A one-line JSON summary is written here at exit (when its directory is writable)."""
 
     @model_validator(mode="after")

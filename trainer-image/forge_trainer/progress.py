@@ -13,9 +13,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-PROGRESS_ANNOTATION = "forge.dev/progress"
-POD_NAME_ENV = "FORGE_POD_NAME"
-POD_NAMESPACE_ENV = "FORGE_POD_NAMESPACE"
+from .contract import POD_NAME_ENV, POD_NAMESPACE_ENV, PROGRESS_ANNOTATION  # noqa: F401 (re-exported)
 SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
 
