@@ -17,7 +17,7 @@ from .constants import (
     ANNOTATION_RESTART_REASON, CONFIG_FILE, CONFIG_MOUNT, CONTAINER_NAME, DEFAULT_TRAINER_IMAGE, ENV_POD_NAME,
     ENV_POD_NAMESPACE, ENV_RESTART_COUNT, ENV_RESUME_STEP, ENV_TRAINING_NAME, LABEL_ATTEMPT, LABEL_KUEUE_QUEUE,
     LABEL_MANAGED_BY, LABEL_NAME, LABEL_TRAINING, MANAGED_BY, METRICS_PORT, PVC_MOUNT_ROOT, RENDEZVOUS_PORT,
-    SHM_MOUNT, TERMINATION_MESSAGE_PATH,
+    SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_GID,
 )
 
 ANNOTATION_SPEC_HASH = "forge.dev/spec-hash"
@@ -189,6 +189,9 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
         container["resources"] = resources
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # volumes are group-writable by the trainer image's user (uid/gid 10001); the ownership of a
+        # volume is changed only when its root does not match, not file by file on every mount
+        "securityContext": {"fsGroup": TRAINER_GID, "fsGroupChangePolicy": "OnRootMismatch"},
         "subdomain": service_name(ft),
         "serviceAccountName": service_account_name(ft),
         "terminationGracePeriodSeconds": r.termination_grace_period_seconds,
@@ -211,12 +214,14 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
     }
 
 
-def spec_hash(ft: ForgeTraining, trainer_yaml: str, image: str) -> str:
-    """Digest of what running workers depend on; a change means a controlled restart.
+def spec_hash(ft: ForgeTraining, trainer_yaml: str) -> str:
+    """Digest of what running workers depend on in the spec; a change means a controlled restart.
 
-    Suspension and the attempt number are left out: those change the Job in place or by name.
+    Suspension and the attempt number are left out: those change the Job in place or by name. So is
+    the operator's default trainer image: upgrading the operator does not restart running trainings
+    (their next attempt uses the new default); ``resources.image`` set in the spec does count.
     """
-    template = build_pod_template(ft, WorkerState(), image)
+    template = build_pod_template(ft, WorkerState(), ft.spec.resources.image or "")
     blob = json.dumps({"template": template, "config": trainer_yaml, "nodes": ft.spec.resources.num_nodes},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -249,5 +254,5 @@ def desired_children(ft: ForgeTraining, trainer_yaml: str, state: WorkerState, *
     image = ft.spec.resources.image or image or DEFAULT_TRAINER_IMAGE
     children = [build_config_map(ft, trainer_yaml), build_service(ft), *build_rbac(ft)]
     if include_job:
-        children.append(build_job(ft, state, image, spec_hash(ft, trainer_yaml, image)))
+        children.append(build_job(ft, state, image, spec_hash(ft, trainer_yaml)))
     return children

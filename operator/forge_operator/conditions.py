@@ -42,10 +42,12 @@ class Reason:
     MAX_RESTARTS_EXCEEDED = "MaxRestartsExceeded"
     NON_RETRYABLE_EXIT_CODE = "NonRetryableExitCode"
     INVALID_SPEC = "InvalidSpec"
+    CHILD_REJECTED = "ChildRejected"  # the API server refused a child built from the spec's free-form fields
     GPU_HOUR_BUDGET_EXHAUSTED = "GpuHourBudgetExhausted"
     # stall
     NO_PROGRESS = "NoProgress"
     PROGRESSING = "Progressing"
+    NOT_RUNNING = "NotRunning"
 
 
 def find(conditions: list[dict[str, Any]] | None, type_: str) -> dict[str, Any] | None:

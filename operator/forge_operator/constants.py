@@ -36,4 +36,6 @@ ENV_TRAINING_NAME = "FORGE_TRAINING_NAME"
 ENV_RESTART_COUNT = "FORGE_RESTART_COUNT"
 ENV_RESUME_STEP = "FORGE_RESUME_STEP"
 
+TRAINER_GID = 10001  # the trainer image's user and group (trainer-image/Dockerfile)
+
 DEFAULT_TRAINER_IMAGE = "ghcr.io/forge-dev/forge-trainer:0.1.0"

@@ -22,10 +22,11 @@ from . import conditions as C
 from .api.training import ForgeTraining
 from .children import ANNOTATION_SPEC_HASH, WorkerState, desired_children, job_name, spec_hash
 from .conditions import Reason
-from .constants import ANNOTATION_PROGRESS, DEFAULT_TRAINER_IMAGE, LABEL_ATTEMPT
+from .constants import ANNOTATION_PROGRESS, LABEL_ATTEMPT
 from .translate import TranslationError, trainer_config
 
 MAX_RESTART_RECORDS = 20
+ACCOUNTING_SECONDS = 30  # granularity of status.budget.gpuHours
 JOB_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 ALWAYS_NON_RETRYABLE = (exitcodes.DATA_ERROR, exitcodes.CONFIG_ERROR)
 PHASE_CONDITION = {
@@ -78,6 +79,8 @@ class Failure:
     reason: str
     message: str
     exit_code: int | None = None
+    # the exit code is the trainer's own (from its termination message), not torchrun's or the kubelet's
+    from_trainer: bool = False
 
 
 # --------------------------------------------------------------------------- small readers
@@ -163,6 +166,7 @@ def pod_failure(pod: dict[str, Any]) -> Failure | None:
     # torchrun exits with its own code when a worker fails; the trainer's termination message
     # (one JSON line) carries the worker's documented exit code
     summary = _last_json_line(term.get("message"))
+    from_trainer = isinstance(summary.get("exitCode"), int) or summary.get("status") == "preempted"
     if isinstance(summary.get("exitCode"), int):
         code = summary["exitCode"]
     elif summary.get("status") == "preempted":
@@ -171,10 +175,11 @@ def pod_failure(pod: dict[str, Any]) -> Failure | None:
         return Failure(Reason.OOM_KILLED, f"pod {name} on node {node} was OOM-killed (exit code {code})", code)
     if code == exitcodes.PREEMPTED:
         return Failure(Reason.PREEMPTED, f"pod {name} on node {node} was stopped and saved a checkpoint "
-                                         f"(exit code {code})", code)
+                                         f"(exit code {code})", code, from_trainer)
     detail = summary.get("message") or ((term.get("message") or "").strip().splitlines() or [""])[-1]
     suffix = f": {detail[:300]}" if detail else ""
-    return Failure(Reason.POD_FAILED, f"pod {name} on node {node} failed with exit code {code}{suffix}", code)
+    return Failure(Reason.POD_FAILED, f"pod {name} on node {node} failed with exit code {code}{suffix}", code,
+                   from_trainer)
 
 
 def group_failure(ft: ForgeTraining, job: dict[str, Any] | None, pods: list[dict[str, Any]],
@@ -182,10 +187,12 @@ def group_failure(ft: ForgeTraining, job: dict[str, Any] | None, pods: list[dict
     """The first reason to restart the group, and pods that must be force-deleted."""
     fp = ft.spec.failure_policy
     timeout = timedelta(seconds=fp.node_failure_timeout_seconds)
-    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
-        f = pod_failure(pod)
-        if f is not None:
-            return f, []
+    # When one rank fails, torchrun stops the others, which then fail too. The failure that explains
+    # the group's is the one the trainer itself reported (its documented exit code: data error, config
+    # error, preempted), not a neighbour's "rendezvous closed".
+    failed = [f for f in (pod_failure(p) for p in sorted(pods, key=lambda p: p["metadata"]["name"])) if f]
+    if failed:
+        return sorted(failed, key=lambda f: not f.from_trainer)[0], []
     stuck: list[str] = []
     for pod in pods:
         deleted = parse_ts(pod["metadata"].get("deletionTimestamp"))
@@ -253,8 +260,9 @@ def merge_progress(old: dict[str, Any] | None, report: dict[str, Any], now: date
     if "etaSeconds" in new:
         new["eta"] = human_duration(new["etaSeconds"])
     old = old or {}
-    advanced = new.get("step", 0) > old.get("step", 0)
-    new["lastStepTime"] = ts(now) if advanced or not old.get("lastStepTime") else old["lastStepTime"]
+    # any change counts: after a restart the step goes back to the checkpoint's, then forward again
+    moved = new.get("step") != old.get("step")
+    new["lastStepTime"] = ts(now) if moved or not old.get("lastStepTime") else old["lastStepTime"]
     return new
 
 
@@ -263,6 +271,8 @@ def set_phase(status: dict[str, Any], phase: str, reason: str, message: str, now
               generation: int | None) -> None:
     status["phase"] = phase
     conds = status.get("conditions") or []
+    if phase != "Running" and C.is_true(conds, C.STALLED):  # stalled describes a running group only
+        conds = C.set_condition(conds, C.STALLED, False, Reason.NOT_RUNNING, f"phase {phase}", now, generation)
     for p, type_ in PHASE_CONDITION.items():
         if p == phase:
             conds = C.set_condition(conds, type_, True, reason, message, now, generation)
@@ -302,7 +312,9 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
         if not was_invalid or C.find(old_status.get("conditions"), C.INVALID).get("message") != message:
             plan.events.append(Event("Warning", Reason.INVALID_SPEC, message))
         return plan
-    if C.find(status.get("conditions"), C.INVALID):
+    # an Invalid spec is fixed now; a refused child (Reason.CHILD_REJECTED) is cleared by the handler
+    # once the API server accepts every child
+    if (C.find(status.get("conditions"), C.INVALID) or {}).get("reason") == Reason.INVALID_SPEC:
         status["conditions"] = [c for c in status["conditions"] if c["type"] != C.INVALID]
 
     spec = ft.spec
@@ -310,13 +322,19 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
     restart_count = int(status.get("restartCount") or 0)
     failures = int(status.get("failureCount") or 0)
     current_name = job_name(ft, restart_count)
-    current = next((j for j in obs.jobs if j["metadata"]["name"] == current_name), None)
-    plan.delete_jobs = [j["metadata"]["name"] for j in obs.jobs if j["metadata"]["name"] != current_name
+    current = next((j for j in obs.jobs if j["metadata"]["name"] == current_name
+                    and not j["metadata"].get("deletionTimestamp")), None)
+    # Jobs of earlier attempts go; a Job of a later attempt than the status knows is never touched
+    plan.delete_jobs = [j["metadata"]["name"] for j in obs.jobs
+                        if _attempt(j) is not None and _attempt(j) < restart_count
                         and not j["metadata"].get("deletionTimestamp")]
-    pods = [p for p in obs.pods if (p["metadata"].get("labels") or {}).get(LABEL_ATTEMPT) == str(restart_count)]
+    attempt_pods = [p for p in obs.pods if (p["metadata"].get("labels") or {}).get(LABEL_ATTEMPT)
+                    == str(restart_count)]
+    # the workers of this attempt's Job; pods of a deleted Job of the same name are only stopping
+    pods = [p for p in attempt_pods if current is not None and _owned_by(p, current)]
 
     # 2. what rank 0 reported, and who ran
-    report = read_progress(pods)
+    report = read_progress(pods) or read_progress(attempt_pods)
     if report is not None:
         status["progress"] = merge_progress(old_status.get("progress"), report, now)
         ckpt = report.get("lastCheckpoint")
@@ -363,6 +381,13 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
 
     user_suspend = spec.scheduling.suspend
     job_suspended = bool(current and current.get("spec", {}).get("suspend"))
+    # Kueue owns `suspend` of a queued Job (it unsuspends what it admitted), so a user's suspension
+    # of a queued training deletes the Job instead: its workload leaves the queue and frees its quota,
+    # and resuming queues a new Job for the same attempt
+    kueue_suspend = user_suspend and bool(spec.scheduling.queue_name)
+    if kueue_suspend and current is not None:
+        plan.delete_jobs.append(current_name)
+        current, pods, running, job_suspended = None, [], [], False
 
     # 4. success, or a reason to restart the group
     if current is not None and _job_condition(current, "Complete"):
@@ -378,9 +403,8 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
     failure, stuck = (None, [])
     if current is not None and not job_suspended:
         failure, stuck = group_failure(ft, current, pods, obs)
-    image = spec.resources.image or settings.trainer_image
     if failure is None and current is not None and not job_suspended:
-        want = spec_hash(ft, trainer_yaml, image or DEFAULT_TRAINER_IMAGE)
+        want = spec_hash(ft, trainer_yaml)
         have = (current["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
         if have and have != want:
             failure = Failure(Reason.RESOURCES_CHANGED, "the spec changed (resources, budget or hyperparameters); "
@@ -429,7 +453,7 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
         if last_time is not None:
             waiting = (last_time + timedelta(seconds=delay) - now).total_seconds()
     # Kueue owns `suspend` of a queued Job: created suspended, unsuspended by Kueue on admission.
-    queued = bool(spec.scheduling.queue_name) and (current is None or job_suspended)
+    queued = bool(spec.scheduling.queue_name) and (current is None or job_suspended) and not user_suspend
     # the pod template of an attempt is fixed when the attempt starts: it names the checkpoint the
     # restart resumes from (the trainer itself always resumes from the latest complete one)
     last_restart = (status.get("restarts") or [{}])[-1] if restart_count else {}
@@ -439,8 +463,8 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
     # is a new attempt). Afterwards only `suspend` is written, and only when the user's wish differs
     # from what is observed, so a stale read can never undo Kueue's admission.
     plan.apply = desired_children(ft, trainer_yaml, state, image=settings.trainer_image,
-                                  include_job=current is None and waiting <= 0)
-    if current is not None and not current["metadata"].get("deletionTimestamp"):
+                                  include_job=current is None and waiting <= 0 and not kueue_suspend)
+    if current is not None:
         if user_suspend and not job_suspended:
             plan.suspend_job = (current_name, True)
         elif not user_suspend and job_suspended and not spec.scheduling.queue_name:
@@ -452,7 +476,7 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
         transition("Restarting", Reason.BACKING_OFF, f"restart {restart_count} in {int(waiting) + 1}s "
                                                      f"(failurePolicy backoff)", warning=True)
     elif user_suspend:
-        active = [p for p in pods if p.get("status", {}).get("phase") in ("Pending", "Running")]
+        active = [p for p in attempt_pods if p.get("status", {}).get("phase") in ("Pending", "Running")]
         msg = "suspended by the user" + (f"; {len(active)} workers still stopping" if active else "; no workers run")
         transition("Suspended", Reason.SUSPENDED_BY_USER, msg)
     elif state.suspend:
@@ -463,7 +487,6 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
         message = f"all {n} ranks running"
         reason = Reason.RESUMED if _resumed(status) else Reason.ALL_RANKS_RUNNING
         transition("Running", reason, message)
-        _check_stall(status, ft, now, generation, plan)
     elif any(p.get("spec", {}).get("nodeName") for p in pods):
         transition("Initializing", Reason.PODS_STARTING, f"{len(running)}/{n} ranks running")
     else:
@@ -471,6 +494,7 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
         if old_phase != "Pending":
             plan.events.append(Event("Normal", Reason.CREATED, f"created {n} worker(s) as job "
                                                                f"{job_name(ft, restart_count)}"))
+    _check_stall(status, ft, now, generation, plan)
     return plan
 
 
@@ -483,6 +507,16 @@ def _resumed(status: dict[str, Any]) -> bool:
     return restarting is None or suspended["lastTransitionTime"] >= restarting["lastTransitionTime"]
 
 
+def _attempt(job: dict[str, Any]) -> int | None:
+    value = (job["metadata"].get("labels") or {}).get(LABEL_ATTEMPT, "")
+    return int(value) if value.isdigit() else None
+
+
+def _owned_by(pod: dict[str, Any], job: dict[str, Any]) -> bool:
+    uid = job["metadata"].get("uid")
+    return uid is None or any(r.get("uid") == uid for r in pod["metadata"].get("ownerReferences") or [])
+
+
 def _active(job: dict[str, Any] | None) -> bool:
     if job is None or job["metadata"].get("deletionTimestamp"):
         return False
@@ -490,31 +524,49 @@ def _active(job: dict[str, Any] | None) -> bool:
 
 
 def _account_gpu_hours(status: dict[str, Any], ft: ForgeTraining, running: int, now: datetime) -> None:
+    """Add the GPU time of the running workers since ``accountedAt``, once per ACCOUNTING_SECONDS.
+
+    Booked in steps so that a reconcile caused by the operator's own status write finds nothing to
+    write; while no worker runs, ``accountedAt`` is absent and no time is booked.
+    """
     budget = status.setdefault("budget", {})
-    last = parse_ts(budget.get("accountedAt"))
-    gpus = max(1, ft.spec.resources.gpus_per_node) if ft.spec.resources.gpus_per_node else 0
-    if last is not None and running and now > last:
-        budget["gpuHours"] = round(float(budget.get("gpuHours") or 0) + (now - last).total_seconds()
-                                   * running * gpus / 3600, 4)
     budget.setdefault("gpuHours", 0.0)
     budget.setdefault("tokens", 0)
+    if not running:
+        budget.pop("accountedAt", None)
+        return
+    last = parse_ts(budget.get("accountedAt"))
+    if last is None or now < last:
+        budget["accountedAt"] = ts(now)
+        return
+    elapsed = (now - last).total_seconds()
+    if elapsed < ACCOUNTING_SECONDS:
+        return
+    gpus = ft.spec.resources.gpus_per_node
+    budget["gpuHours"] = round(float(budget["gpuHours"]) + elapsed * running * gpus / 3600, 4)
     budget["accountedAt"] = ts(now)
 
 
 def _check_stall(status: dict[str, Any], ft: ForgeTraining, now: datetime, generation: int | None,
                  plan: Plan) -> None:
+    """Stalled: Running, yet no new step reported for failurePolicy.stallTimeoutSeconds. The clock starts
+    at the later of the last step change and the moment the group became Running (so a restart, a
+    resume or a slow start never counts as a stall). Outside Running the condition is False."""
     limit = ft.spec.failure_policy.stall_timeout_seconds
-    if limit is None:
+    conds = status.get("conditions")
+    if status.get("phase") != "Running" or limit is None:
         return
     progress = status.get("progress") or {}
-    since = parse_ts(progress.get("lastStepTime")) or parse_ts(
-        (C.find(status.get("conditions"), C.RUNNING) or {}).get("lastTransitionTime"))
-    if since is None:
+    times = [t for t in (parse_ts(progress.get("lastStepTime")),
+                         parse_ts((C.find(conds, C.RUNNING) or {}).get("lastTransitionTime"))) if t]
+    if not times:
         return
+    since = max(times)
     stalled = (now - since).total_seconds() > limit
-    was = C.is_true(status.get("conditions"), C.STALLED)
+    was = C.is_true(conds, C.STALLED)
     if stalled:
-        msg = f"step {progress.get('step', 0)} has not advanced for {human_duration((now - since).total_seconds())}"
+        # the message names a time, not a duration, so it does not change (and cost a write) every reconcile
+        msg = f"step {progress.get('step', 0)} has not advanced since {ts(since)} (stallTimeoutSeconds={limit})"
         status["conditions"] = C.set_condition(status["conditions"], C.STALLED, True, Reason.NO_PROGRESS, msg, now,
                                                generation)
         if not was:

@@ -8,7 +8,6 @@ validated by the API models, so a case cannot use a field the operator never wri
 
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 from datetime import datetime, timezone

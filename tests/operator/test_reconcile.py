@@ -24,11 +24,15 @@ def obj(**overrides) -> dict:
 
 
 def job(name: str, **status) -> dict:
-    return {"metadata": {"name": name, "annotations": {}}, "spec": {"suspend": False}, "status": status}
+    """The Job of attempt N is named llm-rN; its pods point at it by uid."""
+    return {"metadata": {"name": name, "uid": f"uid-{name}", "annotations": {},
+                         "labels": {"forge.dev/attempt": name.rsplit("-r", 1)[1]}},
+            "spec": {"suspend": False}, "status": status}
 
 
 def pod(name: str, index: int, attempt: int = 0, phase: str = "Running", node: str = "n0", **extra) -> dict:
     p = {"metadata": {"name": name, "labels": {"forge.dev/attempt": str(attempt)},
+                      "ownerReferences": [{"kind": "Job", "name": f"llm-r{attempt}", "uid": f"uid-llm-r{attempt}"}],
                       "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}},
          "spec": {"nodeName": node}, "status": {"phase": phase}}
     for key, value in extra.items():
@@ -39,11 +43,12 @@ def pod(name: str, index: int, attempt: int = 0, phase: str = "Running", node: s
 READY = {"status": {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}
 
 
-def running_plan(o: dict, n: int = 4, now: datetime = NOW, **kw):
+def running_plan(o: dict, n: int = 4, now: datetime = NOW, built_from: dict | None = None, **kw):
+    """Plan ``o`` with all n workers running, in a Job built from ``built_from`` (default: ``o`` itself,
+    so no edit is detected)."""
     spec_job = job("llm-r0")
-    # a current hash so no edit is detected
-    child_job = next(c for c in desired_children(ForgeTraining.model_validate(o), trainer_config(
-        ForgeTraining.model_validate(o)).to_yaml(), WorkerState()) if c["kind"] == "Job")
+    ft = ForgeTraining.model_validate(built_from or o)
+    child_job = next(c for c in desired_children(ft, trainer_config(ft).to_yaml(), WorkerState()) if c["kind"] == "Job")
     spec_job["metadata"]["annotations"] = child_job["metadata"]["annotations"]
     pods = [pod(f"p{i}", i, node=f"n{i}") for i in range(n)]
     return plan_training(o, Observed(now=now, jobs=[spec_job], pods=pods,
@@ -121,7 +126,7 @@ def test_stall_condition_after_no_step_for_the_timeout():
                                    "lastTransitionTime": "2026-11-22T10:00:00Z"}]}
     plan = running_plan(o)
     stalled = C.find(plan.status["conditions"], "Stalled")
-    assert stalled["status"] == "True" and "step 7 has not advanced for 20m00s" in stalled["message"]
+    assert stalled["status"] == "True" and "step 7 has not advanced since 2026-11-22T11:40:00Z" in stalled["message"]
     assert [e.reason for e in plan.events] == ["NoProgress"]
     o["status"]["progress"]["lastStepTime"] = "2026-11-22T11:59:00Z"
     assert C.find(running_plan(o).status.get("conditions"), "Stalled") is None
@@ -236,3 +241,131 @@ def test_final_summary_in_the_termination_message_becomes_the_final_progress():
     p = plan.status["progress"]
     assert (p["step"], p["loss"], p["validationLoss"], p["percent"]) == (100, 1.9, 2.1, 100.0)
     assert plan.status["phase"] == "Succeeded"
+
+
+def test_a_restart_is_not_a_stall_and_stalled_holds_only_while_running():
+    o = obj(failurePolicy={"stallTimeoutSeconds": 600})
+    # running again since 11:55 after a restart; the step went back from 50 to the checkpoint's 40
+    o["status"] = {"phase": "Running", "progress": {"step": 50, "lastStepTime": "2026-11-22T11:00:00Z"},
+                   "conditions": [{"type": "Running", "status": "True", "reason": "AllRanksRunning", "message": "",
+                                   "lastTransitionTime": "2026-11-22T11:55:00Z"}]}
+    assert C.find(running_plan(o).status.get("conditions"), "Stalled") is None
+    from forge_operator.reconcile import merge_progress
+    back = merge_progress({"step": 50, "lastStepTime": "2026-11-22T11:00:00Z"}, {"step": 40}, NOW)
+    assert back["lastStepTime"] == "2026-11-22T12:00:00Z"
+    # a stalled group that is suspended is no longer stalled
+    o = obj(failurePolicy={"stallTimeoutSeconds": 60}, scheduling={"suspend": True})
+    o["status"] = {"phase": "Running", "conditions": [
+        {"type": "Running", "status": "True", "reason": "AllRanksRunning", "message": "",
+         "lastTransitionTime": "2026-11-22T10:00:00Z"},
+        {"type": "Stalled", "status": "True", "reason": "NoProgress", "message": "",
+         "lastTransitionTime": "2026-11-22T10:30:00Z"}]}
+    plan = running_plan(o)
+    assert plan.status["phase"] == "Suspended"
+    assert C.find(plan.status["conditions"], "Stalled")["status"] == "False"
+
+
+def test_gpu_time_is_booked_in_steps_so_a_replan_writes_nothing():
+    o = obj()
+    o["status"] = {"phase": "Running", "budget": {"gpuHours": 1.0, "tokens": 0, "accountedAt": "2026-11-22T11:59:50Z"}}
+    first = running_plan(o)
+    assert first.status["budget"] == o["status"]["budget"]  # 10 s: nothing booked yet
+    later = running_plan(o, now=NOW + timedelta(seconds=30))
+    assert later.status["budget"]["gpuHours"] == pytest.approx(1.0 + 40 * 32 / 3600, abs=1e-4)
+    assert later.status["budget"]["accountedAt"] == "2026-11-22T12:00:30Z"
+    # nothing runs: no clock to account against
+    idle = plan_training(o, Observed(now=NOW, jobs=[job("llm-r0")], pods=[]))
+    assert "accountedAt" not in idle.status["budget"] and idle.status["budget"]["gpuHours"] == 1.0
+    # and a plan from the plan's own status is a fixed point
+    again = dict(o, status=first.status)
+    assert running_plan(again).status == first.status
+
+
+def test_only_jobs_of_earlier_attempts_are_deleted():
+    o = obj()
+    o["status"] = {"phase": "Running", "restartCount": 1}
+    plan = plan_training(o, Observed(now=NOW, jobs=[job("llm-r0"), job("llm-r1"), job("llm-r2")]))
+    assert plan.delete_jobs == ["llm-r0"]
+
+
+def test_pods_of_a_deleted_job_of_the_same_name_are_not_this_attempts_workers():
+    o = obj(resources={"numNodes": 1})
+    o["status"] = {"phase": "Running"}
+    stale = pod("old", 0, phase="Failed")
+    stale["metadata"]["ownerReferences"][0]["uid"] = "uid-of-the-deleted-job"
+    stale["status"]["containerStatuses"] = [{"state": {"terminated": {"exitCode": 75}}}]
+    plan = plan_training(o, Observed(now=NOW, jobs=[job("llm-r0")], pods=[stale]))
+    assert not plan.status.get("restartCount") and not plan.delete_jobs
+
+
+def test_suspending_a_queued_training_deletes_its_job_and_resuming_queues_a_new_one():
+    o = obj(scheduling={"queueName": "team-a", "suspend": True})
+    o["status"] = {"phase": "Running"}
+    admitted = job("llm-r0")
+    plan = plan_training(o, Observed(now=NOW, jobs=[admitted], pods=[pod("p0", 0)]))
+    assert plan.delete_jobs == ["llm-r0"] and plan.suspend_job is None
+    assert "Job" not in [c["kind"] for c in plan.apply] and plan.status["phase"] == "Suspended"
+    o["spec"]["scheduling"]["suspend"] = False
+    o["status"] = plan.status
+    resumed = plan_training(o, Observed(now=NOW))
+    new = next(c for c in resumed.apply if c["kind"] == "Job")
+    assert new["metadata"]["name"] == "llm-r0" and new["spec"]["suspend"] is True
+    assert new["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert resumed.status["phase"] == "Queued"
+
+
+def test_a_new_default_trainer_image_does_not_restart_running_trainings():
+    from forge_operator.reconcile import Settings
+    o = obj()
+    o["status"] = {"phase": "Running"}
+    upgraded = running_plan(o, settings=Settings(trainer_image="registry.local/forge-trainer:0.2.0"))
+    assert not upgraded.status.get("restartCount") and not upgraded.delete_jobs
+    edited = copy.deepcopy(o)
+    edited["spec"]["resources"]["image"] = "registry.local/forge-trainer:custom"
+    plan = running_plan(edited, built_from=o)
+    assert plan.status["restartCount"] == 1
+    assert plan.status["restarts"][0]["reason"] == "ResourcesChanged"
+
+
+def test_workers_share_the_trainer_images_group_on_volumes():
+    ft = ForgeTraining.model_validate(obj())
+    job_ = next(c for c in desired_children(ft, "x: 1", WorkerState()) if c["kind"] == "Job")
+    assert job_["spec"]["template"]["spec"]["securityContext"] == {"fsGroup": 10001,
+                                                                   "fsGroupChangePolicy": "OnRootMismatch"}
+
+
+def test_a_refused_child_stays_reported_until_the_api_server_accepts_it():
+    o = obj()
+    o["status"] = {"phase": "Pending", "conditions": [
+        {"type": "Invalid", "status": "True", "reason": "ChildRejected", "message": "refused",
+         "lastTransitionTime": "2026-11-22T11:00:00Z"}]}
+    plan = plan_training(o, Observed(now=NOW))
+    assert C.find(plan.status["conditions"], "Invalid")["reason"] == "ChildRejected"
+    o["status"]["conditions"][0]["reason"] = "InvalidSpec"
+    assert C.find(plan_training(o, Observed(now=NOW)).status["conditions"], "Invalid") is None
+
+
+@pytest.mark.parametrize("peers, outranked", [
+    ({}, False),
+    ({"me": {"priority": 50, "lifetime": 60, "lastseen": "2026-11-22T11:59:30+00:00"}}, False),
+    ({"other": {"priority": 90, "lifetime": 60, "lastseen": "2026-11-22T11:59:30+00:00"}}, True),
+    ({"other": {"priority": 90, "lifetime": 60, "lastseen": "2026-11-22T11:58:00+00:00"}}, False),  # dead
+    ({"other": {"priority": 10, "lifetime": 60, "lastseen": "2026-11-22T11:59:30"}}, False),
+])
+def test_a_replica_outranked_by_a_live_peer_stands_down(peers, outranked):
+    from forge_operator.handlers import outranked as check
+    assert check(peers, 50, NOW) is outranked
+
+
+def test_the_failing_ranks_own_exit_code_explains_the_group_failure():
+    o = obj(resources={"numNodes": 2})
+    o["status"] = {"phase": "Running"}
+    rank0 = pod("p0", 0, phase="Failed")  # torchrun on node 0 gives up once rank 1 is gone
+    rank0["status"]["containerStatuses"] = [{"state": {"terminated": {"exitCode": 1, "message": "rendezvous closed"}}}]
+    rank1 = pod("p1", 1, phase="Failed")
+    rank1["status"]["containerStatuses"] = [{"state": {"terminated": {
+        "exitCode": 1, "message": '{"status": "failed", "exitCode": 65, "message": "data error: no files"}'}}}]
+    plan = plan_training(o, Observed(now=NOW, jobs=[job("llm-r0")], pods=[rank0, rank1]))
+    assert plan.status["phase"] == "Failed"
+    assert C.find(plan.status["conditions"], "Failed")["reason"] == "NonRetryableExitCode"
+    assert "data error" in C.find(plan.status["conditions"], "Failed")["message"]

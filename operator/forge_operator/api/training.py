@@ -93,8 +93,8 @@ class ModelSpec(ApiModel):
 class TokenizerTrainSpec(ApiModel):
     """Train a byte-level BPE tokenizer on the training data before training starts."""
 
-    vocab_size: Annotated[int, Field(ge=256, le=1048576)] = 32000
-    """Vocabulary size, special tokens included."""
+    vocab_size: Annotated[int, Field(ge=260, le=1048576)] = 32000
+    """Vocabulary size, special tokens included (at least 260: the 256 bytes plus the special tokens)."""
 
 
 class TokenizerSpec(ApiModel):
@@ -343,7 +343,14 @@ class OutputSpec(ApiModel):
     """Where the final model goes (Hugging Face format plus a provenance record)."""
 
     location: VolumeLocation
-    """Folder for the exported model."""
+    """Folder for the exported model: a folder inside the volume, never its root (the model is written
+    beside it under a temporary name and renamed into place when complete)."""
+
+    cel_rules = (
+        Cel("has(self.location.pvc.path) && self.location.pvc.path.matches('[^/.]')",
+            "the model is exported into a folder inside the volume: set a path (not the volume root)",
+            lambda s: any(ch not in "/." for ch in s.location.pvc.path), field_path=".location.pvc.path"),
+    )
 
 
 class TrainingEvaluationSpec(ApiModel):

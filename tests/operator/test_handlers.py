@@ -1,0 +1,51 @@
+"""The handlers' I/O called directly, outside kopf, as a requeue timer calls them."""
+
+from __future__ import annotations
+
+import pytest
+
+from forge_operator import handlers
+from operator_support import create_pvcs, training
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def handlers_on_cluster(kube, crds, monkeypatch):
+    monkeypatch.setattr(handlers, "_clients", handlers.Clients(kube.kubeconfig))
+    yield handlers
+    handlers._cancel_requeue(kube.namespace, "llm")
+
+
+def test_a_reconcile_outside_any_kopf_handler_posts_its_events(kube, handlers_on_cluster):
+    create_pvcs(kube, "corpus", "ckpt", "models")
+    kube.apply(training("llm", resources={"numNodes": 2}))
+    plan = handlers_on_cluster.reconcile_training(kube.namespace, "llm")
+    assert plan is not None and plan.status["phase"] == "Pending"
+    assert kube.get("job", "llm-r0")["spec"]["parallelism"] == 2
+    created = [e for e in kube.events("involvedObject.kind=ForgeTraining") if e["reason"] == "Created"]
+    assert len(created) == 1 and "llm-r0" in created[0]["message"]
+    assert created[0]["source"]["component"] == "forge-operator" and created[0]["type"] == "Normal"
+    # kwok runs the pods; the next reconcile sees the group running, and one more changes nothing
+    kube.wait_for("pods running", lambda: len([p for p in kube.get("pods")["items"]
+                                               if p["status"].get("phase") == "Running"]) == 2)
+    assert handlers_on_cluster.reconcile_training(kube.namespace, "llm").status["phase"] == "Running"
+    status = kube.get("forgetraining", "llm")["status"]
+    handlers_on_cluster.reconcile_training(kube.namespace, "llm")
+    assert kube.get("forgetraining", "llm")["status"] == status
+    reasons = [e["reason"] for e in kube.events("involvedObject.kind=ForgeTraining")]
+    assert sorted(reasons) == ["AllRanksRunning", "Created"]
+
+
+def test_a_failed_reconcile_is_tried_again(kube, handlers_on_cluster, monkeypatch):
+    calls = []
+
+    def flaky(namespace: str, name: str):
+        calls.append(name)
+        if len(calls) == 1:
+            raise RuntimeError("API server unavailable")
+
+    monkeypatch.setattr(handlers, "reconcile_training", flaky)
+    monkeypatch.setattr(handlers, "_settings", handlers.Settings(resync_seconds=0.1))
+    handlers.reconcile_or_retry(kube.namespace, "llm")
+    kube.wait_for("retried", lambda: len(calls) >= 2, timeout=10)
