@@ -102,7 +102,10 @@ def train_local(path: str, volumes: list[str], prompt: str | None = None) -> int
         print(f"forge: stopped at step {summary.step} ({summary.reason}); run the same command to resume "
               f"from {summary.checkpoint}", file=sys.stderr)
         return exitcodes.PREEMPTED
-    print(f"step {summary.step}, {summary.tokens_seen:,} tokens, train loss {summary.train_loss:.4f}")
+    if summary.step == summary.start_step:  # run again after it finished: nothing left to train
+        print(f"{ft.metadata.name} is already complete at step {summary.step} (checkpoint {summary.checkpoint})")
+    loss = f", train loss {summary.train_loss:.4f}" if summary.train_loss is not None else ""
+    print(f"step {summary.step}, {summary.tokens_seen:,} tokens{loss}")
     if summary.val_loss is not None:
         print(f"validation loss {summary.val_loss:.4f}, perplexity {math.exp(summary.val_loss):.2f}")
     text = prompt if prompt is not None else DEFAULT_PROMPT

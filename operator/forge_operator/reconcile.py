@@ -166,9 +166,11 @@ def pod_failure(pod: dict[str, Any]) -> Failure | None:
     # torchrun exits with its own code when a worker fails; the trainer's termination message
     # (one JSON line) carries the worker's documented exit code
     summary = _last_json_line(term.get("message"))
-    from_trainer = isinstance(summary.get("exitCode"), int) or summary.get("status") == "preempted"
-    if isinstance(summary.get("exitCode"), int):
-        code = summary["exitCode"]
+    # a worker that finished (exitCode 0) while another process of its pod failed explains nothing
+    trainer_code = summary.get("exitCode") if isinstance(summary.get("exitCode"), int) else None
+    from_trainer = bool(trainer_code) or summary.get("status") == "preempted"
+    if trainer_code:
+        code = trainer_code
     elif summary.get("status") == "preempted":
         code = exitcodes.PREEMPTED
     if term.get("reason") == "OOMKilled":

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from forge_operator.local import load_training, parse_volumes
@@ -39,12 +40,19 @@ def forge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                                             + str(ROOT / "trainer-image")}, timeout=600)
 
 
-def test_forge_train_runs_a_forgetraining_file_locally(tmp_path):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`forge train` of the tiny file to its budget: (its folder, the command, what it printed)."""
+    tmp_path = tmp_path_factory.mktemp("trained")
     corpus = write_corpus(tmp_path / "corpus")
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump(TINY))
-    out = forge("train", str(spec), "--volume", f"data={corpus}", "--volume", f"runs={tmp_path / 'runs'}",
-                "--prompt", "alice has", cwd=tmp_path)
+    args = ("train", str(spec), "--volume", f"data={corpus}", "--volume", f"runs={tmp_path / 'runs'}", "--prompt", "alice has")
+    return tmp_path, args, forge(*args, cwd=tmp_path)
+
+
+def test_forge_train_runs_a_forgetraining_file_locally(trained):
+    tmp_path, _, out = trained
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 20," in out.stdout and "validation loss" in out.stdout and "perplexity" in out.stdout
     assert "sample ('alice has' ->)" in out.stdout
@@ -53,6 +61,20 @@ def test_forge_train_runs_a_forgetraining_file_locally(tmp_path):
     assert (tmp_path / "runs" / "tiny" / "ckpt").is_dir()
     # the progress bar reports step, loss and tokens/s
     assert "20/20" in out.stderr and "loss=" in out.stderr and "tok/s=" in out.stderr
+    assert "already complete" not in out.stdout
+
+
+def test_forge_train_again_after_the_training_finished(trained):
+    """Nothing left to train: it says so, and reports the final numbers and a sample as the first run did."""
+    tmp_path, args, first = trained
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = forge(*args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tiny is already complete at step 20" in out.stdout
+    lines = lambda text, start: [line for line in text.splitlines() if line.startswith(start)]  # noqa: E731
+    assert lines(out.stdout, "step 20,") == lines(first.stdout, "step 20,")  # with the train loss
+    assert lines(out.stdout, "validation loss") == lines(first.stdout, "validation loss") != []
+    assert "sample ('alice has' ->)" in out.stdout
 
 
 def test_forge_train_reports_what_it_cannot_run(tmp_path):

@@ -58,6 +58,22 @@ def test_kueue_admits_by_unsuspending(kube, operator):
     time.sleep(3)  # several resyncs: the operator must not suspend the Job again
     assert kube.get("job", "llm-r0")["spec"]["suspend"] is False
 
+    # the user suspends a queued training: its Job goes (Kueue would unsuspend an admitted Job)
+    uid = kube.get("job", "llm-r0")["metadata"]["uid"]
+    kube("patch", "forgetraining", "llm", "--type=merge", "-p", '{"spec":{"scheduling":{"suspend":true}}}')
+    kube.wait_for("Suspended", phase_is(kube, "llm", "Suspended"))
+    kube.wait_for("workers gone", lambda: not worker_pods(kube, "llm"), timeout=60)
+    kube.wait_for("Job gone", lambda: not kube.get("jobs")["items"])
+    # resumed: queued again, as a new Job of the same attempt, for Kueue to admit
+    kube("patch", "forgetraining", "llm", "--type=merge", "-p", '{"spec":{"scheduling":{"suspend":false}}}')
+    kube.wait_for("Queued again", phase_is(kube, "llm", "Queued"))
+    job = kube.wait_for("a new Job", lambda: next(iter(kube.get("jobs")["items"]), None))
+    assert job["metadata"]["uid"] != uid and job["spec"]["suspend"] is True
+    kube("patch", "job", "llm-r0", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    kube.wait_for("admitted again", running_workers(kube, "llm", 2, 0))
+    o = kube.wait_for("Running", phase_is(kube, "llm", "Running"))
+    assert not o["status"].get("restartCount"), "a suspension is not a failure"
+
 
 def test_resource_edit_restarts_from_checkpoint_without_using_up_restarts(kube, operator):
     kube.apply(training("llm", resources={"numNodes": 2}, failurePolicy={"maxRestarts": 0}))

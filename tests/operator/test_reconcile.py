@@ -234,12 +234,14 @@ def test_final_summary_in_the_termination_message_becomes_the_final_progress():
     rank0 = pod("p0", 0, phase="Succeeded")
     rank0["status"]["containerStatuses"] = [{"state": {"terminated": {"exitCode": 0, "message": (
         '{"status": "completed", "reason": "max_steps", "step": 100, "tokensSeen": 819200, '
-        '"trainLoss": 1.9, "valLoss": 2.1}')}}}]
+        '"trainLoss": 1.9, "valLoss": 2.1, "totalSteps": 100, "exitCode": 0, '
+        '"lastCheckpoint": {"step": 100, "path": "step-00000100", "time": "2026-11-22T11:59:00Z"}}')}}}]
     rank0["metadata"]["annotations"]["forge.dev/progress"] = '{"step": 95, "loss": 1.95}'
     plan = plan_training(o, Observed(now=NOW, jobs=[job("llm-r0", conditions=[{"type": "Complete", "status": "True"}])],
                                      pods=[rank0]))
     p = plan.status["progress"]
     assert (p["step"], p["loss"], p["validationLoss"], p["percent"]) == (100, 1.9, 2.1, 100.0)
+    assert plan.status["lastCheckpoint"]["step"] == 100 and p["totalSteps"] == 100
     assert plan.status["phase"] == "Succeeded"
 
 

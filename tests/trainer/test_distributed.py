@@ -26,14 +26,16 @@ def _free_port() -> int:
 def test_two_nodes_train_like_one_process_and_checkpoints_reshard(tmp_path, corpus, shared_cache, reference):
     _, single, _ = reference
     cfg = tiny_config(tmp_path, corpus, shared_cache)
-    config_path = write_config(cfg, tmp_path / "config.yaml")
+    # each node (pod) has its own termination log; c10d assigns the global ranks
+    node1 = cfg.model_copy(update={"termination_message_path": str(tmp_path / "termination-log-node1")})
+    config_paths = [write_config(cfg, tmp_path / "config.yaml"), write_config(node1, tmp_path / "config-node1.yaml")]
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = [
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(i),
              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "forge-test",
-             "-m", "forge_trainer", "--config", str(config_path)],
+             "-m", "forge_trainer", "--config", str(config_paths[i])],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
         for i in range(2)
     ]
@@ -49,6 +51,9 @@ def test_two_nodes_train_like_one_process_and_checkpoints_reshard(tmp_path, corp
         assert curve[h["step"]] == pytest.approx(h["loss"], abs=2e-4), h["step"]
     message = read_termination(cfg)
     assert message["valLoss"] == pytest.approx(single.val_loss, rel=1e-4)
+    assert message["exitCode"] == 0 and message["totalSteps"] == 30 and message["lastCheckpoint"]["step"] == 30
+    other = read_termination(node1)  # not only global rank 0: each node's local rank 0 writes its own
+    assert other["status"] == "completed" and other["exitCode"] == 0 and other["step"] == 30
     provenance = json.loads((Path(cfg.output.dir) / "provenance.json").read_text())
     assert provenance["world_size"] == 2
 

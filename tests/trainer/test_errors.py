@@ -54,6 +54,20 @@ def test_data_problems_exit_65(tmp_path, capsys, case, code, message):
     assert read_termination(cfg) == {"status": "failed", "exitCode": code, "message": line.removeprefix("forge-trainer: ")}
 
 
+@pytest.mark.parametrize(("local_rank", "writes"), [("0", True), ("1", False)])
+def test_each_nodes_first_process_writes_the_failure(tmp_path, capsys, monkeypatch, local_rank, writes):
+    """Under torchrun every pod needs its exit code: local rank 0 of each node writes it, whatever its global rank."""
+    monkeypatch.setenv("RANK", "1")  # node 1 of a multi-node run (WORLD_SIZE unset: the process trains alone)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    cfg = tiny_config(tmp_path, _bad_data(tmp_path, "empty"))
+    code, line = _run_main(cfg, tmp_path, capsys)
+    assert code == exitcodes.DATA_ERROR
+    if writes:
+        assert read_termination(cfg) == {"status": "failed", "exitCode": code, "message": line.removeprefix("forge-trainer: ")}
+    else:
+        assert not Path(cfg.termination_message_path).exists()
+
+
 def test_seq_len_above_the_model_context_exits_78(tmp_path, corpus, capsys):
     cfg = tiny_config(tmp_path, corpus)
     raw = json.loads(cfg.model_dump_json())

@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from trainer_helpers import tiny_config
+from trainer_helpers import read_termination, tiny_config, write_config
 
 import forge_trainer
+from forge_trainer import exitcodes
+from forge_trainer.__main__ import main
 from forge_trainer.checkpoint import find_latest
 from forge_trainer.data import TokenData
 from forge_trainer.train import _lr_at, validation_indices
@@ -108,11 +110,50 @@ def test_sample_completes_a_prompt(reference):
 
 
 def test_termination_message_summarises_the_run(reference):
-    cfg, summary, _ = reference
+    cfg, summary, progress = reference
     message = json.loads(Path(cfg.termination_message_path).read_text()) if Path(cfg.termination_message_path).exists() else None
     # run() leaves the termination message to main(); the summary carries the same fields
     assert message is None
-    assert summary.to_message()["status"] == "completed" and summary.to_message()["valLoss"] == summary.val_loss
+    message = summary.to_message()
+    assert message["status"] == "completed" and message["valLoss"] == summary.val_loss
+    # the operator reads it as the final progress: the progress report's keys, with the same values
+    last = progress[-1]
+    assert {k: message[k] for k in ("step", "totalSteps", "tokensSeen", "lastCheckpoint")} == {
+        k: last[k] for k in ("step", "totalSteps", "tokensSeen", "lastCheckpoint")}
+    assert message["totalSteps"] == 30 and set(message["lastCheckpoint"]) == {"step", "path", "time"}
+    assert message["lastCheckpoint"]["path"] == message["checkpoint"]
+
+
+def test_each_nodes_first_process_writes_the_summary(tmp_path, corpus, shared_cache, monkeypatch):
+    """Not only global rank 0: the first process of every node (pod) writes the termination message."""
+    monkeypatch.setenv("RANK", "1")  # node 1 of a multi-node run (WORLD_SIZE unset: the process trains alone)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    cfg = tiny_config(tmp_path, corpus, shared_cache, training__budget={"max_steps": 2}, checkpoint__interval_steps=None)
+    assert main(["--config", str(write_config(cfg, tmp_path / "config.yaml"))]) == exitcodes.OK
+    message = read_termination(cfg)
+    assert message["status"] == "completed" and message["exitCode"] == exitcodes.OK
+    assert message["step"] == message["totalSteps"] == 2 and message["lastCheckpoint"]["step"] == 2
+
+
+def test_a_finished_training_run_again_reports_its_final_numbers(tmp_path, corpus, shared_cache):
+    """Resumed at its budget there is nothing to train: the same step, losses and checkpoint, and the export."""
+    # the step-4 checkpoint is written before the final evaluation, so it holds step 3's validation loss
+    cfg = tiny_config(tmp_path, corpus, shared_cache, training__budget={"max_steps": 4}, training__eval_interval_steps=3,
+                      checkpoint__interval_steps=2)
+    first = forge_trainer.run(cfg)
+    saved = json.loads((Path(cfg.checkpoint.dir) / "step-00000004" / "trainer_state.json").read_text())
+    assert saved["val_loss"] != pytest.approx(first.val_loss, rel=1e-6)
+
+    again = forge_trainer.run(cfg)
+    assert again.status == "completed" and again.reason == "max_steps" and again.step == 4 and again.history == []
+    assert again.train_loss == pytest.approx(first.train_loss, rel=1e-6)
+    assert again.val_loss == pytest.approx(first.val_loss, rel=1e-6)
+    assert again.start_step == 4 and first.start_step == 0
+    assert again.last_checkpoint == first.last_checkpoint and again.checkpoint == first.checkpoint
+    assert again.to_message()["lastCheckpoint"]["step"] == 4 and again.to_message()["totalSteps"] == 4
+    provenance = json.loads((Path(cfg.output.dir) / "provenance.json").read_text())
+    assert provenance["steps"] == 4 and provenance["final_val_loss"] == again.val_loss
+    assert provenance["final_train_loss"] == again.train_loss
 
 
 def _free_port() -> int:

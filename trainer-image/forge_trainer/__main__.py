@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="TrainerConfig as YAML or JSON")
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
+    # One process per node (pod) writes its termination message: the operator reads the exit code
+    # of any pod from it, and rank 0's summary as the final progress.
+    writes_message = int(os.environ.get("LOCAL_RANK", "0")) == 0
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(message)s" if "WORLD_SIZE" in os.environ else "%(asctime)s %(message)s",
@@ -46,20 +49,19 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:  # YAML/JSON syntax
             raise ConfigError(f"{args.config}: {e}") from e
         termination_path = config.termination_message_path
-        from .progress import write_termination_message
         from .train import run
 
         summary = run(config)
+        code = exitcodes.PREEMPTED if summary.status == "preempted" else exitcodes.OK
+        message = {**summary.to_message(), "exitCode": code}
     except TrainerError as e:
         print(f"{PREFIX}: {e}", file=sys.stderr, flush=True)
-        if rank == 0:
-            from .progress import write_termination_message
+        code, message = e.exit_code, {"status": "failed", "exitCode": e.exit_code, "message": str(e)}
+    if writes_message:
+        from .progress import write_termination_message
 
-            write_termination_message(termination_path, {"status": "failed", "exitCode": e.exit_code, "message": str(e)})
-        return e.exit_code
-    if rank == 0:
-        write_termination_message(termination_path, summary.to_message())
-    return exitcodes.PREEMPTED if summary.status == "preempted" else exitcodes.OK
+        write_termination_message(termination_path, message)
+    return code
 
 
 if __name__ == "__main__":

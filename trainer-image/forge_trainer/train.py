@@ -45,14 +45,18 @@ class RunSummary:
     checkpoint: str | None
     started_at: str
     ended_at: str
+    total_steps: int | None = None
+    last_checkpoint: dict | None = None  # {step, path, time}, as in the progress report
+    start_step: int = 0  # the step this run resumed at; == step when there was nothing left to train
     history: list[dict] = field(default_factory=list, repr=False)  # per logged step: step, loss, aux_loss, lr, ...
 
     def to_message(self) -> dict:
-        """The camelCase one-line summary for the termination message."""
+        """The camelCase one-line summary for the termination message (with the progress report's keys)."""
         return {
-            "status": self.status, "reason": self.reason, "step": self.step, "tokensSeen": self.tokens_seen,
-            "trainLoss": self.train_loss, "valLoss": self.val_loss, "outputDir": self.output_dir,
-            "checkpoint": self.checkpoint, "startedAt": self.started_at, "endedAt": self.ended_at,
+            "status": self.status, "reason": self.reason, "step": self.step, "totalSteps": self.total_steps,
+            "tokensSeen": self.tokens_seen, "trainLoss": self.train_loss, "valLoss": self.val_loss,
+            "outputDir": self.output_dir, "checkpoint": self.checkpoint, "lastCheckpoint": self.last_checkpoint,
+            "startedAt": self.started_at, "endedAt": self.ended_at,
         }
 
 
@@ -96,7 +100,7 @@ def run(config: TrainerConfig, on_progress=None) -> RunSummary:
             )
 
         # ---- resume
-        step, tokens_seen, last_ckpt, val_loss = 0, 0, None, None
+        step, tokens_seen, last_ckpt, train_loss, val_loss = 0, 0, None, None, None
         resume_from = _resume_path(config)
         if resume_from is not None:
             state = checkpoint.load(resume_from, model, optimizer, d)
@@ -104,7 +108,7 @@ def run(config: TrainerConfig, on_progress=None) -> RunSummary:
                 raise ConfigError(f"checkpoint {resume_from} was trained with a different tokenizer")
             step, tokens_seen = state["step"], state["tokens_seen"]
             loader.load_state_dict(state["loader"])
-            val_loss = state.get("val_loss")
+            train_loss, val_loss = state.get("train_loss"), state.get("val_loss")
             last_ckpt = {"step": step, "path": str(resume_from), "time": state.get("time")}
             if d.is_main:
                 log.info("resumed from %s (step %d, %s tokens)", resume_from, step, f"{tokens_seen:,}")
@@ -138,13 +142,15 @@ def run(config: TrainerConfig, on_progress=None) -> RunSummary:
         # ---- loop
         history: list[dict] = []
         timing = {"step": 0.0, "save": 0.0}
-        train_loss = None
+        start_step = step
         window_losses: list[torch.Tensor] = []
         window_start, window_tokens = time.monotonic(), 0
         last_report = last_save = time.monotonic()
         tps, lr, gnorm = None, _lr_at(step, t, total_steps), None
         reason = None
-        val_step = step if resume_from is not None else -1
+        # A checkpoint's val_loss may predate its step (evaluated earlier, or not at all): evaluate
+        # again at the end, also when a finished training is resumed with nothing left to train.
+        val_step = -1
         while True:
             reason = _budget_reached(step, tokens_seen, total_steps, t, timing)
             # One tiny all-reduce per step keeps every rank's decisions identical.
@@ -226,7 +232,8 @@ def run(config: TrainerConfig, on_progress=None) -> RunSummary:
             status="preempted" if preempted else "completed", reason=reason, step=step, tokens_seen=tokens_seen,
             train_loss=train_loss, val_loss=val_loss, output_dir=output_dir,
             checkpoint=last_ckpt["path"] if last_ckpt else None, started_at=rfc3339(started),
-            ended_at=rfc3339(datetime.now(timezone.utc)), history=history,
+            ended_at=rfc3339(datetime.now(timezone.utc)), total_steps=total_steps, last_checkpoint=last_ckpt,
+            start_step=start_step, history=history,
         )
         if reporter is not None:
             reporter.report(progress(train_loss, lr, gnorm, tps))
