@@ -44,6 +44,7 @@ class Reason:
     INVALID_SPEC = "InvalidSpec"
     CHILD_REJECTED = "ChildRejected"  # the API server refused a child built from the spec's free-form fields
     GPU_HOUR_BUDGET_EXHAUSTED = "GpuHourBudgetExhausted"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
     # stall
     NO_PROGRESS = "NoProgress"
     PROGRESSING = "Progressing"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import ValidationError
@@ -27,6 +27,8 @@ from .translate import TranslationError, trainer_config
 
 MAX_RESTART_RECORDS = 20
 ACCOUNTING_SECONDS = 30  # granularity of status.budget.gpuHours
+# how long past budget.deadline (plus the pods' grace period) a trainer may take to checkpoint and export
+DEADLINE_SLACK_SECONDS = 600
 JOB_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 ALWAYS_NON_RETRYABLE = (exitcodes.DATA_ERROR, exitcodes.CONFIG_ERROR)
 PHASE_CONDITION = {
@@ -381,6 +383,9 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
             plan.delete_jobs.append(current_name)
         return plan
 
+    if _deadline_passed(ft, status, current, pods, now, plan, transition):
+        return plan
+
     user_suspend = spec.scheduling.suspend
     job_suspended = bool(current and current.get("spec", {}).get("suspend"))
     # Kueue owns `suspend` of a queued Job (it unsuspends what it admitted), so a user's suspension
@@ -498,6 +503,36 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
                                                                f"{job_name(ft, restart_count)}"))
     _check_stall(status, ft, now, generation, plan)
     return plan
+
+
+def _deadline_passed(ft: ForgeTraining, status: dict[str, Any], current: dict[str, Any] | None,
+                     pods: list[dict[str, Any]], now: datetime, plan: Plan, transition) -> bool:
+    """budget.deadline, the operator's part: the trainer ends a running training at the deadline itself
+    (checkpoint, export: Succeeded). Workers that are not running by then are never started (like a
+    Job's activeDeadlineSeconds), and workers still busy long after it are stopped."""
+    deadline = ft.spec.training.budget.deadline
+    if deadline is None or (current is not None and _job_condition(current, "Complete")):
+        return False
+    if deadline.tzinfo is None:
+        deadline = deadline.replace(tzinfo=timezone.utc)
+    late = (now - deadline).total_seconds()
+    if late < 0:
+        return False
+    started = any(p.get("status", {}).get("phase") in ("Running", "Succeeded") for p in pods)
+    overdue = ft.spec.resources.termination_grace_period_seconds + DEADLINE_SLACK_SECONDS
+    if started and late <= overdue:
+        return False  # the trainer is ending it (checkpoint and export)
+    when = deadline.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if started:
+        message = (f"training.budget.deadline {when} passed {human_duration(late)} ago and the workers have not "
+                   f"finished; they were stopped (they checkpoint on SIGTERM)")
+    else:
+        message = f"training.budget.deadline {when} passed before the workers ran"
+    status["completionTime"] = ts(now)
+    transition("Failed", Reason.DEADLINE_EXCEEDED, message, warning=True)
+    if _active(current):
+        plan.delete_jobs.append(current["metadata"]["name"])
+    return True
 
 
 def _resumed(status: dict[str, Any]) -> bool:

@@ -371,3 +371,25 @@ def test_the_failing_ranks_own_exit_code_explains_the_group_failure():
     assert plan.status["phase"] == "Failed"
     assert C.find(plan.status["conditions"], "Failed")["reason"] == "NonRetryableExitCode"
     assert "data error" in C.find(plan.status["conditions"], "Failed")["message"]
+
+
+def test_workers_not_running_at_the_deadline_are_never_started():
+    o = obj(training={"budget": {"maxSteps": 100, "deadline": "2026-11-22T11:00:00Z"}},
+            scheduling={"queueName": "team-a"})
+    o["status"] = {"phase": "Queued"}
+    queued = job("llm-r0")
+    queued["spec"]["suspend"] = True
+    plan = plan_training(o, Observed(now=NOW, jobs=[queued]))
+    failed = C.find(plan.status["conditions"], "Failed")
+    assert plan.status["phase"] == "Failed" and failed["reason"] == "DeadlineExceeded"
+    assert "2026-11-22T11:00:00Z passed before the workers ran" in failed["message"]
+    assert plan.delete_jobs == ["llm-r0"] and "Job" not in [c["kind"] for c in plan.apply]
+
+
+def test_running_workers_end_at_the_deadline_themselves_unless_long_overdue():
+    o = obj(training={"budget": {"maxSteps": 100, "deadline": "2026-11-22T11:55:00Z"}})
+    o["status"] = {"phase": "Running"}
+    assert running_plan(o).status["phase"] == "Running"  # 5 min late: the trainer is exporting
+    late = running_plan(o, now=NOW + timedelta(minutes=20))  # > 600 s grace + 600 s slack
+    assert late.status["phase"] == "Failed" and late.delete_jobs == ["llm-r0"]
+    assert "have not finished" in C.find(late.status["conditions"], "Failed")["message"]
