@@ -310,13 +310,15 @@ BAD_CASES: tuple[Case, ...] = (
     # --- evaluation inside a training
     Case("training-gate-unknown-suite", with_evaluation,
          put("spec.evaluation.gates[0].metric", "mmlu.acc"),
-         "spec.evaluation.gates", "must start with the name of one of the suites"),
+         "spec.evaluation.gates", "for one of the suites and a metric its type reports"),
     Case("training-duplicate-suites", with_evaluation,
          lambda m: m["spec"]["evaluation"]["suites"].append(dict(m["spec"]["evaluation"]["suites"][0])),
          "spec.evaluation.suites", "suite names must be unique"),
     # --- ForgeEval
     Case("eval-gate-unknown-suite", evaluation, put("spec.gates[0].metric", "mmlu.acc"),
-         "spec.gates", "must start with the name of one of the suites"),
+         "spec.gates", "for one of the suites and a metric its type reports"),
+    Case("eval-gate-metric-of-another-suite-type", evaluation, put("spec.gates[0].metric", "heldout.acc"),
+         "spec.gates", "perplexity: loss, perplexity, bits_per_byte"),
     Case("eval-gate-metric-without-suite", evaluation, put("spec.gates[0].metric", "perplexity"),
          "spec.gates[0].metric", "should match"),
     Case("eval-gate-bad-comparator", evaluation, put("spec.gates[0].comparator", "=="),

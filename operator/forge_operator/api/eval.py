@@ -75,13 +75,27 @@ class EvalGate(ApiModel):
                 ">": value > self.threshold, ">=": value >= self.threshold}[self.comparator]
 
 
+def _metrics(suite: EvalSuite) -> list[str]:
+    return [f"{suite.name}.{m}" for m in SUITE_METRICS[suite.type]]
+
+
+def _cel_metric_of_suite() -> str:
+    """CEL: gate g names one of the metrics that suite s reports."""
+    branches = []
+    for type_, metrics in SUITE_METRICS.items():
+        names = ", ".join("s.name + '." + m + "'" for m in metrics)
+        branches.append(f"s.type == '{type_}' ? g.metric in [{names}]")
+    return " : ".join(branches) + " : false"
+
+
 # For every object with suites and gates: a ForgeEval's spec and a ForgeTraining's spec.evaluation.
 SUITES_AND_GATES_RULES = (
     Cel("self.suites.all(a, self.suites.exists_one(b, b.name == a.name))", "suite names must be unique",
         lambda s: len({x.name for x in s.suites}) == len(s.suites), field_path=".suites"),
-    Cel("!has(self.gates) || self.gates.all(g, self.suites.exists(s, g.metric.startsWith(s.name + '.')))",
-        "every gate metric must start with the name of one of the suites",
-        lambda s: all(any(g.metric.startswith(x.name + ".") for x in s.suites) for g in s.gates or []),
+    Cel("!has(self.gates) || self.gates.all(g, self.suites.exists(s, " + _cel_metric_of_suite() + "))",
+        "every gate metric must be <suite>.<metric> for one of the suites and a metric its type reports ("
+        + "; ".join(f"{t}: {', '.join(m)}" for t, m in SUITE_METRICS.items()) + ")",
+        lambda s: all(any(g.metric in _metrics(x) for x in s.suites) for g in s.gates or []),
         field_path=".gates"),
 )
 
