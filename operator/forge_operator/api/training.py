@@ -163,6 +163,28 @@ def _is_preference(s: DataSource) -> bool:
         and s.rejected_field is not None
 
 
+def _is_instruction(s: DataSource) -> bool:
+    return s.format != "text" and s.prompt_field is not None and s.completion_field is not None
+
+
+def _method_data_rules(method: str, what: str, fields: tuple[str, ...], check) -> tuple[Cel, Cel]:
+    """sft and dpo read records, not documents: every source, and a separate validation source, must
+    be jsonl or parquet and name the fields of a record."""
+    pred = " && ".join(["has(s.format) && s.format != 'text'", *(f"has(s.{f})" for f in fields)])
+    names = ", ".join(fields[:-1]) + " and " + fields[-1]
+    validation = lambda sp: sp.data.validation.source if sp.data.validation else None  # noqa: E731
+    return (
+        Cel(f"self.method != '{method}' || self.data.sources.all(s, {pred})",
+            f"method {method} needs {what}: every source jsonl or parquet with {names}",
+            lambda sp: sp.method != method or all(check(x) for x in sp.data.sources), field_path=".data.sources"),
+        Cel(f"self.method != '{method}' || !has(self.data.validation) || !has(self.data.validation.source)"
+            f" || [self.data.validation.source].all(s, {pred})",
+            f"method {method} needs {what}: the validation source jsonl or parquet with {names}",
+            lambda sp: sp.method != method or validation(sp) is None or check(validation(sp)),
+            field_path=".data.validation.source"),
+    )
+
+
 class DataSpec(ApiModel):
     """The training data."""
 
@@ -406,18 +428,8 @@ class ForgeTrainingSpec(ApiModel):
             lambda s: s.model.architecture is None
             or s.training.sequence_length <= s.model.architecture.context_length,
             field_path=".training.sequenceLength"),
-        Cel("self.method != 'dpo' || self.data.sources.all(s, has(s.format) && s.format != 'text'"
-            " && has(s.promptField) && has(s.chosenField) && has(s.rejectedField))",
-            "method dpo needs preference data: every source jsonl or parquet with promptField, chosenField and rejectedField",
-            lambda s: s.method != "dpo" or all(_is_preference(x) for x in s.data.sources),
-            field_path=".data.sources"),
-        Cel("self.method != 'sft' || self.data.sources.all(s, has(s.format) && s.format != 'text'"
-            " && has(s.promptField) && has(s.completionField))",
-            "method sft needs instruction data: every source jsonl or parquet with promptField and completionField",
-            lambda s: s.method != "sft" or all(
-                x.format != "text" and x.prompt_field is not None and x.completion_field is not None
-                for x in s.data.sources),
-            field_path=".data.sources"),
+        *_method_data_rules("dpo", "preference data", ("promptField", "chosenField", "rejectedField"), _is_preference),
+        *_method_data_rules("sft", "instruction data", ("promptField", "completionField"), _is_instruction),
         Cel("self.method == 'dpo' || !has(self.training.dpoBeta)", "training.dpoBeta is only for method dpo",
             lambda s: s.method == "dpo" or s.training.dpo_beta is None, field_path=".training.dpoBeta"),
     )
