@@ -15,9 +15,9 @@ from .api.base import PvcLocation
 from .api.training import ForgeTraining
 from .constants import (
     ANNOTATION_RESTART_REASON, CONFIG_FILE, CONFIG_MOUNT, CONTAINER_NAME, DEFAULT_TRAINER_IMAGE, ENV_POD_NAME,
-    ENV_POD_NAMESPACE, ENV_RESTART_COUNT, ENV_RESUME_STEP, ENV_TRAINING_NAME, LABEL_ATTEMPT, LABEL_KUEUE_QUEUE,
-    LABEL_MANAGED_BY, LABEL_NAME, LABEL_TRAINING, MANAGED_BY, METRICS_PORT, PVC_MOUNT_ROOT, RENDEZVOUS_PORT,
-    SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_GID,
+    ENV_POD_NAMESPACE, ENV_RESTART_COUNT, ENV_RESUME_STEP, ENV_TORCHRUN_SHUTDOWN_TIMEOUT, ENV_TRAINING_NAME,
+    LABEL_ATTEMPT, LABEL_KUEUE_QUEUE, LABEL_MANAGED_BY, LABEL_NAME, LABEL_TRAINING, MANAGED_BY, METRICS_PORT,
+    PRESTOP_COMMAND, PVC_MOUNT_ROOT, RENDEZVOUS_PORT, SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_GID,
 )
 
 ANNOTATION_SPEC_HASH = "forge.dev/spec-hash"
@@ -150,7 +150,14 @@ def torchrun_command(ft: ForgeTraining, restart_count: int) -> list[str]:
     ]
 
 
-def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dict[str, Any]:
+def torchrun_shutdown_timeout(grace_period_seconds: int) -> int:
+    """How long torchrun (torch >= 2.12) waits for its workers after forwarding SIGTERM: most of the
+    pod's grace period, leaving 30 s for torchrun itself; never less than its own default of 30 s."""
+    return max(30, grace_period_seconds - 30)
+
+
+def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str, *, shutdown: bool = True) -> dict[str, Any]:
+    """The worker pod; ``shutdown=False`` leaves out the preStop hook and torchrun's shutdown timeout."""
     r = ft.spec.resources
     claims = _claims(ft)
     volumes: list[dict[str, Any]] = [
@@ -173,6 +180,9 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
     ]
     if state.resume_step is not None:
         env.append({"name": ENV_RESUME_STEP, "value": str(state.resume_step)})
+    if shutdown and not any(e.get("name") == ENV_TORCHRUN_SHUTDOWN_TIMEOUT for e in r.env or []):  # the spec's wins
+        env.append({"name": ENV_TORCHRUN_SHUTDOWN_TIMEOUT,
+                    "value": str(torchrun_shutdown_timeout(r.termination_grace_period_seconds))})
     env += r.env or []
     container: dict[str, Any] = {
         "name": CONTAINER_NAME, "image": image, "command": torchrun_command(ft, state.restart_count),
@@ -182,6 +192,11 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if shutdown:
+        # The kubelet runs preStop before it sends SIGTERM to PID 1 (torchrun): the hook sends SIGTERM to
+        # the workers and waits until they have checkpointed and exited, bounded by the grace period.
+        # Otherwise torchrun forwards SIGTERM and SIGKILLs them after 30 s (fixed before torch 2.12).
+        container["lifecycle"] = {"preStop": {"exec": {"command": list(PRESTOP_COMMAND)}}}
     if r.image_pull_policy:
         container["imagePullPolicy"] = r.image_pull_policy
     resources = _container_resources(ft)
@@ -219,9 +234,11 @@ def spec_hash(ft: ForgeTraining, trainer_yaml: str) -> str:
 
     Suspension and the attempt number are left out: those change the Job in place or by name. So is
     the operator's default trainer image: upgrading the operator does not restart running trainings
-    (their next attempt uses the new default); ``resources.image`` set in the spec does count.
+    (their next attempt uses the new default); ``resources.image`` set in the spec does count. Nor
+    are the operator's shutdown arrangements (preStop hook, torchrun's shutdown timeout): they follow
+    from ``terminationGracePeriodSeconds``, which counts.
     """
-    template = build_pod_template(ft, WorkerState(), ft.spec.resources.image or "")
+    template = build_pod_template(ft, WorkerState(), ft.spec.resources.image or "", shutdown=False)
     blob = json.dumps({"template": template, "config": trainer_yaml, "nodes": ft.spec.resources.num_nodes},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -35,6 +35,12 @@ ENV_POD_NAMESPACE = contract.POD_NAMESPACE_ENV
 ENV_TRAINING_NAME = "FORGE_TRAINING_NAME"
 ENV_RESTART_COUNT = "FORGE_RESTART_COUNT"
 ENV_RESUME_STEP = "FORGE_RESUME_STEP"
+# torch >= 2.12: how long torchrun waits for its workers after forwarding SIGTERM before it SIGKILLs them
+# (30 s, fixed, in older versions)
+ENV_TORCHRUN_SHUTDOWN_TIMEOUT = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+
+# the container's preStop hook: the workers checkpoint and exit before torchrun gets SIGTERM
+PRESTOP_COMMAND = list(contract.PRESTOP_COMMAND)
 
 TRAINER_GID = 10001  # the trainer image's user and group (trainer-image/Dockerfile)
 

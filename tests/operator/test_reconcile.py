@@ -393,3 +393,35 @@ def test_running_workers_end_at_the_deadline_themselves_unless_long_overdue():
     late = running_plan(o, now=NOW + timedelta(minutes=20))  # > 600 s grace + 600 s slack
     assert late.status["phase"] == "Failed" and late.delete_jobs == ["llm-r0"]
     assert "have not finished" in C.find(late.status["conditions"], "Failed")["message"]
+
+
+@pytest.mark.parametrize("grace, timeout", [(600, "570"), (30, "30"), (45, "30"), (3600, "3570")])
+def test_workers_checkpoint_in_a_prestop_hook_before_torchrun_gets_sigterm(grace, timeout):
+    o = obj(resources={"terminationGracePeriodSeconds": grace})
+    ft = ForgeTraining.model_validate(o)
+    job_ = next(c for c in desired_children(ft, "x: 1", WorkerState()) if c["kind"] == "Job")
+    pod_spec = job_["spec"]["template"]["spec"]
+    container = pod_spec["containers"][0]
+    assert container["lifecycle"] == {"preStop": {"exec": {"command": ["python", "-m", "forge_trainer.prestop"]}}}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == timeout  # torch >= 2.12: torchrun waits that long too
+    assert pod_spec["terminationGracePeriodSeconds"] == grace
+
+
+def test_the_shutdown_arrangements_do_not_count_as_a_spec_change(monkeypatch):
+    from forge_operator import children
+
+    ft = ForgeTraining.model_validate(obj())
+    before = children.spec_hash(ft, "x: 1")
+    # an operator that adds or changes the preStop hook does not restart trainings started by another
+    monkeypatch.setattr(children, "PRESTOP_COMMAND", ["sleep", "1"])
+    monkeypatch.setattr(children, "torchrun_shutdown_timeout", lambda grace: 1)
+    assert children.spec_hash(ft, "x: 1") == before
+    longer = ForgeTraining.model_validate(obj(resources={"terminationGracePeriodSeconds": 900}))
+    assert children.spec_hash(longer, "x: 1") != before
+    # the spec's own value wins
+    own = ForgeTraining.model_validate(obj(resources={"env": [{"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
+                                                               "value": "100"}]}))
+    env = children.build_pod_template(own, WorkerState(), "img")["spec"]["containers"][0]["env"]
+    assert [e["value"] for e in env if e["name"] == "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == ["100"]
+    assert children.spec_hash(own, "x: 1") != before

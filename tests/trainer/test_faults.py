@@ -6,25 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from trainer_helpers import REPO, read_termination, run_trainer, tiny_config, trainer_cmd, write_config
+from trainer_helpers import REPO, read_termination, run_trainer, tiny_config, trainer_cmd, wait_for, write_config
 
 from forge_trainer import exitcodes
 from forge_trainer.checkpoint import SLEEP_ENV, find_latest, is_complete
-
-
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"trainer exited early with {proc.returncode}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise TimeoutError("condition never became true")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +26,7 @@ def killed_mid_save(tmp_path_factory, corpus, shared_cache):
     proc = subprocess.Popen(trainer_cmd(config_path), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                             env={**os.environ, SLEEP_ENV: "3"})
     # The hook sleeps after the shards are written and before the commit.
-    _wait_for(lambda: (ckpt / "step-00000020.tmp" / ".metadata").exists(), proc)
+    wait_for(lambda: (ckpt / "step-00000020.tmp" / ".metadata").exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     return cfg, config_path
@@ -80,7 +68,7 @@ def test_sigterm_checkpoints_and_exits_75(tmp_path, corpus, shared_cache):
                       checkpoint__interval_steps=10)
     log = open(tmp_path / "log", "w")
     proc = subprocess.Popen(trainer_cmd(write_config(cfg, tmp_path / "config.yaml")), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    _wait_for(lambda: is_complete(Path(cfg.checkpoint.dir) / "step-00000010"), proc)
+    wait_for(lambda: is_complete(Path(cfg.checkpoint.dir) / "step-00000010"), proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == exitcodes.PREEMPTED
     message = read_termination(cfg)

@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from forge_trainer.config import TrainerConfig
@@ -71,3 +72,15 @@ def run_trainer(config_path: Path, env: dict | None = None, timeout: float = 300
 
 def read_termination(cfg: TrainerConfig) -> dict:
     return json.loads(Path(cfg.termination_message_path).read_text())
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll ``predicate`` until it holds; fails if ``proc`` exits first or it never does."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early with {proc.returncode}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError("condition never became true")
+        time.sleep(0.02)

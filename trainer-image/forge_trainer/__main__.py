@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 
 from pydantic import ValidationError
 
@@ -60,8 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     if writes_message:
         from .progress import write_termination_message
 
-        write_termination_message(termination_path, message)
+        # Once one worker has exited, torchrun sends SIGTERM to the rest of the group (with the preStop
+        # hook, a second one, after the run has ended): it must not cut this message short.
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if _in_main_thread() else None
+        try:
+            write_termination_message(termination_path, message)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     return code
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":
