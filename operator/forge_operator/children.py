@@ -156,8 +156,8 @@ def torchrun_shutdown_timeout(grace_period_seconds: int) -> int:
     return max(30, grace_period_seconds - 30)
 
 
-def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str, *, shutdown: bool = True) -> dict[str, Any]:
-    """The worker pod; ``shutdown=False`` leaves out the preStop hook and torchrun's shutdown timeout."""
+def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dict[str, Any]:
+    """The worker pod."""
     r = ft.spec.resources
     claims = _claims(ft)
     volumes: list[dict[str, Any]] = [
@@ -180,7 +180,7 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str, *, shu
     ]
     if state.resume_step is not None:
         env.append({"name": ENV_RESUME_STEP, "value": str(state.resume_step)})
-    if shutdown and not any(e.get("name") == ENV_TORCHRUN_SHUTDOWN_TIMEOUT for e in r.env or []):  # the spec's wins
+    if not any(e.get("name") == ENV_TORCHRUN_SHUTDOWN_TIMEOUT for e in r.env or []):  # the spec's wins
         env.append({"name": ENV_TORCHRUN_SHUTDOWN_TIMEOUT,
                     "value": str(torchrun_shutdown_timeout(r.termination_grace_period_seconds))})
     env += r.env or []
@@ -192,11 +192,10 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str, *, shu
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if shutdown:
-        # The kubelet runs preStop before it sends SIGTERM to PID 1 (torchrun): the hook sends SIGTERM to
-        # the workers and waits until they have checkpointed and exited, bounded by the grace period.
-        # Otherwise torchrun forwards SIGTERM and SIGKILLs them after 30 s (fixed before torch 2.12).
-        container["lifecycle"] = {"preStop": {"exec": {"command": list(PRESTOP_COMMAND)}}}
+    # The kubelet runs preStop before it sends SIGTERM to PID 1 (torchrun): the hook sends SIGTERM to
+    # the workers and waits until they have checkpointed and exited, bounded by the grace period.
+    # Otherwise torchrun forwards SIGTERM and SIGKILLs them after 30 s (fixed before torch 2.12).
+    container["lifecycle"] = {"preStop": {"exec": {"command": list(PRESTOP_COMMAND)}}}
     if r.image_pull_policy:
         container["imagePullPolicy"] = r.image_pull_policy
     resources = _container_resources(ft)
@@ -229,19 +228,23 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str, *, shu
     }
 
 
-def spec_hash(ft: ForgeTraining, trainer_yaml: str) -> str:
+# what running workers do not depend on: the operator acts on these itself
+SPEC_NOT_HASHED = {"scheduling": True, "failure_policy": True, "evaluation": True,
+                   "ttl_seconds_after_finished": True, "training": {"budget": {"max_gpu_hours"}}}
+
+
+def spec_hash(ft: ForgeTraining) -> str:
     """Digest of what running workers depend on in the spec; a change means a controlled restart.
 
-    Suspension and the attempt number are left out: those change the Job in place or by name. So is
-    the operator's default trainer image: upgrading the operator does not restart running trainings
-    (their next attempt uses the new default); ``resources.image`` set in the spec does count. Nor
-    are the operator's shutdown arrangements (preStop hook, torchrun's shutdown timeout): they follow
-    from ``terminationGracePeriodSeconds``, which counts.
+    Made from the spec as written (fields left at their defaults do not count), never from the
+    objects the operator renders from it: a new operator release that renders pods or the trainer
+    configuration differently (a new default image, a new hook) restarts no running training; its
+    next attempt gets the new rendering. Left out too: suspension and the queue (they change the
+    Job in place), the failure policy, the evaluation, the TTL and ``budget.maxGpuHours``, which the
+    operator itself acts on.
     """
-    template = build_pod_template(ft, WorkerState(), ft.spec.resources.image or "", shutdown=False)
-    blob = json.dumps({"template": template, "config": trainer_yaml, "nodes": ft.spec.resources.num_nodes},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    written = ft.spec.model_dump(mode="json", by_alias=True, exclude_defaults=True, exclude=SPEC_NOT_HASHED)
+    return hashlib.sha256(json.dumps(written, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_job(ft: ForgeTraining, state: WorkerState, image: str, hash_: str) -> dict[str, Any]:
@@ -271,5 +274,5 @@ def desired_children(ft: ForgeTraining, trainer_yaml: str, state: WorkerState, *
     image = ft.spec.resources.image or image or DEFAULT_TRAINER_IMAGE
     children = [build_config_map(ft, trainer_yaml), build_service(ft), *build_rbac(ft)]
     if include_job:
-        children.append(build_job(ft, state, image, spec_hash(ft, trainer_yaml)))
+        children.append(build_job(ft, state, image, spec_hash(ft)))
     return children

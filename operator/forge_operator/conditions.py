@@ -38,6 +38,7 @@ class Reason:
     STUCK_TERMINATING = "StuckTerminating"
     RESOURCES_CHANGED = "ResourcesChanged"
     BACKING_OFF = "BackingOff"
+    WORKERS_STOPPING = "PreviousWorkersStopping"  # the next workers wait until the last ones have stopped
     # failures
     MAX_RESTARTS_EXCEEDED = "MaxRestartsExceeded"
     NON_RETRYABLE_EXIT_CODE = "NonRetryableExitCode"

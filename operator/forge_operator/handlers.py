@@ -157,7 +157,7 @@ def _rejected_child(plan: Plan, child: dict[str, Any], err: ApiException, old_st
         detail = json.loads(err.body or "{}").get("message") or err.reason
     except ValueError:
         detail = err.body or err.reason
-    message = f"the API server refused {child['kind']} {child['metadata']['name']}: {detail}"[:2000]
+    message = f"{REFUSED_PREFIX}{child['kind']} {child['metadata']['name']}: {detail}"[:2000]
     plan.status["conditions"] = C.set_condition(plan.status.get("conditions"), C.INVALID, True,
                                                 Reason.CHILD_REJECTED, message, now,
                                                 plan.status.get("observedGeneration"))
@@ -205,6 +205,8 @@ def _execute(c: Clients, obj: dict[str, Any], plan: Plan) -> bool:
             _requeue(namespace, name, 0.2)
             return False
         written = json.loads(json.dumps(plan.status))
+    stored_events = list(plan.events)  # these describe the status just written
+    refused = _refused_kind(plan.status)
     rejected = False
     for child in plan.apply:
         try:
@@ -216,8 +218,9 @@ def _execute(c: Clients, obj: dict[str, Any], plan: Plan) -> bool:
             _rejected_child(plan, child, e, old_status, utcnow())
             rejected = True
             break
-    invalid = C.find(plan.status.get("conditions"), C.INVALID) or {}
-    if not rejected and invalid.get("reason") == Reason.CHILD_REJECTED:
+    # a refused child is reported until a child of its kind is accepted (not merely until an apply
+    # that did not include one)
+    if not rejected and refused is not None and any(ch["kind"] == refused for ch in plan.apply):
         plan.status["conditions"] = [x for x in plan.status["conditions"] if x["type"] != C.INVALID]
     if plan.suspend_job is not None:
         job, suspend = plan.suspend_job
@@ -227,14 +230,27 @@ def _execute(c: Clients, obj: dict[str, Any], plan: Plan) -> bool:
         _ignore_404(c.batch.delete_namespaced_job, job, namespace, propagation_policy="Background")
     for pod in plan.force_delete_pods:
         _ignore_404(c.core.delete_namespaced_pod, pod, namespace, grace_period_seconds=0)
+    stored = True
     if plan.status != written:
-        rv = _write_status(c, obj, plan.status, rv)
-        if rv is None:
-            _requeue(namespace, name, 0.2)
-    for event in plan.events:  # only once the new status is stored
+        stored = _write_status(c, obj, plan.status, rv) is not None
+    for event in plan.events if stored else stored_events:  # only what a stored status says
         post_event(c, obj, event)
+    if not stored:  # the refusal or its end is planned again from a fresh read
+        _requeue(namespace, name, 0.2)
+        return False
     observe_training(namespace, name, plan.status)
     return True
+
+
+REFUSED_PREFIX = "the API server refused "
+
+
+def _refused_kind(status: dict[str, Any]) -> str | None:
+    """The kind of child whose refusal the Invalid condition reports, if it reports one."""
+    invalid = C.find(status.get("conditions"), C.INVALID) or {}
+    if invalid.get("reason") != Reason.CHILD_REJECTED:
+        return None
+    return invalid.get("message", "").removeprefix(REFUSED_PREFIX).split(" ", 1)[0]
 
 
 def post_event(c: Clients, obj: dict[str, Any], event: Event) -> None:

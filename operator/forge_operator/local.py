@@ -102,8 +102,12 @@ def train_local(path: str, volumes: list[str], prompt: str | None = None) -> int
         print(f"forge: stopped at step {summary.step} ({summary.reason}); run the same command to resume "
               f"from {summary.checkpoint}", file=sys.stderr)
         return exitcodes.PREEMPTED
-    if summary.step == summary.start_step:  # run again after it finished: nothing left to train
-        print(f"{ft.metadata.name} is already complete at step {summary.step} (checkpoint {summary.checkpoint})")
+    if summary.step == summary.start_step:  # nothing trained in this run
+        if summary.reason in ("max_steps", "max_tokens"):  # run again after it finished
+            print(f"{ft.metadata.name} is already complete at step {summary.step} (checkpoint {summary.checkpoint})")
+        else:
+            print(f"{ft.metadata.name} trained no step: {summary.reason} (training.budget) had already been "
+                  f"reached at step {summary.step}")
     loss = f", train loss {summary.train_loss:.4f}" if summary.train_loss is not None else ""
     print(f"step {summary.step}, {summary.tokens_seen:,} tokens{loss}")
     if summary.val_loss is not None:

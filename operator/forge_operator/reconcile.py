@@ -197,12 +197,7 @@ def group_failure(ft: ForgeTraining, job: dict[str, Any] | None, pods: list[dict
     failed = [f for f in (pod_failure(p) for p in sorted(pods, key=lambda p: p["metadata"]["name"])) if f]
     if failed:
         return sorted(failed, key=lambda f: not f.from_trainer)[0], []
-    stuck: list[str] = []
-    for pod in pods:
-        deleted = parse_ts(pod["metadata"].get("deletionTimestamp"))
-        grace = pod["metadata"].get("deletionGracePeriodSeconds") or 0
-        if deleted and obs.now - deleted > timeout + timedelta(seconds=grace):
-            stuck.append(pod["metadata"]["name"])
+    stuck = [pod["metadata"]["name"] for pod in pods if _stuck_terminating(pod, obs.now, timeout)]
     if stuck:
         return Failure(Reason.STUCK_TERMINATING, f"pods {', '.join(sorted(stuck))} stuck terminating for more than "
                                                  f"{fp.node_failure_timeout_seconds}s"), stuck
@@ -221,6 +216,13 @@ def group_failure(ft: ForgeTraining, job: dict[str, Any] | None, pods: list[dict
         return Failure(Reason.POD_FAILED, f"job {job['metadata']['name']} failed: {c.get('reason')}: "
                                           f"{c.get('message', '')}".strip()), []
     return None, []
+
+
+def _stuck_terminating(pod: dict[str, Any], now: datetime, timeout: timedelta) -> bool:
+    """Still there ``timeout`` after its grace period ended (a graceful deletion sets deletionTimestamp
+    to the end of the grace period)."""
+    deleted = parse_ts(pod["metadata"].get("deletionTimestamp"))
+    return deleted is not None and now - deleted > timeout
 
 
 def backoff_seconds(ft: ForgeTraining, failures: int) -> int:
@@ -392,7 +394,7 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
     # of a queued training deletes the Job instead: its workload leaves the queue and frees its quota,
     # and resuming queues a new Job for the same attempt
     kueue_suspend = user_suspend and bool(spec.scheduling.queue_name)
-    if kueue_suspend and current is not None:
+    if kueue_suspend and _active(current):  # a finished Job is judged first (success, failure)
         plan.delete_jobs.append(current_name)
         current, pods, running, job_suspended = None, [], [], False
 
@@ -411,7 +413,7 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
     if current is not None and not job_suspended:
         failure, stuck = group_failure(ft, current, pods, obs)
     if failure is None and current is not None and not job_suspended:
-        want = spec_hash(ft, trainer_yaml)
+        want = spec_hash(ft)
         have = (current["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
         if have and have != want:
             failure = Failure(Reason.RESOURCES_CHANGED, "the spec changed (resources, budget or hyperparameters); "
@@ -424,6 +426,13 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
         if failure.exit_code in non_retryable:
             status["completionTime"] = ts(now)
             transition("Failed", Reason.NON_RETRYABLE_EXIT_CODE, failure.message, warning=True)
+            return plan
+        if _deadline(ft) is not None and now >= _deadline(ft):
+            status["completionTime"] = ts(now)
+            transition("Failed", Reason.DEADLINE_EXCEEDED,
+                       f"training.budget.deadline {_deadline(ft).strftime('%Y-%m-%dT%H:%M:%SZ')} has passed, so the "
+                       f"workers are not restarted; last failure: {failure.message}", warning=True)
+            plan.delete_jobs.append(current_name)
             return plan
         if counts and failures >= spec.failure_policy.max_restarts:
             status["completionTime"] = ts(now)
@@ -469,12 +478,24 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
     # The Job is applied once, when its attempt starts; its template never changes after that (an edit
     # is a new attempt). Afterwards only `suspend` is written, and only when the user's wish differs
     # from what is observed, so a stale read can never undo Kueue's admission.
+    # The next workers start once the last ones have stopped: these may still be writing their
+    # checkpoint into the same directory (preStop hook, up to the grace period), and the next ones
+    # resume from it and rendezvous under the same names. That is: a new Job waits for every worker
+    # of the training, and a suspended Job resumes once the pods its suspension deleted are gone.
+    stopping, stuck = [], []
+    if current is None:
+        stopping, stuck = _still_stopping(ft, obs, obs.pods)
+    elif job_suspended and not user_suspend:
+        stopping, stuck = _still_stopping(ft, obs, [p for p in pods if p["metadata"].get("deletionTimestamp")
+                                                    or p.get("status", {}).get("phase") not in TERMINAL])
+    plan.force_delete_pods += [name for name in stuck if name not in plan.force_delete_pods]
     plan.apply = desired_children(ft, trainer_yaml, state, image=settings.trainer_image,
-                                  include_job=current is None and waiting <= 0 and not kueue_suspend)
+                                  include_job=current is None and waiting <= 0 and not kueue_suspend
+                                  and not stopping)
     if current is not None:
         if user_suspend and not job_suspended:
             plan.suspend_job = (current_name, True)
-        elif not user_suspend and job_suspended and not spec.scheduling.queue_name:
+        elif not user_suspend and job_suspended and not spec.scheduling.queue_name and not stopping:
             plan.suspend_job = (current_name, False)
 
     # 6. the phase, from what runs now
@@ -486,6 +507,12 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
         active = [p for p in attempt_pods if p.get("status", {}).get("phase") in ("Pending", "Running")]
         msg = "suspended by the user" + (f"; {len(active)} workers still stopping" if active else "; no workers run")
         transition("Suspended", Reason.SUSPENDED_BY_USER, msg)
+    elif stopping:
+        plan.requeue_after = min(settings.resync_seconds, 5.0)
+        earlier = any(_pod_attempt(p) < restart_count for p in stopping)
+        transition("Restarting" if earlier else "Pending", Reason.WORKERS_STOPPING,
+                   f"waiting for {len(stopping)} worker(s) of the last run to stop (they write a "
+                   f"checkpoint first) before starting {n} new ones")
     elif state.suspend:
         transition("Queued", Reason.QUEUED_BY_KUEUE, f"waiting for Kueue to admit the workers from queue "
                                                       f"{spec.scheduling.queue_name}")
@@ -505,18 +532,27 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
     return plan
 
 
+def _deadline(ft: ForgeTraining) -> datetime | None:
+    """training.budget.deadline in UTC (a time without a zone is taken as UTC)."""
+    deadline = ft.spec.training.budget.deadline
+    if deadline is None:
+        return None
+    if deadline.tzinfo is None:
+        return deadline.replace(tzinfo=timezone.utc)
+    return deadline.astimezone(timezone.utc)
+
+
 def _deadline_passed(ft: ForgeTraining, status: dict[str, Any], current: dict[str, Any] | None,
                      pods: list[dict[str, Any]], now: datetime, plan: Plan, transition) -> bool:
     """budget.deadline, the operator's part: the trainer ends a running training at the deadline itself
     (checkpoint, export: Succeeded). Workers that are not running by then are never started (like a
-    Job's activeDeadlineSeconds), and workers still busy long after it are stopped."""
-    deadline = ft.spec.training.budget.deadline
+    Job's activeDeadlineSeconds), and workers still busy long after it are stopped. A worker that
+    failed is reported as the failure it is (and not restarted after the deadline)."""
+    deadline = _deadline(ft)
     if deadline is None or (current is not None and _job_condition(current, "Complete")):
         return False
-    if deadline.tzinfo is None:
-        deadline = deadline.replace(tzinfo=timezone.utc)
     late = (now - deadline).total_seconds()
-    if late < 0:
+    if late < 0 or any(p.get("status", {}).get("phase") == "Failed" for p in pods):
         return False
     started = any(p.get("status", {}).get("phase") in ("Running", "Succeeded") for p in pods)
     overdue = ft.spec.resources.termination_grace_period_seconds + DEADLINE_SLACK_SECONDS
@@ -542,6 +578,29 @@ def _resumed(status: dict[str, Any]) -> bool:
     if suspended is None:
         return False
     return restarting is None or suspended["lastTransitionTime"] >= restarting["lastTransitionTime"]
+
+
+def _still_stopping(ft: ForgeTraining, obs: Observed,
+                    pods: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Those of ``pods`` that have not stopped yet, and those of them stuck terminating (to
+    force-delete). Workers on a lost node are not waited for: they cannot stop, and no checkpoint
+    comes from them."""
+    timeout = timedelta(seconds=ft.spec.failure_policy.node_failure_timeout_seconds)
+    stopping: list[dict[str, Any]] = []
+    stuck: list[dict[str, Any]] = []
+    for pod in pods:
+        if pod.get("status", {}).get("phase") in TERMINAL and not pod["metadata"].get("deletionTimestamp"):
+            continue
+        node_name = pod.get("spec", {}).get("nodeName")
+        if node_name in obs.nodes and not _node_ready(obs.nodes[node_name])[0]:
+            continue
+        (stuck if _stuck_terminating(pod, obs.now, timeout) else stopping).append(pod)
+    return stopping, [p["metadata"]["name"] for p in stuck]
+
+
+def _pod_attempt(pod: dict[str, Any]) -> int:
+    value = (pod["metadata"].get("labels") or {}).get(LABEL_ATTEMPT, "")
+    return int(value) if value.isdigit() else -1
 
 
 def _attempt(job: dict[str, Any]) -> int | None:

@@ -49,3 +49,28 @@ def test_a_failed_reconcile_is_tried_again(kube, handlers_on_cluster, monkeypatc
     monkeypatch.setattr(handlers, "_settings", handlers.Settings(resync_seconds=0.1))
     handlers.reconcile_or_retry(kube.namespace, "llm")
     kube.wait_for("retried", lambda: len(calls) >= 2, timeout=10)
+
+
+def test_a_refused_child_is_reported_until_a_child_of_its_kind_is_accepted(kube, handlers_on_cluster):
+    create_pvcs(kube, "corpus", "ckpt", "models")
+    bad_env = {"numNodes": 1, "env": [{"value": "no name"}]}
+    kube.apply(training("llm", resources=bad_env, scheduling={"queueName": "team-a"}))
+
+    def invalid():
+        return next((c for c in kube.get("forgetraining", "llm")["status"].get("conditions", [])
+                     if c["type"] == "Invalid"), None)
+
+    handlers_on_cluster.reconcile_training(kube.namespace, "llm")
+    assert invalid()["reason"] == "ChildRejected" and "Job llm-r0" in invalid()["message"]
+    # suspended in its queue: no Job is applied, so nothing says the refusal is over
+    kube("patch", "forgetraining", "llm", "--type=merge", "-p", '{"spec":{"scheduling":{"suspend":true}}}')
+    plan = handlers_on_cluster.reconcile_training(kube.namespace, "llm")
+    assert plan.status["phase"] == "Suspended" and "Job" not in [c["kind"] for c in plan.apply]
+    assert invalid()["reason"] == "ChildRejected"
+    refusals = [e for e in kube.events("involvedObject.kind=ForgeTraining") if e["reason"] == "ChildRejected"]
+    assert len(refusals) == 1
+    # fixed and resumed: the Job is accepted and the condition goes
+    kube("patch", "forgetraining", "llm", "--type=merge", "-p",
+         '{"spec":{"scheduling":{"suspend":false},"resources":{"env":[{"name":"NCCL_DEBUG","value":"INFO"}]}}}')
+    handlers_on_cluster.reconcile_training(kube.namespace, "llm")
+    assert invalid() is None and kube.get("job", "llm-r0")["spec"]["suspend"] is True

@@ -408,20 +408,119 @@ def test_workers_checkpoint_in_a_prestop_hook_before_torchrun_gets_sigterm(grace
     assert pod_spec["terminationGracePeriodSeconds"] == grace
 
 
-def test_the_shutdown_arrangements_do_not_count_as_a_spec_change(monkeypatch):
+def test_the_spec_hash_follows_the_spec_and_not_the_operators_rendering(monkeypatch):
     from forge_operator import children
 
     ft = ForgeTraining.model_validate(obj())
-    before = children.spec_hash(ft, "x: 1")
-    # an operator that adds or changes the preStop hook does not restart trainings started by another
+    before = children.spec_hash(ft)
+    # an operator release that renders the workers differently restarts no running training
     monkeypatch.setattr(children, "PRESTOP_COMMAND", ["sleep", "1"])
     monkeypatch.setattr(children, "torchrun_shutdown_timeout", lambda grace: 1)
-    assert children.spec_hash(ft, "x: 1") == before
-    longer = ForgeTraining.model_validate(obj(resources={"terminationGracePeriodSeconds": 900}))
-    assert children.spec_hash(longer, "x: 1") != before
-    # the spec's own value wins
+    monkeypatch.setattr(children, "build_pod_template", lambda *a, **k: {"spec": {"new": "field"}})
+    assert children.spec_hash(ft) == before
+    # a default written out is the same spec
+    spelled_out = obj(resources={"terminationGracePeriodSeconds": ft.spec.resources.termination_grace_period_seconds})
+    assert children.spec_hash(ForgeTraining.model_validate(spelled_out)) == before
+    # what the workers depend on counts; what the operator acts on itself does not
+    counts = [{"resources": {"terminationGracePeriodSeconds": 900}},
+              {"resources": {"env": [{"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": "100"}]}},
+              {"training": {**obj()["spec"]["training"], "learningRate": 1e-4}},
+              {"training": {**obj()["spec"]["training"], "budget": {"maxSteps": 77}}}]
+    for edit in counts:
+        assert children.spec_hash(ForgeTraining.model_validate(obj(**edit))) != before, edit
+    ignored = [{"scheduling": {"suspend": True}}, {"scheduling": {"queueName": "team-a"}},
+               {"failurePolicy": {"maxRestarts": 9}}, {"ttlSecondsAfterFinished": 60},
+               {"training": {**obj()["spec"]["training"],
+                             "budget": {**obj()["spec"]["training"]["budget"], "maxGpuHours": 5}}}]
+    for edit in ignored:
+        assert children.spec_hash(ForgeTraining.model_validate(obj(**edit))) == before, edit
+    # the spec's own shutdown timeout wins over the one derived from the grace period
     own = ForgeTraining.model_validate(obj(resources={"env": [{"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
                                                                "value": "100"}]}))
+    monkeypatch.undo()
     env = children.build_pod_template(own, WorkerState(), "img")["spec"]["containers"][0]["env"]
     assert [e["value"] for e in env if e["name"] == "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == ["100"]
-    assert children.spec_hash(own, "x: 1") != before
+
+
+def test_the_next_workers_start_only_once_the_last_ones_have_stopped():
+    o = obj(failurePolicy={"nodeFailureTimeoutSeconds": 60, "backoffSeconds": 0})
+    o["status"] = {"phase": "Running"}
+    nodes = {f"n{i}": READY for i in range(4)}
+    # rank 3 failed; the Job controller stops the others, which checkpoint in their preStop hook
+    pods = [pod(f"p{i}", i, node=f"n{i}") for i in range(3)] + [pod("p3", 3, phase="Failed", node="n3")]
+    failed_job = job("llm-r0", conditions=[{"type": "Failed", "status": "True"}])
+    plan = plan_training(o, Observed(now=NOW, jobs=[failed_job], pods=pods, nodes=nodes))
+    assert plan.status["restartCount"] == 1 and plan.delete_jobs == ["llm-r0"]
+    assert "Job" not in [c["kind"] for c in plan.apply]
+    waiting = C.find(plan.status["conditions"], "Restarting")
+    assert plan.status["phase"] == "Restarting" and waiting["reason"] == "PreviousWorkersStopping"
+    assert "3 worker(s)" in waiting["message"] and plan.requeue_after <= 5
+    o["status"] = plan.status
+    # one is still writing; one on a lost node cannot stop and is not waited for
+    terminating = {"deletionTimestamp": "2026-11-22T12:09:00Z"}
+    lost = {"status": {"conditions": [{"type": "Ready", "status": "Unknown",
+                                       "lastTransitionTime": "2026-11-22T11:59:00Z"}]}}
+    still = [pod("p0", 0, node="n0", metadata=terminating), pod("p1", 1, node="n1", metadata=terminating)]
+    plan = plan_training(o, Observed(now=NOW + timedelta(seconds=5), pods=still, nodes={"n0": READY, "n1": lost}))
+    assert "Job" not in [c["kind"] for c in plan.apply]
+    assert "1 worker(s)" in C.find(plan.status["conditions"], "Restarting")["message"]
+    # past its grace period and the node failure timeout: force-deleted, no longer waited for
+    plan = plan_training(o, Observed(now=NOW + timedelta(minutes=11), pods=still, nodes={"n0": READY, "n1": lost}))
+    assert plan.force_delete_pods == ["p0"]
+    assert [c["metadata"]["name"] for c in plan.apply if c["kind"] == "Job"] == ["llm-r1"]
+
+
+def test_a_suspended_job_resumes_once_the_pods_its_suspension_deleted_are_gone():
+    o = obj()
+    o["status"] = {"phase": "Suspended", "conditions": [
+        {"type": "Suspended", "status": "True", "reason": "SuspendedByUser", "message": "",
+         "lastTransitionTime": "2026-11-22T11:00:00Z"}]}
+    suspended = job("llm-r0")
+    suspended["spec"]["suspend"] = True
+    leaving = [pod(f"p{i}", i, metadata={"deletionTimestamp": "2026-11-22T12:09:00Z"}) for i in range(2)]
+    plan = plan_training(o, Observed(now=NOW, jobs=[suspended], pods=leaving, nodes={"n0": READY}))
+    assert plan.suspend_job is None and plan.status["phase"] == "Pending"
+    resumed = C.find(plan.status["conditions"], "Suspended")
+    assert resumed["status"] == "False" and resumed["reason"] == "PreviousWorkersStopping"
+    assert "waiting for 2 worker(s)" in resumed["message"]
+    done = pod("p2", 2, phase="Succeeded")  # a completed index stays; it is not waited for
+    plan = plan_training(o, Observed(now=NOW, jobs=[suspended], pods=[done], nodes={"n0": READY}))
+    assert plan.suspend_job == ("llm-r0", False)
+
+
+def test_a_queued_training_suspended_after_its_job_ended_keeps_the_outcome():
+    o = obj(scheduling={"queueName": "team-a", "suspend": True})
+    o["status"] = {"phase": "Running"}
+    done = job("llm-r0", conditions=[{"type": "Complete", "status": "True"}])
+    plan = plan_training(o, Observed(now=NOW, jobs=[done], pods=[pod("p0", 0, phase="Succeeded")]))
+    assert plan.status["phase"] == "Succeeded" and not plan.delete_jobs
+    failed = job("llm-r0", conditions=[{"type": "Failed", "status": "True"}])
+    bad_data = pod("p0", 0, phase="Failed", status={"containerStatuses": [{"name": "trainer", "state": {
+        "terminated": {"exitCode": 65, "message": '{"status": "failed", "exitCode": 65}'}}}]})
+    plan = plan_training(o, Observed(now=NOW, jobs=[failed], pods=[bad_data]))
+    assert plan.status["phase"] == "Failed"
+    assert C.find(plan.status["conditions"], "Failed")["reason"] == "NonRetryableExitCode"
+
+
+def test_a_failure_after_the_deadline_is_reported_as_itself_and_not_restarted():
+    o = obj(training={"budget": {"maxSteps": 100, "deadline": "2026-11-22T13:00:00+02:00"}})  # 11:00 UTC
+    o["status"] = {"phase": "Running"}
+    failed_job = job("llm-r0", conditions=[{"type": "Failed", "status": "True"}])
+
+    def failing(code: int):
+        return pod("p0", 0, phase="Failed", status={"containerStatuses": [{"name": "trainer", "state": {
+            "terminated": {"exitCode": code, "message": f'{{"status": "failed", "exitCode": {code}}}'}}}]})
+
+    plan = plan_training(o, Observed(now=NOW, jobs=[failed_job], pods=[failing(65)]))
+    assert C.find(plan.status["conditions"], "Failed")["reason"] == "NonRetryableExitCode"
+    plan = plan_training(o, Observed(now=NOW, jobs=[failed_job], pods=[failing(1)]))
+    failed = C.find(plan.status["conditions"], "Failed")
+    assert plan.status["phase"] == "Failed" and failed["reason"] == "DeadlineExceeded"
+    assert "2026-11-22T11:00:00Z has passed, so the workers are not restarted" in failed["message"]
+    assert not plan.status.get("restartCount") and "Job" not in [c["kind"] for c in plan.apply]
+    # the deadline in the message is in UTC, whatever zone the spec wrote it in
+    o["status"] = {"phase": "Queued"}
+    queued = job("llm-r0")
+    queued["spec"]["suspend"] = True
+    never = C.find(plan_training(o, Observed(now=NOW, jobs=[queued])).status["conditions"], "Failed")
+    assert "2026-11-22T11:00:00Z passed before the workers ran" in never["message"]

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,24 @@ def test_sigterm_checkpoints_and_exits_75(tmp_path, corpus, shared_cache):
     latest = find_latest(cfg.checkpoint.dir)
     assert latest.name == f"step-{message['step']:08d}" and message["checkpoint"] == str(latest)
     assert not Path(cfg.output.dir).exists()  # preempted runs resume; they do not export
+
+
+def test_a_sigterm_after_the_loop_does_not_cut_the_termination_message_short(tmp_path, corpus, shared_cache):
+    """Once one worker of a node has exited, torchrun sends SIGTERM to the others, maybe while they still
+    report their last progress or shut the process group down: they finish and write their message."""
+    cfg = tiny_config(tmp_path, corpus, shared_cache, training__budget={"max_steps": 4}, checkpoint__interval_steps=2)
+    config_path = write_config(cfg, tmp_path / "config.yaml")
+    # the SIGTERM arrives while run() shuts down, after its loop has ended
+    script = ("import os, signal, sys\n"
+              "import forge_trainer.train as train\n"
+              "from forge_trainer.__main__ import main\n"
+              "shutdown = train.shutdown\n"
+              "def late_sigterm(d):\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    shutdown(d)\n"
+              "train.shutdown = late_sigterm\n"
+              f"sys.exit(main(['--config', {str(config_path)!r}]))\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == exitcodes.OK, out.stdout[-2000:] + out.stderr[-2000:]
+    message = read_termination(cfg)
+    assert message["status"] == "completed" and message["exitCode"] == 0 and message["step"] == 4

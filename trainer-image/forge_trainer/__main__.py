@@ -51,9 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:  # YAML/JSON syntax
             raise ConfigError(f"{args.config}: {e}") from e
         termination_path = config.termination_message_path
-        from .train import run
+        from .train import SigtermFlag, run
 
-        summary = run(config)
+        # SIGTERM stays caught from here to the termination message: once one worker has exited,
+        # torchrun sends SIGTERM to the rest of the node's workers (with the preStop hook, a second
+        # one), and it must not cut short the last progress report or the message.
+        stop = SigtermFlag()
+        stop.install()
+        summary = run(config, stop=stop)
         code = exitcodes.PREEMPTED if summary.status == "preempted" else exitcodes.OK
         message = {**summary.to_message(), "exitCode": code}
     except TrainerError as e:
@@ -62,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     if writes_message:
         from .progress import write_termination_message
 
-        # Once one worker has exited, torchrun sends SIGTERM to the rest of the group (with the preStop
-        # hook, a second one, after the run has ended): it must not cut this message short.
         previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if _in_main_thread() else None
         try:
             write_termination_message(termination_path, message)

@@ -60,12 +60,18 @@ class RunSummary:
         }
 
 
-def run(config: TrainerConfig, on_progress=None) -> RunSummary:
-    """Train (or resume) as configured; returns when a budget is reached or SIGTERM arrives."""
+def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None) -> RunSummary:
+    """Train (or resume) as configured; returns when a budget is reached or SIGTERM arrives.
+
+    ``stop`` is the caller's SIGTERM flag, already installed, when SIGTERM must stay caught after
+    ``run`` returns (the worker process still writes its termination message); by default ``run``
+    catches SIGTERM only while it runs."""
     started = datetime.now(timezone.utc)
+    owns_stop = stop is None
+    if stop is None:
+        stop = SigtermFlag()
+        stop.install()
     d = init_distributed()
-    stop = _SigtermFlag()
-    stop.install()
     reporter = None
     try:
         t = config.training
@@ -239,10 +245,11 @@ def run(config: TrainerConfig, on_progress=None) -> RunSummary:
             reporter.report(progress(train_loss, lr, gnorm, tps))
         return summary
     finally:
-        stop.restore()
         if reporter is not None:
             reporter.close()
         shutdown(d)
+        if owns_stop:
+            stop.restore()
 
 
 # ---------------------------------------------------------------------------
@@ -498,8 +505,9 @@ def _provenance(config, tokenizer, data, hf_cfg, stats, d, started, ended, train
     }
 
 
-class _SigtermFlag:
-    """SIGTERM sets a flag; the loop finishes its step, checkpoints and exits PREEMPTED."""
+class SigtermFlag:
+    """SIGTERM sets a flag; the loop finishes its step, checkpoints and exits PREEMPTED. A second
+    SIGTERM (torchrun forwards one once any worker of the node has exited) changes nothing."""
 
     def __init__(self):
         self.requested = False
