@@ -38,15 +38,19 @@ def cluster(tmp_path_factory) -> DevCluster:
 def crds(cluster: DevCluster) -> DevCluster:
     """The Forge CRDs installed and Established."""
     cluster.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-    cluster.kubectl("wait", "--for", "condition=Established", "--timeout=60s",
-                    "crd/forgetrainings.forge.dev", "crd/forgeevals.forge.dev")
-    # discovery must list the kinds before kubectl can use them
-    deadline = time.monotonic() + 30
-    while "forgetrainings" not in cluster.kubectl("api-resources", "--api-group=forge.dev", check=False).stdout:
+    established = '{.items[*].status.conditions[?(@.type=="Established")].status}'
+    # both Established, and discovery lists the kinds (kubectl needs that before it can use them)
+    deadline = time.monotonic() + 60
+    while True:
+        crds = cluster.kubectl("get", "crd", "forgetrainings.forge.dev", "forgeevals.forge.dev", "-o",
+                               f"jsonpath={established}", check=False)
+        kinds = cluster.kubectl("api-resources", "--api-group=forge.dev", check=False)
+        if crds.stdout.split() == ["True", "True"] and "forgetrainings" in kinds.stdout:
+            return cluster
         if time.monotonic() > deadline:
-            raise TimeoutError("forge.dev kinds never appeared in discovery")
+            raise TimeoutError(f"the forge.dev CRDs never became usable: Established={crds.stdout!r} "
+                               f"{crds.stderr.strip()} {kinds.stderr.strip()}")
         time.sleep(0.5)
-    return cluster
 
 
 @pytest.fixture

@@ -78,6 +78,11 @@ class ClusterState:
         Path(self.dir, "state.json").write_text(json.dumps(asdict(self), indent=2))
 
 
+class KubectlError(subprocess.CalledProcessError):
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{(self.stderr or '').strip()}"
+
+
 class DevCluster:
     """One control plane in one folder. Use ``up()``/``down()`` or as a context manager."""
 
@@ -164,11 +169,17 @@ class DevCluster:
 
     # -- helpers for callers -------------------------------------------------
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        """kubectl against this cluster, with a discovery cache of its own (the cache is keyed by
+        host:port, and another cluster may have had this port before). ``check`` raises with stderr."""
         assert self.state is not None, "cluster is not up"
-        return subprocess.run(
-            ["kubectl", "--kubeconfig", self.state.kubeconfig, *args],
-            input=input, text=True, capture_output=True, check=check,
+        cache = Path(self.state.kubeconfig).parent / "kubectl-cache"
+        out = subprocess.run(
+            ["kubectl", "--kubeconfig", self.state.kubeconfig, "--cache-dir", str(cache), *args],
+            input=input, text=True, capture_output=True,
         )
+        if check and out.returncode != 0:
+            raise KubectlError(out.returncode, out.args, out.stdout, out.stderr)
+        return out
 
     def env(self) -> dict[str, str]:
         assert self.state is not None
