@@ -107,7 +107,16 @@ def test_failed_rank_restarts_whole_group_from_checkpoint(kube, operator):
     report_progress(kube, pods[0]["metadata"]["name"], step=30, loss=3.5, checkpoint_step=25)
     kube.wait_for("checkpoint in status", lambda: ft(kube, "llm")["status"].get("lastCheckpoint"))
 
+    # rank 0 takes 8 s to stop (its checkpoint): the new group waits for it
+    slow = pods[0]["metadata"]["name"]
+    kube("annotate", "pod", slow, "kwok.forge.dev/stop-delay=8s")
     exit_pod(kube, pods[2]["metadata"]["name"], 1)
+    kube.wait_for("waiting for the last workers", lambda: any(
+        c["reason"] == "PreviousWorkersStopping" for c in ft(kube, "llm")["status"].get("conditions", [])))
+    jobs = [j["metadata"]["name"] for j in kube.get("jobs")["items"]]
+    still = kube("get", "pod", slow, "-o", "jsonpath={.metadata.deletionTimestamp}", check=False)
+    assert still.returncode == 0 and still.stdout, "rank 0 should still be stopping"
+    assert "llm-r1" not in jobs
     new = kube.wait_for("new group running", running_workers(kube, "llm", 4, 1), timeout=90)
     assert all(p["metadata"]["labels"]["job-name"] == "llm-r1" for p in new)
     env = {e["name"]: e.get("value") for e in new[0]["spec"]["containers"][0]["env"]}
