@@ -20,7 +20,7 @@ from .constants import (
     PRESTOP_COMMAND, PVC_MOUNT_ROOT, RENDEZVOUS_PORT, SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_GID,
 )
 
-ANNOTATION_SPEC_HASH = "forge.dev/spec-hash"
+ANNOTATION_SPEC_HASH = "forge.dev/spec-digest"  # a Job without it (made by an older operator) is not compared
 
 
 @dataclass(frozen=True)
@@ -270,9 +270,13 @@ def build_job(ft: ForgeTraining, state: WorkerState, image: str, hash_: str) -> 
 
 def desired_children(ft: ForgeTraining, trainer_yaml: str, state: WorkerState, *, image: str | None = None,
                      include_job: bool = True) -> list[dict[str, Any]]:
-    """Every object the training needs, in apply order."""
+    """Every object the training needs, in apply order.
+
+    The trainer configuration is written with the Job only, when an attempt starts: the workers of
+    an attempt read the configuration it started with, also when they start later (a resume, Kueue's
+    admission) under an operator that translates the spec differently. An edit is a new attempt."""
     image = ft.spec.resources.image or image or DEFAULT_TRAINER_IMAGE
-    children = [build_config_map(ft, trainer_yaml), build_service(ft), *build_rbac(ft)]
+    children = [build_service(ft), *build_rbac(ft)]
     if include_job:
-        children.append(build_job(ft, state, image, spec_hash(ft)))
+        children = [build_config_map(ft, trainer_yaml), *children, build_job(ft, state, image, spec_hash(ft))]
     return children

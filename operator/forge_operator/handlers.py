@@ -228,6 +228,8 @@ def _execute(c: Clients, obj: dict[str, Any], plan: Plan) -> bool:
                     field_manager=FIELD_MANAGER)
     for job in plan.delete_jobs:
         _ignore_404(c.batch.delete_namespaced_job, job, namespace, propagation_policy="Background")
+    for pod in plan.delete_pods:
+        _ignore_404(c.core.delete_namespaced_pod, pod, namespace)
     for pod in plan.force_delete_pods:
         _ignore_404(c.core.delete_namespaced_pod, pod, namespace, grace_period_seconds=0)
     stored = True

@@ -69,6 +69,7 @@ class Plan:
     apply: list[dict[str, Any]] = field(default_factory=list)
     delete_jobs: list[str] = field(default_factory=list)
     force_delete_pods: list[str] = field(default_factory=list)
+    delete_pods: list[str] = field(default_factory=list)  # with their grace period
     events: list[Event] = field(default_factory=list)
     # (job name, suspend): set spec.suspend of that existing Job
     suspend_job: tuple[str, bool] | None = None
@@ -207,8 +208,7 @@ def group_failure(ft: ForgeTraining, job: dict[str, Any] | None, pods: list[dict
             continue
         if node_name not in obs.nodes:
             continue  # not observed (no RBAC to read nodes): unknown is not lost
-        ready, since = _node_ready(obs.nodes[node_name])
-        if not ready and (since is None or obs.now - since > timeout):
+        if _node_lost(obs.nodes[node_name], obs.now, timeout):
             return Failure(Reason.NODE_LOST, f"node {node_name} of pod {pod['metadata']['name']} is not Ready for "
                                              f"more than {fp.node_failure_timeout_seconds}s"), []
     if job is not None and _job_condition(job, "Failed"):
@@ -412,7 +412,10 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
     failure, stuck = (None, [])
     if current is not None and not job_suspended:
         failure, stuck = group_failure(ft, current, pods, obs)
-    if failure is None and current is not None and not job_suspended:
+    # An edit is a new attempt: for a Job that runs, and for a suspended one before it runs again (a
+    # resume, or Kueue's admission), never the old Job with the new spec. Past the deadline an edit
+    # changes nothing: the trainer is ending the run.
+    if failure is None and current is not None and not user_suspend and not _deadline_reached(ft, now):
         want = spec_hash(ft)
         have = (current["metadata"].get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
         if have and have != want:
@@ -427,12 +430,11 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
             status["completionTime"] = ts(now)
             transition("Failed", Reason.NON_RETRYABLE_EXIT_CODE, failure.message, warning=True)
             return plan
-        if _deadline(ft) is not None and now >= _deadline(ft):
+        if _deadline_reached(ft, now):
             status["completionTime"] = ts(now)
             transition("Failed", Reason.DEADLINE_EXCEEDED,
                        f"training.budget.deadline {_deadline(ft).strftime('%Y-%m-%dT%H:%M:%SZ')} has passed, so the "
                        f"workers are not restarted; last failure: {failure.message}", warning=True)
-            plan.delete_jobs.append(current_name)
             return plan
         if counts and failures >= spec.failure_policy.max_restarts:
             status["completionTime"] = ts(now)
@@ -484,8 +486,14 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
     # of the training, and a suspended Job resumes once the pods its suspension deleted are gone.
     stopping, stuck = [], []
     if current is None:
-        stopping, stuck = _still_stopping(ft, obs, obs.pods)
-    elif job_suspended and not user_suspend:
+        mine = [p for p in obs.pods if 0 <= _pod_attempt(p) <= restart_count]
+        stopping, stuck = _still_stopping(ft, obs, mine)
+        # workers whose Job is gone and that nobody deletes (the Job deleted with --cascade=orphan,
+        # or before the garbage collector got to them) are stopped gracefully
+        jobs = {j["metadata"].get("uid") for j in obs.jobs}
+        plan.delete_pods = [p["metadata"]["name"] for p in stopping if not p["metadata"].get("deletionTimestamp")
+                            and not any(r.get("uid") in jobs for r in p["metadata"].get("ownerReferences") or [])]
+    elif job_suspended and not user_suspend and not spec.scheduling.queue_name:  # Kueue resumes a queued one
         stopping, stuck = _still_stopping(ft, obs, [p for p in pods if p["metadata"].get("deletionTimestamp")
                                                     or p.get("status", {}).get("phase") not in TERMINAL])
     plan.force_delete_pods += [name for name in stuck if name not in plan.force_delete_pods]
@@ -542,6 +550,11 @@ def _deadline(ft: ForgeTraining) -> datetime | None:
     return deadline.astimezone(timezone.utc)
 
 
+def _deadline_reached(ft: ForgeTraining, now: datetime) -> bool:
+    deadline = _deadline(ft)
+    return deadline is not None and now >= deadline
+
+
 def _deadline_passed(ft: ForgeTraining, status: dict[str, Any], current: dict[str, Any] | None,
                      pods: list[dict[str, Any]], now: datetime, plan: Plan, transition) -> bool:
     """budget.deadline, the operator's part: the trainer ends a running training at the deadline itself
@@ -563,7 +576,7 @@ def _deadline_passed(ft: ForgeTraining, status: dict[str, Any], current: dict[st
         message = (f"training.budget.deadline {when} passed {human_duration(late)} ago and the workers have not "
                    f"finished; they were stopped (they checkpoint on SIGTERM)")
     else:
-        message = f"training.budget.deadline {when} passed before the workers ran"
+        message = f"training.budget.deadline {when} passed while no worker was running"
     status["completionTime"] = ts(now)
     transition("Failed", Reason.DEADLINE_EXCEEDED, message, warning=True)
     if _active(current):
@@ -582,20 +595,29 @@ def _resumed(status: dict[str, Any]) -> bool:
 
 def _still_stopping(ft: ForgeTraining, obs: Observed,
                     pods: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Those of ``pods`` that have not stopped yet, and those of them stuck terminating (to
-    force-delete). Workers on a lost node are not waited for: they cannot stop, and no checkpoint
-    comes from them."""
+    """Those of ``pods`` that have not stopped yet, and those to force-delete: stuck terminating, or
+    being deleted on a lost node (they cannot stop, no checkpoint comes from them, and they would
+    still answer to the host names the next workers take)."""
     timeout = timedelta(seconds=ft.spec.failure_policy.node_failure_timeout_seconds)
     stopping: list[dict[str, Any]] = []
     stuck: list[dict[str, Any]] = []
     for pod in pods:
-        if pod.get("status", {}).get("phase") in TERMINAL and not pod["metadata"].get("deletionTimestamp"):
+        deleting = bool(pod["metadata"].get("deletionTimestamp"))
+        if pod.get("status", {}).get("phase") in TERMINAL and not deleting:
             continue
         node_name = pod.get("spec", {}).get("nodeName")
-        if node_name in obs.nodes and not _node_ready(obs.nodes[node_name])[0]:
+        if node_name in obs.nodes and _node_lost(obs.nodes[node_name], obs.now, timeout):
+            if deleting:
+                stuck.append(pod)
             continue
         (stuck if _stuck_terminating(pod, obs.now, timeout) else stopping).append(pod)
     return stopping, [p["metadata"]["name"] for p in stuck]
+
+
+def _node_lost(node: dict[str, Any] | None, now: datetime, timeout: timedelta) -> bool:
+    """Deleted, or not Ready for longer than the timeout (the NodeLost rule)."""
+    ready, since = _node_ready(node)
+    return node is None or (not ready and (since is None or now - since > timeout))
 
 
 def _pod_attempt(pod: dict[str, Any]) -> int:

@@ -382,7 +382,7 @@ def test_workers_not_running_at_the_deadline_are_never_started():
     plan = plan_training(o, Observed(now=NOW, jobs=[queued]))
     failed = C.find(plan.status["conditions"], "Failed")
     assert plan.status["phase"] == "Failed" and failed["reason"] == "DeadlineExceeded"
-    assert "2026-11-22T11:00:00Z passed before the workers ran" in failed["message"]
+    assert "2026-11-22T11:00:00Z passed while no worker was running" in failed["message"]
     assert plan.delete_jobs == ["llm-r0"] and "Job" not in [c["kind"] for c in plan.apply]
 
 
@@ -456,18 +456,29 @@ def test_the_next_workers_start_only_once_the_last_ones_have_stopped():
     assert plan.status["phase"] == "Restarting" and waiting["reason"] == "PreviousWorkersStopping"
     assert "3 worker(s)" in waiting["message"] and plan.requeue_after <= 5
     o["status"] = plan.status
-    # one is still writing; one on a lost node cannot stop and is not waited for
+    # one is still writing; one on a lost node (not Ready for longer than the timeout) cannot stop: it
+    # is force-deleted (it would answer to the host name its successor takes), never waited for
     terminating = {"deletionTimestamp": "2026-11-22T12:09:00Z"}
     lost = {"status": {"conditions": [{"type": "Ready", "status": "Unknown",
-                                       "lastTransitionTime": "2026-11-22T11:59:00Z"}]}}
+                                       "lastTransitionTime": "2026-11-22T11:58:00Z"}]}}
     still = [pod("p0", 0, node="n0", metadata=terminating), pod("p1", 1, node="n1", metadata=terminating)]
     plan = plan_training(o, Observed(now=NOW + timedelta(seconds=5), pods=still, nodes={"n0": READY, "n1": lost}))
-    assert "Job" not in [c["kind"] for c in plan.apply]
+    assert "Job" not in [c["kind"] for c in plan.apply] and plan.force_delete_pods == ["p1"]
     assert "1 worker(s)" in C.find(plan.status["conditions"], "Restarting")["message"]
+    # a node NotReady for a moment is not lost: its worker is waited for
+    blip = {"status": {"conditions": [{"type": "Ready", "status": "False",
+                                       "lastTransitionTime": "2026-11-22T12:00:04Z"}]}}
+    plan = plan_training(o, Observed(now=NOW + timedelta(seconds=5), pods=still, nodes={"n0": READY, "n1": blip}))
+    assert "2 worker(s)" in C.find(plan.status["conditions"], "Restarting")["message"] and not plan.force_delete_pods
     # past its grace period and the node failure timeout: force-deleted, no longer waited for
     plan = plan_training(o, Observed(now=NOW + timedelta(minutes=11), pods=still, nodes={"n0": READY, "n1": lost}))
-    assert plan.force_delete_pods == ["p0"]
+    assert sorted(plan.force_delete_pods) == ["p0", "p1"]
     assert [c["metadata"]["name"] for c in plan.apply if c["kind"] == "Job"] == ["llm-r1"]
+    # a worker nobody deletes (its Job deleted with --cascade=orphan) is stopped gracefully; one of a
+    # later attempt than the status knows is never touched nor waited for
+    orphan, later = pod("p0", 0, node="n0"), pod("q0", 0, attempt=2, node="n0")
+    plan = plan_training(o, Observed(now=NOW + timedelta(seconds=5), pods=[orphan, later], nodes={"n0": READY}))
+    assert plan.delete_pods == ["p0"] and "1 worker(s)" in C.find(plan.status["conditions"], "Restarting")["message"]
 
 
 def test_a_suspended_job_resumes_once_the_pods_its_suspension_deleted_are_gone():
@@ -523,4 +534,53 @@ def test_a_failure_after_the_deadline_is_reported_as_itself_and_not_restarted():
     queued = job("llm-r0")
     queued["spec"]["suspend"] = True
     never = C.find(plan_training(o, Observed(now=NOW, jobs=[queued])).status["conditions"], "Failed")
-    assert "2026-11-22T11:00:00Z passed before the workers ran" in never["message"]
+    assert "2026-11-22T11:00:00Z passed while no worker was running" in never["message"]
+
+
+def test_an_edit_made_while_suspended_is_a_new_attempt_on_resume():
+    from forge_operator.children import ANNOTATION_SPEC_HASH, spec_hash
+
+    before = obj()
+    suspended = job("llm-r0")
+    suspended["spec"]["suspend"] = True
+    suspended["metadata"]["annotations"][ANNOTATION_SPEC_HASH] = spec_hash(ForgeTraining.model_validate(before))
+    edited = obj(resources={"numNodes": 2}, scheduling={"suspend": True})
+    edited["status"] = {"phase": "Suspended"}
+    plan = plan_training(edited, Observed(now=NOW, jobs=[suspended]))
+    assert plan.status["phase"] == "Suspended" and not plan.status.get("restartCount")  # nothing runs: later
+    edited["spec"]["scheduling"]["suspend"] = False
+    plan = plan_training(edited, Observed(now=NOW, jobs=[suspended]))
+    assert plan.suspend_job is None and plan.delete_jobs == ["llm-r0"]
+    assert plan.status["restarts"][-1]["reason"] == "ResourcesChanged"
+    new = next(c for c in plan.apply if c["kind"] == "Job")
+    assert new["metadata"]["name"] == "llm-r1" and new["spec"]["parallelism"] == 2
+    # the same for a queued Job Kueue has not admitted yet
+    queued = obj(resources={"numNodes": 2}, scheduling={"queueName": "team-a"})
+    queued["status"] = {"phase": "Queued"}
+    plan = plan_training(queued, Observed(now=NOW, jobs=[suspended]))
+    assert plan.delete_jobs == ["llm-r0"] and plan.status["restarts"][-1]["reason"] == "ResourcesChanged"
+    assert plan.status["phase"] == "Queued"
+
+
+def test_an_edit_after_the_deadline_lets_the_trainer_finish():
+    from forge_operator.children import ANNOTATION_SPEC_HASH
+
+    o = obj(training={"budget": {"maxSteps": 100, "deadline": "2026-11-22T11:55:00Z"}})
+    o["status"] = {"phase": "Running"}
+    plan = running_plan(o)
+    assert plan.status["phase"] == "Running"
+    running = job("llm-r0")
+    running["metadata"]["annotations"][ANNOTATION_SPEC_HASH] = "an-older-spec"
+    pods = [pod(f"p{i}", i, node=f"n{i}") for i in range(4)]
+    plan = plan_training(o, Observed(now=NOW, jobs=[running], pods=pods, nodes={f"n{i}": READY for i in range(4)}))
+    assert plan.status["phase"] == "Running" and not plan.delete_jobs and not plan.status.get("restartCount")
+
+
+def test_a_queued_job_taken_back_by_kueue_is_queued_not_waiting():
+    o = obj(scheduling={"queueName": "team-a"})
+    o["status"] = {"phase": "Running"}
+    preempted = job("llm-r0")
+    preempted["spec"]["suspend"] = True  # Kueue evicted the workload
+    leaving = [pod("p0", 0, metadata={"deletionTimestamp": "2026-11-22T12:09:00Z"})]
+    plan = plan_training(o, Observed(now=NOW, jobs=[preempted], pods=leaving, nodes={"n0": READY}))
+    assert plan.status["phase"] == "Queued" and plan.suspend_job is None and not plan.delete_jobs

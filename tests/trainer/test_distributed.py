@@ -63,3 +63,36 @@ def test_two_nodes_train_like_one_process_and_checkpoints_reshard(tmp_path, corp
     resumed = forge_trainer.run(tiny_config(tmp_path / "resumed", corpus, shared_cache, checkpoint__resume=str(ckpt20)))
     assert resumed.step == 30 and [h["step"] for h in resumed.history] == list(range(21, 31))
     assert resumed.history[-1]["loss"] == pytest.approx(single.history[-1]["loss"], abs=2e-4)
+
+
+def _check_on_two_ranks(rank: int, init_file: str, results: str) -> None:
+    import torch.distributed as dist
+
+    from forge_trainer.dist import Dist
+    from forge_trainer.exitcodes import ConfigError, TrainerError
+    from forge_trainer.train import _on_every_rank
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    d = Dist(rank=rank, world=2, setup_group=dist.new_group(backend="gloo"))
+
+    def fits_only_on_rank_0():
+        if rank == 1:
+            raise ConfigError("the model needs 90 GiB, this node has 80 GiB")
+
+    try:
+        _on_every_rank(d, fits_only_on_rank_0)
+        outcome = "went on"
+    except TrainerError as e:
+        outcome = f"{type(e).__name__}: {e}"
+    Path(results, f"rank-{rank}").write_text(outcome)
+    dist.destroy_process_group()
+
+
+def test_a_check_that_fails_on_one_rank_fails_on_every_rank(tmp_path):
+    """A rank whose own machine fails a set-up check (memory, data) must not leave the others waiting in
+    a collective: all end with the same error."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_check_on_two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    outcomes = {(tmp_path / f"rank-{r}").read_text() for r in range(2)}
+    assert outcomes == {"ConfigError: config error: the model needs 90 GiB, this node has 80 GiB"}

@@ -98,3 +98,22 @@ def test_a_sigterm_after_the_loop_does_not_cut_the_termination_message_short(tmp
     assert out.returncode == exitcodes.OK, out.stdout[-2000:] + out.stderr[-2000:]
     message = read_termination(cfg)
     assert message["status"] == "completed" and message["exitCode"] == 0 and message["step"] == 4
+
+
+def test_a_sigterm_before_the_first_step_ends_the_run_at_once_with_75(tmp_path, corpus, shared_cache):
+    """Data preparation can take hours; a pod stopped meanwhile does not wait for its grace period."""
+    cfg = tiny_config(tmp_path, corpus, shared_cache)
+    config_path = write_config(cfg, tmp_path / "config.yaml")
+    script = ("import os, signal, sys, time\n"
+              "import forge_trainer.train as train\n"
+              "from forge_trainer.__main__ import main\n"
+              "def slow_preparation(config, d):\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(120)\n"
+              "train._prepare_data = slow_preparation\n"
+              f"sys.exit(main(['--config', {str(config_path)!r}]))\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == exitcodes.PREEMPTED, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == "forge-trainer: stopped: SIGTERM before the first step; nothing to save"
+    message = read_termination(cfg)
+    assert message["exitCode"] == exitcodes.PREEMPTED and not Path(cfg.checkpoint.dir).exists()

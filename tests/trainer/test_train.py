@@ -206,6 +206,11 @@ def test_moe_trains_and_its_router_balances(tmp_path, corpus, shared_cache):
         load /= load.sum()
         entropy = -(load * load.clamp_min(1e-12).log()).sum().item() / math.log(8)
         assert entropy > 0.85 and load.max() < 2.5 / 8, load
+    # loaded, its loss is the cross-entropy the trainer validated with (no router term added)
+    val = torch.from_numpy(np.stack([data.val_window(i) for i in validation_indices(data, cfg.training)]))
+    with torch.no_grad():
+        loss = model(input_ids=val, labels=val).loss.item()  # shifted inside: the same targets
+    assert loss == pytest.approx(summary.val_loss, rel=1e-4)
 
 
 def test_continued_pretraining_starts_from_the_base_weights(reference, tmp_path, corpus):

@@ -44,6 +44,9 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+REPLACED = ".replaced-"  # a checkpoint being replaced by a new save of the same step
+
+
 def is_complete(path: Path) -> bool:
     """A committed checkpoint: renamed from .tmp, with DCP metadata and trainer state."""
     if path.name.endswith(".tmp") or not path.is_dir():
@@ -52,7 +55,11 @@ def is_complete(path: Path) -> bool:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return (path / ".metadata").is_file() and path.name == step_name(int(state.get("step", -1)))
+    return (path / ".metadata").is_file() and path.name.removeprefix(REPLACED) == step_name(int(state.get("step", -1)))
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix(REPLACED).removeprefix("step-"))
 
 
 def find_latest(ckpt_dir: str | Path) -> Path | None:
@@ -64,8 +71,11 @@ def find_latest(ckpt_dir: str | Path) -> Path | None:
             return named
     except OSError:
         pass
-    candidates = sorted((p for p in root.glob("step-*") if is_complete(p)), reverse=True) if root.is_dir() else []
-    return candidates[0] if candidates else None
+    if not root.is_dir():
+        return None
+    # a copy renamed aside counts too: a kill between the two renames of a replacing save leaves only it
+    candidates = [p for p in (*root.glob("step-*"), *root.glob(REPLACED + "step-*")) if is_complete(p)]
+    return max(candidates, key=lambda p: (_step_of(p), not p.name.startswith(REPLACED)), default=None)
 
 
 def save(ckpt_dir: str | Path, step: int, model, optimizer, trainer_state: dict, keep_last: int, d: Dist) -> Path:
@@ -77,6 +87,13 @@ def save(ckpt_dir: str | Path, step: int, model, optimizer, trainer_state: dict,
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob("step-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
+        for aside in root.glob(REPLACED + "step-*"):  # a replacing save that was killed half-way
+            original = root / aside.name.removeprefix(REPLACED)
+            if is_complete(original):
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                shutil.rmtree(original, ignore_errors=True)
+                os.rename(aside, original)
         tmp.mkdir()
     d.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -93,11 +110,16 @@ def save(ckpt_dir: str | Path, step: int, model, optimizer, trainer_state: dict,
     d.barrier()
     if d.is_main:
         _write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, default=str))
-        if final.exists():  # the same step saved again after a resume
-            shutil.rmtree(final)
+        # The same step saved again (a resumed run with other settings) replaces it, and a kill at
+        # any moment leaves one complete copy: the old one is renamed out of the way, not deleted,
+        # until the new one is in place.
+        replaced = root / (REPLACED + final.name)
+        if final.exists():
+            os.rename(final, replaced)
         os.rename(tmp, final)
         _write_atomic(root / LATEST, final.name + "\n")
         _fsync_dir(root)
+        shutil.rmtree(replaced, ignore_errors=True)
         _prune(root, keep_last)
     d.barrier()
     return final

@@ -44,11 +44,11 @@ class Dist:
         dist.broadcast_object_list(box, src=src, group=group)
         return box[0]
 
-    def all_gather_object(self, obj) -> list:
+    def all_gather_object(self, obj, group=None) -> list:
         if not self.distributed:
             return [obj]
         out = [None] * self.world
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=group)
         return out
 
     def max_flags(self, flags: list[int]) -> list[int]:

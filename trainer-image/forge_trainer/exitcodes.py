@@ -13,7 +13,8 @@ DATA_ERROR = 65
 a vocabulary larger than the data supports, too little text for one sequence."""
 
 PREEMPTED = 75
-"""SIGTERM received: the current step finished, a checkpoint was written, resume later."""
+"""SIGTERM received: the current step finished, a checkpoint was written, resume later.
+Also SIGTERM before the first step (while the data is prepared): nothing to save, start again later."""
 
 CONFIG_ERROR = 78
 """The configuration is invalid or cannot run: bad field, seq_len above the
@@ -38,3 +39,10 @@ class DataError(TrainerError):
 class ConfigError(TrainerError):
     exit_code = CONFIG_ERROR
     kind = "config error"
+
+
+class StoppedBeforeTraining(TrainerError):
+    """SIGTERM during set-up (data preparation, model building): there is nothing to checkpoint yet."""
+
+    exit_code = PREEMPTED
+    kind = "stopped"

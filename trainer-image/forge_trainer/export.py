@@ -52,6 +52,9 @@ def export(out_dir: str | Path, model, hf_cfg: PretrainedConfig, tokenizer: Text
         if unexpected or [k for k in missing if k not in _tied_keys(plain)]:
             raise RuntimeError(f"export: state dict mismatch (missing {missing}, unexpected {unexpected})")
         plain.config.use_cache = True
+        # the router's auxiliary loss is a training term: a loaded model's loss is the plain cross-entropy
+        if getattr(plain.config, "output_router_logits", False):
+            plain.config.output_router_logits = False
         plain.generation_config = GenerationConfig(
             bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id
         )

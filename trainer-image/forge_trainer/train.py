@@ -24,7 +24,7 @@ from . import checkpoint
 from .config import TrainerConfig, TrainingConfig
 from .data import TokenData, TrainLoader, data_digest, ensure_tokenizer, load_manifest, prepare
 from .dist import Dist, hostname, init_distributed, shutdown
-from .exitcodes import ConfigError, DataError, TrainerError
+from .exitcodes import ConfigError, DataError, StoppedBeforeTraining, TrainerError
 from .export import export, versions
 from .model import build_model, check_context, check_fits, describe, hf_config, model_stats, peak_flops
 from .progress import Reporter, build_progress, rfc3339
@@ -71,6 +71,9 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
     if stop is None:
         stop = SigtermFlag()
         stop.install()
+    stop.setting_up = not stop.requested
+    if stop.requested:
+        raise StoppedBeforeTraining("SIGTERM before the first step; nothing to save")
     d = init_distributed()
     reporter = None
     try:
@@ -83,7 +86,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
         hf_cfg = hf_config(config, tokenizer.vocab_size, tokenizer.eos_id)
         check_context(hf_cfg, t.seq_len)
         stats = model_stats(hf_cfg, t.seq_len)
-        check_fits(hf_cfg, stats, config, d.world, d.local_world, d.device, bf16)  # before allocating anything
+        _on_every_rank(d, lambda: check_fits(hf_cfg, stats, config, d.world, d.local_world, d.device, bf16))
         model = _parallelize(build_model(config, hf_cfg), d, bf16, t.compile)
         optimizer = _build_optimizer(model, t, d.device)
         loader = TrainLoader(data, t.seed)
@@ -112,6 +115,10 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
             state = checkpoint.load(resume_from, model, optimizer, d)
             if state.get("tokenizer_digest") not in (None, tokenizer.digest):
                 raise ConfigError(f"checkpoint {resume_from} was trained with a different tokenizer")
+            saved_seq_len = (state.get("config") or {}).get("training", {}).get("seq_len")
+            if d.is_main and (state.get("data_digest") not in (None, digest) or saved_seq_len not in (None, t.seq_len)):
+                log.warning("the data or training.seq_len changed since %s: the loader goes on counting over the "
+                            "new windows, so this run does not continue the same curve", resume_from.name)
             step, tokens_seen = state["step"], state["tokens_seen"]
             loader.load_state_dict(state["loader"])
             train_loss, val_loss = state.get("train_loss"), state.get("val_loss")
@@ -157,6 +164,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
         # A checkpoint's val_loss may predate its step (evaluated earlier, or not at all): evaluate
         # again at the end, also when a finished training is resumed with nothing left to train.
         val_step = -1
+        stop.setting_up = False  # from here SIGTERM means: finish the step, checkpoint, exit PREEMPTED
         while True:
             reason = _budget_reached(step, tokens_seen, total_steps, t, timing)
             # One tiny all-reduce per step keeps every rank's decisions identical.
@@ -204,7 +212,9 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
                         f"{p['mfu']:.1%}" if p["mfu"] is not None else "-", _fmt_eta(p["etaSeconds"]),
                     )
             if t.eval_interval_steps and step % t.eval_interval_steps == 0:
+                t0 = time.monotonic()
                 val_loss = evaluate(model, data, t, autocast, d)
+                timing["eval"] = time.monotonic() - t0
                 val_step = step
                 if d.is_main and val_loss is not None:
                     log.info("step %d | val loss %.4f | val ppl %.2f", step, val_loss, math.exp(min(val_loss, 50)))
@@ -212,7 +222,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
                 save()
                 last_save = time.monotonic()
             if reporter is not None and time.monotonic() - last_report >= config.metrics.progress_interval_seconds:
-                reporter.report(progress(loss.item(), lr, gnorm, tps))
+                reporter.report(progress(train_loss if train_loss is not None else loss.item(), lr, gnorm, tps))
                 last_report = time.monotonic()
 
         # ---- end: checkpoint, and on a completed budget: evaluate and export
@@ -223,8 +233,8 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
             val_loss = evaluate(model, data, t, autocast, d)
             if d.is_main and val_loss is not None:
                 log.info("final val loss %.4f | val ppl %.2f", val_loss, math.exp(min(val_loss, 50)))
-        if last_ckpt is None or last_ckpt["step"] != step or preempted:
-            save()
+        if last_ckpt is None or last_ckpt["step"] != step:  # never the same step twice: a SIGTERM
+            save()                                           # right after a save has it already
         output_dir = None
         ended = datetime.now(timezone.utc)
         if not preempted:
@@ -264,7 +274,33 @@ def _preflight(config: TrainerConfig, d: Dist, bf16: bool) -> None:
     vocab = (arch and arch.vocab_size) or (train and train.vocab_size) or 1
     hf_cfg = hf_config(config, vocab, 0)
     check_context(hf_cfg, config.training.seq_len)
-    check_fits(hf_cfg, model_stats(hf_cfg, config.training.seq_len), config, d.world, d.local_world, d.device, bf16)
+    stats = model_stats(hf_cfg, config.training.seq_len)
+    _on_every_rank(d, lambda: check_fits(hf_cfg, stats, config, d.world, d.local_world, d.device, bf16))
+
+
+def _on_every_rank(d: Dist, check) -> None:
+    """Run a check that reads this rank's own machine (free memory, its data) on every rank; when it
+    fails on any rank, it fails on all with the same error, so none goes on alone into a collective."""
+    failure = None
+    try:
+        check()
+    except TrainerError as e:
+        if not d.distributed:
+            raise
+        failure = (type(e).__name__, e.args[0] if e.args else str(e))
+    if not d.distributed:
+        return
+    failures = [f for f in d.all_gather_object(failure, group=d.setup_group) if f is not None]
+    if failure is not None:
+        raise _error(*failure)
+    if failures:
+        raise _error(*failures[0])
+
+
+def _error(kind: str, message: str) -> TrainerError:
+    """The error another rank reported, by its class name."""
+    known = (DataError, ConfigError, StoppedBeforeTraining)
+    return next((c for c in known if c.__name__ == kind), DataError)(message)
 
 
 def _prepare_data(config: TrainerConfig, d: Dist) -> tuple[TextTokenizer, Path, str]:
@@ -293,19 +329,22 @@ def _prepare_data(config: TrainerConfig, d: Dist) -> tuple[TextTokenizer, Path, 
             raise
     result = d.broadcast_object(result, group=d.setup_group)
     if result[0] == "error":
-        raise {"DataError": DataError, "ConfigError": ConfigError}.get(result[1], DataError)(result[2])
+        raise _error(result[1], result[2])
     if result[0] == "crash":
         raise RuntimeError(f"rank 0 failed to prepare the data: {result[1]}: {result[2]}")
     _, tok_json, eos, path, digest = result
     if not d.is_main:
         tokenizer = TextTokenizer.from_json(tok_json, eos)
-        if d.local_rank == 0 and load_manifest(Path(path)) is None:
-            local_digest, listing = data_digest(config.data)
-            if local_digest != digest:
-                raise DataError(f"the data on {hostname()} differs from rank 0's (digest {local_digest[:12]} != {digest[:12]})")
-            prepare(config, tokenizer, digest, listing)
-    if d.distributed:
-        torch.distributed.barrier(group=d.setup_group)
+
+    def prepare_on_this_node() -> None:
+        if d.is_main or d.local_rank != 0 or load_manifest(Path(path)) is not None:
+            return
+        local_digest, listing = data_digest(config.data)
+        if local_digest != digest:
+            raise DataError(f"the data on {hostname()} differs from rank 0's (digest {local_digest[:12]} != {digest[:12]})")
+        prepare(config, tokenizer, digest, listing)
+
+    _on_every_rank(d, prepare_on_this_node)  # also the barrier: every node's copy is ready after it
     return tokenizer, Path(path), digest
 
 
@@ -423,16 +462,24 @@ def _budget_reached(step: int, tokens_seen: int, total_steps: int | None, t: Tra
     if total_steps is not None and step >= total_steps:
         return "max_tokens"
     if b.deadline is not None:
-        # Stop early enough to finish one more step and the final checkpoint and export.
-        margin = timing["step"] + 2 * timing["save"]
+        # Stop early enough to finish one more step, the final evaluation, checkpoint and export (an
+        # export writes less than a checkpoint). Until this run has saved once, a save is taken to
+        # last as long as 20 steps, and an evaluation as one step.
+        save = timing["save"] or 20 * timing["step"]
+        margin = timing["step"] + timing.get("eval", timing["step"]) + 2 * save
         if datetime.now(timezone.utc).timestamp() + margin >= b.deadline.timestamp():
             return "deadline"
     return None
 
 
 def validation_indices(data: TokenData, t: TrainingConfig) -> list[int]:
-    """The validation windows of one pass: the first eval_batches x micro_batch_sequences (the same on any world size)."""
-    return list(range(min(data.val_windows, t.eval_batches * t.micro_batch_sequences)))
+    """The validation windows of one pass: eval_batches x micro_batch_sequences of them in all, spread
+    evenly over the whole validation split (so over every source, in proportion to its size); the
+    same on any world size."""
+    n, total = t.eval_batches * t.micro_batch_sequences, data.val_windows
+    if total <= n:
+        return list(range(total))
+    return [i * total // n for i in range(n)]
 
 
 @torch.no_grad()
@@ -507,10 +554,15 @@ def _provenance(config, tokenizer, data, hf_cfg, stats, d, started, ended, train
 
 class SigtermFlag:
     """SIGTERM sets a flag; the loop finishes its step, checkpoints and exits PREEMPTED. A second
-    SIGTERM (torchrun forwards one once any worker of the node has exited) changes nothing."""
+    SIGTERM (torchrun forwards one once any worker of the node has exited) changes nothing.
+
+    While ``setting_up`` (before the first step) there is nothing to save: SIGTERM ends the run at
+    once with StoppedBeforeTraining (exit code PREEMPTED), rather than after hours of data preparation.
+    """
 
     def __init__(self):
         self.requested = False
+        self.setting_up = False
         self._previous = None
 
     def install(self) -> None:
@@ -519,6 +571,9 @@ class SigtermFlag:
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+        if self.setting_up:
+            self.setting_up = False  # once: the unwinding must not be interrupted again
+            raise StoppedBeforeTraining("SIGTERM before the first step; nothing to save")
 
     def restore(self) -> None:
         if self._previous is not None:

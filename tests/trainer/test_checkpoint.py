@@ -1,0 +1,57 @@
+"""Checkpoint files on disk: a save of a step that already exists replaces it without a moment in
+which no complete copy exists."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from forge_trainer import checkpoint
+from forge_trainer.checkpoint import REPLACED, find_latest, is_complete, load, save
+from forge_trainer.dist import Dist
+
+
+def _model_and_optimizer(value: float):
+    model = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        model.weight.fill_(value)
+    return model, torch.optim.AdamW(model.parameters())
+
+
+def _weight(path: Path) -> float:
+    model, optimizer = _model_and_optimizer(0.0)
+    load(path, model, optimizer, Dist())
+    return model.weight[0, 0].item()
+
+
+def test_saving_a_step_again_replaces_it(tmp_path):
+    save(tmp_path, 10, *_model_and_optimizer(1.0), {"step": 10}, keep_last=2, d=Dist())
+    final = save(tmp_path, 10, *_model_and_optimizer(2.0), {"step": 10}, keep_last=2, d=Dist())
+    assert find_latest(tmp_path) == final and _weight(final) == 2.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000010"]
+
+
+def test_a_kill_between_the_two_renames_leaves_the_old_copy_found_and_restored(tmp_path, monkeypatch):
+    save(tmp_path, 10, *_model_and_optimizer(1.0), {"step": 10}, keep_last=1, d=Dist())
+    rename = os.rename
+
+    def killed_after_the_first_rename(src, dst, **kw):
+        if str(src).endswith("step-00000010.tmp") and Path(dst) == tmp_path / "step-00000010":
+            raise KeyboardInterrupt("killed")  # the new copy would move into place now
+        rename(src, dst, **kw)
+
+    monkeypatch.setattr(checkpoint.os, "rename", killed_after_the_first_rename)
+    try:
+        save(tmp_path, 10, *_model_and_optimizer(2.0), {"step": 10}, keep_last=1, d=Dist())
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    aside = tmp_path / (REPLACED + "step-00000010")
+    assert not (tmp_path / "step-00000010").exists() and is_complete(aside)
+    assert find_latest(tmp_path) == aside and _weight(aside) == 1.0
+    # the next save puts it back where it was before it writes its own
+    final = save(tmp_path, 20, *_model_and_optimizer(3.0), {"step": 20}, keep_last=2, d=Dist())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000010", "step-00000020"]
+    assert _weight(tmp_path / "step-00000010") == 1.0 and find_latest(tmp_path) == final
