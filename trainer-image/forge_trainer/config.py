@@ -234,7 +234,7 @@ class TrainingConfig(_Model):
     eval_interval_steps: PositiveInt | None = 200
     """Compute the validation loss every N steps (and always at the end); null = only at the end."""
     eval_batches: PositiveInt = 20
-    """Micro-batches per worker in one validation pass."""
+    """Micro-batches in one validation pass, in all (split over the workers), spread over the whole validation split."""
     log_interval_steps: PositiveInt = 10
     """Print a log line every N steps (rank 0)."""
 
