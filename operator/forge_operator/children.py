@@ -85,17 +85,21 @@ def build_service(ft: ForgeTraining) -> dict[str, Any]:
 
 
 def build_rbac(ft: ForgeTraining) -> list[dict[str, Any]]:
-    """The trainer's identity: it may read and annotate pods (rank 0 reports progress on its own pod)."""
-    if ft.spec.resources.service_account_name:
-        return []
-    name = service_account_name(ft)
+    """The trainer's identity: it may read and annotate pods (rank 0 reports progress on its own pod).
+
+    With ``resources.serviceAccountName`` the workers run as the user's ServiceAccount, which gets
+    the same Role; otherwise the operator creates one."""
+    name = f"{ft.metadata.name}-trainer"
+    account = service_account_name(ft)
+    created = [] if ft.spec.resources.service_account_name else [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(ft, account)}]
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(ft, name)},
+        *created,
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(ft, name),
          "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(ft, name),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ft.metadata.namespace}]},
+         "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": ft.metadata.namespace}]},
     ]
 
 

@@ -672,7 +672,7 @@ def _check_stall(status: dict[str, Any], ft: ForgeTraining, now: datetime, gener
     resume or a slow start never counts as a stall). Outside Running the condition is False."""
     limit = ft.spec.failure_policy.stall_timeout_seconds
     conds = status.get("conditions")
-    if status.get("phase") != "Running" or limit is None:
+    if status.get("phase") != "Running" or not limit:  # 0: never
         return
     progress = status.get("progress") or {}
     times = [t for t in (parse_ts(progress.get("lastStepTime")),

@@ -112,7 +112,7 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
         seq_len=t.sequence_length, global_batch_sequences=global_sequences, micro_batch_sequences=t.micro_batch_size,
         lr=t.learning_rate, min_lr=t.min_learning_rate if t.min_learning_rate is not None else t.learning_rate / 10,
         schedule=t.schedule, warmup_steps=t.warmup_steps, decay_fraction=t.decay_fraction,
-        weight_decay=t.weight_decay, grad_clip=t.gradient_clipping, precision=t.precision, seed=t.seed,
+        weight_decay=t.weight_decay, grad_clip=t.gradient_clipping or None, precision=t.precision, seed=t.seed,
         compile=t.compile, eval_interval_steps=t.eval_interval_steps,
         budget=BudgetConfig(max_steps=t.budget.max_steps, max_tokens=t.budget.max_tokens,
                             deadline=t.budget.deadline),
@@ -120,7 +120,7 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
     ck = spec.checkpoint
     checkpoint_dir = resolve(ck.location.pvc)
     checkpoint = CheckpointConfig(
-        dir=checkpoint_dir, interval_steps=ck.interval_steps, interval_minutes=ck.interval_minutes,
+        dir=checkpoint_dir, interval_steps=ck.interval_steps or None, interval_minutes=ck.interval_minutes or None,
         keep_last=ck.keep_last,
         resume=f"{checkpoint_dir}/{ck.resume_from.strip('/')}" if ck.resume_from else "auto")
     return TrainerConfig(

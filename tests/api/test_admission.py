@@ -158,7 +158,14 @@ IMMUTABLE_EDITS = {
     "model": {"spec": {"model": {"base": {"pvc": {"path": "another-base"}}}}},
     "data": {"spec": {"data": {"validation": {"source": None, "fraction": 0.05}}}},
     "tokenizer": {"spec": {"tokenizer": {"fromBase": None, "source": {"pvc": {"claimName": "tokenizers"}}}}},
+    "checkpoint.location": {"spec": {"checkpoint": {"location": {"pvc": {"path": "elsewhere"}}}}},
 }
+
+
+def _at(spec: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        spec = spec[key]
+    return spec
 
 
 def test_what_and_on_what_are_immutable_once_started(kube):
@@ -173,7 +180,7 @@ def test_what_and_on_what_are_immutable_once_started(kube):
         assert f"spec.{field}: " in r.stderr and "immutable" in r.stderr, r.stderr
         assert "InternalError" not in r.stderr
     stored = kube.get("forgetraining", name)
-    assert {k: stored["spec"][k] for k in IMMUTABLE_EDITS} == {k: spec[k] for k in IMMUTABLE_EDITS}
+    assert {k: _at(stored["spec"], k) for k in IMMUTABLE_EDITS} == {k: _at(spec, k) for k in IMMUTABLE_EDITS}
 
     for patch in ({"spec": {"scheduling": {"suspend": True}}},
                   {"spec": {"resources": {"numNodes": 2}}},
@@ -197,3 +204,4 @@ def test_what_may_still_change_before_the_start(kube):
     assert spec["model"]["base"]["pvc"]["path"] == "another-base"
     assert spec["data"]["validation"] == {"fraction": 0.05}
     assert spec["tokenizer"] == {"source": {"pvc": {"claimName": "tokenizers"}}}
+    assert spec["checkpoint"]["location"]["pvc"]["path"] == "elsewhere"

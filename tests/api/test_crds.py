@@ -152,7 +152,7 @@ def test_every_rule_has_a_message_and_a_field_path_that_exists(kind: str):
 def test_immutable_fields_are_transition_rules_on_the_root():
     root = _schema("ForgeTraining")["x-kubernetes-validations"]
     immutable = {r["fieldPath"] for r in root if "oldSelf" in r["rule"]}
-    assert immutable == {".spec.method", ".spec.model", ".spec.tokenizer", ".spec.data"}
+    assert immutable == {".spec.method", ".spec.model", ".spec.tokenizer", ".spec.data", ".spec.checkpoint.location"}
     assert all("immutable" in r["message"] for r in root if "oldSelf" in r["rule"])
 
 

@@ -584,3 +584,13 @@ def test_a_queued_job_taken_back_by_kueue_is_queued_not_waiting():
     leaving = [pod("p0", 0, metadata={"deletionTimestamp": "2026-11-22T12:09:00Z"})]
     plan = plan_training(o, Observed(now=NOW, jobs=[preempted], pods=leaving, nodes={"n0": READY}))
     assert plan.status["phase"] == "Queued" and plan.suspend_job is None and not plan.delete_jobs
+
+
+def test_the_users_service_account_gets_the_trainers_role():
+    ft = ForgeTraining.model_validate(obj(resources={"serviceAccountName": "team-a-runner"}))
+    kinds = {c["kind"]: c for c in desired_children(ft, "x: 1", WorkerState())}
+    assert "ServiceAccount" not in kinds  # the user's own
+    binding = kinds["RoleBinding"]
+    assert binding["metadata"]["name"] == "llm-trainer" and binding["roleRef"]["name"] == kinds["Role"]["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "team-a-runner", "namespace": "ns"}]
+    assert kinds["Job"]["spec"]["template"]["spec"]["serviceAccountName"] == "team-a-runner"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
@@ -254,8 +256,8 @@ class TrainingSpec(ApiModel):
     """For wsd: fraction of the steps spent decaying at the end."""
     weight_decay: Annotated[float, Field(ge=0, le=10)] = 0.1
     """AdamW weight decay."""
-    gradient_clipping: Annotated[float, Field(gt=0)] | None = 1.0
-    """Clip the global gradient norm to this value."""
+    gradient_clipping: Annotated[float, Field(ge=0)] = 1.0
+    """Clip the global gradient norm to this value; 0 turns clipping off."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto: bf16 on GPUs, fp32 on CPUs."""
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 1234
@@ -303,7 +305,8 @@ class ResourcesSpec(ApiModel):
     priority_class_name: DnsLabel | None = None
     """PriorityClass of the worker pods."""
     service_account_name: DnsLabel | None = None
-    """ServiceAccount of the workers (default: the one the operator creates for this training)."""
+    """ServiceAccount of the workers (default: the one the operator creates for this training). The operator
+    binds it to the training's Role (get and patch pods), which rank 0 needs to report progress."""
     image: Annotated[str, Field(max_length=1024)] | None = None
     """Trainer image (default: the one the operator was installed with)."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
@@ -334,10 +337,10 @@ class CheckpointSpec(ApiModel):
 
     location: VolumeLocation
     """Where checkpoints are written (shared by all nodes: a ReadWriteMany claim for several nodes)."""
-    interval_steps: Annotated[int, Field(ge=1)] | None = 1000
-    """Write a checkpoint every this many steps."""
-    interval_minutes: Annotated[int, Field(ge=1, le=10080)] | None = 30
-    """Write a checkpoint at least this often, in minutes of training."""
+    interval_steps: Annotated[int, Field(ge=0)] = 1000
+    """Write a checkpoint every this many steps; 0: not by steps."""
+    interval_minutes: Annotated[int, Field(ge=0, le=10080)] = 30
+    """Write a checkpoint at least this often, in minutes of training; 0: not by time."""
     keep_last: Annotated[int, Field(ge=1, le=1000)] = 3
     """Checkpoints kept; older ones are deleted after a newer one is complete."""
     resume_from: PathStr | None = None
@@ -357,8 +360,15 @@ class FailurePolicySpec(ApiModel):
     """Trainer exit codes that fail the training at once (65 data error and 78 configuration error always do)."""
     node_failure_timeout_seconds: Annotated[int, Field(ge=1, le=86400)] = 120
     """A node NotReady, or a worker stuck terminating, for this long counts as a failure."""
-    stall_timeout_seconds: Annotated[int, Field(ge=60, le=86400)] | None = 1800
-    """Set the Stalled condition when the step has not advanced for this long while Running."""
+    stall_timeout_seconds: Annotated[int, Field(ge=0, le=86400)] = 1800
+    """Set the Stalled condition when the step has not advanced for this long while Running; 0: never."""
+
+    cel_rules = (
+        Cel("!has(self.stallTimeoutSeconds) || self.stallTimeoutSeconds == 0 || self.stallTimeoutSeconds >= 60",
+            "failurePolicy.stallTimeoutSeconds must be 0 (never) or at least 60",
+            lambda s: s.stall_timeout_seconds == 0 or s.stall_timeout_seconds >= 60,
+            field_path=".stallTimeoutSeconds"),
+    )
 
 
 class OutputSpec(ApiModel):
@@ -384,6 +394,15 @@ class TrainingEvaluationSpec(ApiModel):
     """Thresholds the model must meet; a failed gate fails the training with reason EvaluationGateFailed."""
 
     cel_rules = SUITES_AND_GATES_RULES
+
+
+def _cel_dir(pvc: str) -> str:
+    """A PVC location's path in CEL as '/a/b/' (one slash at each end), so that folders compare by prefix."""
+    return f"('/' + (has({pvc}.path) ? {pvc}.path : '') + '/').replace('//', '/')"
+
+
+def _dir(path: str) -> str:
+    return ("/" + path + "/").replace("//", "/")
 
 
 class ForgeTrainingSpec(ApiModel):
@@ -432,6 +451,13 @@ class ForgeTrainingSpec(ApiModel):
         *_method_data_rules("sft", "instruction data", ("promptField", "completionField"), _is_instruction),
         Cel("self.method == 'dpo' || !has(self.training.dpoBeta)", "training.dpoBeta is only for method dpo",
             lambda s: s.method == "dpo" or s.training.dpo_beta is None, field_path=".training.dpoBeta"),
+        Cel(f"self.output.location.pvc.claimName != self.checkpoint.location.pvc.claimName || "
+            f"!{_cel_dir('self.checkpoint.location.pvc')}.startsWith({_cel_dir('self.output.location.pvc')})",
+            "output.location must not be the checkpoint folder or a folder above it: the export replaces the "
+            "output folder, and the checkpoints would go with it",
+            lambda s: s.output.location.pvc.claim_name != s.checkpoint.location.pvc.claim_name
+            or not _dir(s.checkpoint.location.pvc.path).startswith(_dir(s.output.location.pvc.path)),
+            field_path=".output.location.pvc.path"),
     )
 
 
@@ -577,12 +603,17 @@ class ForgeTraining(ApiModel):
         Cel("self.metadata.name.size() <= 40",
             "metadata.name must be at most 40 characters: it prefixes the worker pods' host names",
             lambda s: len(s.metadata.name) <= 40, field_path=".metadata.name"),
+        Cel("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+            "metadata.name must start with a letter and hold only lowercase letters, digits and '-' (no '.'): it "
+            "names the workers' Service and their host names",
+            lambda s: re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", s.metadata.name) is not None,
+            field_path=".metadata.name"),
     )
     # Rules that compare with the stored object, checked by the API server only.
     transition_rules: ClassVar[tuple[Cel, ...]] = tuple(
         Cel(f"!has(oldSelf.status) || !has(oldSelf.status.startTime) || self.spec.{f} == oldSelf.spec.{f}",
             f"spec.{f} is immutable once the training has started", field_path=f".spec.{f}",
             reason="FieldValueForbidden")
-        for f in ("method", "model", "tokenizer", "data")
+        for f in ("method", "model", "tokenizer", "data", "checkpoint.location")
     )
 
