@@ -11,6 +11,7 @@ import copy
 import json
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -91,7 +92,9 @@ def test_lint(helm, values):
 def test_cluster_wide_by_default(helm):
     docs = helm.template(release="forge", namespace="forge-system")
     assert sorted(d["kind"] for d in docs) == sorted([
-        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment", "ClusterKopfPeering"])
+        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment", "ClusterKopfPeering",
+        "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"])
+    assert "matchResources" not in one(docs, "ValidatingAdmissionPolicyBinding")["spec"]  # every namespace
     role = one(docs, "ClusterRole")
     assert grants(role["rules"]) == NAMESPACE_GRANTS | NODE_GRANTS | {
         ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"}}
@@ -120,6 +123,10 @@ def test_namespaced_mode_grants_nothing_cluster_wide(helm):
         assert bindings[ns]["subjects"][0]["namespace"] == "forge-system"
     assert container(docs)["args"] == ["--namespace", "team-a", "--namespace", "team-b"]
     assert {p["metadata"]["namespace"] for p in of_kind(docs, "KopfPeering")} == {"team-a", "team-b"}
+    # the worker-pod policy applies in the watched namespaces only
+    selector = one(docs, "ValidatingAdmissionPolicyBinding")["spec"]["matchResources"]["namespaceSelector"]
+    assert selector["matchExpressions"] == [{"key": "kubernetes.io/metadata.name", "operator": "In",
+                                             "values": ["team-a", "team-b"]}]
 
 
 def test_namespaced_mode_can_read_nodes_and_nothing_else_cluster_wide(helm):
@@ -398,3 +405,48 @@ def test_the_api_server_lets_the_operator_apply_a_trainings_children(installs, c
                               "-n", "default", "-f", "-", input=manifest.replace(f'"{ns}"', '"default"'),
                               check=False)
         assert out.returncode != 0 and "forbidden" in out.stderr
+
+
+@pytest.mark.cluster
+def test_a_worker_may_update_only_its_own_pods_progress_annotation(installs, cluster):
+    """The trainer's Role may patch pods; the chart's ValidatingAdmissionPolicy narrows that to the
+    worker's own pod and its forge.dev/progress annotation (with the worker's pod-bound token)."""
+    ns = f"workers-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", ns)
+    try:
+        ft = example_training(ns)
+        for child in build_rbac(ft):
+            child["metadata"].pop("ownerReferences", None)  # no ForgeTraining owns them here
+            cluster.kubectl("apply", "--server-side", "-n", ns, "-f", "-", input=json.dumps(child))
+        account = next(c for c in build_rbac(ft) if c["kind"] == "ServiceAccount")["metadata"]["name"]
+
+        def pod(name: str, forge: bool) -> dict:
+            labels = {"app.kubernetes.io/managed-by": "forge-operator"} if forge else {}
+            return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
+                    "spec": {"serviceAccountName": account, "containers": [{"name": "trainer", "image": "trainer:1"}]}}
+
+        for name, forge in (("worker-0", True), ("worker-1", True), ("other", False)):
+            cluster.kubectl("apply", "--server-side", "-n", ns, "-f", "-", input=json.dumps(pod(name, forge)))
+        token = cluster.kubectl("create", "token", account, "-n", ns, "--bound-object-kind", "Pod",
+                                "--bound-object-name", "worker-0").stdout.strip()
+
+        def patch(name: str, body: dict) -> subprocess.CompletedProcess:
+            return cluster.kubectl("patch", "pod", name, "-n", ns, f"--token={token}", "--type=merge", "-p",
+                                   json.dumps(body), check=False)
+
+        label = {"metadata": {"labels": {"app.kubernetes.io/managed-by": "someone-else"}}}
+        deadline = time.monotonic() + 30  # the API server compiles a new policy within seconds
+        while (out := patch("worker-0", label)).returncode == 0 and time.monotonic() < deadline:
+            patch("worker-0", {"metadata": {"labels": {"app.kubernetes.io/managed-by": "forge-operator"}}})
+            time.sleep(1)
+        assert out.returncode != 0 and "only the forge.dev/progress annotation" in out.stderr, out.stderr
+        progress = {"metadata": {"annotations": {"forge.dev/progress": '{"step": 7}'}}}
+        out = patch("worker-0", progress)
+        assert out.returncode == 0, out.stderr
+        out = patch("worker-1", progress)
+        assert out.returncode != 0 and "only its own pod" in out.stderr, out.stderr
+        out = patch("worker-0", {"metadata": {"annotations": {"note": "x"}}})
+        assert out.returncode != 0, out.stderr
+        assert patch("other", {"metadata": {"labels": {"team": "a"}}}).returncode == 0  # not a worker pod
+    finally:
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
