@@ -17,7 +17,8 @@ from .constants import (
     ANNOTATION_RESTART_REASON, CONFIG_FILE, CONFIG_MOUNT, CONTAINER_NAME, DEFAULT_TRAINER_IMAGE, ENV_POD_NAME,
     ENV_POD_NAMESPACE, ENV_RESTART_COUNT, ENV_RESUME_STEP, ENV_TORCHRUN_SHUTDOWN_TIMEOUT, ENV_TRAINING_NAME,
     LABEL_ATTEMPT, LABEL_KUEUE_QUEUE, LABEL_MANAGED_BY, LABEL_NAME, LABEL_TRAINING, MANAGED_BY, METRICS_PORT,
-    PRESTOP_COMMAND, PVC_MOUNT_ROOT, RENDEZVOUS_PORT, SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_GID,
+    PRESTOP_COMMAND, PVC_MOUNT_ROOT, RENDEZVOUS_PORT, SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_ACCOUNT_PREFIX,
+    TRAINER_GID,
 )
 
 ANNOTATION_SPEC_HASH = "forge.dev/spec-digest"  # a Job without it (made by an older operator) is not compared
@@ -56,7 +57,13 @@ def service_name(ft: ForgeTraining) -> str:
 
 
 def service_account_name(ft: ForgeTraining) -> str:
-    return ft.spec.resources.service_account_name or f"{ft.metadata.name}-trainer"
+    return ft.spec.resources.service_account_name or trainer_identity(ft)
+
+
+def trainer_identity(ft: ForgeTraining) -> str:
+    """Name of the ServiceAccount, Role and RoleBinding the operator makes for the workers. The prefix
+    is what the chart's admission policy recognises them by."""
+    return f"{TRAINER_ACCOUNT_PREFIX}{ft.metadata.name}"
 
 
 def job_name(ft: ForgeTraining, restart_count: int) -> str:
@@ -85,21 +92,21 @@ def build_service(ft: ForgeTraining) -> dict[str, Any]:
 
 
 def build_rbac(ft: ForgeTraining) -> list[dict[str, Any]]:
-    """The trainer's identity: it may read and annotate pods (rank 0 reports progress on its own pod).
+    """The workers' identity: they may read and annotate pods (rank 0 reports progress on its own pod;
+    the chart's admission policy confines that to its own pod's progress annotation).
 
-    With ``resources.serviceAccountName`` the workers run as the user's ServiceAccount, which gets
-    the same Role; otherwise the operator creates one."""
-    name = f"{ft.metadata.name}-trainer"
-    account = service_account_name(ft)
-    created = [] if ft.spec.resources.service_account_name else [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(ft, account)}]
+    With ``resources.serviceAccountName`` the workers run as the user's ServiceAccount and the operator
+    grants it nothing: binding pod rights to an account other pods may share is the user's call."""
+    if ft.spec.resources.service_account_name:
+        return []
+    name = trainer_identity(ft)
     return [
-        *created,
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(ft, name)},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(ft, name),
          "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(ft, name),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-         "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": ft.metadata.namespace}]},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ft.metadata.namespace}]},
     ]
 
 

@@ -45,3 +45,7 @@ PRESTOP_COMMAND = list(contract.PRESTOP_COMMAND)
 TRAINER_GID = 10001  # the trainer image's user and group (trainer-image/Dockerfile)
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/forge-dev/forge-trainer:0.1.0"
+
+# The workers' ServiceAccount, Role and RoleBinding: forge-trainer-<training>. The chart's
+# ValidatingAdmissionPolicy recognises the workers' requests by this prefix.
+TRAINER_ACCOUNT_PREFIX = "forge-trainer-"

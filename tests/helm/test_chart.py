@@ -21,6 +21,7 @@ import yaml
 from forge_operator import handlers, runner
 from forge_operator.api.training import ForgeTraining
 from forge_operator.children import WorkerState, build_rbac, desired_children
+from forge_operator.constants import ANNOTATION_PROGRESS, TRAINER_ACCOUNT_PREFIX
 from forge_operator.translate import trainer_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -254,6 +255,13 @@ def test_the_chart_and_the_image_agree():
     assert f"EXPOSE {values['metrics']['port']} {values['health']['port']}" in dockerfile
 
 
+def test_the_worker_pod_policy_knows_the_workers_and_their_annotation(helm):
+    policy = one(helm.template(release="forge", namespace="forge-system"), "ValidatingAdmissionPolicy")
+    condition = policy["spec"]["matchConditions"][0]["expression"]
+    assert f":{TRAINER_ACCOUNT_PREFIX}')" in condition
+    assert all(f"'{ANNOTATION_PROGRESS}'" in v["expression"] for v in policy["spec"]["validations"][1:])
+
+
 def test_the_operator_runs_without_the_trainers_dependencies():
     """What the image installs (`forge[operator]`, no torch) is enough to start `forge operator`."""
     blocked = ["torch", "transformers", "accelerate", "tokenizers", "tiktoken", "safetensors", "pyarrow", "tqdm"]
@@ -409,44 +417,55 @@ def test_the_api_server_lets_the_operator_apply_a_trainings_children(installs, c
 
 @pytest.mark.cluster
 def test_a_worker_may_update_only_its_own_pods_progress_annotation(installs, cluster):
-    """The trainer's Role may patch pods; the chart's ValidatingAdmissionPolicy narrows that to the
-    worker's own pod and its forge.dev/progress annotation (with the worker's pod-bound token)."""
+    """The workers' Role may patch pods; the chart's ValidatingAdmissionPolicy narrows what the workers'
+    ServiceAccount may do to its own pod's forge.dev/progress annotation (with its pod-bound token)."""
     ns = f"workers-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", ns)
     try:
         ft = example_training(ns)
-        for child in build_rbac(ft):
+        rbac = build_rbac(ft)
+        other = copy.deepcopy(rbac)  # the same grant for another account: the policy leaves it alone
+        for obj in other:
+            obj["metadata"]["name"] = "ci-bot"
+        other[2]["roleRef"]["name"] = other[2]["subjects"][0]["name"] = "ci-bot"
+        for child in [*rbac, *other]:
             child["metadata"].pop("ownerReferences", None)  # no ForgeTraining owns them here
             cluster.kubectl("apply", "--server-side", "-n", ns, "-f", "-", input=json.dumps(child))
-        account = next(c for c in build_rbac(ft) if c["kind"] == "ServiceAccount")["metadata"]["name"]
+        worker = rbac[0]["metadata"]["name"]
+        assert worker.startswith(TRAINER_ACCOUNT_PREFIX)
 
-        def pod(name: str, forge: bool) -> dict:
-            labels = {"app.kubernetes.io/managed-by": "forge-operator"} if forge else {}
-            return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
-                    "spec": {"serviceAccountName": account, "containers": [{"name": "trainer", "image": "trainer:1"}]}}
+        def pod(name: str, account: str) -> dict:
+            return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}},
+                    "spec": {"serviceAccountName": account, "containers": [{"name": "c", "image": "trainer:1"}]}}
 
-        for name, forge in (("worker-0", True), ("worker-1", True), ("other", False)):
-            cluster.kubectl("apply", "--server-side", "-n", ns, "-f", "-", input=json.dumps(pod(name, forge)))
-        token = cluster.kubectl("create", "token", account, "-n", ns, "--bound-object-kind", "Pod",
-                                "--bound-object-name", "worker-0").stdout.strip()
+        for name, account in (("worker-0", worker), ("worker-1", worker), ("ci", "ci-bot")):
+            cluster.kubectl("apply", "--server-side", "-n", ns, "-f", "-", input=json.dumps(pod(name, account)))
 
-        def patch(name: str, body: dict) -> subprocess.CompletedProcess:
-            return cluster.kubectl("patch", "pod", name, "-n", ns, f"--token={token}", "--type=merge", "-p",
+        def token(account: str, pod_name: str) -> str:
+            return cluster.kubectl("create", "token", account, "-n", ns, "--bound-object-kind", "Pod",
+                                   "--bound-object-name", pod_name).stdout.strip()
+
+        def patch(name: str, body: dict, as_token: str) -> subprocess.CompletedProcess:
+            return cluster.kubectl("patch", "pod", name, "-n", ns, f"--token={as_token}", "--type=merge", "-p",
                                    json.dumps(body), check=False)
 
-        label = {"metadata": {"labels": {"app.kubernetes.io/managed-by": "someone-else"}}}
+        mine, ci = token(worker, "worker-0"), token("ci-bot", "ci")
+        label = {"metadata": {"labels": {"app": "changed"}}}
         deadline = time.monotonic() + 30  # the API server compiles a new policy within seconds
-        while (out := patch("worker-0", label)).returncode == 0 and time.monotonic() < deadline:
-            patch("worker-0", {"metadata": {"labels": {"app.kubernetes.io/managed-by": "forge-operator"}}})
+        while (out := patch("worker-0", label, mine)).returncode == 0 and time.monotonic() < deadline:
+            patch("worker-0", {"metadata": {"labels": {"app": "worker-0"}}}, mine)
             time.sleep(1)
         assert out.returncode != 0 and "only the forge.dev/progress annotation" in out.stderr, out.stderr
         progress = {"metadata": {"annotations": {"forge.dev/progress": '{"step": 7}'}}}
-        out = patch("worker-0", progress)
-        assert out.returncode == 0, out.stderr
-        out = patch("worker-1", progress)
-        assert out.returncode != 0 and "only its own pod" in out.stderr, out.stderr
-        out = patch("worker-0", {"metadata": {"annotations": {"note": "x"}}})
-        assert out.returncode != 0, out.stderr
-        assert patch("other", {"metadata": {"labels": {"team": "a"}}}).returncode == 0  # not a worker pod
+        assert patch("worker-0", progress, mine).returncode == 0
+        for target in ("worker-1", "ci"):  # any other pod, a worker's or not
+            out = patch(target, progress, mine)
+            assert out.returncode != 0 and "only its own pod" in out.stderr, out.stderr
+        assert patch("worker-0", {"metadata": {"annotations": {"note": "x"}}}, mine).returncode != 0
+        # a token that is not bound to the pod is refused too
+        unbound = cluster.kubectl("create", "token", worker, "-n", ns).stdout.strip()
+        assert patch("worker-0", progress, unbound).returncode != 0
+        # other accounts with the same grant are not the policy's business
+        assert patch("worker-0", label, ci).returncode == 0
     finally:
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)

@@ -75,7 +75,7 @@ def test_four_node_training_runs_and_succeeds(kube, operator):
     assert sorted(running["status"]["nodes"]) == sorted(p["spec"]["nodeName"] for p in pods)
     config = kube.get("configmap", "llm-config")
     assert "seq_len: 128" in config["data"]["trainer.yaml"]
-    for kind in ("configmap/llm-config", "service/llm", "serviceaccount/llm-trainer", "job/llm-r0"):
+    for kind in ("configmap/llm-config", "service/llm", "serviceaccount/forge-trainer-llm", "job/llm-r0"):
         owner = kube.get(*kind.split("/"))["metadata"]["ownerReferences"][0]
         assert owner["kind"] == "ForgeTraining" and owner["name"] == "llm" and owner["controller"] is True
 

@@ -586,11 +586,14 @@ def test_a_queued_job_taken_back_by_kueue_is_queued_not_waiting():
     assert plan.status["phase"] == "Queued" and plan.suspend_job is None and not plan.delete_jobs
 
 
-def test_the_users_service_account_gets_the_trainers_role():
+def test_the_workers_identity_and_the_users_own_service_account():
+    ft = ForgeTraining.model_validate(obj())
+    kinds = {c["kind"]: c for c in desired_children(ft, "x: 1", WorkerState())}
+    assert {kinds[k]["metadata"]["name"] for k in ("ServiceAccount", "Role", "RoleBinding")} == {"forge-trainer-llm"}
+    assert kinds["RoleBinding"]["subjects"] == [{"kind": "ServiceAccount", "name": "forge-trainer-llm", "namespace": "ns"}]
+    assert kinds["Job"]["spec"]["template"]["spec"]["serviceAccountName"] == "forge-trainer-llm"
+    # the user's own account is used as it is: the operator grants it nothing
     ft = ForgeTraining.model_validate(obj(resources={"serviceAccountName": "team-a-runner"}))
     kinds = {c["kind"]: c for c in desired_children(ft, "x: 1", WorkerState())}
-    assert "ServiceAccount" not in kinds  # the user's own
-    binding = kinds["RoleBinding"]
-    assert binding["metadata"]["name"] == "llm-trainer" and binding["roleRef"]["name"] == kinds["Role"]["metadata"]["name"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "team-a-runner", "namespace": "ns"}]
+    assert not {"ServiceAccount", "Role", "RoleBinding"} & set(kinds)
     assert kinds["Job"]["spec"]["template"]["spec"]["serviceAccountName"] == "team-a-runner"

@@ -100,20 +100,26 @@ def test_a_sigterm_after_the_loop_does_not_cut_the_termination_message_short(tmp
     assert message["status"] == "completed" and message["exitCode"] == 0 and message["step"] == 4
 
 
-def test_a_sigterm_before_the_first_step_ends_the_run_at_once_with_75(tmp_path, corpus, shared_cache):
-    """Data preparation can take hours; a pod stopped meanwhile does not wait for its grace period."""
-    cfg = tiny_config(tmp_path, corpus, shared_cache)
+def test_a_sigterm_before_the_first_step_ends_the_run_at_once_with_75(tmp_path, corpus):
+    """Data preparation can take hours; a pod stopped meanwhile does not wait for its grace period. The
+    preparation stops between files and leaves nothing that looks prepared."""
+    cfg = tiny_config(tmp_path, corpus, tmp_path / "fresh-cache")
     config_path = write_config(cfg, tmp_path / "config.yaml")
-    script = ("import os, signal, sys, time\n"
+    # the SIGTERM arrives as the data is about to be prepared (after the tokenizer is trained)
+    script = ("import os, signal, sys\n"
               "import forge_trainer.train as train\n"
               "from forge_trainer.__main__ import main\n"
-              "def slow_preparation(config, d):\n"
+              "prepare = train.prepare\n"
+              "def sigterm_then_prepare(*args, **kwargs):\n"
               "    os.kill(os.getpid(), signal.SIGTERM)\n"
-              "    time.sleep(120)\n"
-              "train._prepare_data = slow_preparation\n"
+              "    return prepare(*args, **kwargs)\n"
+              "train.prepare = sigterm_then_prepare\n"
               f"sys.exit(main(['--config', {str(config_path)!r}]))\n")
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == exitcodes.PREEMPTED, out.stderr[-2000:]
-    assert out.stderr.strip().splitlines()[-1] == "forge-trainer: stopped: SIGTERM before the first step; nothing to save"
+    assert out.stderr.strip().splitlines()[-1] == ("forge-trainer: stopped: SIGTERM while the data was being "
+                                                   "prepared; nothing to save")
     message = read_termination(cfg)
     assert message["exitCode"] == exitcodes.PREEMPTED and not Path(cfg.checkpoint.dir).exists()
+    assert not list((tmp_path / "fresh-cache").glob("tokens/*/manifest.json"))
+    assert not list((tmp_path / "fresh-cache").glob("tokens/.*.tmp"))

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataConfig, DataSourceConfig, TrainerConfig
-from .exitcodes import DataError
+from .exitcodes import DataError, StoppedBeforeTraining
 from .tokenizer import TextTokenizer, check_vocab, iter_limited, train_bpe
 
 log = logging.getLogger(__name__)
@@ -227,8 +227,11 @@ def load_manifest(path: Path) -> dict | None:
         return None
 
 
-def prepare(config: TrainerConfig, tokenizer: TextTokenizer, digest: str, listing) -> Path:
-    """Tokenize every source into a cached shard directory (reused when it exists)."""
+def prepare(config: TrainerConfig, tokenizer: TextTokenizer, digest: str, listing, stop=None) -> Path:
+    """Tokenize every source into a cached shard directory (reused when it exists).
+
+    ``stop()`` is asked between files: when it says so, preparation ends with StoppedBeforeTraining
+    and leaves nothing behind (the shards are written under a temporary name)."""
     out = dataset_dir(config, digest, tokenizer)
     if load_manifest(out) is not None:
         log.info("using prepared data %s", out)
@@ -243,7 +246,7 @@ def prepare(config: TrainerConfig, tokenizer: TextTokenizer, digest: str, listin
         tokenizer.verify(sample)
         sources = []
         for i, src in enumerate(config.data.sources):
-            sources.append(_prepare_source(i, src, listing[src.name], tokenizer, dtype, tmp / f"{src.name}.bin"))
+            sources.append(_prepare_source(i, src, listing[src.name], tokenizer, dtype, tmp / f"{src.name}.bin", stop))
         total_bytes = sum(s["bytes"] for s in sources)
         manifest = {
             "version": MANIFEST_VERSION,
@@ -290,7 +293,7 @@ def _verification_sample(config: TrainerConfig, listing, max_bytes: int = 256 <<
     return texts
 
 
-def _prepare_source(index, src, files, tokenizer: TextTokenizer, dtype, shard: Path) -> dict:
+def _prepare_source(index, src, files, tokenizer: TextTokenizer, dtype, shard: Path, stop=None) -> dict:
     where = _where(index, src)
     records = []
     eos = np.array([tokenizer.eos_id], dtype=dtype)
@@ -313,6 +316,8 @@ def _prepare_source(index, src, files, tokenizer: TextTokenizer, dtype, shard: P
             batch, batch_bytes = [], 0
 
         for f, digest in files:
+            if stop is not None and stop():
+                raise StoppedBeforeTraining("SIGTERM while the data was being prepared; nothing to save")
             raw = _read_bytes(f, where)
             records.append({"path": f.rel, "sha256": digest, "bytes": len(raw), "tokens": 0, "documents": 0})
             n_bytes += len(raw)

@@ -71,22 +71,21 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
     if stop is None:
         stop = SigtermFlag()
         stop.install()
-    stop.setting_up = not stop.requested
     if stop.requested:
-        raise StoppedBeforeTraining("SIGTERM before the first step; nothing to save")
+        raise StoppedBeforeTraining(STOPPED)
     d = init_distributed()
     reporter = None
     try:
         t = config.training
         bf16 = t.precision == "bf16" or (t.precision == "auto" and d.device.type == "cuda")
         # ---- setup: fail fast on a model that cannot run, then data, model, optimizer
-        _preflight(config, d, bf16)
-        tokenizer, data_path, digest = _prepare_data(config, d)
+        _preflight(config, d, bf16, stop)
+        tokenizer, data_path, digest = _prepare_data(config, d, stop)
         data = TokenData(data_path, config)
         hf_cfg = hf_config(config, tokenizer.vocab_size, tokenizer.eos_id)
         check_context(hf_cfg, t.seq_len)
         stats = model_stats(hf_cfg, t.seq_len)
-        _on_every_rank(d, lambda: check_fits(hf_cfg, stats, config, d.world, d.local_world, d.device, bf16))
+        _on_every_rank(d, lambda: check_fits(hf_cfg, stats, config, d.world, d.local_world, d.device, bf16), stop)
         model = _parallelize(build_model(config, hf_cfg), d, bf16, t.compile)
         optimizer = _build_optimizer(model, t, d.device)
         loader = TrainLoader(data, t.seed)
@@ -164,7 +163,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
         # A checkpoint's val_loss may predate its step (evaluated earlier, or not at all): evaluate
         # again at the end, also when a finished training is resumed with nothing left to train.
         val_step = -1
-        stop.setting_up = False  # from here SIGTERM means: finish the step, checkpoint, exit PREEMPTED
+        _on_every_rank(d, lambda: None, stop)  # last look before the loop; from here: step, checkpoint, 75
         while True:
             reason = _budget_reached(step, tokens_seen, total_steps, t, timing)
             # One tiny all-reduce per step keeps every rank's decisions identical.
@@ -266,7 +265,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
 # Setup
 
 
-def _preflight(config: TrainerConfig, d: Dist, bf16: bool) -> None:
+def _preflight(config: TrainerConfig, d: Dist, bf16: bool, stop: SigtermFlag | None = None) -> None:
     """The context and memory checks with the configured vocabulary size, before any data is tokenized.
 
     They run again with the real tokenizer once it exists."""
@@ -275,35 +274,42 @@ def _preflight(config: TrainerConfig, d: Dist, bf16: bool) -> None:
     hf_cfg = hf_config(config, vocab, 0)
     check_context(hf_cfg, config.training.seq_len)
     stats = model_stats(hf_cfg, config.training.seq_len)
-    _on_every_rank(d, lambda: check_fits(hf_cfg, stats, config, d.world, d.local_world, d.device, bf16))
+    _on_every_rank(d, lambda: check_fits(hf_cfg, stats, config, d.world, d.local_world, d.device, bf16), stop)
 
 
-def _on_every_rank(d: Dist, check) -> None:
+STOPPED = "SIGTERM before the first step; nothing to save"
+
+
+def _on_every_rank(d: Dist, check, stop: SigtermFlag | None = None) -> None:
     """Run a check that reads this rank's own machine (free memory, its data) on every rank; when it
-    fails on any rank, it fails on all with the same error, so none goes on alone into a collective."""
+    fails on any rank, it fails on all with the same error, so none goes on alone into a collective.
+    A SIGTERM that arrived before it (``stop``) counts as such a failure, with exit code PREEMPTED."""
     failure = None
     try:
         check()
-    except TrainerError as e:
+        if stop is not None and stop.requested:
+            raise StoppedBeforeTraining(STOPPED)
+    except Exception as e:
         if not d.distributed:
             raise
-        failure = (type(e).__name__, e.args[0] if e.args else str(e))
+        failure = (type(e).__name__, e.args[0] if isinstance(e, TrainerError) and e.args else f"{type(e).__name__}: {e}")
+        original = e
     if not d.distributed:
         return
     failures = [f for f in d.all_gather_object(failure, group=d.setup_group) if f is not None]
     if failure is not None:
-        raise _error(*failure)
+        raise original
     if failures:
         raise _error(*failures[0])
 
 
 def _error(kind: str, message: str) -> TrainerError:
-    """The error another rank reported, by its class name."""
+    """The error another rank reported, by its class name (exit code 1, retried, for a crash)."""
     known = (DataError, ConfigError, StoppedBeforeTraining)
-    return next((c for c in known if c.__name__ == kind), DataError)(message)
+    return next((c for c in known if c.__name__ == kind), TrainerError)(message)
 
 
-def _prepare_data(config: TrainerConfig, d: Dist) -> tuple[TextTokenizer, Path, str]:
+def _prepare_data(config: TrainerConfig, d: Dist, stop: SigtermFlag | None = None) -> tuple[TextTokenizer, Path, str]:
     """Rank 0 trains/loads the tokenizer and tokenizes the data; the others get the result.
 
     Errors found by rank 0 are re-raised on every rank, so all exit with the
@@ -315,7 +321,7 @@ def _prepare_data(config: TrainerConfig, d: Dist) -> tuple[TextTokenizer, Path, 
         try:
             digest, listing = data_digest(config.data)
             tokenizer = ensure_tokenizer(config, digest, listing)
-            path = prepare(config, tokenizer, digest, listing)
+            path = prepare(config, tokenizer, digest, listing, stop=stop and (lambda: stop.requested))
             result = ("ok", tokenizer.json, tokenizer.eos_token, str(path), digest)
         except TrainerError as e:
             if not d.distributed:
@@ -342,9 +348,9 @@ def _prepare_data(config: TrainerConfig, d: Dist) -> tuple[TextTokenizer, Path, 
         local_digest, listing = data_digest(config.data)
         if local_digest != digest:
             raise DataError(f"the data on {hostname()} differs from rank 0's (digest {local_digest[:12]} != {digest[:12]})")
-        prepare(config, tokenizer, digest, listing)
+        prepare(config, tokenizer, digest, listing, stop=stop and (lambda: stop.requested))
 
-    _on_every_rank(d, prepare_on_this_node)  # also the barrier: every node's copy is ready after it
+    _on_every_rank(d, prepare_on_this_node, stop)  # also the barrier: every node's copy is ready after it
     return tokenizer, Path(path), digest
 
 
@@ -556,13 +562,15 @@ class SigtermFlag:
     """SIGTERM sets a flag; the loop finishes its step, checkpoints and exits PREEMPTED. A second
     SIGTERM (torchrun forwards one once any worker of the node has exited) changes nothing.
 
-    While ``setting_up`` (before the first step) there is nothing to save: SIGTERM ends the run at
-    once with StoppedBeforeTraining (exit code PREEMPTED), rather than after hours of data preparation.
+    Before the first step there is nothing to save: set-up looks at the flag at safe points (between
+    data files, after each phase, on every rank together) and ends the run with StoppedBeforeTraining
+    (exit code PREEMPTED) rather than after hours of data preparation. The handler itself only sets
+    the flag: an exception raised wherever the signal lands could be taken for another error, or
+    leave one rank alone in a collective.
     """
 
     def __init__(self):
         self.requested = False
-        self.setting_up = False
         self._previous = None
 
     def install(self) -> None:
@@ -571,9 +579,6 @@ class SigtermFlag:
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
-        if self.setting_up:
-            self.setting_up = False  # once: the unwinding must not be interrupted again
-            raise StoppedBeforeTraining("SIGTERM before the first step; nothing to save")
 
     def restore(self) -> None:
         if self._previous is not None:

@@ -120,9 +120,11 @@ class PvcLocation(ApiModel):
     """Mount the claim read-only (default: read-only for inputs, read-write for checkpoints and outputs)."""
 
     cel_rules = (
-        Cel("!has(self.path) || (!self.path.startsWith('/') && !self.path.contains('..'))",
-            "path must be relative to the volume root and must not contain '..'",
-            lambda s: not s.path.startswith("/") and ".." not in s.path, field_path=".path"),
+        Cel("!has(self.path) || (!self.path.startsWith('/') && !self.path.contains('..')"
+            " && !self.path.contains('//') && !self.path.matches('(^|/)[.](/|$)'))",
+            "path must be relative to the volume root, without '..', '.' or empty segments (one spelling per folder)",
+            lambda s: not s.path.startswith("/") and ".." not in s.path and "//" not in s.path
+            and re.search(r"(^|/)[.](/|$)", s.path) is None, field_path=".path"),
     )
 
 

@@ -305,8 +305,8 @@ class ResourcesSpec(ApiModel):
     priority_class_name: DnsLabel | None = None
     """PriorityClass of the worker pods."""
     service_account_name: DnsLabel | None = None
-    """ServiceAccount of the workers (default: the one the operator creates for this training). The operator
-    binds it to the training's Role (get and patch pods), which rank 0 needs to report progress."""
+    """ServiceAccount of the workers (default: forge-trainer-<name>, which the operator creates). Rank 0 reports
+    progress by patching its own pod: grant this account get and patch on pods, or the status shows no progress."""
     image: Annotated[str, Field(max_length=1024)] | None = None
     """Trainer image (default: the one the operator was installed with)."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
