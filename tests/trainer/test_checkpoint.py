@@ -55,3 +55,28 @@ def test_a_kill_between_the_two_renames_leaves_the_old_copy_found_and_restored(t
     final = save(tmp_path, 20, *_model_and_optimizer(3.0), {"step": 20}, keep_last=2, d=Dist())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000010", "step-00000020"]
     assert _weight(tmp_path / "step-00000010") == 1.0 and find_latest(tmp_path) == final
+
+
+def test_an_explicit_resume_starts_a_line_that_restarts_continue(tmp_path, corpus, shared_cache):
+    """Going back to step 10 of a run that reached 30: a restart of the new run continues from its own
+    newest checkpoint (not from step 10 again), and pruning keeps the new line's checkpoints, never the
+    one it started from."""
+    import forge_trainer
+    from trainer_helpers import tiny_config
+
+    first = tiny_config(tmp_path, corpus, shared_cache, checkpoint__keep_last=2)
+    assert forge_trainer.run(first).step == 30  # checkpoints 20 and 30 kept
+    ckpt = Path(first.checkpoint.dir)
+    back = str(ckpt / "step-00000020")
+    rerun = tiny_config(tmp_path, corpus, shared_cache, checkpoint__keep_last=2, checkpoint__resume=back,
+                        training__budget={"max_steps": 25}, checkpoint__interval_steps=2)
+    summary = forge_trainer.run(rerun)
+    assert (summary.start_step, summary.step) == (20, 25)
+    # the new line kept its newest two (22 replaced nothing, 24 and 25 are its own), the old line is untouched
+    assert sorted(p.name for p in ckpt.glob("step-*")) == ["step-00000020", "step-00000024", "step-00000025",
+                                                          "step-00000030"]
+    restarted = tiny_config(tmp_path, corpus, shared_cache, checkpoint__keep_last=2, checkpoint__resume=back,
+                            training__budget={"max_steps": 28}, checkpoint__interval_steps=2)
+    summary = forge_trainer.run(restarted)
+    assert (summary.start_step, summary.step) == (25, 28)
+    assert (ckpt / "step-00000020").is_dir() and (ckpt / "step-00000030").is_dir()

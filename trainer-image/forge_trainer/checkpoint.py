@@ -120,7 +120,7 @@ def save(ckpt_dir: str | Path, step: int, model, optimizer, trainer_state: dict,
         _write_atomic(root / LATEST, final.name + "\n")
         _fsync_dir(root)
         shutil.rmtree(replaced, ignore_errors=True)
-        _prune(root, keep_last)
+        _prune(root, keep_last, trainer_state.get("origin"))
     d.barrier()
     return final
 
@@ -162,7 +162,17 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    done = sorted(p for p in root.glob("step-*") if is_complete(p))
+def origin(path: Path) -> str | None:
+    """The checkpoint an explicit resume started this one's line from (None: a line from scratch)."""
+    try:
+        return json.loads((path / STATE_FILE).read_text()).get("origin")
+    except (OSError, ValueError):
+        return None
+
+
+def _prune(root: Path, keep_last: int, line: str | None) -> None:
+    """Keep the newest keep_last checkpoints of this line. Checkpoints of another line (the run a
+    resume from an earlier step went back from, or the checkpoint it resumed from) are left alone."""
+    done = sorted(p for p in root.glob("step-*") if is_complete(p) and origin(p) == line)
     for old in done[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

@@ -109,7 +109,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
 
         # ---- resume
         step, tokens_seen, last_ckpt, train_loss, val_loss = 0, 0, None, None, None
-        resume_from = _resume_path(config)
+        resume_from, line = _resume_path(config, d)
         if resume_from is not None:
             state = checkpoint.load(resume_from, model, optimizer, d)
             if state.get("tokenizer_digest") not in (None, tokenizer.digest):
@@ -136,6 +136,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
                 "scheduler": {"step": step, "total_steps": total_steps}, "world_size": d.world,
                 "train_loss": train_loss, "val_loss": val_loss, "time": rfc3339(),
                 "data_digest": digest, "tokenizer_digest": tokenizer.digest, "config": config.model_dump(mode="json"),
+                "origin": line,
             }
             path = checkpoint.save(config.checkpoint.dir, step, model, optimizer, trainer_state, config.checkpoint.keep_last, d)
             timing["save"] = time.monotonic() - t0
@@ -385,16 +386,39 @@ def _build_optimizer(model: torch.nn.Module, t: TrainingConfig, device: torch.de
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, fused=device.type == "cuda")
 
 
-def _resume_path(config: TrainerConfig) -> Path | None:
+def _resume_path(config: TrainerConfig, d: Dist) -> tuple[Path | None, str | None]:
+    """The checkpoint to resume from and the line of checkpoints this run continues, chosen by rank 0
+    for every rank (a shared file system may show ranks different states for a moment).
+
+    An explicit ``checkpoint.resume`` starts a line from that checkpoint (going back to an earlier
+    step, for instance); a restart of the same run continues the line from its newest checkpoint
+    instead of going back again."""
+    choice = None
+    if d.is_main:
+        try:
+            path, line = _choose_resume(config)
+            choice = ("ok", str(path) if path else None, line)
+        except TrainerError as e:
+            choice = ("error", type(e).__name__, e.args[0])
+    choice = d.broadcast_object(choice, group=d.setup_group)
+    if choice[0] == "error":
+        raise _error(choice[1], choice[2])
+    return (Path(choice[1]) if choice[1] else None), choice[2]
+
+
+def _choose_resume(config: TrainerConfig) -> tuple[Path | None, str | None]:
     r = config.checkpoint.resume
     if r == "never":
-        return None
+        return None, None
+    latest = checkpoint.find_latest(config.checkpoint.dir)
     if r == "auto":
-        return checkpoint.find_latest(config.checkpoint.dir)
+        return latest, (checkpoint.origin(latest) if latest else None)
     path = Path(r)
     if not checkpoint.is_complete(path):
         raise ConfigError(f"checkpoint.resume {r}: not a complete checkpoint")
-    return path
+    if latest is not None and latest != path and checkpoint.origin(latest) == path.name:
+        return latest, path.name  # this run already went on from there
+    return path, path.name
 
 
 def _total_steps(t: TrainingConfig, tokens_per_step: int) -> int | None:

@@ -344,7 +344,8 @@ class CheckpointSpec(ApiModel):
     keep_last: Annotated[int, Field(ge=1, le=1000)] = 3
     """Checkpoints kept; older ones are deleted after a newer one is complete."""
     resume_from: PathStr | None = None
-    """Start from this checkpoint folder (relative to the location) instead of the latest one."""
+    """Start from this checkpoint folder (relative to the location) instead of the latest one; restarts of
+    this training continue from the checkpoints it writes from there, not from this one again."""
 
 
 class FailurePolicySpec(ApiModel):
