@@ -96,3 +96,46 @@ def test_a_check_that_fails_on_one_rank_fails_on_every_rank(tmp_path):
     mp.spawn(_check_on_two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     outcomes = {(tmp_path / f"rank-{r}").read_text() for r in range(2)}
     assert outcomes == {"ConfigError: config error: the model needs 90 GiB, this node has 80 GiB"}
+
+
+def _save_on_two_ranks(rank: int, init_file: str, results: str) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from forge_trainer import checkpoint
+    from forge_trainer.dist import Dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    d = Dist(rank=rank, world=2, setup_group=dist.new_group(backend="gloo"))
+    root = Path(results) / "ckpt"
+    rename = os.rename
+
+    def refused(src, dst, **kw):  # rank 0's file system refuses the commit
+        if str(src).endswith("step-00000010.tmp"):
+            raise OSError(28, "No space left on device")
+        rename(src, dst, **kw)
+
+    if rank == 0:
+        checkpoint.os.rename = refused
+    model = torch.nn.Linear(4, 4)
+    try:
+        checkpoint.save(root, 10, model, torch.optim.AdamW(model.parameters()), {"step": 10}, 2, d)
+        outcome = "saved"
+    except Exception as e:
+        outcome = f"{type(e).__name__}: {e}"
+    Path(results, f"rank-{rank}").write_text(outcome)
+    dist.destroy_process_group()
+
+
+def test_a_checkpoint_commit_that_fails_on_rank_0_fails_on_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_save_on_two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "rank-0").read_text() == "OSError: [Errno 28] No space left on device"
+    assert (tmp_path / "rank-1").read_text() == ("RuntimeError: rank 0 failed committing checkpoint step-00000010: "
+                                                 "OSError: [Errno 28] No space left on device")
+    from forge_trainer.checkpoint import find_latest
+
+    assert find_latest(tmp_path / "ckpt") is None  # nothing half-committed looks valid

@@ -83,7 +83,8 @@ def save(ckpt_dir: str | Path, step: int, model, optimizer, trainer_state: dict,
     root = Path(ckpt_dir)
     final = root / step_name(step)
     tmp = root / (step_name(step) + ".tmp")
-    if d.is_main:
+
+    def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob("step-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -95,7 +96,8 @@ def save(ckpt_dir: str | Path, step: int, model, optimizer, trainer_state: dict,
                 shutil.rmtree(original, ignore_errors=True)
                 os.rename(aside, original)
         tmp.mkdir()
-    d.barrier()
+
+    _on_main(d, prepare, f"preparing checkpoint {final.name}")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
@@ -108,7 +110,8 @@ def save(ckpt_dir: str | Path, step: int, model, optimizer, trainer_state: dict,
     if os.environ.get(SLEEP_ENV):
         time.sleep(float(os.environ[SLEEP_ENV]))
     d.barrier()
-    if d.is_main:
+
+    def commit() -> None:
         _write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, default=str))
         # The same step saved again (a resumed run with other settings) replaces it, and a kill at
         # any moment leaves one complete copy: the old one is renamed out of the way, not deleted,
@@ -121,8 +124,27 @@ def save(ckpt_dir: str | Path, step: int, model, optimizer, trainer_state: dict,
         _fsync_dir(root)
         shutil.rmtree(replaced, ignore_errors=True)
         _prune(root, keep_last, trainer_state.get("origin"))
-    d.barrier()
+
+    _on_main(d, commit, f"committing checkpoint {final.name}")
     return final
+
+
+def _on_main(d: Dist, work, what: str) -> None:
+    """Rank 0 does ``work`` on the shared file system while the others wait for its outcome: when it
+    fails (a full disk, a rename the file system refuses), every rank fails, none waits forever."""
+    failure = None
+    if d.is_main:
+        try:
+            work()
+        except Exception as e:
+            if not d.distributed:
+                raise
+            failure, original = f"{type(e).__name__}: {e}", e
+    failure = d.broadcast_object(failure, group=d.setup_group)
+    if failure is not None:
+        if d.is_main:
+            raise original
+        raise RuntimeError(f"rank 0 failed {what}: {failure}")
 
 
 def load(path: Path, model, optimizer, d: Dist) -> dict:
