@@ -65,51 +65,54 @@ def test_two_nodes_train_like_one_process_and_checkpoints_reshard(tmp_path, corp
     assert resumed.history[-1]["loss"] == pytest.approx(single.history[-1]["loss"], abs=2e-4)
 
 
-def _check_on_two_ranks(rank: int, init_file: str, results: str) -> None:
+def _on_two_ranks(rank: int, init_file: str, results: str, work) -> None:
+    """One of two gloo processes: runs ``work(rank, dist)`` and writes what came of it to rank-N."""
     import torch.distributed as dist
 
     from forge_trainer.dist import Dist
-    from forge_trainer.exitcodes import ConfigError, TrainerError
-    from forge_trainer.train import _on_every_rank
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    d = Dist(rank=rank, world=2, setup_group=dist.new_group(backend="gloo"))
-
-    def fits_only_on_rank_0():
-        if rank == 1:
-            raise ConfigError("the model needs 90 GiB, this node has 80 GiB")
-
     try:
-        _on_every_rank(d, fits_only_on_rank_0)
+        work(rank, Dist(rank=rank, world=2, setup_group=dist.new_group(backend="gloo")))
         outcome = "went on"
-    except TrainerError as e:
+    except Exception as e:
         outcome = f"{type(e).__name__}: {e}"
     Path(results, f"rank-{rank}").write_text(outcome)
     dist.destroy_process_group()
 
 
+def _two_ranks(tmp_path: Path, work) -> list[str]:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_on_two_ranks, args=(str(tmp_path / "init"), str(tmp_path), work), nprocs=2, join=True)
+    return [(tmp_path / f"rank-{r}").read_text() for r in range(2)]
+
+
+def _memory_fits_only_on_rank_0(rank: int, d) -> None:
+    from forge_trainer.exitcodes import ConfigError
+    from forge_trainer.train import _on_every_rank
+
+    def check():
+        if rank == 1:
+            raise ConfigError("the model needs 90 GiB, this node has 80 GiB")
+
+    _on_every_rank(d, check)
+
+
 def test_a_check_that_fails_on_one_rank_fails_on_every_rank(tmp_path):
     """A rank whose own machine fails a set-up check (memory, data) must not leave the others waiting in
     a collective: all end with the same error."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_check_on_two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    outcomes = {(tmp_path / f"rank-{r}").read_text() for r in range(2)}
-    assert outcomes == {"ConfigError: config error: the model needs 90 GiB, this node has 80 GiB"}
+    outcomes = _two_ranks(tmp_path, _memory_fits_only_on_rank_0)
+    assert set(outcomes) == {"ConfigError: config error: the model needs 90 GiB, this node has 80 GiB"}
 
 
-def _save_on_two_ranks(rank: int, init_file: str, results: str) -> None:
+def _commit_refused_on_rank_0(rank: int, d) -> None:
     import os
 
     import torch
-    import torch.distributed as dist
 
     from forge_trainer import checkpoint
-    from forge_trainer.dist import Dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    d = Dist(rank=rank, world=2, setup_group=dist.new_group(backend="gloo"))
-    root = Path(results) / "ckpt"
     rename = os.rename
 
     def refused(src, dst, **kw):  # rank 0's file system refuses the commit
@@ -120,22 +123,15 @@ def _save_on_two_ranks(rank: int, init_file: str, results: str) -> None:
     if rank == 0:
         checkpoint.os.rename = refused
     model = torch.nn.Linear(4, 4)
-    try:
-        checkpoint.save(root, 10, model, torch.optim.AdamW(model.parameters()), {"step": 10}, 2, d)
-        outcome = "saved"
-    except Exception as e:
-        outcome = f"{type(e).__name__}: {e}"
-    Path(results, f"rank-{rank}").write_text(outcome)
-    dist.destroy_process_group()
+    root = Path(os.environ["FORGE_TEST_CKPT"])
+    checkpoint.save(root, 10, model, torch.optim.AdamW(model.parameters()), {"step": 10}, 2, d)
 
 
-def test_a_checkpoint_commit_that_fails_on_rank_0_fails_on_every_rank(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_save_on_two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    assert (tmp_path / "rank-0").read_text() == "OSError: [Errno 28] No space left on device"
-    assert (tmp_path / "rank-1").read_text() == ("RuntimeError: rank 0 failed committing checkpoint step-00000010: "
-                                                 "OSError: [Errno 28] No space left on device")
+def test_a_checkpoint_commit_that_fails_on_rank_0_fails_on_every_rank(tmp_path, monkeypatch):
     from forge_trainer.checkpoint import find_latest
 
+    monkeypatch.setenv("FORGE_TEST_CKPT", str(tmp_path / "ckpt"))
+    assert _two_ranks(tmp_path, _commit_refused_on_rank_0) == [
+        "OSError: [Errno 28] No space left on device",
+        "RuntimeError: rank 0 failed committing checkpoint step-00000010: OSError: [Errno 28] No space left on device"]
     assert find_latest(tmp_path / "ckpt") is None  # nothing half-committed looks valid
