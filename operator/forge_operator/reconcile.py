@@ -433,7 +433,7 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
         if _deadline_reached(ft, now):
             status["completionTime"] = ts(now)
             transition("Failed", Reason.DEADLINE_EXCEEDED,
-                       f"training.budget.deadline {_deadline(ft).strftime('%Y-%m-%dT%H:%M:%SZ')} has passed, so the "
+                       f"training.budget.deadline {ts(_deadline(ft))} has passed, so the "
                        f"workers are not restarted; last failure: {failure.message}", warning=True)
             return plan
         if counts and failures >= spec.failure_policy.max_restarts:
@@ -477,16 +477,13 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
     last_restart = (status.get("restarts") or [{}])[-1] if restart_count else {}
     state = WorkerState(restart_count=restart_count, resume_step=last_restart.get("step"),
                         suspend=user_suspend or queued, restart_reason=last_restart.get("reason", ""))
-    # The Job is applied once, when its attempt starts; its template never changes after that (an edit
-    # is a new attempt). Afterwards only `suspend` is written, and only when the user's wish differs
-    # from what is observed, so a stale read can never undo Kueue's admission.
     # The next workers start once the last ones have stopped: these may still be writing their
     # checkpoint into the same directory (preStop hook, up to the grace period), and the next ones
     # resume from it and rendezvous under the same names. That is: a new Job waits for every worker
     # of the training, and a suspended Job resumes once the pods its suspension deleted are gone.
     stopping, stuck = [], []
     if current is None:
-        mine = [p for p in obs.pods if 0 <= _pod_attempt(p) <= restart_count]
+        mine = [p for p in obs.pods if (a := _attempt(p)) is not None and a <= restart_count]
         stopping, stuck = _still_stopping(ft, obs, mine)
         # workers whose Job is gone and that nobody deletes (the Job deleted with --cascade=orphan,
         # or before the garbage collector got to them) are stopped gracefully
@@ -494,9 +491,11 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
         plan.delete_pods = [p["metadata"]["name"] for p in stopping if not p["metadata"].get("deletionTimestamp")
                             and not any(r.get("uid") in jobs for r in p["metadata"].get("ownerReferences") or [])]
     elif job_suspended and not user_suspend and not spec.scheduling.queue_name:  # Kueue resumes a queued one
-        stopping, stuck = _still_stopping(ft, obs, [p for p in pods if p["metadata"].get("deletionTimestamp")
-                                                    or p.get("status", {}).get("phase") not in TERMINAL])
+        stopping, stuck = _still_stopping(ft, obs, pods)
     plan.force_delete_pods += [name for name in stuck if name not in plan.force_delete_pods]
+    # The Job is applied once, when its attempt starts; its template never changes after that (an edit
+    # is a new attempt). Afterwards only `suspend` is written, and only when the user's wish differs
+    # from what is observed, so a stale read can never undo Kueue's admission.
     plan.apply = desired_children(ft, trainer_yaml, state, image=settings.trainer_image,
                                   include_job=current is None and waiting <= 0 and not kueue_suspend
                                   and not stopping)
@@ -517,7 +516,7 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
         transition("Suspended", Reason.SUSPENDED_BY_USER, msg)
     elif stopping:
         plan.requeue_after = min(settings.resync_seconds, 5.0)
-        earlier = any(_pod_attempt(p) < restart_count for p in stopping)
+        earlier = any((_attempt(p) or 0) < restart_count for p in stopping)
         transition("Restarting" if earlier else "Pending", Reason.WORKERS_STOPPING,
                    f"waiting for {len(stopping)} worker(s) of the last run to stop (they write a "
                    f"checkpoint first) before starting {n} new ones")
@@ -571,7 +570,7 @@ def _deadline_passed(ft: ForgeTraining, status: dict[str, Any], current: dict[st
     overdue = ft.spec.resources.termination_grace_period_seconds + DEADLINE_SLACK_SECONDS
     if started and late <= overdue:
         return False  # the trainer is ending it (checkpoint and export)
-    when = deadline.strftime("%Y-%m-%dT%H:%M:%SZ")
+    when = ts(deadline)
     if started:
         message = (f"training.budget.deadline {when} passed {human_duration(late)} ago and the workers have not "
                    f"finished; they were stopped (they checkpoint on SIGTERM)")
@@ -616,17 +615,13 @@ def _still_stopping(ft: ForgeTraining, obs: Observed,
 
 def _node_lost(node: dict[str, Any] | None, now: datetime, timeout: timedelta) -> bool:
     """Deleted, or not Ready for longer than the timeout (the NodeLost rule)."""
-    ready, since = _node_ready(node)
-    return node is None or (not ready and (since is None or now - since > timeout))
+    ready, since = _node_ready(node)  # a deleted node (None) is not Ready, since never
+    return not ready and (since is None or now - since > timeout)
 
 
-def _pod_attempt(pod: dict[str, Any]) -> int:
-    value = (pod["metadata"].get("labels") or {}).get(LABEL_ATTEMPT, "")
-    return int(value) if value.isdigit() else -1
-
-
-def _attempt(job: dict[str, Any]) -> int | None:
-    value = (job["metadata"].get("labels") or {}).get(LABEL_ATTEMPT, "")
+def _attempt(obj: dict[str, Any]) -> int | None:
+    """The attempt a Job or worker pod belongs to (its label)."""
+    value = (obj["metadata"].get("labels") or {}).get(LABEL_ATTEMPT, "")
     return int(value) if value.isdigit() else None
 
 
