@@ -47,15 +47,21 @@ def step_name(step: int) -> str:
 REPLACED = ".replaced-"  # a checkpoint being replaced by a new save of the same step
 
 
-def is_complete(path: Path) -> bool:
-    """A committed checkpoint: renamed from .tmp, with DCP metadata and trainer state."""
+def _committed_state(path: Path) -> dict | None:
+    """The trainer state of a committed checkpoint (renamed from .tmp, with DCP metadata); else None."""
     if path.name.endswith(".tmp") or not path.is_dir():
-        return False
+        return None
     try:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError):
-        return False
-    return (path / ".metadata").is_file() and path.name.removeprefix(REPLACED) == step_name(int(state.get("step", -1)))
+        return None
+    complete = (path / ".metadata").is_file() and path.name.removeprefix(REPLACED) == step_name(int(state.get("step", -1)))
+    return state if complete else None
+
+
+def is_complete(path: Path) -> bool:
+    """A committed checkpoint: renamed from .tmp, with DCP metadata and trainer state."""
+    return _committed_state(path) is not None
 
 
 def _step_of(path: Path) -> int:
@@ -97,7 +103,7 @@ def save(ckpt_dir: str | Path, step: int, model, optimizer, trainer_state: dict,
                 os.rename(aside, original)
         tmp.mkdir()
 
-    _on_main(d, prepare, f"preparing checkpoint {final.name}")
+    d.on_main(prepare, f"preparing checkpoint {final.name}")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
@@ -125,26 +131,8 @@ def save(ckpt_dir: str | Path, step: int, model, optimizer, trainer_state: dict,
         shutil.rmtree(replaced, ignore_errors=True)
         _prune(root, keep_last, trainer_state.get("origin"))
 
-    _on_main(d, commit, f"committing checkpoint {final.name}")
+    d.on_main(commit, f"committing checkpoint {final.name}")
     return final
-
-
-def _on_main(d: Dist, work, what: str) -> None:
-    """Rank 0 does ``work`` on the shared file system while the others wait for its outcome: when it
-    fails (a full disk, a rename the file system refuses), every rank fails, none waits forever."""
-    failure = None
-    if d.is_main:
-        try:
-            work()
-        except Exception as e:
-            if not d.distributed:
-                raise
-            failure, original = f"{type(e).__name__}: {e}", e
-    failure = d.broadcast_object(failure, group=d.setup_group)
-    if failure is not None:
-        if d.is_main:
-            raise original
-        raise RuntimeError(f"rank 0 failed {what}: {failure}")
 
 
 def load(path: Path, model, optimizer, d: Dist) -> dict:
@@ -186,15 +174,13 @@ def _fsync_dir(path: Path) -> None:
 
 def origin(path: Path) -> str | None:
     """The checkpoint an explicit resume started this one's line from (None: a line from scratch)."""
-    try:
-        return json.loads((path / STATE_FILE).read_text()).get("origin")
-    except (OSError, ValueError):
-        return None
+    return (_committed_state(path) or {}).get("origin")
 
 
 def _prune(root: Path, keep_last: int, line: str | None) -> None:
     """Keep the newest keep_last checkpoints of this line. Checkpoints of another line (the run a
     resume from an earlier step went back from, or the checkpoint it resumed from) are left alone."""
-    done = sorted(p for p in root.glob("step-*") if is_complete(p) and origin(p) == line)
+    done = sorted(p for p in root.glob("step-*") if (state := _committed_state(p)) is not None
+                  and state.get("origin") == line)
     for old in done[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

@@ -10,6 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .exitcodes import TrainerError, error_named
+
 # Rank 0 may tokenize a large corpus while the others wait: give that wait (and
 # only that one) a long timeout on a side group, keeping the default elsewhere.
 SETUP_TIMEOUT = timedelta(hours=12)
@@ -51,6 +53,41 @@ class Dist:
         dist.all_gather_object(out, obj, group=group)
         return out
 
+    def on_main(self, work, what: str):
+        """Rank 0 runs ``work()`` (on shared storage, or a choice every rank must share) while the others
+        wait, and every rank gets its result. When it fails, every rank fails: rank 0 with its own
+        error, the others with the same TrainerError (same exit code) or a RuntimeError naming ``what``."""
+        if not self.distributed:
+            return work()
+        outcome, original = None, None
+        if self.is_main:
+            try:
+                outcome = ("ok", work())
+            except Exception as e:
+                outcome, original = ("failed", *_describe(e)), e
+        outcome = self.broadcast_object(outcome, group=self.setup_group)
+        if outcome[0] == "ok":
+            return outcome[1]
+        raise original if self.is_main else _shared_error(0, what, *outcome[1:])
+
+    def on_every_rank(self, check, what: str) -> None:
+        """Every rank runs ``check()`` (it reads this rank's own machine: free memory, its data); when it
+        fails on any rank it fails on all, so none goes on alone into a collective."""
+        if not self.distributed:
+            check()
+            return
+        failure, original = None, None
+        try:
+            check()
+        except Exception as e:
+            failure, original = _describe(e), e
+        failures = [(r, f) for r, f in enumerate(self.all_gather_object(failure, group=self.setup_group)) if f]
+        if original is not None:
+            raise original
+        if failures:
+            rank, (kind, message) = failures[0]
+            raise _shared_error(rank, what, kind, message)
+
     def max_flags(self, flags: list[int]) -> list[int]:
         """Element-wise max over ranks, so every rank takes the same decision."""
         if not self.distributed:
@@ -65,6 +102,18 @@ class Dist:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
+
+
+def _describe(e: Exception) -> tuple[str, str]:
+    """An error as (class name, message) to send to the other ranks."""
+    if isinstance(e, TrainerError) and e.args:
+        return type(e).__name__, e.args[0]
+    return type(e).__name__, f"{type(e).__name__}: {e}"
+
+
+def _shared_error(rank: int, what: str, kind: str, message: str) -> Exception:
+    """Another rank's error on this one: the same TrainerError, or a RuntimeError naming that rank."""
+    return error_named(kind, message) or RuntimeError(f"rank {rank} failed {what}: {message}")
 
 
 def init_distributed() -> Dist:

@@ -46,3 +46,9 @@ class StoppedBeforeTraining(TrainerError):
 
     exit_code = PREEMPTED
     kind = "stopped"
+
+
+def error_named(kind: str, message: str) -> TrainerError | None:
+    """The TrainerError another process reported, by class name and message (None: not one of them)."""
+    known = (TrainerError, DataError, ConfigError, StoppedBeforeTraining)
+    return next((cls(message) for cls in known if cls.__name__ == kind), None)

@@ -24,7 +24,7 @@ from . import checkpoint
 from .config import TrainerConfig, TrainingConfig
 from .data import TokenData, TrainLoader, data_digest, ensure_tokenizer, load_manifest, prepare
 from .dist import Dist, hostname, init_distributed, shutdown
-from .exitcodes import ConfigError, DataError, StoppedBeforeTraining, TrainerError
+from .exitcodes import ConfigError, DataError, StoppedBeforeTraining
 from .export import export, versions
 from .model import build_model, check_context, check_fits, describe, hf_config, model_stats, peak_flops
 from .progress import Reporter, build_progress, rfc3339
@@ -266,7 +266,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
 # Setup
 
 
-def _preflight(config: TrainerConfig, d: Dist, bf16: bool, stop: SigtermFlag | None = None) -> None:
+def _preflight(config: TrainerConfig, d: Dist, bf16: bool, stop: SigtermFlag) -> None:
     """The context and memory checks with the configured vocabulary size, before any data is tokenized.
 
     They run again with the real tokenizer once it exists."""
@@ -282,66 +282,36 @@ STOPPED = "SIGTERM before the first step; nothing to save"
 
 
 def _on_every_rank(d: Dist, check, stop: SigtermFlag | None = None) -> None:
-    """Run a check that reads this rank's own machine (free memory, its data) on every rank; when it
-    fails on any rank, it fails on all with the same error, so none goes on alone into a collective.
-    A SIGTERM that arrived before it (``stop``) counts as such a failure, with exit code PREEMPTED."""
-    failure = None
-    try:
+    """``check()`` on every rank, failing on all when it fails on any (Dist.on_every_rank). A SIGTERM
+    that arrived before it (``stop``) counts as such a failure, with exit code PREEMPTED."""
+    def check_then_stop() -> None:
         check()
         if stop is not None and stop.requested:
             raise StoppedBeforeTraining(STOPPED)
-    except Exception as e:
-        if not d.distributed:
-            raise
-        failure = (type(e).__name__, e.args[0] if isinstance(e, TrainerError) and e.args else f"{type(e).__name__}: {e}")
-        original = e
-    if not d.distributed:
-        return
-    failures = [f for f in d.all_gather_object(failure, group=d.setup_group) if f is not None]
-    if failure is not None:
-        raise original
-    if failures:
-        raise _error(*failures[0])
+
+    d.on_every_rank(check_then_stop, "a set-up check")
 
 
-def _error(kind: str, message: str) -> TrainerError:
-    """The error another rank reported, by its class name (exit code 1, retried, for a crash)."""
-    known = (DataError, ConfigError, StoppedBeforeTraining)
-    return next((c for c in known if c.__name__ == kind), TrainerError)(message)
-
-
-def _prepare_data(config: TrainerConfig, d: Dist, stop: SigtermFlag | None = None) -> tuple[TextTokenizer, Path, str]:
+def _prepare_data(config: TrainerConfig, d: Dist, stop: SigtermFlag) -> tuple[TextTokenizer, Path, str]:
     """Rank 0 trains/loads the tokenizer and tokenizes the data; the others get the result.
 
     Errors found by rank 0 are re-raised on every rank, so all exit with the
     same code instead of waiting forever. Nodes that do not share cache_dir
     prepare their own copy with rank 0's tokenizer (encoding is deterministic).
     """
-    result = None
-    if d.is_main:
-        try:
-            digest, listing = data_digest(config.data)
-            tokenizer = ensure_tokenizer(config, digest, listing)
-            path = prepare(config, tokenizer, digest, listing, stop=stop and (lambda: stop.requested))
-            result = ("ok", tokenizer.json, tokenizer.eos_token, str(path), digest)
-        except TrainerError as e:
-            if not d.distributed:
-                raise
-            result = ("error", type(e).__name__, e.args[0])
-            d.broadcast_object(result, group=d.setup_group)
-            raise
-        except Exception as e:
-            if d.distributed:
-                d.broadcast_object(("crash", type(e).__name__, str(e)), group=d.setup_group)
-            raise
-    result = d.broadcast_object(result, group=d.setup_group)
-    if result[0] == "error":
-        raise _error(result[1], result[2])
-    if result[0] == "crash":
-        raise RuntimeError(f"rank 0 failed to prepare the data: {result[1]}: {result[2]}")
-    _, tok_json, eos, path, digest = result
-    if not d.is_main:
-        tokenizer = TextTokenizer.from_json(tok_json, eos)
+    def should_stop() -> bool:
+        return stop.requested
+
+    made: dict[str, TextTokenizer] = {}
+
+    def on_rank_0() -> tuple[str, str, str, str]:
+        digest, listing = data_digest(config.data)
+        made["tokenizer"] = tokenizer = ensure_tokenizer(config, digest, listing)
+        path = prepare(config, tokenizer, digest, listing, stop=should_stop)
+        return tokenizer.json, tokenizer.eos_token, str(path), digest
+
+    tok_json, eos, path, digest = d.on_main(on_rank_0, "preparing the data")
+    tokenizer = made.get("tokenizer") or TextTokenizer.from_json(tok_json, eos)
 
     def prepare_on_this_node() -> None:
         if d.is_main or d.local_rank != 0 or load_manifest(Path(path)) is not None:
@@ -349,7 +319,7 @@ def _prepare_data(config: TrainerConfig, d: Dist, stop: SigtermFlag | None = Non
         local_digest, listing = data_digest(config.data)
         if local_digest != digest:
             raise DataError(f"the data on {hostname()} differs from rank 0's (digest {local_digest[:12]} != {digest[:12]})")
-        prepare(config, tokenizer, digest, listing, stop=stop and (lambda: stop.requested))
+        prepare(config, tokenizer, digest, listing, stop=should_stop)
 
     _on_every_rank(d, prepare_on_this_node, stop)  # also the barrier: every node's copy is ready after it
     return tokenizer, Path(path), digest
@@ -393,17 +363,7 @@ def _resume_path(config: TrainerConfig, d: Dist) -> tuple[Path | None, str | Non
     An explicit ``checkpoint.resume`` starts a line from that checkpoint (going back to an earlier
     step, for instance); a restart of the same run continues the line from its newest checkpoint
     instead of going back again."""
-    choice = None
-    if d.is_main:
-        try:
-            path, line = _choose_resume(config)
-            choice = ("ok", str(path) if path else None, line)
-        except TrainerError as e:
-            choice = ("error", type(e).__name__, e.args[0])
-    choice = d.broadcast_object(choice, group=d.setup_group)
-    if choice[0] == "error":
-        raise _error(choice[1], choice[2])
-    return (Path(choice[1]) if choice[1] else None), choice[2]
+    return d.on_main(lambda: _choose_resume(config), "choosing the checkpoint to resume from")
 
 
 def _choose_resume(config: TrainerConfig) -> tuple[Path | None, str | None]:
