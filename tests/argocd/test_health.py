@@ -19,7 +19,8 @@ from lupa.lua51 import LuaRuntime
 
 from forge_operator.api.eval import ForgeEvalStatus
 from forge_operator.api.training import ForgeTrainingStatus
-from forge_operator.reconcile import Observed, plan_training
+from forge_operator.training.observe import Observed
+from forge_operator.training.planner import plan_training
 
 ROOT = Path(__file__).resolve().parents[2]
 HEALTH = ROOT / "argocd" / "health" / "forge.dev"

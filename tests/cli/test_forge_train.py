@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from forge_operator.local import load_training, parse_volumes
+from forge_operator.cli.local import load_training, parse_volumes
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "trainer"))
@@ -113,7 +113,7 @@ def test_quickstart_file_trains_on_the_standard_library(tmp_path):
     import sysconfig
 
     import forge_trainer
-    from forge_operator.translate import trainer_config
+    from forge_operator.training.translate import trainer_config
 
     ft = load_training(str(ROOT / "examples" / "quickstart.yaml"))
     ft.spec.training.budget.max_steps = 2

@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from forge_operator import handlers, runner
+from forge_operator import kopf_app
+from forge_operator.api.names import ANNOTATION_PROGRESS, TRAINER_ACCOUNT_PREFIX
 from forge_operator.api.training import ForgeTraining
-from forge_operator.children import WorkerState, build_rbac, desired_children
-from forge_operator.constants import ANNOTATION_PROGRESS, TRAINER_ACCOUNT_PREFIX
-from forge_operator.translate import trainer_config
+from forge_operator.cli import runner
+from forge_operator.training.children import WorkerState, build_rbac, desired_children
+from forge_operator.training.translate import trainer_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "forge"
@@ -108,7 +109,7 @@ def test_cluster_wide_by_default(helm):
     assert deployment["spec"]["replicas"] == 2
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
     assert "args" not in container(docs)  # no --namespace: every namespace
-    assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == env(docs)[handlers.ENV_PEERING] == "forge"
+    assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == env(docs)[kopf_app.ENV_PEERING] == "forge"
 
 
 def test_namespaced_mode_grants_nothing_cluster_wide(helm):
@@ -158,9 +159,9 @@ def test_operator_container_matches_what_the_operator_reads(helm):
     docs = helm.template({"trainerImage": "registry.internal/forge/trainer:7", "resyncSeconds": 30})
     c = container(docs)
     e = env(docs)
-    assert e[handlers.ENV_TRAINER_IMAGE] == "registry.internal/forge/trainer:7"
-    assert float(e[handlers.ENV_RESYNC_SECONDS]) == 30
-    assert int(e[handlers.ENV_METRICS_PORT]) == 8000
+    assert e[kopf_app.ENV_TRAINER_IMAGE] == "registry.internal/forge/trainer:7"
+    assert float(e[kopf_app.ENV_RESYNC_SECONDS]) == 30
+    assert int(e[kopf_app.ENV_METRICS_PORT]) == 8000
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert e[runner.ENV_HEALTH_ENDPOINT] == f"http://0.0.0.0:{ports['health']}/healthz"
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -211,12 +212,12 @@ def test_service_monitor_is_optional(helm):
     assert sm["spec"]["endpoints"][0]["port"] == "metrics"
     assert sm["spec"]["selector"]["matchLabels"].items() <= one(docs, "Service")["metadata"]["labels"].items()
     docs = helm.template({"metrics": {"enabled": False}})
-    assert not of_kind(docs, "Service") and handlers.ENV_METRICS_PORT not in env(docs)
+    assert not of_kind(docs, "Service") and kopf_app.ENV_METRICS_PORT not in env(docs)
 
 
 def test_standalone_mode_has_no_peering(helm):
     docs = helm.template({"peering": {"enabled": False}, "replicas": 1})
-    assert handlers.ENV_PEERING not in env(docs)
+    assert kopf_app.ENV_PEERING not in env(docs)
     assert not of_kind(docs, "ClusterKopfPeering")
     assert ("kopf.dev", "clusterkopfpeerings") not in grants(one(docs, "ClusterRole")["rules"])
 
@@ -267,7 +268,7 @@ def test_the_operator_runs_without_the_trainers_dependencies():
     blocked = ["torch", "transformers", "accelerate", "tokenizers", "tiktoken", "safetensors", "pyarrow", "tqdm"]
     code = ("import sys\n"
             f"for m in {blocked!r}: sys.modules[m] = None\n"
-            "import forge_operator.handlers, forge_operator.runner\n"
+            "import forge_operator.kopf_app, forge_operator.cli.runner\n"
             "from forge_operator.cli import main\n"
             "main(['operator', '--help'])\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

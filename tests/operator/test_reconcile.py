@@ -7,11 +7,16 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from forge_operator import conditions as C
+from forge_operator.api import defaults
 from forge_operator.api.training import ForgeTraining
-from forge_operator.children import desired_children, WorkerState
-from forge_operator.reconcile import Observed, backoff_seconds, human_duration, plan_training, pod_failure
-from forge_operator.translate import default_intermediate_size, trainer_config
+from forge_operator.k8s import conditions as C
+from forge_operator.k8s.objects import Patch
+from forge_operator.training.children import desired_children, WorkerState
+from forge_operator.training.failure import backoff_seconds, pod_failure
+from forge_operator.training.observe import Observed
+from forge_operator.training.planner import plan_training
+from forge_operator.training.status import human_duration
+from forge_operator.training.translate import trainer_config
 from operator_support import training
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=timezone.utc)
@@ -115,7 +120,10 @@ def test_restart_waits_for_backoff_before_recreating_the_job():
     jobs = [c for c in late.apply if c["kind"] == "Job"]
     assert jobs[0]["metadata"]["name"] == "llm-r1"
     env = {e["name"]: e.get("value") for e in jobs[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["FORGE_RESUME_STEP"] == "10"
+    # the new workers are restart 1; the trainer resumes from the newest complete checkpoint, which the
+    # status recorded as the restart's step
+    assert env["FORGE_RESTART_COUNT"] == "1" and jobs[0]["metadata"]["labels"]["forge.dev/attempt"] == "1"
+    assert late.status["restartCount"] == 1 and late.status["restarts"][-1]["step"] == 10
 
 
 def test_stall_condition_after_no_step_for_the_timeout():
@@ -138,7 +146,7 @@ def test_gpu_hour_budget_ends_the_training():
     plan = running_plan(o)  # 4 nodes x 8 GPUs for 60 s = 0.53 GPU-hours more
     assert plan.status["phase"] == "Failed"
     assert C.find(plan.status["conditions"], "Failed")["reason"] == "GpuHourBudgetExhausted"
-    assert plan.delete_jobs == ["llm-r0"]
+    assert plan.deleted("Job") == ["llm-r0"]
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -185,7 +193,7 @@ def test_translation_maps_the_spec_onto_the_trainer_config():
     cfg = trainer_config(ForgeTraining.model_validate(o))
     a = cfg.model.architecture
     assert (a.family, a.num_experts, a.num_experts_per_token) == ("moe", 8, 2)
-    assert a.intermediate_size == default_intermediate_size(64) == 192 and a.moe_intermediate_size == 96
+    assert a.intermediate_size == defaults.intermediate_size(64) == 192 and a.moe_intermediate_size == 96
     assert cfg.data.sources[0].path == "/mnt/pvc/corpus" and cfg.checkpoint.dir == "/mnt/pvc/ckpt/llm"
     assert cfg.output.dir == "/mnt/pvc/models/llm" and cfg.cache_dir == "/mnt/pvc/ckpt/llm/.forge-cache"
     assert cfg.training.global_batch_sequences == 64 and cfg.training.min_lr == pytest.approx(3e-5)
@@ -199,9 +207,9 @@ def test_pod_stuck_terminating_restarts_the_group_and_is_force_deleted():
     pods = [pod(f"p{i}", i, node=f"n{i}") for i in range(4)]
     pods[3]["metadata"].update(stuck["metadata"])
     plan = plan_training(o, Observed(now=NOW, jobs=[spec_job], pods=pods, nodes={f"n{i}": READY for i in range(4)}))
-    assert plan.force_delete_pods == ["p3"]
+    assert plan.deleted("Pod", force=True) == ["p3"]
     assert plan.status["restarts"][0]["reason"] == "StuckTerminating"
-    assert plan.delete_jobs == ["llm-r0"] and plan.status["restartCount"] == 1
+    assert plan.deleted("Job") == ["llm-r0"] and plan.status["restartCount"] == 1
 
 
 def test_node_not_ready_counts_only_after_the_timeout():
@@ -252,7 +260,7 @@ def test_a_restart_is_not_a_stall_and_stalled_holds_only_while_running():
                    "conditions": [{"type": "Running", "status": "True", "reason": "AllRanksRunning", "message": "",
                                    "lastTransitionTime": "2026-11-22T11:55:00Z"}]}
     assert C.find(running_plan(o).status.get("conditions"), "Stalled") is None
-    from forge_operator.reconcile import merge_progress
+    from forge_operator.training.status import merge_progress
     back = merge_progress({"step": 50, "lastStepTime": "2026-11-22T11:00:00Z"}, {"step": 40}, NOW)
     assert back["lastStepTime"] == "2026-11-22T12:00:00Z"
     # a stalled group that is suspended is no longer stalled
@@ -287,7 +295,7 @@ def test_only_jobs_of_earlier_attempts_are_deleted():
     o = obj()
     o["status"] = {"phase": "Running", "restartCount": 1}
     plan = plan_training(o, Observed(now=NOW, jobs=[job("llm-r0"), job("llm-r1"), job("llm-r2")]))
-    assert plan.delete_jobs == ["llm-r0"]
+    assert plan.deleted("Job") == ["llm-r0"]
 
 
 def test_pods_of_a_deleted_job_of_the_same_name_are_not_this_attempts_workers():
@@ -297,7 +305,7 @@ def test_pods_of_a_deleted_job_of_the_same_name_are_not_this_attempts_workers():
     stale["metadata"]["ownerReferences"][0]["uid"] = "uid-of-the-deleted-job"
     stale["status"]["containerStatuses"] = [{"state": {"terminated": {"exitCode": 75}}}]
     plan = plan_training(o, Observed(now=NOW, jobs=[job("llm-r0")], pods=[stale]))
-    assert not plan.status.get("restartCount") and not plan.delete_jobs
+    assert not plan.status.get("restartCount") and not plan.deleted("Job")
 
 
 def test_suspending_a_queued_training_deletes_its_job_and_resuming_queues_a_new_one():
@@ -305,7 +313,7 @@ def test_suspending_a_queued_training_deletes_its_job_and_resuming_queues_a_new_
     o["status"] = {"phase": "Running"}
     admitted = job("llm-r0")
     plan = plan_training(o, Observed(now=NOW, jobs=[admitted], pods=[pod("p0", 0)]))
-    assert plan.delete_jobs == ["llm-r0"] and plan.suspend_job is None
+    assert plan.deleted("Job") == ["llm-r0"] and not plan.patch
     assert "Job" not in [c["kind"] for c in plan.apply] and plan.status["phase"] == "Suspended"
     o["spec"]["scheduling"]["suspend"] = False
     o["status"] = plan.status
@@ -317,11 +325,11 @@ def test_suspending_a_queued_training_deletes_its_job_and_resuming_queues_a_new_
 
 
 def test_a_new_default_trainer_image_does_not_restart_running_trainings():
-    from forge_operator.reconcile import Settings
+    from forge_operator.training.draft import Settings
     o = obj()
     o["status"] = {"phase": "Running"}
     upgraded = running_plan(o, settings=Settings(trainer_image="registry.local/forge-trainer:0.2.0"))
-    assert not upgraded.status.get("restartCount") and not upgraded.delete_jobs
+    assert not upgraded.status.get("restartCount") and not upgraded.deleted("Job")
     edited = copy.deepcopy(o)
     edited["spec"]["resources"]["image"] = "registry.local/forge-trainer:custom"
     plan = running_plan(edited, built_from=o)
@@ -355,7 +363,7 @@ def test_a_refused_child_stays_reported_until_the_api_server_accepts_it():
     ({"other": {"priority": 10, "lifetime": 60, "lastseen": "2026-11-22T11:59:30"}}, False),
 ])
 def test_a_replica_outranked_by_a_live_peer_stands_down(peers, outranked):
-    from forge_operator.handlers import outranked as check
+    from forge_operator.k8s.peering import outranked as check
     assert check(peers, 50, NOW) is outranked
 
 
@@ -383,7 +391,7 @@ def test_workers_not_running_at_the_deadline_are_never_started():
     failed = C.find(plan.status["conditions"], "Failed")
     assert plan.status["phase"] == "Failed" and failed["reason"] == "DeadlineExceeded"
     assert "2026-11-22T11:00:00Z passed while no worker was running" in failed["message"]
-    assert plan.delete_jobs == ["llm-r0"] and "Job" not in [c["kind"] for c in plan.apply]
+    assert plan.deleted("Job") == ["llm-r0"] and "Job" not in [c["kind"] for c in plan.apply]
 
 
 def test_running_workers_end_at_the_deadline_themselves_unless_long_overdue():
@@ -391,7 +399,7 @@ def test_running_workers_end_at_the_deadline_themselves_unless_long_overdue():
     o["status"] = {"phase": "Running"}
     assert running_plan(o).status["phase"] == "Running"  # 5 min late: the trainer is exporting
     late = running_plan(o, now=NOW + timedelta(minutes=20))  # > 600 s grace + 600 s slack
-    assert late.status["phase"] == "Failed" and late.delete_jobs == ["llm-r0"]
+    assert late.status["phase"] == "Failed" and late.deleted("Job") == ["llm-r0"]
     assert "have not finished" in C.find(late.status["conditions"], "Failed")["message"]
 
 
@@ -409,7 +417,7 @@ def test_workers_checkpoint_in_a_prestop_hook_before_torchrun_gets_sigterm(grace
 
 
 def test_the_spec_hash_follows_the_spec_and_not_the_operators_rendering(monkeypatch):
-    from forge_operator import children
+    from forge_operator.training import children
 
     ft = ForgeTraining.model_validate(obj())
     before = children.spec_hash(ft)
@@ -450,7 +458,7 @@ def test_the_next_workers_start_only_once_the_last_ones_have_stopped():
     pods = [pod(f"p{i}", i, node=f"n{i}") for i in range(3)] + [pod("p3", 3, phase="Failed", node="n3")]
     failed_job = job("llm-r0", conditions=[{"type": "Failed", "status": "True"}])
     plan = plan_training(o, Observed(now=NOW, jobs=[failed_job], pods=pods, nodes=nodes))
-    assert plan.status["restartCount"] == 1 and plan.delete_jobs == ["llm-r0"]
+    assert plan.status["restartCount"] == 1 and plan.deleted("Job") == ["llm-r0"]
     assert "Job" not in [c["kind"] for c in plan.apply]
     waiting = C.find(plan.status["conditions"], "Restarting")
     assert plan.status["phase"] == "Restarting" and waiting["reason"] == "PreviousWorkersStopping"
@@ -463,22 +471,22 @@ def test_the_next_workers_start_only_once_the_last_ones_have_stopped():
                                        "lastTransitionTime": "2026-11-22T11:58:00Z"}]}}
     still = [pod("p0", 0, node="n0", metadata=terminating), pod("p1", 1, node="n1", metadata=terminating)]
     plan = plan_training(o, Observed(now=NOW + timedelta(seconds=5), pods=still, nodes={"n0": READY, "n1": lost}))
-    assert "Job" not in [c["kind"] for c in plan.apply] and plan.force_delete_pods == ["p1"]
+    assert "Job" not in [c["kind"] for c in plan.apply] and plan.deleted("Pod", force=True) == ["p1"]
     assert "1 worker(s)" in C.find(plan.status["conditions"], "Restarting")["message"]
     # a node NotReady for a moment is not lost: its worker is waited for
     blip = {"status": {"conditions": [{"type": "Ready", "status": "False",
                                        "lastTransitionTime": "2026-11-22T12:00:04Z"}]}}
     plan = plan_training(o, Observed(now=NOW + timedelta(seconds=5), pods=still, nodes={"n0": READY, "n1": blip}))
-    assert "2 worker(s)" in C.find(plan.status["conditions"], "Restarting")["message"] and not plan.force_delete_pods
+    assert "2 worker(s)" in C.find(plan.status["conditions"], "Restarting")["message"] and not plan.deleted("Pod", force=True)
     # past its grace period and the node failure timeout: force-deleted, no longer waited for
     plan = plan_training(o, Observed(now=NOW + timedelta(minutes=11), pods=still, nodes={"n0": READY, "n1": lost}))
-    assert sorted(plan.force_delete_pods) == ["p0", "p1"]
+    assert sorted(plan.deleted("Pod", force=True)) == ["p0", "p1"]
     assert [c["metadata"]["name"] for c in plan.apply if c["kind"] == "Job"] == ["llm-r1"]
     # a worker nobody deletes (its Job deleted with --cascade=orphan) is stopped gracefully; one of a
     # later attempt than the status knows is never touched nor waited for
     orphan, later = pod("p0", 0, node="n0"), pod("q0", 0, attempt=2, node="n0")
     plan = plan_training(o, Observed(now=NOW + timedelta(seconds=5), pods=[orphan, later], nodes={"n0": READY}))
-    assert plan.delete_pods == ["p0"] and "1 worker(s)" in C.find(plan.status["conditions"], "Restarting")["message"]
+    assert plan.deleted("Pod", force=False) == ["p0"] and "1 worker(s)" in C.find(plan.status["conditions"], "Restarting")["message"]
 
 
 def test_a_suspended_job_resumes_once_the_pods_its_suspension_deleted_are_gone():
@@ -490,13 +498,13 @@ def test_a_suspended_job_resumes_once_the_pods_its_suspension_deleted_are_gone()
     suspended["spec"]["suspend"] = True
     leaving = [pod(f"p{i}", i, metadata={"deletionTimestamp": "2026-11-22T12:09:00Z"}) for i in range(2)]
     plan = plan_training(o, Observed(now=NOW, jobs=[suspended], pods=leaving, nodes={"n0": READY}))
-    assert plan.suspend_job is None and plan.status["phase"] == "Pending"
+    assert not plan.patch and plan.status["phase"] == "Pending"
     resumed = C.find(plan.status["conditions"], "Suspended")
     assert resumed["status"] == "False" and resumed["reason"] == "PreviousWorkersStopping"
     assert "waiting for 2 worker(s)" in resumed["message"]
     done = pod("p2", 2, phase="Succeeded")  # a completed index stays; it is not waited for
     plan = plan_training(o, Observed(now=NOW, jobs=[suspended], pods=[done], nodes={"n0": READY}))
-    assert plan.suspend_job == ("llm-r0", False)
+    assert plan.patch == [Patch("batch/v1", "Job", "llm-r0", {"spec": {"suspend": False}})]
 
 
 def test_a_queued_training_suspended_after_its_job_ended_keeps_the_outcome():
@@ -504,7 +512,7 @@ def test_a_queued_training_suspended_after_its_job_ended_keeps_the_outcome():
     o["status"] = {"phase": "Running"}
     done = job("llm-r0", conditions=[{"type": "Complete", "status": "True"}])
     plan = plan_training(o, Observed(now=NOW, jobs=[done], pods=[pod("p0", 0, phase="Succeeded")]))
-    assert plan.status["phase"] == "Succeeded" and not plan.delete_jobs
+    assert plan.status["phase"] == "Succeeded" and not plan.deleted("Job")
     failed = job("llm-r0", conditions=[{"type": "Failed", "status": "True"}])
     bad_data = pod("p0", 0, phase="Failed", status={"containerStatuses": [{"name": "trainer", "state": {
         "terminated": {"exitCode": 65, "message": '{"status": "failed", "exitCode": 65}'}}}]})
@@ -538,7 +546,7 @@ def test_a_failure_after_the_deadline_is_reported_as_itself_and_not_restarted():
 
 
 def test_an_edit_made_while_suspended_is_a_new_attempt_on_resume():
-    from forge_operator.children import ANNOTATION_SPEC_HASH, spec_hash
+    from forge_operator.training.children import ANNOTATION_SPEC_HASH, spec_hash
 
     before = obj()
     suspended = job("llm-r0")
@@ -550,7 +558,7 @@ def test_an_edit_made_while_suspended_is_a_new_attempt_on_resume():
     assert plan.status["phase"] == "Suspended" and not plan.status.get("restartCount")  # nothing runs: later
     edited["spec"]["scheduling"]["suspend"] = False
     plan = plan_training(edited, Observed(now=NOW, jobs=[suspended]))
-    assert plan.suspend_job is None and plan.delete_jobs == ["llm-r0"]
+    assert not plan.patch and plan.deleted("Job") == ["llm-r0"]
     assert plan.status["restarts"][-1]["reason"] == "ResourcesChanged"
     new = next(c for c in plan.apply if c["kind"] == "Job")
     assert new["metadata"]["name"] == "llm-r1" and new["spec"]["parallelism"] == 2
@@ -558,12 +566,12 @@ def test_an_edit_made_while_suspended_is_a_new_attempt_on_resume():
     queued = obj(resources={"numNodes": 2}, scheduling={"queueName": "team-a"})
     queued["status"] = {"phase": "Queued"}
     plan = plan_training(queued, Observed(now=NOW, jobs=[suspended]))
-    assert plan.delete_jobs == ["llm-r0"] and plan.status["restarts"][-1]["reason"] == "ResourcesChanged"
+    assert plan.deleted("Job") == ["llm-r0"] and plan.status["restarts"][-1]["reason"] == "ResourcesChanged"
     assert plan.status["phase"] == "Queued"
 
 
 def test_an_edit_after_the_deadline_lets_the_trainer_finish():
-    from forge_operator.children import ANNOTATION_SPEC_HASH
+    from forge_operator.training.children import ANNOTATION_SPEC_HASH
 
     o = obj(training={"budget": {"maxSteps": 100, "deadline": "2026-11-22T11:55:00Z"}})
     o["status"] = {"phase": "Running"}
@@ -573,7 +581,7 @@ def test_an_edit_after_the_deadline_lets_the_trainer_finish():
     running["metadata"]["annotations"][ANNOTATION_SPEC_HASH] = "an-older-spec"
     pods = [pod(f"p{i}", i, node=f"n{i}") for i in range(4)]
     plan = plan_training(o, Observed(now=NOW, jobs=[running], pods=pods, nodes={f"n{i}": READY for i in range(4)}))
-    assert plan.status["phase"] == "Running" and not plan.delete_jobs and not plan.status.get("restartCount")
+    assert plan.status["phase"] == "Running" and not plan.deleted("Job") and not plan.status.get("restartCount")
 
 
 def test_a_queued_job_taken_back_by_kueue_is_queued_not_waiting():
@@ -583,7 +591,7 @@ def test_a_queued_job_taken_back_by_kueue_is_queued_not_waiting():
     preempted["spec"]["suspend"] = True  # Kueue evicted the workload
     leaving = [pod("p0", 0, metadata={"deletionTimestamp": "2026-11-22T12:09:00Z"})]
     plan = plan_training(o, Observed(now=NOW, jobs=[preempted], pods=leaving, nodes={"n0": READY}))
-    assert plan.status["phase"] == "Queued" and plan.suspend_job is None and not plan.delete_jobs
+    assert plan.status["phase"] == "Queued" and not plan.patch and not plan.deleted("Job")
 
 
 def test_the_workers_identity_and_the_users_own_service_account():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Callable, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "forge.dev"
@@ -198,3 +198,14 @@ class ObjectMeta(ApiModel):
     generation: int = 0
     labels: dict[str, str] = {}
     annotations: dict[str, str] = {}
+
+
+def format_error(err: Exception) -> str:
+    """A validation error (or any error) as one line that names the fields, for a condition or a terminal."""
+    if isinstance(err, ValidationError):
+        parts = []
+        for e in err.errors()[:5]:
+            loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+            parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+        return "; ".join(parts)
+    return str(err)

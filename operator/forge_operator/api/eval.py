@@ -6,9 +6,11 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from . import defaults
 from .base import (
     API_VERSION, ApiModel, Cel, Condition, DnsLabel, FreeForm, ObjectMeta, Quantity, ShortStr, StorageLocation, Timestamp,
 )
+from .enums import EVAL_PHASES
 
 SuiteType = Literal["perplexity", "multiple-choice", "exact-match"]
 Comparator = Literal["<", "<=", ">", ">="]
@@ -35,7 +37,7 @@ class EvalSuite(ApiModel):
     """perplexity, multiple-choice or exact-match."""
     data: StorageLocation
     """Where the evaluation files are."""
-    format: Literal["text", "jsonl", "parquet"] = "jsonl"
+    format: Literal["text", "jsonl", "parquet"] = defaults.EVAL_FORMAT
     """File format (multiple-choice and exact-match read jsonl)."""
     include: Annotated[list[ShortStr], Field(max_length=32)] | None = None
     """Glob patterns of files to read (default by format)."""
@@ -49,7 +51,7 @@ class EvalSuite(ApiModel):
     """The correct choice index (multiple-choice) or answer string (exact-match) (default: answer)."""
     max_samples: Annotated[int, Field(ge=1)] | None = None
     """Evaluate at most this many samples (documents for perplexity)."""
-    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = defaults.EVAL_MAX_NEW_TOKENS
     """exact-match: tokens generated per answer."""
 
     cel_rules = (
@@ -117,9 +119,9 @@ class ModelSourceSpec(ApiModel):
 class EvalResourcesSpec(ApiModel):
     """The evaluation pod."""
 
-    gpus: Annotated[int, Field(ge=0, le=16)] = 1
+    gpus: Annotated[int, Field(ge=0, le=16)] = defaults.EVAL_GPUS
     """GPUs for the evaluation pod (0 for CPU)."""
-    gpu_resource_name: ShortStr = "nvidia.com/gpu"
+    gpu_resource_name: ShortStr = defaults.GPU_RESOURCE_NAME
     """Extended resource that counts GPUs."""
     cpu: Quantity | None = None
     """CPU request and limit."""
@@ -140,7 +142,7 @@ class ForgeEvalSpec(ApiModel):
     """What to evaluate."""
     suites: Annotated[list[EvalSuite], Field(min_length=1, max_length=32)]
     """Evaluation suites."""
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 8
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = defaults.EVAL_BATCH_SIZE
     """Sequences per forward pass."""
     gates: Annotated[list[EvalGate], Field(max_length=32)] | None = None
     """Thresholds; the GatePassed condition says whether all were met."""
@@ -175,7 +177,7 @@ class GateResult(ApiModel):
 class ForgeEvalStatus(ApiModel):
     """Observed state of a ForgeEval."""
 
-    phase: Literal["Pending", "Running", "Succeeded", "Failed"] | None = None
+    phase: Literal[tuple(p.value for p in EVAL_PHASES)] | None = None  # type: ignore[valid-type]
     """Pending, Running, Succeeded or Failed."""
     conditions: Annotated[list[Condition], Field(max_length=32)] | None = None
     """Latest observations, including GatePassed."""

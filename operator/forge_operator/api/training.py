@@ -13,6 +13,8 @@ from .base import (
     ApiModel, Cel, Condition, DnsLabel, FreeForm, ObjectMeta, PathStr,
     Quantity, ShortStr, StorageLocation, VolumeLocation, API_VERSION,
 )
+from . import defaults
+from .enums import TRAINING_PHASES
 from .eval import SUITES_AND_GATES_RULES, EvalGate, EvalSuite
 
 Method = Literal["pretrain", "continued-pretrain", "sft", "dpo"]
@@ -29,7 +31,7 @@ class MoeSpec(ApiModel):
     """Experts each token is routed to (top-k)."""
     expert_intermediate_size: Annotated[int, Field(ge=1)] | None = None
     """Hidden size of each expert's MLP (default: intermediateSize / numExpertsPerToken)."""
-    router_aux_loss_coef: Annotated[float, Field(ge=0, le=1)] = 0.001
+    router_aux_loss_coef: Annotated[float, Field(ge=0, le=1)] = defaults.ROUTER_AUX_LOSS_COEF
     """Weight of the load-balancing loss that keeps the router spreading tokens."""
 
     cel_rules = (
@@ -42,7 +44,7 @@ class MoeSpec(ApiModel):
 class ArchitectureSpec(ApiModel):
     """A decoder-only transformer built from scratch (Llama-style dense, or mixture-of-experts)."""
 
-    family: Literal["dense", "moe"] = "dense"
+    family: Literal["dense", "moe"] = defaults.FAMILY
     """dense (every token uses the whole MLP) or moe (tokens are routed to experts)."""
     num_layers: Annotated[int, Field(ge=1, le=512)]
     """Transformer blocks."""
@@ -54,11 +56,11 @@ class ArchitectureSpec(ApiModel):
     """Attention heads; hiddenSize must be divisible by it."""
     num_key_value_heads: Annotated[int, Field(ge=1, le=512)] | None = None
     """Key/value heads for grouped-query attention (default: numAttentionHeads); must divide numAttentionHeads."""
-    context_length: Annotated[int, Field(ge=16, le=1048576)] = 4096
+    context_length: Annotated[int, Field(ge=16, le=1048576)] = defaults.CONTEXT_LENGTH
     """Longest sequence the model supports (max position embeddings)."""
-    rope_theta: Annotated[float, Field(gt=0)] = 500000.0
+    rope_theta: Annotated[float, Field(gt=0)] = defaults.ROPE_THETA
     """Base of the rotary position embedding."""
-    tie_word_embeddings: bool = False
+    tie_word_embeddings: bool = defaults.TIE_WORD_EMBEDDINGS
     """Share the input embedding and output projection weights."""
     experts: MoeSpec | None = None
     """Mixture-of-experts settings; required when family is moe, forbidden when dense."""
@@ -95,7 +97,7 @@ class ModelSpec(ApiModel):
 class TokenizerTrainSpec(ApiModel):
     """Train a byte-level BPE tokenizer on the training data before training starts."""
 
-    vocab_size: Annotated[int, Field(ge=260, le=1048576)] = 32000
+    vocab_size: Annotated[int, Field(ge=260, le=1048576)] = defaults.VOCAB_SIZE
     """Vocabulary size, special tokens included (at least 260: the 256 bytes plus the special tokens)."""
 
 
@@ -128,7 +130,7 @@ class DataSource(ApiModel):
     """Name of the source, unique in the list (used in metrics and the provenance record)."""
     location: StorageLocation
     """Where the files are."""
-    format: DataFormat = "text"
+    format: DataFormat = defaults.DATA_FORMAT
     """text (each file is a document), jsonl (one JSON object a line) or parquet."""
     include: Annotated[list[ShortStr], Field(max_length=32)] | None = None
     """Glob patterns of files to read, relative to the location (default by format: **/*.txt, **/*.jsonl, **/*.parquet)."""
@@ -142,7 +144,7 @@ class DataSource(ApiModel):
     """For dpo: the field holding the preferred answer."""
     rejected_field: ShortStr | None = None
     """For dpo: the field holding the dispreferred answer."""
-    weight: Annotated[float, Field(gt=0, le=1000)] = 1.0
+    weight: Annotated[float, Field(gt=0, le=1000)] = defaults.SOURCE_WEIGHT
     """Relative sampling weight when mixing sources."""
 
 
@@ -238,33 +240,33 @@ class BudgetSpec(ApiModel):
 class TrainingSpec(ApiModel):
     """Hyperparameters and the budget."""
 
-    sequence_length: Annotated[int, Field(ge=16, le=1048576)] = 2048
+    sequence_length: Annotated[int, Field(ge=16, le=1048576)] = defaults.SEQUENCE_LENGTH
     """Tokens per training sequence (documents are packed, separated by an end-of-text token)."""
-    global_batch: GlobalBatchSpec = GlobalBatchSpec(sequences=256)
+    global_batch: GlobalBatchSpec = GlobalBatchSpec(sequences=defaults.GLOBAL_BATCH_SEQUENCES)
     """Global batch per optimizer step."""
-    micro_batch_size: Annotated[int, Field(ge=1, le=4096)] = 4
+    micro_batch_size: Annotated[int, Field(ge=1, le=4096)] = defaults.MICRO_BATCH_SIZE
     """Sequences per GPU per forward pass; gradient accumulation makes up the global batch."""
-    learning_rate: Annotated[float, Field(gt=0, le=1)] = 3e-4
+    learning_rate: Annotated[float, Field(gt=0, le=1)] = defaults.LEARNING_RATE
     """Peak learning rate."""
     min_learning_rate: Annotated[float, Field(ge=0, le=1)] | None = None
     """Learning rate at the end of the schedule (default: learningRate / 10)."""
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    schedule: Literal["cosine", "wsd", "constant"] = defaults.SCHEDULE
     """cosine decay, wsd (warmup-stable-decay) or constant, each after warmup."""
-    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    warmup_steps: Annotated[int, Field(ge=0)] = defaults.WARMUP_STEPS
     """Linear warmup steps."""
-    decay_fraction: Annotated[float, Field(gt=0, le=1)] = 0.2
+    decay_fraction: Annotated[float, Field(gt=0, le=1)] = defaults.DECAY_FRACTION
     """For wsd: fraction of the steps spent decaying at the end."""
-    weight_decay: Annotated[float, Field(ge=0, le=10)] = 0.1
+    weight_decay: Annotated[float, Field(ge=0, le=10)] = defaults.WEIGHT_DECAY
     """AdamW weight decay."""
-    gradient_clipping: Annotated[float, Field(ge=0)] = 1.0
+    gradient_clipping: Annotated[float, Field(ge=0)] = defaults.GRADIENT_CLIPPING
     """Clip the global gradient norm to this value; 0 turns clipping off."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = defaults.PRECISION
     """auto: bf16 on GPUs, fp32 on CPUs."""
-    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 1234
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = defaults.SEED
     """Seed for initialisation, data order and dropout."""
-    compile: bool = False
+    compile: bool = defaults.COMPILE
     """Compile each transformer block with torch.compile."""
-    eval_interval_steps: Annotated[int, Field(ge=1)] = 500
+    eval_interval_steps: Annotated[int, Field(ge=1)] = defaults.EVAL_INTERVAL_STEPS
     """Compute the validation loss every this many steps (and at the end)."""
     budget: BudgetSpec
     """When to stop: at least maxSteps or maxTokens."""
@@ -273,7 +275,7 @@ class TrainingSpec(ApiModel):
 
     cel_rules = (
         Cel("!has(self.minLearningRate)"
-            " || self.minLearningRate <= (has(self.learningRate) ? self.learningRate : 0.0003)",
+            f" || self.minLearningRate <= (has(self.learningRate) ? self.learningRate : {defaults.LEARNING_RATE})",
             "minLearningRate must be <= learningRate",
             lambda s: s.min_learning_rate is None or s.min_learning_rate <= s.learning_rate,
             field_path=".minLearningRate"),
@@ -284,17 +286,17 @@ class TrainingSpec(ApiModel):
 class ResourcesSpec(ApiModel):
     """Nodes, GPUs and pod settings of the workers. Editable: a change restarts from the last checkpoint."""
 
-    num_nodes: Annotated[int, Field(ge=1, le=4096)] = 1
+    num_nodes: Annotated[int, Field(ge=1, le=4096)] = defaults.NUM_NODES
     """Worker pods, one per node; each runs torchrun with gpusPerNode processes."""
-    gpus_per_node: Annotated[int, Field(ge=0, le=16)] = 1
+    gpus_per_node: Annotated[int, Field(ge=0, le=16)] = defaults.GPUS_PER_NODE
     """GPUs per node (0 trains on CPU, for tests and trials)."""
-    gpu_resource_name: ShortStr = "nvidia.com/gpu"
+    gpu_resource_name: ShortStr = defaults.GPU_RESOURCE_NAME
     """Extended resource that counts GPUs (e.g. amd.com/gpu)."""
     cpu: Quantity | None = None
     """CPU request and limit per node, e.g. "32"."""
     memory: Quantity | None = None
     """Memory request and limit per node, e.g. "512Gi"."""
-    shm_size: Quantity = "16Gi"
+    shm_size: Quantity = defaults.SHM_SIZE
     """Size of the memory-backed /dev/shm (data loaders and NCCL need more than the default 64Mi)."""
     node_selector: dict[str, ShortStr] | None = None
     """Node labels the workers must run on (pin training to the nodes that may hold the data)."""
@@ -319,7 +321,7 @@ class ResourcesSpec(ApiModel):
     """Extra pod volumes (core/v1 Volume)."""
     volume_mounts: Annotated[list[FreeForm], Field(max_length=64)] | None = None
     """Extra volume mounts (core/v1 VolumeMount) for the trainer container."""
-    termination_grace_period_seconds: Annotated[int, Field(ge=30, le=86400)] = 600
+    termination_grace_period_seconds: Annotated[int, Field(ge=30, le=86400)] = defaults.TERMINATION_GRACE_PERIOD_SECONDS
     """Time a worker gets after SIGTERM to write its checkpoint before it is killed."""
 
 
@@ -328,7 +330,7 @@ class SchedulingSpec(ApiModel):
 
     queue_name: DnsLabel | None = None
     """Kueue LocalQueue; the workers are created suspended and start when Kueue admits them."""
-    suspend: bool = False
+    suspend: bool = defaults.SUSPEND
     """Stop the workers (they write a checkpoint first); unset to resume from it."""
 
 
@@ -337,11 +339,11 @@ class CheckpointSpec(ApiModel):
 
     location: VolumeLocation
     """Where checkpoints are written (shared by all nodes: a ReadWriteMany claim for several nodes)."""
-    interval_steps: Annotated[int, Field(ge=0)] = 1000
+    interval_steps: Annotated[int, Field(ge=0)] = defaults.CHECKPOINT_INTERVAL_STEPS
     """Write a checkpoint every this many steps; 0: not by steps."""
-    interval_minutes: Annotated[int, Field(ge=0, le=10080)] = 30
+    interval_minutes: Annotated[int, Field(ge=0, le=10080)] = defaults.CHECKPOINT_INTERVAL_MINUTES
     """Write a checkpoint at least this often, in minutes of training; 0: not by time."""
-    keep_last: Annotated[int, Field(ge=1, le=1000)] = 3
+    keep_last: Annotated[int, Field(ge=1, le=1000)] = defaults.CHECKPOINT_KEEP_LAST
     """Checkpoints kept; older ones are deleted after a newer one is complete."""
     resume_from: PathStr | None = None
     """Start from this checkpoint folder (relative to the location) instead of the latest one; restarts of
@@ -351,17 +353,17 @@ class CheckpointSpec(ApiModel):
 class FailurePolicySpec(ApiModel):
     """What happens when a worker fails: the whole group restarts from the last checkpoint."""
 
-    max_restarts: Annotated[int, Field(ge=0, le=1000)] = 3
+    max_restarts: Annotated[int, Field(ge=0, le=1000)] = defaults.MAX_RESTARTS
     """Group restarts allowed before the training is Failed."""
-    backoff_seconds: Annotated[int, Field(ge=0, le=3600)] = 10
+    backoff_seconds: Annotated[int, Field(ge=0, le=3600)] = defaults.BACKOFF_SECONDS
     """Wait before the first restart; doubles on each restart."""
-    max_backoff_seconds: Annotated[int, Field(ge=0, le=86400)] = 600
+    max_backoff_seconds: Annotated[int, Field(ge=0, le=86400)] = defaults.MAX_BACKOFF_SECONDS
     """Upper bound of the wait between restarts."""
     non_retryable_exit_codes: Annotated[list[Annotated[int, Field(ge=1, le=255)]], Field(max_length=64)] | None = None
     """Trainer exit codes that fail the training at once (65 data error and 78 configuration error always do)."""
-    node_failure_timeout_seconds: Annotated[int, Field(ge=1, le=86400)] = 120
+    node_failure_timeout_seconds: Annotated[int, Field(ge=1, le=86400)] = defaults.NODE_FAILURE_TIMEOUT_SECONDS
     """A node NotReady, or a worker stuck terminating, for this long counts as a failure."""
-    stall_timeout_seconds: Annotated[int, Field(ge=0, le=86400)] = 1800
+    stall_timeout_seconds: Annotated[int, Field(ge=0, le=86400)] = defaults.STALL_TIMEOUT_SECONDS
     """Set the Stalled condition when the step has not advanced for this long while Running; 0: never."""
 
     cel_rules = (
@@ -442,8 +444,9 @@ class ForgeTrainingSpec(ApiModel):
         Cel("!has(self.tokenizer.fromBase) || !self.tokenizer.fromBase || has(self.model.base)",
             "tokenizer.fromBase needs model.base",
             lambda s: not s.tokenizer.from_base or s.model.base is not None, field_path=".tokenizer"),
-        Cel("!has(self.model.architecture) || (has(self.training.sequenceLength) ? self.training.sequenceLength : 2048)"
-            " <= (has(self.model.architecture.contextLength) ? self.model.architecture.contextLength : 4096)",
+        Cel("!has(self.model.architecture) || (has(self.training.sequenceLength) ? self.training.sequenceLength : "
+            f"{defaults.SEQUENCE_LENGTH}) <= (has(self.model.architecture.contextLength) ? "
+            f"self.model.architecture.contextLength : {defaults.CONTEXT_LENGTH})",
             "training.sequenceLength must not exceed model.architecture.contextLength",
             lambda s: s.model.architecture is None
             or s.training.sequence_length <= s.model.architecture.context_length,
@@ -463,7 +466,7 @@ class ForgeTrainingSpec(ApiModel):
 
 
 # --------------------------------------------------------------------------- status
-Phase = Literal["Pending", "Queued", "Initializing", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+Phase = Literal[tuple(p.value for p in TRAINING_PHASES)]  # type: ignore[valid-type]
 
 
 class CheckpointRef(ApiModel):
@@ -554,7 +557,7 @@ class ModelRef(ApiModel):
 
     location: VolumeLocation
     """The output location."""
-    provenance: str = "provenance.json"
+    provenance: str = defaults.PROVENANCE_FILE
     """Provenance record inside it: data digests, tokenizer, base model, image, config hash, nodes, times."""
 
 

@@ -18,10 +18,9 @@ from pydantic import ValidationError
 
 from forge_trainer import exitcodes
 
-from .api.base import PvcLocation
-from .api.training import ForgeTraining
-from .reconcile import format_error
-from .translate import TranslationError, trainer_config
+from ..api.base import PvcLocation, format_error
+from ..api.training import ForgeTraining
+from ..training.translate import TranslationError, trainer_config
 
 DEFAULT_PROMPT = "def __init__(self"
 

@@ -11,25 +11,27 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .api.base import PvcLocation
-from .api.training import ForgeTraining
-from .constants import (
-    ANNOTATION_RESTART_REASON, CONFIG_FILE, CONFIG_MOUNT, CONTAINER_NAME, DEFAULT_TRAINER_IMAGE, ENV_POD_NAME,
-    ENV_POD_NAMESPACE, ENV_RESTART_COUNT, ENV_RESUME_STEP, ENV_TORCHRUN_SHUTDOWN_TIMEOUT, ENV_TRAINING_NAME,
-    LABEL_ATTEMPT, LABEL_KUEUE_QUEUE, LABEL_MANAGED_BY, LABEL_NAME, LABEL_TRAINING, MANAGED_BY, METRICS_PORT,
-    PRESTOP_COMMAND, PVC_MOUNT_ROOT, RENDEZVOUS_PORT, SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_ACCOUNT_PREFIX,
-    TRAINER_GID,
+from ..api import defaults
+from ..api.base import PvcLocation
+from ..api.names import (
+    ANNOTATION_RESTART_REASON, CONFIG_FILE, CONFIG_MOUNT, CONTAINER_NAME, ENV_POD_NAME, ENV_POD_NAMESPACE,
+    ENV_RESTART_COUNT, ENV_TORCHRUN_SHUTDOWN_TIMEOUT, ENV_TRAINING_NAME, LABEL_ATTEMPT, LABEL_KUEUE_QUEUE,
+    LABEL_MANAGED_BY, LABEL_NAME, LABEL_TRAINING, MANAGED_BY, METRICS_PORT, PRESTOP_COMMAND, PVC_MOUNT_ROOT,
+    RENDEZVOUS_PORT, SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_ACCOUNT_PREFIX, TRAINER_GID,
 )
+from ..api.training import ForgeTraining
+from ..k8s.objects import object_meta
+from ..k8s.objects import owner_reference as controller_reference
 
 ANNOTATION_SPEC_HASH = "forge.dev/spec-digest"  # a Job without it (made by an older operator) is not compared
 
 
 @dataclass(frozen=True)
 class WorkerState:
-    """What the pod template depends on besides the spec: decided by the reconcile from status."""
+    """What the pod template depends on besides the spec: decided by the planner from the status. The
+    trainer itself always resumes from the newest complete checkpoint, so no step is passed."""
 
     restart_count: int = 0
-    resume_step: int | None = None
     suspend: bool = False
     restart_reason: str = ""
 
@@ -39,13 +41,11 @@ def labels(ft: ForgeTraining) -> dict[str, str]:
 
 
 def owner_reference(ft: ForgeTraining) -> dict[str, Any]:
-    return {"apiVersion": ft.api_version, "kind": ft.kind, "name": ft.metadata.name, "uid": ft.metadata.uid,
-            "controller": True, "blockOwnerDeletion": True}
+    return controller_reference(ft.api_version, ft.kind, ft.metadata.name, ft.metadata.uid)
 
 
 def _meta(ft: ForgeTraining, name: str, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
-    return {"name": name, "namespace": ft.metadata.namespace, "labels": labels(ft) | (extra_labels or {}),
-            "ownerReferences": [owner_reference(ft)]}
+    return object_meta(name, ft.metadata.namespace, labels(ft) | (extra_labels or {}), owner_reference(ft))
 
 
 def config_map_name(ft: ForgeTraining) -> str:
@@ -189,8 +189,6 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
         {"name": ENV_TRAINING_NAME, "value": ft.metadata.name},
         {"name": ENV_RESTART_COUNT, "value": str(state.restart_count)},
     ]
-    if state.resume_step is not None:
-        env.append({"name": ENV_RESUME_STEP, "value": str(state.resume_step)})
     if not any(e.get("name") == ENV_TORCHRUN_SHUTDOWN_TIMEOUT for e in r.env or []):  # the spec's wins
         env.append({"name": ENV_TORCHRUN_SHUTDOWN_TIMEOUT,
                     "value": str(torchrun_shutdown_timeout(r.termination_grace_period_seconds))})
@@ -286,7 +284,7 @@ def desired_children(ft: ForgeTraining, trainer_yaml: str, state: WorkerState, *
     The trainer configuration is written with the Job only, when an attempt starts: the workers of
     an attempt read the configuration it started with, also when they start later (a resume, Kueue's
     admission) under an operator that translates the spec differently. An edit is a new attempt."""
-    image = ft.spec.resources.image or image or DEFAULT_TRAINER_IMAGE
+    image = ft.spec.resources.image or image or defaults.TRAINER_IMAGE
     children = [build_service(ft), *build_rbac(ft)]
     if include_job:
         children = [build_config_map(ft, trainer_yaml), *children, build_job(ft, state, image, spec_hash(ft))]

@@ -1,8 +1,12 @@
-"""Every label, annotation, port, path and environment variable name, defined once."""
+"""Every label, annotation, port, path and environment variable name, defined once.
+
+The names the operator shares with the trainer (the progress annotation, the pod's environment,
+the termination message, the preStop hook) come from ``forge_trainer.contract``.
+"""
 
 from forge_trainer import contract
 
-from .api.base import GROUP
+from .base import GROUP
 
 FIELD_MANAGER = "forge-operator"
 MANAGED_BY = "forge-operator"
@@ -34,7 +38,6 @@ ENV_POD_NAME = contract.POD_NAME_ENV
 ENV_POD_NAMESPACE = contract.POD_NAMESPACE_ENV
 ENV_TRAINING_NAME = "FORGE_TRAINING_NAME"
 ENV_RESTART_COUNT = "FORGE_RESTART_COUNT"
-ENV_RESUME_STEP = "FORGE_RESUME_STEP"
 # torch >= 2.12: how long torchrun waits for its workers after forwarding SIGTERM before it SIGKILLs them
 # (30 s, fixed, in older versions)
 ENV_TORCHRUN_SHUTDOWN_TIMEOUT = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
@@ -43,8 +46,6 @@ ENV_TORCHRUN_SHUTDOWN_TIMEOUT = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 PRESTOP_COMMAND = list(contract.PRESTOP_COMMAND)
 
 TRAINER_GID = 10001  # the trainer image's user and group (trainer-image/Dockerfile)
-
-DEFAULT_TRAINER_IMAGE = "ghcr.io/forge-dev/forge-trainer:0.1.0"
 
 # The workers' ServiceAccount, Role and RoleBinding: forge-trainer-<training>. The chart's
 # ValidatingAdmissionPolicy recognises the workers' requests by this prefix.

@@ -6,7 +6,9 @@ from typing import Any
 
 from prometheus_client import Gauge, start_http_server
 
-PHASES = ("Pending", "Queued", "Initializing", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+from ..api.enums import TRAINING_PHASES
+
+PHASES = tuple(str(p) for p in TRAINING_PHASES)
 LABELS = ("namespace", "name")
 
 PHASE = Gauge("forge_training_phase", "1 for the current phase of the training", [*LABELS, "phase"])

@@ -12,7 +12,7 @@ ENV_HEALTH_ENDPOINT = "FORGE_HEALTH_ENDPOINT"
 def run_operator(namespaces: list[str]) -> int:
     import kopf
 
-    from . import handlers  # noqa: F401  (registers the handlers)
+    from .. import kopf_app  # noqa: F401  (registers the handlers)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     health = os.environ.get(ENV_HEALTH_ENDPOINT, "http://0.0.0.0:8080/healthz") or None

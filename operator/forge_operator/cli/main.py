@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from .local import train_local
         return train_local(args.file, args.volume, prompt=args.prompt)
-    from .status_cli import show_status
+    from .status import show_status
     return show_status(args.name, args.namespace)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .api.base import GROUP, VERSION
+from ..api.base import GROUP, VERSION
 
 
 def _row(o: dict) -> list[str]:

@@ -15,9 +15,10 @@ from forge_trainer.config import (
     ValidationConfig,
 )
 
-from .api.base import PvcLocation, StorageLocation
-from .api.training import ArchitectureSpec, DataSource, ForgeTraining
-from .constants import METRICS_PORT, PVC_MOUNT_ROOT
+from ..api import defaults
+from ..api.base import PvcLocation, StorageLocation
+from ..api.names import METRICS_PORT, PVC_MOUNT_ROOT
+from ..api.training import ArchitectureSpec, DataSource, ForgeTraining
 
 Resolve = Callable[[PvcLocation], str]
 
@@ -38,17 +39,14 @@ def _local(location: StorageLocation, field: str, resolve: Resolve) -> str:
     return resolve(location.pvc)
 
 
-def default_intermediate_size(hidden: int) -> int:
-    return -(-int(hidden * 8 / 3) // 64) * 64
-
-
 def _architecture(a: ArchitectureSpec) -> ArchitectureConfig:
-    intermediate = a.intermediate_size or default_intermediate_size(a.hidden_size)
+    intermediate = a.intermediate_size or defaults.intermediate_size(a.hidden_size)
     moe = {}
     if a.experts is not None:
         e = a.experts
         moe = dict(num_experts=e.num_experts, num_experts_per_token=e.num_experts_per_token,
-                   moe_intermediate_size=e.expert_intermediate_size or max(8, intermediate // e.num_experts_per_token),
+                   moe_intermediate_size=e.expert_intermediate_size
+                   or defaults.expert_intermediate_size(intermediate, e.num_experts_per_token),
                    router_aux_loss_coef=e.router_aux_loss_coef)
     return ArchitectureConfig(
         family=a.family, num_layers=a.num_layers, hidden_size=a.hidden_size, intermediate_size=intermediate,
@@ -66,7 +64,8 @@ def _source(s: DataSource, field: str, resolve: Resolve) -> DataSourceConfig:
 
 
 def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir: str | None = None,
-                   metrics_port: int | None = METRICS_PORT, progress_interval_seconds: float = 15.0,
+                   metrics_port: int | None = METRICS_PORT,
+                   progress_interval_seconds: float = defaults.PROGRESS_INTERVAL_SECONDS,
                    world_size: int | None = None, termination_message_path: str | None = None) -> TrainerConfig:
     """Build the trainer's configuration. Raises TranslationError (or pydantic's ValueError) naming the field.
 
@@ -92,7 +91,7 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
         tokenizer = TokenizerConfig(path=_local(tok.source, "spec.tokenizer.source", resolve))
 
     sources = [_source(s, f"spec.data.sources[{i}]", resolve) for i, s in enumerate(spec.data.sources)]
-    validation = ValidationConfig(fraction=0.01)
+    validation = ValidationConfig(fraction=defaults.VALIDATION_FRACTION)
     v = spec.data.validation
     if v is not None and v.fraction is not None:
         validation = ValidationConfig(fraction=v.fraction)
@@ -110,7 +109,8 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
 
     training = TrainingConfig(
         seq_len=t.sequence_length, global_batch_sequences=global_sequences, micro_batch_sequences=t.micro_batch_size,
-        lr=t.learning_rate, min_lr=t.min_learning_rate if t.min_learning_rate is not None else t.learning_rate / 10,
+        lr=t.learning_rate,
+        min_lr=t.min_learning_rate if t.min_learning_rate is not None else defaults.min_learning_rate(t.learning_rate),
         schedule=t.schedule, warmup_steps=t.warmup_steps, decay_fraction=t.decay_fraction,
         weight_decay=t.weight_decay, grad_clip=t.gradient_clipping or None, precision=t.precision, seed=t.seed,
         compile=t.compile, eval_interval_steps=t.eval_interval_steps,

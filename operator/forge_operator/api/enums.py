@@ -1,0 +1,88 @@
+"""Phases, condition types and reasons of every Forge resource, each defined once.
+
+String enums: a member is the string the API server stores (``Phase.RUNNING == "Running"``),
+so status dicts, CRD enums and ``kubectl`` output all read the same words. Reasons are
+CamelCase, one constant each (Kubeflow's ``TrainJob<Cond>Reason`` style).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Phase(StrEnum):
+    """``status.phase``: one word for people; the conditions carry the detail."""
+
+    PENDING = "Pending"
+    QUEUED = "Queued"
+    INITIALIZING = "Initializing"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+TRAINING_PHASES = tuple(Phase)
+EVAL_PHASES = (Phase.PENDING, Phase.RUNNING, Phase.SUCCEEDED, Phase.FAILED)
+TERMINAL_PHASES = (Phase.SUCCEEDED, Phase.FAILED)
+
+
+class ConditionType(StrEnum):
+    # ForgeTraining: one per phase that has a condition ...
+    QUEUED = "Queued"
+    INITIALIZING = "Initializing"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUSPENDED = "Suspended"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    # ... and two that hold beside the phase
+    STALLED = "Stalled"
+    INVALID = "Invalid"
+    # ForgeEval
+    SUPPORTED = "Supported"  # False while this operator stores ForgeEvals without evaluating them
+    GATE_PASSED = "GatePassed"
+
+
+# The condition that is True in each phase (Pending has none).
+PHASE_CONDITION: dict[Phase, ConditionType] = {
+    Phase.QUEUED: ConditionType.QUEUED, Phase.INITIALIZING: ConditionType.INITIALIZING,
+    Phase.RUNNING: ConditionType.RUNNING, Phase.RESTARTING: ConditionType.RESTARTING,
+    Phase.SUSPENDED: ConditionType.SUSPENDED, Phase.SUCCEEDED: ConditionType.SUCCEEDED,
+    Phase.FAILED: ConditionType.FAILED,
+}
+
+
+class Reason(StrEnum):
+    CREATED = "Created"
+    QUEUED_BY_KUEUE = "WaitingForAdmission"
+    SUSPENDED_BY_USER = "SuspendedByUser"
+    RESUMED = "Resumed"
+    PODS_STARTING = "PodsStarting"
+    ALL_RANKS_RUNNING = "AllRanksRunning"
+    TRAINING_COMPLETED = "TrainingCompleted"
+    # restarts
+    POD_FAILED = "PodFailed"
+    OOM_KILLED = "OOMKilled"
+    EVICTED = "Evicted"
+    PREEMPTED = "Preempted"
+    NODE_LOST = "NodeLost"
+    STUCK_TERMINATING = "StuckTerminating"
+    RESOURCES_CHANGED = "ResourcesChanged"
+    BACKING_OFF = "BackingOff"
+    WORKERS_STOPPING = "PreviousWorkersStopping"  # the next workers wait until the last ones have stopped
+    # failures
+    MAX_RESTARTS_EXCEEDED = "MaxRestartsExceeded"
+    NON_RETRYABLE_EXIT_CODE = "NonRetryableExitCode"
+    INVALID_SPEC = "InvalidSpec"
+    CHILD_REJECTED = "ChildRejected"  # the API server refused a child built from the spec's free-form fields
+    GPU_HOUR_BUDGET_EXHAUSTED = "GpuHourBudgetExhausted"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    # stall
+    NO_PROGRESS = "NoProgress"
+    PROGRESSING = "Progressing"
+    NOT_RUNNING = "NotRunning"
+    # ForgeEval
+    NOT_IMPLEMENTED = "NotImplemented"
+

@@ -1,0 +1,190 @@
+"""The reconciler runtime: the same loop for every kind, keyed by (kind, namespace, name).
+
+Every trigger (the object changed, one of its children changed, or a requeue timer fired) runs
+``reconcile(key)``: under the key's lock, read the object, let its kind's :class:`Reconciler`
+observe and plan, write the status if it changed (the plan's decisions are recorded before
+anything acts on them), server-side apply the children under one field manager, patch and delete
+what the plan says, then post the events that the stored status explains.
+
+A reconcile that raises is logged and tried again after the resync interval. Requeue timers run
+outside kopf: with peering, a timer first checks that no live peer outranks this replica.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import socket
+import threading
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+from kubernetes.client.rest import ApiException
+
+from .clients import Clients
+from .objects import ApplyOutcome, ChildRef, ChildRejected, Key, Plan, Reconciler, event_body, utcnow
+from .peering import Peering, standing_by
+
+log = logging.getLogger("forge.operator")
+
+REPLAN_SECONDS = 0.2  # after a 409 on the status: plan again from a fresh read
+
+
+class Runtime:
+    """Drives the registered kinds. Thread-safe: kopf's handler threads and the timers share it."""
+
+    def __init__(self, clients: Clients | None, reconcilers: list[Reconciler], *, field_manager: str,
+                 resync_seconds: float = 15.0, peering: Peering | None = None,
+                 instance: str | None = None) -> None:
+        self.clients = clients
+        self.kinds: dict[str, Reconciler] = {r.kind: r for r in reconcilers}
+        self.field_manager = field_manager
+        self.resync_seconds = resync_seconds
+        self.peering = peering
+        self.instance = instance or socket.gethostname()
+        self._locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
+        self._timers: dict[Key, threading.Timer] = {}
+        self._timers_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ triggers
+    def on_event(self, key: Key, deleted: bool = False) -> None:
+        """An event of the object itself: a deletion forgets the key, anything else reconciles."""
+        if deleted:
+            self.forget(key)
+        else:
+            self.reconcile_or_retry(key)
+
+    def reconcile_or_retry(self, key: Key) -> None:
+        """Every trigger goes through here: a reconcile that raises (API server unavailable, a conflict,
+        a bug) is logged and tried again after the resync interval, so no object is left behind."""
+        try:
+            self.reconcile(key)
+        except Exception:
+            log.exception("reconcile of %s failed; retrying in %.0fs", key, self.resync_seconds)
+            self.requeue(key, max(1.0, self.resync_seconds))
+
+    def reconcile(self, key: Key) -> Plan | None:
+        """Converge one object; safe to call any number of times, from any trigger."""
+        kind = self.kinds[key.kind]
+        with self._locks[key]:
+            c = self.clients
+            obj = c.get_custom(kind.api_version, kind.plural, key.namespace, key.name)
+            if obj is None:
+                self.forget(key)
+                return None
+            if obj["metadata"].get("deletionTimestamp"):
+                return None
+            now = utcnow()
+            plan = kind.plan(obj, c, now)
+            if self._execute(kind, key, obj, plan, now) and plan.requeue_after is not None:
+                self.requeue(key, plan.requeue_after)
+            return plan
+
+    # ------------------------------------------------------------------ acting on a plan
+    def _execute(self, kind: Reconciler, key: Key, obj: dict[str, Any], plan: Plan, now: datetime) -> bool:
+        """Carry out a plan. The status is written first: it records the decisions (a restart, its count)
+        before anything acts on them, so an operator killed half-way resumes the same attempt and never
+        repeats or forgets one. Returns False when the plan was dropped for a newer read."""
+        c = self.clients
+        old_status = obj.get("status") or {}
+        rv: str | None = obj["metadata"]["resourceVersion"]
+        written = old_status
+        if plan.status != old_status:
+            rv = c.replace_status(kind.plural, obj, plan.status, rv)
+            if rv is None:
+                self.requeue(key, REPLAN_SECONDS)
+                return False
+            written = copy.deepcopy(plan.status)
+        stored_events = list(plan.events)  # these describe the status just written
+        outcome = self._apply(plan.apply)
+        kind.after_apply(plan, old_status, outcome, now)
+        for patch in plan.patch:
+            c.patch(key.namespace, patch, self.field_manager)
+        for delete in plan.delete:
+            c.delete(key.namespace, delete)
+        stored = True
+        if plan.status != written:
+            stored = c.replace_status(kind.plural, obj, plan.status, rv) is not None
+        for event in plan.events if stored else stored_events:  # only what a stored status says
+            self.post_event(obj, event)
+        if not stored:  # what the outcome changed is planned again from a fresh read
+            self.requeue(key, REPLAN_SECONDS)
+            return False
+        kind.after_write(key, plan.status)
+        return True
+
+    def _apply(self, children: list[dict[str, Any]]) -> ApplyOutcome:
+        """Server-side apply in order; the first child the API server refuses (400, 422: built from
+        the user's free-form fields) ends the apply and is returned as a value."""
+        accepted: list[ChildRef] = []
+        for child in children:
+            ref = ChildRef(child["kind"], child["metadata"]["name"])
+            try:
+                self.clients.apply(child, self.field_manager)
+            except ApiException as e:
+                if e.status not in (400, 422):
+                    raise
+                return ApplyOutcome(tuple(accepted), ChildRejected(ref.kind, ref.name, _api_message(e)))
+            accepted.append(ref)
+        return ApplyOutcome(tuple(accepted))
+
+    def post_event(self, obj: dict[str, Any], event) -> None:
+        """Posted with the API client (not kopf.event) so reconciles started by a requeue timer, outside
+        any kopf handler, report too. An event that cannot be posted is logged, never fatal."""
+        meta = obj["metadata"]
+        try:
+            self.clients.create_event(meta["namespace"],
+                                      event_body(obj, event, self.field_manager, self.instance, utcnow()))
+        except ApiException as e:
+            log.warning("event %s on %s/%s not posted: %s", event.reason, meta["namespace"], meta["name"], e.reason)
+
+    # ------------------------------------------------------------------ requeue timers
+    def requeue(self, key: Key, delay: float) -> None:
+        """Reconcile ``key`` again after ``delay`` seconds; a later requeue of the same key replaces it."""
+
+        def fire() -> None:
+            with self._timers_lock:
+                if self._timers.get(key) is timer:
+                    del self._timers[key]
+            try:
+                if standing_by(self.clients, self.peering, key.namespace):
+                    # a paused replica stands down; the active one has its own timers, and kopf replays
+                    # every object through the handlers if this replica becomes active again
+                    return
+            except Exception:
+                log.exception("peering check for %s failed", key)
+            self.reconcile_or_retry(key)
+
+        with self._timers_lock:
+            old = self._timers.get(key)
+            timer = threading.Timer(max(0.0, delay), fire)
+            timer.daemon = True
+            if old is not None:
+                old.cancel()
+            self._timers[key] = timer
+            timer.start()
+
+    def forget(self, key: Key) -> None:
+        """The object is gone: its timer goes (its lock is left, a reconcile may hold it)."""
+        with self._timers_lock:
+            timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
+    def pending(self) -> list[Key]:
+        """The keys with a requeue timer set, sorted."""
+        with self._timers_lock:
+            return sorted(self._timers)
+
+    def close(self) -> None:
+        for key in self.pending():
+            self.forget(key)
+
+
+def _api_message(err: ApiException) -> str:
+    try:
+        return json.loads(err.body or "{}").get("message") or err.reason
+    except ValueError:
+        return err.body or err.reason

@@ -1,0 +1,89 @@
+"""kopf registrations, and nothing else: each event of each kind goes to the reconciler runtime.
+
+Only raw-event handlers are used, so kopf writes nothing onto the user's object: no annotations,
+no finalizers (GitOps tools see no drift, and deleting a resource never waits for the operator).
+The runtime (``k8s/runtime.py``) does the rest: locks, requeue timers, retries, status, events.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import Any
+
+import kopf
+
+from .api.base import GROUP, VERSION
+from .api.defaults import RESYNC_SECONDS
+from .api.names import FIELD_MANAGER, LABEL_MANAGED_BY, LABEL_TRAINING, MANAGED_BY
+from .evaluation.reconciler import KIND as EVAL, PLURAL as EVALS, EvalReconciler
+from .k8s.clients import Clients
+from .k8s.objects import Key
+from .k8s.peering import Peering
+from .k8s.runtime import Runtime
+from .training.draft import Settings
+from .training.metrics import serve
+from .training.reconciler import KIND as TRAINING, PLURAL as TRAININGS, TrainingReconciler
+
+# Environment of the operator process (the Helm chart sets them).
+ENV_TRAINER_IMAGE = "FORGE_TRAINER_IMAGE"
+ENV_RESYNC_SECONDS = "FORGE_RESYNC_SECONDS"
+ENV_PEERING = "FORGE_PEERING"          # name of the KopfPeering object; empty = standalone
+ENV_METRICS_PORT = "FORGE_METRICS_PORT"
+
+_runtime: Runtime | None = None
+
+
+def runtime() -> Runtime:
+    """The process's runtime, made at startup (kopf calls no handler before)."""
+    assert _runtime is not None, "the operator has not started"
+    return _runtime
+
+
+@kopf.on.startup()
+def operator_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global _runtime
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 30
+    peering = None
+    if name := os.environ.get(ENV_PEERING, ""):
+        settings.peering.name = name
+        settings.peering.mandatory = True
+        # replicas of equal priority would all freeze; a random one makes one active, the rest standby
+        settings.peering.priority = random.randint(1, 2**31 - 1)
+        peering = Peering(name, settings.peering.priority, settings.peering.clusterwide)
+    else:
+        settings.peering.standalone = True
+    if port := int(os.environ.get(ENV_METRICS_PORT, "0") or 0):
+        serve(port)
+    resync = float(os.environ.get(ENV_RESYNC_SECONDS, str(RESYNC_SECONDS)))
+    trainings = TrainingReconciler(Settings(trainer_image=os.environ.get(ENV_TRAINER_IMAGE) or None,
+                                            resync_seconds=resync))
+    _runtime = Runtime(Clients(), [trainings, EvalReconciler()], field_manager=FIELD_MANAGER,
+                       resync_seconds=resync, peering=peering)
+
+
+@kopf.on.event(GROUP, VERSION, TRAININGS)
+def forgetraining_event(event: dict[str, Any], name: str, namespace: str, **_: Any) -> None:
+    runtime().on_event(Key(TRAINING, namespace, name), deleted=event.get("type") == "DELETED")
+
+
+@kopf.on.event(GROUP, VERSION, EVALS)
+def forgeeval_event(event: dict[str, Any], name: str, namespace: str, **_: Any) -> None:
+    runtime().on_event(Key(EVAL, namespace, name), deleted=event.get("type") == "DELETED")
+
+
+# A training's children carry its name in a label; their events reconcile the training.
+CHILDREN = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_TRAINING: kopf.PRESENT}
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=CHILDREN)
+def job_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
+    runtime().reconcile_or_retry(Key(TRAINING, namespace, labels[LABEL_TRAINING]))
+
+
+@kopf.on.event("", "v1", "pods", labels=CHILDREN)
+def pod_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
+    runtime().reconcile_or_retry(Key(TRAINING, namespace, labels[LABEL_TRAINING]))

@@ -1,0 +1,132 @@
+"""What the planner sees of a ForgeTraining: its Jobs, Pods and Nodes, and the current attempt.
+
+``read`` is the only function here that reads the API (through the runtime's reader); the rest
+are pure views of what it read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ..api.names import LABEL_ATTEMPT, LABEL_MANAGED_BY, LABEL_TRAINING, MANAGED_BY
+from ..k8s import conditions as C
+from ..k8s.objects import NotAllowed, Reader, annotations_of, deleting, labels_of, owned_by, parse_ts
+
+JOB_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+
+
+@dataclass
+class Observed:
+    now: datetime
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    # node name -> Node; None for a node that no longer exists; a node that could not be read is absent
+    nodes: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+
+
+def read(reader: Reader, obj: dict[str, Any], now: datetime) -> Observed:
+    """The training's Jobs and worker Pods (by label), and the Nodes its pods run on."""
+    meta = obj["metadata"]
+    selector = f"{CHILD_SELECTOR},{LABEL_TRAINING}={meta['name']}"
+    jobs = reader.list("batch/v1", "Job", meta["namespace"], selector)
+    pods = reader.list("v1", "Pod", meta["namespace"], selector)
+    nodes: dict[str, dict[str, Any] | None] = {}
+    for node_name in {p["spec"].get("nodeName") for p in pods} - {None}:
+        try:
+            nodes[node_name] = reader.get("v1", "Node", node_name)  # None: deleted, its pods are lost
+        except NotAllowed:
+            pass  # without RBAC on nodes, node health is simply not watched
+    return Observed(now=now, jobs=jobs, pods=pods, nodes=nodes)
+
+
+@dataclass
+class Attempt:
+    """The attempt the status is at (``restartCount``) and its children: one Job per attempt."""
+
+    number: int
+    failures: int
+    job_name: str
+    job: dict[str, Any] | None  # this attempt's Job, unless it is being deleted
+    all_pods: list[dict[str, Any]]  # pods labelled with this attempt
+    pods: list[dict[str, Any]]  # ... of which this attempt's Job's workers (a deleted Job's are only stopping)
+
+    @property
+    def running(self) -> list[dict[str, Any]]:
+        return [p for p in self.pods if phase(p) == "Running" and not deleting(p)]
+
+    @property
+    def suspended(self) -> bool:
+        return bool(self.job and self.job.get("spec", {}).get("suspend"))
+
+    def without_job(self) -> Attempt:
+        return Attempt(self.number, self.failures, self.job_name, None, self.all_pods, [])
+
+
+def attempt_of(status: dict[str, Any], job_name: str, obs: Observed) -> Attempt:
+    number = int(status.get("restartCount") or 0)
+    job = next((j for j in obs.jobs if j["metadata"]["name"] == job_name and not deleting(j)), None)
+    all_pods = [p for p in obs.pods if attempt_label(p) == number]
+    pods = [p for p in all_pods if job is not None and owned_by(p, job)]
+    return Attempt(number, int(status.get("failureCount") or 0), job_name, job, all_pods, pods)
+
+
+def earlier_jobs(obs: Observed, attempt: int) -> list[str]:
+    """Jobs of earlier attempts (to delete); a Job of a later attempt than the status knows is never touched."""
+    return [j["metadata"]["name"] for j in obs.jobs
+            if (a := attempt_label(j)) is not None and a < attempt and not deleting(j)]
+
+
+# --------------------------------------------------------------------------- readers of Jobs, Pods, Nodes
+def attempt_label(obj: dict[str, Any]) -> int | None:
+    """The attempt a Job or worker pod belongs to (its label)."""
+    value = labels_of(obj).get(LABEL_ATTEMPT, "")
+    return int(value) if value.isdigit() else None
+
+
+def phase(pod: dict[str, Any]) -> str | None:
+    return pod.get("status", {}).get("phase")
+
+
+def pod_index(pod: dict[str, Any]) -> str | None:
+    return annotations_of(pod).get(JOB_INDEX_ANNOTATION)
+
+
+def job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    c = C.find(job.get("status", {}).get("conditions"), type_)
+    return c if c and c.get("status") == "True" else None
+
+
+def active(job: dict[str, Any] | None) -> bool:
+    """A Job that is neither finished nor being deleted."""
+    if job is None or deleting(job):
+        return False
+    return not (job_condition(job, "Complete") or job_condition(job, "Failed"))
+
+
+def terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for cs in pod.get("status", {}).get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated")
+        if term:
+            return term
+    return None
+
+
+def last_json_line(text: str | None) -> dict[str, Any]:
+    try:
+        data = json.loads((text or "").strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def node_ready(node: dict[str, Any] | None) -> tuple[bool, datetime | None]:
+    if node is None:
+        return False, None
+    c = C.find(node.get("status", {}).get("conditions"), "Ready")
+    if c is None:
+        return False, None
+    return c.get("status") == "True", parse_ts(c.get("lastTransitionTime"))
