@@ -68,7 +68,7 @@ class Runtime:
     def reconcile(self, key: Key) -> Plan | None:
         """Converge one object; safe to call any number of times, from any trigger."""
         kind = self.kinds[key.kind]
-        with self._locks[key]:
+        with self.lock(key):
             c = self.clients
             obj = c.get_custom(kind.api_version, kind.plural, key.namespace, key.name)
             if obj is None:
@@ -81,6 +81,11 @@ class Runtime:
             if self._execute(kind, key, obj, plan, now) and plan.requeue_after is not None:
                 self.requeue(key, plan.requeue_after)
             return plan
+
+    def lock(self, key: Key) -> threading.Lock:
+        """The lock one object's reconciles hold: one reconcile of an object at a time."""
+        with self._timers_lock:
+            return self._locks[key]
 
     # ------------------------------------------------------------------ acting on a plan
     def _execute(self, kind: Reconciler, key: Key, obj: dict[str, Any], plan: Plan, now: datetime) -> bool:

@@ -1,0 +1,214 @@
+"""The reconciler runtime, without a cluster: keys carry the kind, and apply outcomes are values.
+
+A fake client stands in for the API server (objects in a dict); the real runtime, the real
+reconcilers and the real planners run on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+
+import pytest
+from kubernetes.client.rest import ApiException
+
+from forge_operator.evaluation.reconciler import EvalReconciler
+from forge_operator.k8s.objects import ApplyOutcome, ChildRef, ChildRejected, Key, Plan
+from forge_operator.k8s.runtime import Runtime
+from forge_operator.training.lifecycle import record_apply_outcome
+from forge_operator.training.reconciler import TrainingReconciler
+from operator_support import training
+from test_reconcile import NOW
+
+NS = "team-a"
+EVAL = {"apiVersion": "forge.dev/v1alpha1", "kind": "ForgeEval", "metadata": {"name": "llm"},
+        "spec": {"model": {"trainingRef": "llm"},
+                 "suites": [{"name": "heldout", "type": "perplexity", "format": "text",
+                             "data": {"pvc": {"claimName": "corpus"}}}]}}
+PLURALS = {"ForgeTraining": "forgetrainings", "ForgeEval": "forgeevals"}
+
+
+def stored(obj: dict, uid: str) -> dict:
+    o = copy.deepcopy(obj)
+    o["metadata"].update(namespace=NS, uid=uid, generation=1, resourceVersion="1")
+    return o
+
+
+class FakeApiServer:
+    """Objects by (plural, namespace, name); status writes check the resourceVersion like the API server."""
+
+    def __init__(self, *objs: dict, refuse: dict[str, str] | None = None) -> None:
+        self.objects = {(PLURALS[o["kind"]], NS, o["metadata"]["name"]): o for o in objs}
+        self.refuse = refuse or {}  # kind -> the API server's message
+        self.applied: list[tuple[str, str]] = []
+        self.events: list[dict] = []
+        self.status_writes: list[tuple[str, str]] = []
+
+    def get_custom(self, api_version, plural, namespace, name):
+        return copy.deepcopy(self.objects.get((plural, namespace, name)))
+
+    def list(self, api_version, kind, namespace, label_selector):
+        return []
+
+    def get(self, api_version, kind, name, namespace=None):
+        return None
+
+    def replace_status(self, plural, obj, status, resource_version):
+        o = self.objects[(plural, obj["metadata"]["namespace"], obj["metadata"]["name"])]
+        if o["metadata"]["resourceVersion"] != resource_version:
+            return None
+        o["status"] = copy.deepcopy(status)
+        o["metadata"]["resourceVersion"] = str(int(resource_version) + 1)
+        self.status_writes.append((obj["kind"], obj["metadata"]["name"]))
+        return o["metadata"]["resourceVersion"]
+
+    def apply(self, child, field_manager):
+        if child["kind"] in self.refuse:
+            err = ApiException(status=422, reason="Unprocessable Entity")
+            err.body = json.dumps({"message": self.refuse[child["kind"]]})
+            raise err
+        self.applied.append((child["kind"], child["metadata"]["name"]))
+
+    def patch(self, namespace, patch, field_manager):
+        pass
+
+    def delete(self, namespace, delete):
+        pass
+
+    def create_event(self, namespace, body):
+        self.events.append(body)
+
+
+@pytest.fixture
+def make_runtime():
+    made: list[Runtime] = []
+
+    def make(api: FakeApiServer) -> Runtime:
+        rt = Runtime(api, [TrainingReconciler(), EvalReconciler()], field_manager="forge-operator",
+                     resync_seconds=3600)
+        made.append(rt)
+        return rt
+
+    yield make
+    for rt in made:
+        rt.close()
+
+
+T, E = Key("ForgeTraining", NS, "llm"), Key("ForgeEval", NS, "llm")
+
+
+@pytest.mark.parametrize("a, b, same", [
+    (T, E, False),                                   # same name and namespace, two kinds
+    (T, Key("ForgeTraining", NS, "llm"), True),
+    (T, Key("ForgeTraining", "team-b", "llm"), False),
+    (T, Key("ForgeTraining", NS, "llm2"), False),
+])
+def test_the_kind_is_part_of_the_key(a, b, same):
+    assert (a == b) is same and (len({a, b}) == 1) is same
+
+
+@pytest.mark.parametrize("deleted, left", [
+    ([E], [T]),          # deleting the eval leaves the training's timer
+    ([T], [E]),          # and the other way round
+    ([T, E], []),
+    ([Key("ForgeEval", NS, "other")], [E, T]),
+])
+def test_forgetting_one_kind_leaves_the_other_kinds_timer(make_runtime, deleted, left):
+    rt = make_runtime(FakeApiServer())
+    for key in (T, E):
+        rt.requeue(key, 3600)
+    for key in deleted:
+        rt.on_event(key, deleted=True)
+    assert rt.pending() == sorted(left)
+
+
+def test_a_requeue_replaces_only_the_same_kinds_timer(make_runtime):
+    rt = make_runtime(FakeApiServer())
+    rt.requeue(T, 3600)
+    first = rt._timers[T]
+    rt.requeue(E, 3600)
+    assert rt._timers[T] is first and rt.pending() == [E, T]
+    rt.requeue(T, 3600)
+    assert rt._timers[T] is not first and first.finished.is_set()  # the old timer was cancelled
+
+
+def test_each_kind_has_its_own_lock(make_runtime):
+    api = FakeApiServer(stored(training("llm"), "uid-t"), stored(EVAL, "uid-e"))
+    rt = make_runtime(api)
+    assert rt.lock(T) is rt.lock(Key("ForgeTraining", NS, "llm")) and rt.lock(T) is not rt.lock(E)
+    done = threading.Event()
+    with rt.lock(T):  # a training's reconcile in progress does not hold up the eval of the same name
+        threading.Thread(target=lambda: (rt.reconcile(E), done.set()), daemon=True).start()
+        assert done.wait(10)
+
+
+@pytest.mark.parametrize("key, written", [(T, "ForgeTraining"), (E, "ForgeEval")])
+def test_a_reconcile_goes_to_its_kinds_planner_and_writes_only_its_status(make_runtime, key, written):
+    api = FakeApiServer(stored(training("llm"), "uid-t"), stored(EVAL, "uid-e"))
+    rt = make_runtime(api)
+    plan = rt.reconcile(key)
+    assert api.status_writes == [(written, "llm")]
+    other = ("forgeevals" if written == "ForgeTraining" else "forgetrainings", NS, "llm")
+    assert "status" not in api.objects[other]
+    assert {e["involvedObject"]["kind"] for e in api.events} == {written}
+    if written == "ForgeEval":
+        assert plan.status["phase"] == "Pending" and not plan.apply and plan.requeue_after is None
+        supported = next(c for c in plan.status["conditions"] if c["type"] == "Supported")
+        assert (supported["status"], supported["reason"]) == ("False", "NotImplemented")
+    else:
+        assert plan.status["phase"] == "Pending" and ("Job", "llm-r0") in api.applied
+        assert rt.pending() == [T]  # resync timer of the training only
+
+
+def test_an_object_gone_forgets_only_its_own_key(make_runtime):
+    rt = make_runtime(FakeApiServer(stored(EVAL, "uid-e")))
+    rt.requeue(T, 3600)
+    rt.requeue(E, 3600)
+    assert rt.reconcile(T) is None  # no such training: its timer goes, the eval's stays
+    assert rt.pending() == [E]
+
+
+def test_a_refused_child_reaches_the_kind_as_a_value(make_runtime):
+    api = FakeApiServer(stored(training("llm"), "uid-t"), refuse={"Job": "spec.template.spec.containers[0]"
+                                                                          ".env[0].name: Required value"})
+    seen: list[ApplyOutcome] = []
+    rt = make_runtime(api)
+    kind = rt.kinds["ForgeTraining"]
+    original = kind.after_apply
+    kind.after_apply = lambda plan, old, outcome, now: (seen.append(outcome), original(plan, old, outcome, now))
+    rt.reconcile(T)
+    assert seen[0].rejected == ChildRejected("Job", "llm-r0", "spec.template.spec.containers[0].env[0].name: "
+                                                              "Required value")
+    assert [c.kind for c in seen[0].accepted] == ["ConfigMap", "Service", "ServiceAccount", "Role", "RoleBinding"]
+    invalid = next(c for c in api.objects[("forgetrainings", NS, "llm")]["status"]["conditions"]
+                   if c["type"] == "Invalid")
+    assert invalid["reason"] == "ChildRejected" and "Job llm-r0" in invalid["message"]
+    assert [e["reason"] for e in api.events].count("ChildRejected") == 1
+
+
+REFUSED = {"type": "Invalid", "status": "True", "reason": "ChildRejected", "lastTransitionTime": "2026-11-22T11:00:00Z",
+           "message": "the API server refused Job llm-r1: env[0].name: Required value"}
+ACCEPTED_ALL = (ChildRef("ConfigMap", "llm-config"), ChildRef("Service", "llm"), ChildRef("Job", "llm-r1"))
+
+
+@pytest.mark.parametrize("before, outcome, reason_after, events", [
+    # a new refusal: reported, one event
+    ([], ApplyOutcome((ChildRef("Service", "llm"),), ChildRejected("Job", "llm-r1", "env[0].name: Required value")),
+     "ChildRejected", ["ChildRejected"]),
+    # the same refusal again: no new event
+    ([REFUSED], ApplyOutcome((), ChildRejected("Job", "llm-r1", "env[0].name: Required value")),
+     "ChildRejected", []),
+    # no Job in this apply (suspended, finished): the refusal is not over
+    ([REFUSED], ApplyOutcome((ChildRef("Service", "llm"),)), "ChildRejected", []),
+    # the Job accepted: over
+    ([REFUSED], ApplyOutcome(ACCEPTED_ALL), None, []),
+    # an invalid spec is the planner's business, not the apply's
+    ([{**REFUSED, "reason": "InvalidSpec"}], ApplyOutcome(ACCEPTED_ALL), "InvalidSpec", []),
+])
+def test_apply_outcomes_on_the_invalid_condition(before, outcome, reason_after, events):
+    plan = Plan(status={"observedGeneration": 1, "conditions": copy.deepcopy(before)})
+    record_apply_outcome(plan, {"conditions": before}, outcome, NOW)
+    invalid = next((c for c in plan.status["conditions"] if c["type"] == "Invalid"), None)
+    assert (invalid or {}).get("reason") == reason_after
+    assert [e.reason for e in plan.events] == events
