@@ -1,4 +1,5 @@
-"""Helpers of the operator tests: training manifests, claims, and the operator as a real process."""
+"""Helpers of the operator tests: training manifests, observed Jobs and Pods for the planner, claims, and the
+operator as a real process."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +30,14 @@ BASE_TRAINING = {
     },
 }
 
+BASE_EVAL = {
+    "apiVersion": "forge.dev/v1alpha1", "kind": "ForgeEval",
+    "metadata": {"name": "llm"},
+    "spec": {"model": {"trainingRef": "llm"},
+             "suites": [{"name": "heldout", "type": "perplexity", "format": "text",
+                         "data": {"pvc": {"claimName": "corpus"}}}]},
+}
+
 
 def training(name: str = "llm", **spec_overrides) -> dict:
     """A valid ForgeTraining; keyword arguments replace top-level spec sections (merged one level deep)."""
@@ -39,6 +49,60 @@ def training(name: str = "llm", **spec_overrides) -> dict:
         else:
             obj["spec"][key] = value
     return obj
+
+
+def forge_eval(name: str = "llm") -> dict:
+    """A valid ForgeEval (of the training of the same name)."""
+    obj = copy.deepcopy(BASE_EVAL)
+    obj["metadata"]["name"] = name
+    return obj
+
+
+# --------------------------------------------------------------------------- what the planner observes
+NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=timezone.utc)
+READY = {"status": {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}
+
+
+def obj(**overrides) -> dict:
+    """A ForgeTraining as the API server stores it."""
+    o = training("llm", **overrides)
+    o["metadata"].update(namespace="ns", uid="uid-1", generation=1, resourceVersion="1")
+    return o
+
+
+def job(name: str, **status) -> dict:
+    """The Job of attempt N is named llm-rN; its pods point at it by uid."""
+    return {"metadata": {"name": name, "uid": f"uid-{name}", "annotations": {},
+                         "labels": {"forge.dev/attempt": name.rsplit("-r", 1)[1]}},
+            "spec": {"suspend": False}, "status": status}
+
+
+def pod(name: str, index: int, attempt: int = 0, phase: str = "Running", node: str = "n0", **extra) -> dict:
+    p = {"metadata": {"name": name, "labels": {"forge.dev/attempt": str(attempt)},
+                      "ownerReferences": [{"kind": "Job", "name": f"llm-r{attempt}", "uid": f"uid-llm-r{attempt}"}],
+                      "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}},
+         "spec": {"nodeName": node}, "status": {"phase": phase}}
+    for key, value in extra.items():
+        p[key].update(value) if isinstance(value, dict) else p.__setitem__(key, value)
+    return p
+
+
+def running_plan(o: dict, n: int = 4, now: datetime = NOW, built_from: dict | None = None, **kw):
+    """Plan ``o`` with all n workers running, in a Job built from ``built_from`` (default: ``o`` itself,
+    so no edit is detected)."""
+    from forge_operator.api.training import ForgeTraining
+    from forge_operator.training.children import WorkerState, desired_children
+    from forge_operator.training.observe import Observed
+    from forge_operator.training.planner import plan_training
+    from forge_operator.training.translate import trainer_config
+
+    spec_job = job("llm-r0")
+    ft = ForgeTraining.model_validate(built_from or o)
+    child_job = next(c for c in desired_children(ft, trainer_config(ft).to_yaml(), WorkerState()) if c["kind"] == "Job")
+    spec_job["metadata"]["annotations"] = child_job["metadata"]["annotations"]
+    pods = [pod(f"p{i}", i, node=f"n{i}") for i in range(n)]
+    return plan_training(o, Observed(now=now, jobs=[spec_job], pods=pods,
+                                     nodes={f"n{i}": READY for i in range(n)}), **kw)
 
 
 class OperatorProcess:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import copy
-
 from forge_operator.evaluation.planner import NOT_EVALUATED, plan_eval
 from forge_operator.k8s import conditions as C
-from test_reconcile import NOW
-from test_runtime import EVAL
+from operator_support import NOW, forge_eval
 
 
 def obj(**spec) -> dict:
-    o = copy.deepcopy(EVAL)
+    o = forge_eval()
     o["metadata"].update(namespace="ns", generation=3)
     o["spec"].update(spec)
     return o

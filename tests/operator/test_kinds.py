@@ -4,8 +4,6 @@ changing one touches neither the other's status nor its timers."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 from forge_operator.api.names import FIELD_MANAGER
@@ -14,17 +12,10 @@ from forge_operator.k8s.clients import Clients
 from forge_operator.k8s.objects import Key
 from forge_operator.k8s.runtime import Runtime
 from forge_operator.training.reconciler import TrainingReconciler
-from operator_support import create_pvcs, training
+from operator_support import create_pvcs, forge_eval, training
 from test_lifecycle import ft, phase_is, report_progress, running_workers
-from test_runtime import EVAL
 
 pytestmark = pytest.mark.cluster
-
-
-def forge_eval(name: str = "llm") -> dict:
-    o = copy.deepcopy(EVAL)
-    o["metadata"]["name"] = name
-    return o
 
 
 def condition(obj: dict, type_: str) -> dict | None:

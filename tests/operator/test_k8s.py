@@ -1,4 +1,4 @@
-"""The reconciler runtime, without a cluster: keys carry the kind, and apply outcomes are values.
+"""k8s/ without a cluster: the runtime's keys carry the kind, apply outcomes are values; conditions; peering.
 
 A fake client stands in for the API server (objects in a dict); the real runtime, the real
 reconcilers and the real planners run on it.
@@ -9,23 +9,21 @@ from __future__ import annotations
 import copy
 import json
 import threading
+from datetime import timedelta
 
 import pytest
 from kubernetes.client.rest import ApiException
 
 from forge_operator.evaluation.reconciler import EvalReconciler
+from forge_operator.k8s import conditions as C
 from forge_operator.k8s.objects import ApplyOutcome, ChildRef, ChildRejected, Key, Plan
+from forge_operator.k8s.peering import outranked as check
 from forge_operator.k8s.runtime import Runtime
 from forge_operator.training.lifecycle import record_apply_outcome
 from forge_operator.training.reconciler import TrainingReconciler
-from operator_support import training
-from test_reconcile import NOW
+from operator_support import NOW, forge_eval, training
 
 NS = "team-a"
-EVAL = {"apiVersion": "forge.dev/v1alpha1", "kind": "ForgeEval", "metadata": {"name": "llm"},
-        "spec": {"model": {"trainingRef": "llm"},
-                 "suites": [{"name": "heldout", "type": "perplexity", "format": "text",
-                             "data": {"pvc": {"claimName": "corpus"}}}]}}
 PLURALS = {"ForgeTraining": "forgetrainings", "ForgeEval": "forgeevals"}
 
 
@@ -134,7 +132,7 @@ def test_a_requeue_replaces_only_the_same_kinds_timer(make_runtime):
 
 
 def test_each_kind_has_its_own_lock(make_runtime):
-    api = FakeApiServer(stored(training("llm"), "uid-t"), stored(EVAL, "uid-e"))
+    api = FakeApiServer(stored(training("llm"), "uid-t"), stored(forge_eval(), "uid-e"))
     rt = make_runtime(api)
     assert rt.lock(T) is rt.lock(Key("ForgeTraining", NS, "llm")) and rt.lock(T) is not rt.lock(E)
     done = threading.Event()
@@ -145,7 +143,7 @@ def test_each_kind_has_its_own_lock(make_runtime):
 
 @pytest.mark.parametrize("key, written", [(T, "ForgeTraining"), (E, "ForgeEval")])
 def test_a_reconcile_goes_to_its_kinds_planner_and_writes_only_its_status(make_runtime, key, written):
-    api = FakeApiServer(stored(training("llm"), "uid-t"), stored(EVAL, "uid-e"))
+    api = FakeApiServer(stored(training("llm"), "uid-t"), stored(forge_eval(), "uid-e"))
     rt = make_runtime(api)
     plan = rt.reconcile(key)
     assert api.status_writes == [(written, "llm")]
@@ -162,7 +160,7 @@ def test_a_reconcile_goes_to_its_kinds_planner_and_writes_only_its_status(make_r
 
 
 def test_an_object_gone_forgets_only_its_own_key(make_runtime):
-    rt = make_runtime(FakeApiServer(stored(EVAL, "uid-e")))
+    rt = make_runtime(FakeApiServer(stored(forge_eval(), "uid-e")))
     rt.requeue(T, 3600)
     rt.requeue(E, 3600)
     assert rt.reconcile(T) is None  # no such training: its timer goes, the eval's stays
@@ -212,3 +210,23 @@ def test_apply_outcomes_on_the_invalid_condition(before, outcome, reason_after, 
     invalid = next((c for c in plan.status["conditions"] if c["type"] == "Invalid"), None)
     assert (invalid or {}).get("reason") == reason_after
     assert [e.reason for e in plan.events] == events
+
+
+
+def test_set_condition_keeps_transition_time_when_status_unchanged():
+    first = C.set_condition([], "Running", True, "A", "m", NOW)
+    second = C.set_condition(first, "Running", True, "B", "m2", NOW + timedelta(hours=1))
+    assert second[0]["lastTransitionTime"] == first[0]["lastTransitionTime"] and second[0]["reason"] == "B"
+    third = C.set_condition(second, "Running", False, "C", "m3", NOW + timedelta(hours=2))
+    assert third[0]["lastTransitionTime"] == "2026-11-22T14:00:00Z"
+
+
+@pytest.mark.parametrize("peers, outranked", [
+    ({}, False),
+    ({"me": {"priority": 50, "lifetime": 60, "lastseen": "2026-11-22T11:59:30+00:00"}}, False),
+    ({"other": {"priority": 90, "lifetime": 60, "lastseen": "2026-11-22T11:59:30+00:00"}}, True),
+    ({"other": {"priority": 90, "lifetime": 60, "lastseen": "2026-11-22T11:58:00+00:00"}}, False),  # dead
+    ({"other": {"priority": 10, "lifetime": 60, "lastseen": "2026-11-22T11:59:30"}}, False),
+])
+def test_a_replica_outranked_by_a_live_peer_stands_down(peers, outranked):
+    assert check(peers, 50, NOW) is outranked

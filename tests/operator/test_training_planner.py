@@ -1,92 +1,18 @@
-"""The pure planner and builders, table-driven; no cluster."""
+"""The ForgeTraining planner (training/planner.py and the helpers it calls), table-driven; no cluster."""
 
 from __future__ import annotations
 
 import copy
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 import pytest
 
-from forge_operator.api import defaults
 from forge_operator.api.training import ForgeTraining
 from forge_operator.k8s import conditions as C
 from forge_operator.k8s.objects import Patch
-from forge_operator.training.children import desired_children, WorkerState
-from forge_operator.training.failure import backoff_seconds, pod_failure
 from forge_operator.training.observe import Observed
 from forge_operator.training.planner import plan_training
-from forge_operator.training.status import human_duration
-from forge_operator.training.translate import trainer_config
-from operator_support import training
-
-NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=timezone.utc)
-
-
-def obj(**overrides) -> dict:
-    o = training("llm", **overrides)
-    o["metadata"].update(namespace="ns", uid="uid-1", generation=1, resourceVersion="1")
-    return o
-
-
-def job(name: str, **status) -> dict:
-    """The Job of attempt N is named llm-rN; its pods point at it by uid."""
-    return {"metadata": {"name": name, "uid": f"uid-{name}", "annotations": {},
-                         "labels": {"forge.dev/attempt": name.rsplit("-r", 1)[1]}},
-            "spec": {"suspend": False}, "status": status}
-
-
-def pod(name: str, index: int, attempt: int = 0, phase: str = "Running", node: str = "n0", **extra) -> dict:
-    p = {"metadata": {"name": name, "labels": {"forge.dev/attempt": str(attempt)},
-                      "ownerReferences": [{"kind": "Job", "name": f"llm-r{attempt}", "uid": f"uid-llm-r{attempt}"}],
-                      "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}},
-         "spec": {"nodeName": node}, "status": {"phase": phase}}
-    for key, value in extra.items():
-        p[key].update(value) if isinstance(value, dict) else p.__setitem__(key, value)
-    return p
-
-
-READY = {"status": {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}
-
-
-def running_plan(o: dict, n: int = 4, now: datetime = NOW, built_from: dict | None = None, **kw):
-    """Plan ``o`` with all n workers running, in a Job built from ``built_from`` (default: ``o`` itself,
-    so no edit is detected)."""
-    spec_job = job("llm-r0")
-    ft = ForgeTraining.model_validate(built_from or o)
-    child_job = next(c for c in desired_children(ft, trainer_config(ft).to_yaml(), WorkerState()) if c["kind"] == "Job")
-    spec_job["metadata"]["annotations"] = child_job["metadata"]["annotations"]
-    pods = [pod(f"p{i}", i, node=f"n{i}") for i in range(n)]
-    return plan_training(o, Observed(now=now, jobs=[spec_job], pods=pods,
-                                     nodes={f"n{i}": READY for i in range(n)}), **kw)
-
-
-@pytest.mark.parametrize("pod_status, reason, code", [
-    ({"phase": "Failed", "reason": "Evicted", "message": "low memory"}, "Evicted", None),
-    ({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}]},
-     "OOMKilled", 137),
-    ({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"exitCode": 75}}}]}, "Preempted", 75),
-    ({"phase": "Failed", "conditions": [{"type": "DisruptionTarget", "status": "True",
-                                         "reason": "PreemptionByScheduler"}]}, "Preempted", None),
-    ({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {"exitCode": 1, "message": "boom\nCUDA error"}}}]},
-     "PodFailed", 1),
-    ({"phase": "Running"}, None, None),
-    # under torchrun the container's code is torchrun's; the trainer's termination message has its own
-    ({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {
-        "exitCode": 1, "message": '{"status": "failed", "exitCode": 65, "message": "data error: no files"}'}}}]},
-     "PodFailed", 65),
-    ({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {
-        "exitCode": 1, "message": '{"status": "preempted", "reason": "sigterm", "step": 7}'}}}]}, "Preempted", 75),
-])
-def test_pod_failure_reasons(pod_status, reason, code):
-    p = pod("w", 0)
-    p["status"] = pod_status
-    f = pod_failure(p)
-    assert (f.reason if f else None) == reason
-    if f:
-        assert f.exit_code == code
-    if reason == "PodFailed":
-        assert ("CUDA error" if code == 1 else "data error: no files") in f.message
-
+from operator_support import NOW, READY, job, obj, pod, running_plan
 
 def test_fresh_training_creates_children_with_owner_references():
     plan = plan_training(obj(), Observed(now=NOW))
@@ -102,11 +28,6 @@ def test_plan_is_idempotent():
     o2 = copy.deepcopy(o) | {"status": first.status}
     second = plan_training(o2, Observed(now=NOW))
     assert second.status == first.status and second.apply == first.apply and not second.events
-
-
-def test_backoff_doubles_and_is_capped():
-    ft = ForgeTraining.model_validate(obj(failurePolicy={"backoffSeconds": 10, "maxBackoffSeconds": 60}))
-    assert [backoff_seconds(ft, n) for n in range(6)] == [0, 10, 20, 40, 60, 60]
 
 
 def test_restart_waits_for_backoff_before_recreating_the_job():
@@ -171,32 +92,6 @@ def test_specs_this_trainer_cannot_run_are_reported_not_crashed_on(overrides, me
     invalid = C.find(plan.status["conditions"], "Invalid")
     assert invalid["status"] == "True" and message in invalid["message"]
     assert not plan.apply and plan.events[0].type == "Warning"
-
-
-def test_set_condition_keeps_transition_time_when_status_unchanged():
-    first = C.set_condition([], "Running", True, "A", "m", NOW)
-    second = C.set_condition(first, "Running", True, "B", "m2", NOW + timedelta(hours=1))
-    assert second[0]["lastTransitionTime"] == first[0]["lastTransitionTime"] and second[0]["reason"] == "B"
-    third = C.set_condition(second, "Running", False, "C", "m3", NOW + timedelta(hours=2))
-    assert third[0]["lastTransitionTime"] == "2026-11-22T14:00:00Z"
-
-
-@pytest.mark.parametrize("seconds, text", [(0, "0s"), (59, "59s"), (61, "1m01s"), (3600, "1h00m"),
-                                           (90061, "1d1h")])
-def test_human_duration(seconds, text):
-    assert human_duration(seconds) == text
-
-
-def test_translation_maps_the_spec_onto_the_trainer_config():
-    o = obj(model={"architecture": {"family": "moe", "numLayers": 2, "hiddenSize": 64, "numAttentionHeads": 4,
-                                    "contextLength": 256, "experts": {"numExperts": 8, "numExpertsPerToken": 2}}})
-    cfg = trainer_config(ForgeTraining.model_validate(o))
-    a = cfg.model.architecture
-    assert (a.family, a.num_experts, a.num_experts_per_token) == ("moe", 8, 2)
-    assert a.intermediate_size == defaults.intermediate_size(64) == 192 and a.moe_intermediate_size == 96
-    assert cfg.data.sources[0].path == "/mnt/pvc/corpus" and cfg.checkpoint.dir == "/mnt/pvc/ckpt/llm"
-    assert cfg.output.dir == "/mnt/pvc/models/llm" and cfg.cache_dir == "/mnt/pvc/ckpt/llm/.forge-cache"
-    assert cfg.training.global_batch_sequences == 64 and cfg.training.min_lr == pytest.approx(3e-5)
 
 
 def test_pod_stuck_terminating_restarts_the_group_and_is_force_deleted():
@@ -337,13 +232,6 @@ def test_a_new_default_trainer_image_does_not_restart_running_trainings():
     assert plan.status["restarts"][0]["reason"] == "ResourcesChanged"
 
 
-def test_workers_share_the_trainer_images_group_on_volumes():
-    ft = ForgeTraining.model_validate(obj())
-    job_ = next(c for c in desired_children(ft, "x: 1", WorkerState()) if c["kind"] == "Job")
-    assert job_["spec"]["template"]["spec"]["securityContext"] == {"fsGroup": 10001,
-                                                                   "fsGroupChangePolicy": "OnRootMismatch"}
-
-
 def test_a_refused_child_stays_reported_until_the_api_server_accepts_it():
     o = obj()
     o["status"] = {"phase": "Pending", "conditions": [
@@ -353,18 +241,6 @@ def test_a_refused_child_stays_reported_until_the_api_server_accepts_it():
     assert C.find(plan.status["conditions"], "Invalid")["reason"] == "ChildRejected"
     o["status"]["conditions"][0]["reason"] = "InvalidSpec"
     assert C.find(plan_training(o, Observed(now=NOW)).status["conditions"], "Invalid") is None
-
-
-@pytest.mark.parametrize("peers, outranked", [
-    ({}, False),
-    ({"me": {"priority": 50, "lifetime": 60, "lastseen": "2026-11-22T11:59:30+00:00"}}, False),
-    ({"other": {"priority": 90, "lifetime": 60, "lastseen": "2026-11-22T11:59:30+00:00"}}, True),
-    ({"other": {"priority": 90, "lifetime": 60, "lastseen": "2026-11-22T11:58:00+00:00"}}, False),  # dead
-    ({"other": {"priority": 10, "lifetime": 60, "lastseen": "2026-11-22T11:59:30"}}, False),
-])
-def test_a_replica_outranked_by_a_live_peer_stands_down(peers, outranked):
-    from forge_operator.k8s.peering import outranked as check
-    assert check(peers, 50, NOW) is outranked
 
 
 def test_the_failing_ranks_own_exit_code_explains_the_group_failure():
@@ -401,53 +277,6 @@ def test_running_workers_end_at_the_deadline_themselves_unless_long_overdue():
     late = running_plan(o, now=NOW + timedelta(minutes=20))  # > 600 s grace + 600 s slack
     assert late.status["phase"] == "Failed" and late.deleted("Job") == ["llm-r0"]
     assert "have not finished" in C.find(late.status["conditions"], "Failed")["message"]
-
-
-@pytest.mark.parametrize("grace, timeout", [(600, "570"), (30, "30"), (45, "30"), (3600, "3570")])
-def test_workers_checkpoint_in_a_prestop_hook_before_torchrun_gets_sigterm(grace, timeout):
-    o = obj(resources={"terminationGracePeriodSeconds": grace})
-    ft = ForgeTraining.model_validate(o)
-    job_ = next(c for c in desired_children(ft, "x: 1", WorkerState()) if c["kind"] == "Job")
-    pod_spec = job_["spec"]["template"]["spec"]
-    container = pod_spec["containers"][0]
-    assert container["lifecycle"] == {"preStop": {"exec": {"command": ["python", "-m", "forge_trainer.prestop"]}}}
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == timeout  # torch >= 2.12: torchrun waits that long too
-    assert pod_spec["terminationGracePeriodSeconds"] == grace
-
-
-def test_the_spec_hash_follows_the_spec_and_not_the_operators_rendering(monkeypatch):
-    from forge_operator.training import children
-
-    ft = ForgeTraining.model_validate(obj())
-    before = children.spec_hash(ft)
-    # an operator release that renders the workers differently restarts no running training
-    monkeypatch.setattr(children, "PRESTOP_COMMAND", ["sleep", "1"])
-    monkeypatch.setattr(children, "torchrun_shutdown_timeout", lambda grace: 1)
-    monkeypatch.setattr(children, "build_pod_template", lambda *a, **k: {"spec": {"new": "field"}})
-    assert children.spec_hash(ft) == before
-    # a default written out is the same spec
-    spelled_out = obj(resources={"terminationGracePeriodSeconds": ft.spec.resources.termination_grace_period_seconds})
-    assert children.spec_hash(ForgeTraining.model_validate(spelled_out)) == before
-    # what the workers depend on counts; what the operator acts on itself does not
-    counts = [{"resources": {"terminationGracePeriodSeconds": 900}},
-              {"resources": {"env": [{"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": "100"}]}},
-              {"training": {**obj()["spec"]["training"], "learningRate": 1e-4}},
-              {"training": {**obj()["spec"]["training"], "budget": {"maxSteps": 77}}}]
-    for edit in counts:
-        assert children.spec_hash(ForgeTraining.model_validate(obj(**edit))) != before, edit
-    ignored = [{"scheduling": {"suspend": True}}, {"scheduling": {"queueName": "team-a"}},
-               {"failurePolicy": {"maxRestarts": 9}}, {"ttlSecondsAfterFinished": 60},
-               {"training": {**obj()["spec"]["training"],
-                             "budget": {**obj()["spec"]["training"]["budget"], "maxGpuHours": 5}}}]
-    for edit in ignored:
-        assert children.spec_hash(ForgeTraining.model_validate(obj(**edit))) == before, edit
-    # the spec's own shutdown timeout wins over the one derived from the grace period
-    own = ForgeTraining.model_validate(obj(resources={"env": [{"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
-                                                               "value": "100"}]}))
-    monkeypatch.undo()
-    env = children.build_pod_template(own, WorkerState(), "img")["spec"]["containers"][0]["env"]
-    assert [e["value"] for e in env if e["name"] == "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == ["100"]
 
 
 def test_the_next_workers_start_only_once_the_last_ones_have_stopped():
@@ -592,16 +421,3 @@ def test_a_queued_job_taken_back_by_kueue_is_queued_not_waiting():
     leaving = [pod("p0", 0, metadata={"deletionTimestamp": "2026-11-22T12:09:00Z"})]
     plan = plan_training(o, Observed(now=NOW, jobs=[preempted], pods=leaving, nodes={"n0": READY}))
     assert plan.status["phase"] == "Queued" and not plan.patch and not plan.deleted("Job")
-
-
-def test_the_workers_identity_and_the_users_own_service_account():
-    ft = ForgeTraining.model_validate(obj())
-    kinds = {c["kind"]: c for c in desired_children(ft, "x: 1", WorkerState())}
-    assert {kinds[k]["metadata"]["name"] for k in ("ServiceAccount", "Role", "RoleBinding")} == {"forge-trainer-llm"}
-    assert kinds["RoleBinding"]["subjects"] == [{"kind": "ServiceAccount", "name": "forge-trainer-llm", "namespace": "ns"}]
-    assert kinds["Job"]["spec"]["template"]["spec"]["serviceAccountName"] == "forge-trainer-llm"
-    # the user's own account is used as it is: the operator grants it nothing
-    ft = ForgeTraining.model_validate(obj(resources={"serviceAccountName": "team-a-runner"}))
-    kinds = {c["kind"]: c for c in desired_children(ft, "x: 1", WorkerState())}
-    assert not {"ServiceAccount", "Role", "RoleBinding"} & set(kinds)
-    assert kinds["Job"]["spec"]["template"]["spec"]["serviceAccountName"] == "team-a-runner"
