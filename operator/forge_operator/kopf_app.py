@@ -22,9 +22,8 @@ from .k8s.clients import Clients
 from .k8s.objects import Key
 from .k8s.peering import Peering
 from .k8s.runtime import Runtime
-from .training.draft import Settings
 from .training.metrics import serve
-from .training.reconciler import KIND as TRAINING, PLURAL as TRAININGS, TrainingReconciler
+from .training.reconciler import KIND as TRAINING, PLURAL as TRAININGS, Settings, TrainingReconciler
 
 # Environment of the operator process (the Helm chart sets them).
 ENV_TRAINER_IMAGE = "FORGE_TRAINER_IMAGE"

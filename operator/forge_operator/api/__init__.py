@@ -1,7 +1,8 @@
 """The Forge API (forge.dev/v1alpha1): pydantic models, the single source of the CRDs and docs.
 
-Pure: imports neither kopf nor kubernetes, so the trainer image and the
-`forge` command can use it too.
+Beside the models: ``enums`` (phases, condition types, reasons), ``defaults`` (every default of
+the API) and ``names`` (labels, annotations, ports, environment variables). Pure: imports neither
+kopf nor kubernetes, so the trainer image and the `forge` command can use it too.
 """
 
 from .base import API_VERSION, GROUP, VERSION, Condition, StorageLocation

@@ -13,6 +13,8 @@ from .metrics import observe_training
 from .observe import read
 from .planner import plan_training
 
+__all__ = ["KIND", "PLURAL", "Settings", "TrainingReconciler"]
+
 KIND = "ForgeTraining"
 PLURAL = "forgetrainings"
 
