@@ -8,13 +8,13 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from forge_trainer.config import TrainerConfig, load_config
+from forge_trainer.config import ContinuedPretrainMethod, PretrainMethod, TrainerConfig, load_config
 
 from trainer_helpers import tiny_config
 
 
 def test_importing_the_config_does_not_import_torch():
-    code = "import sys, forge_trainer, forge_trainer.config, forge_trainer.exitcodes; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys, forge_trainer, forge_trainer.config, forge_trainer.contract; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False False"
 
@@ -41,6 +41,7 @@ def test_json_is_accepted(tmp_path, corpus):
     ("override", "message"),
     [
         ({"method": "sft"}, "method sft is not implemented yet"),
+        ({"method": {"kind": "dpo"}}, "method dpo is not implemented yet"),
         ({"method": "dpo"}, "method dpo is not implemented yet"),
         ({"training__seq_len": 256}, "training.seq_len 256 exceeds the model's context"),
         ({"training__global_batch_sequences": 10}, "not a multiple of micro_batch_sequences"),
@@ -68,3 +69,30 @@ def test_defaults_fill_a_minimal_config():
     assert cfg.training.precision == "auto"
     assert cfg.checkpoint.resume == "auto"
     assert cfg.termination_message_path == "/dev/termination-log"
+
+
+def test_the_method_is_a_kind_with_its_own_settings_or_the_kind_alone(tmp_path, corpus):
+    short = tiny_config(tmp_path, corpus, method="pretrain")
+    assert short.method == PretrainMethod() and short == tiny_config(tmp_path, corpus, method={"kind": "pretrain"})
+    assert "method:\n  kind: pretrain\n" in short.to_yaml()
+    base = tiny_config(tmp_path, corpus, method="continued-pretrain", model={"base_path": "/models/x"},
+                       tokenizer={"from_base": True})
+    assert base.method == ContinuedPretrainMethod()
+    with pytest.raises(ValidationError, match="does not match any of the expected tags: 'pretrain', 'continued-pretrain'"):
+        tiny_config(tmp_path, corpus, method={"kind": "grpo"})
+    with pytest.raises(ValidationError, match="method continued-pretrain needs model.base_path"):
+        tiny_config(tmp_path, corpus, method="continued-pretrain")
+    with pytest.raises(ValidationError, match="method pretrain builds a new model"):
+        tiny_config(tmp_path, corpus, model={"base_path": "/models/x"}, tokenizer={"from_base": True})
+
+
+def test_every_method_kind_has_a_trainer(tmp_path, corpus):
+    """The config's union and the methods' registry name the same kinds."""
+    import typing
+
+    from forge_trainer.config import MethodConfig
+    from forge_trainer.methods import METHODS
+
+    union = typing.get_args(MethodConfig)[0]
+    kinds = {typing.get_args(member.model_fields["kind"].annotation)[0] for member in typing.get_args(union)}
+    assert kinds == set(METHODS)

@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 from trainer_helpers import tiny_config, write_corpus
 
-from forge_trainer.data import TokenData, TrainLoader, data_digest, ensure_tokenizer, load_manifest, prepare
-from forge_trainer.exitcodes import DataError
+from forge_trainer.contract import DataError
+from forge_trainer.data.packed import TokenData, TrainLoader
+from forge_trainer.data.prepare import ensure_tokenizer, load_manifest, prepare_dataset
+from forge_trainer.data.sources import data_digest
 
 
 def _prepare(cfg):
     digest, listing = data_digest(cfg.data)
     tok = ensure_tokenizer(cfg, digest, listing)
-    return tok, prepare(cfg, tok, digest, listing)
+    return tok, prepare_dataset(cfg, tok, digest, listing)
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +215,7 @@ def test_bad_data_directories_are_data_errors(tmp_path, setup, message):
 
 def test_include_and_exclude_patterns(tmp_path):
     from forge_trainer.config import DataSourceConfig
-    from forge_trainer.data import discover
+    from forge_trainer.data.sources import discover
 
     for rel in ["a.py", "pkg/b.py", "pkg/tests/c.py", "site-packages/x/d.py", "notes.txt"]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

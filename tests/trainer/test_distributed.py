@@ -89,14 +89,14 @@ def _two_ranks(tmp_path: Path, work) -> list[str]:
 
 
 def _memory_fits_only_on_rank_0(rank: int, d) -> None:
-    from forge_trainer.exitcodes import ConfigError
-    from forge_trainer.train import _on_every_rank
+    from forge_trainer.contract import ConfigError
+    from forge_trainer.runtime.signals import on_every_rank
 
     def check():
         if rank == 1:
             raise ConfigError("the model needs 90 GiB, this node has 80 GiB")
 
-    _on_every_rank(d, check)
+    on_every_rank(d, check)
 
 
 def test_a_check_that_fails_on_one_rank_fails_on_every_rank(tmp_path):
@@ -111,7 +111,7 @@ def _commit_refused_on_rank_0(rank: int, d) -> None:
 
     import torch
 
-    from forge_trainer import checkpoint
+    from forge_trainer.runtime import checkpoint
 
     rename = os.rename
 
@@ -124,11 +124,11 @@ def _commit_refused_on_rank_0(rank: int, d) -> None:
         checkpoint.os.rename = refused
     model = torch.nn.Linear(4, 4)
     root = Path(os.environ["FORGE_TEST_CKPT"])
-    checkpoint.save(root, 10, model, torch.optim.AdamW(model.parameters()), {"step": 10}, 2, d)
+    checkpoint.save(root, model, torch.optim.AdamW(model.parameters()), checkpoint.TrainState(step=10), 2, d)
 
 
 def test_a_checkpoint_commit_that_fails_on_rank_0_fails_on_every_rank(tmp_path, monkeypatch):
-    from forge_trainer.checkpoint import find_latest
+    from forge_trainer.runtime.checkpoint import find_latest
 
     monkeypatch.setenv("FORGE_TEST_CKPT", str(tmp_path / "ckpt"))
     assert _two_ranks(tmp_path, _commit_refused_on_rank_0) == [

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from trainer_helpers import read_termination, run_trainer, tiny_config, write_config
 
-from forge_trainer import exitcodes
+from forge_trainer.contract import ExitCode
 from forge_trainer.__main__ import main
 
 
@@ -40,9 +40,9 @@ def _bad_data(tmp_path: Path, case: str) -> Path:
 @pytest.mark.parametrize(
     ("case", "code", "message"),
     [
-        ("empty", exitcodes.DATA_ERROR, r"^forge-trainer: data error: data.sources\[0\].path \S+/data: no files match \*\*/\*.txt$"),
-        ("unreadable", exitcodes.DATA_ERROR, r"^forge-trainer: data error: data.sources\[0\].path \S+/data: cannot read broken.txt: No such file or directory$"),
-        ("small-vocab", exitcodes.DATA_ERROR, r"^forge-trainer: data error: tokenizer.train.vocab_size 320 is larger than the training data supports \(\d+ tokens"),
+        ("empty", ExitCode.DATA_ERROR, r"^forge-trainer: data error: data.sources\[0\].path \S+/data: no files match \*\*/\*.txt$"),
+        ("unreadable", ExitCode.DATA_ERROR, r"^forge-trainer: data error: data.sources\[0\].path \S+/data: cannot read broken.txt: No such file or directory$"),
+        ("small-vocab", ExitCode.DATA_ERROR, r"^forge-trainer: data error: tokenizer.train.vocab_size 320 is larger than the training data supports \(\d+ tokens"),
     ],
 )
 def test_data_problems_exit_65(tmp_path, capsys, case, code, message):
@@ -61,7 +61,7 @@ def test_each_nodes_first_process_writes_the_failure(tmp_path, capsys, monkeypat
     monkeypatch.setenv("LOCAL_RANK", local_rank)
     cfg = tiny_config(tmp_path, _bad_data(tmp_path, "empty"))
     code, line = _run_main(cfg, tmp_path, capsys)
-    assert code == exitcodes.DATA_ERROR
+    assert code == ExitCode.DATA_ERROR
     if writes:
         assert read_termination(cfg) == {"status": "failed", "exitCode": code, "message": line.removeprefix("forge-trainer: ")}
     else:
@@ -73,7 +73,7 @@ def test_seq_len_above_the_model_context_exits_78(tmp_path, corpus, capsys):
     raw = json.loads(cfg.model_dump_json())
     raw["training"]["seq_len"] = 512
     (tmp_path / "config.yaml").write_text(json.dumps(raw))
-    assert main(["--config", str(tmp_path / "config.yaml")]) == exitcodes.CONFIG_ERROR
+    assert main(["--config", str(tmp_path / "config.yaml")]) == ExitCode.CONFIG_ERROR
     line = capsys.readouterr().err.strip()
     assert line == ("forge-trainer: config error: training.seq_len 512 exceeds the model's context "
                     "(model.architecture.max_position_embeddings 128)")
@@ -85,7 +85,7 @@ def test_seq_len_above_a_base_models_context_exits_78(reference, tmp_path, corpu
     cfg = tiny_config(tmp_path, corpus, method="continued-pretrain", model={"base_path": base.output.dir},
                       tokenizer={"from_base": True}, training__seq_len=256)
     code, line = _run_main(cfg, tmp_path, capsys)
-    assert code == exitcodes.CONFIG_ERROR
+    assert code == ExitCode.CONFIG_ERROR
     assert line == "forge-trainer: config error: training.seq_len 256 exceeds the model's context (max_position_embeddings 128)"
     _no_valid_output(cfg)
 
@@ -95,7 +95,7 @@ def test_a_model_too_big_for_memory_exits_78_before_allocating(tmp_path, corpus,
         "num_layers": 48, "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
         "max_position_embeddings": 128})
     code, line = _run_main(cfg, tmp_path, capsys)
-    assert code == exitcodes.CONFIG_ERROR
+    assert code == ExitCode.CONFIG_ERROR
     assert __import__("re").match(
         r"forge-trainer: config error: the model \([\d,.]+M parameters\) with micro_batch_sequences 4 and seq_len 64 "
         r"needs about [\d,.]+ GiB per worker, but only [\d,.]+ GiB is available on cpu", line), line
@@ -103,12 +103,12 @@ def test_a_model_too_big_for_memory_exits_78_before_allocating(tmp_path, corpus,
 
 
 def test_an_unknown_method_and_a_missing_file_are_config_errors(tmp_path, corpus, capsys):
-    assert main(["--config", str(tmp_path / "missing.yaml")]) == exitcodes.CONFIG_ERROR
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == ExitCode.CONFIG_ERROR
     assert "config error: cannot read" in capsys.readouterr().err
     cfg = json.loads(tiny_config(tmp_path, corpus).model_dump_json())
     cfg["method"] = "sft"
     (tmp_path / "c.json").write_text(json.dumps(cfg))
-    assert main(["--config", str(tmp_path / "c.json")]) == exitcodes.CONFIG_ERROR
+    assert main(["--config", str(tmp_path / "c.json")]) == ExitCode.CONFIG_ERROR
     assert capsys.readouterr().err.strip() == (
         "forge-trainer: config error: method sft is not implemented yet (use pretrain or continued-pretrain)")
 
@@ -118,7 +118,7 @@ def test_the_process_exit_code_is_the_documented_one(tmp_path):
     (tmp_path / "data").mkdir()
     cfg = tiny_config(tmp_path, tmp_path / "data")
     proc = run_trainer(write_config(cfg, tmp_path / "config.yaml"))
-    assert proc.returncode == exitcodes.DATA_ERROR, proc.stderr
+    assert proc.returncode == ExitCode.DATA_ERROR, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("forge-trainer: data error: data.sources[0].path")
     assert "Traceback" not in proc.stderr
     assert read_termination(cfg)["exitCode"] == 65

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from trainer_helpers import REPO, read_termination, run_trainer, tiny_config, trainer_cmd, wait_for, write_config
 
-from forge_trainer import exitcodes
-from forge_trainer.checkpoint import SLEEP_ENV, find_latest, is_complete
+from forge_trainer.contract import ExitCode
+from forge_trainer.runtime.checkpoint import SLEEP_ENV, find_latest, is_complete
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_a_killed_run_resumes_to_the_same_loss_as_an_uninterrupted_one(killed_mi
     cfg, config_path = killed_mid_save
     _, uninterrupted, _ = reference
     proc = run_trainer(config_path)
-    assert proc.returncode == exitcodes.OK, proc.stderr
+    assert proc.returncode == ExitCode.OK, proc.stderr
     assert "resumed from" in proc.stderr and "step-00000010" in proc.stderr
     message = read_termination(cfg)
     assert message["status"] == "completed" and message["step"] == 30
@@ -71,7 +71,7 @@ def test_sigterm_checkpoints_and_exits_75(tmp_path, corpus, shared_cache):
     proc = subprocess.Popen(trainer_cmd(write_config(cfg, tmp_path / "config.yaml")), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     wait_for(lambda: is_complete(Path(cfg.checkpoint.dir) / "step-00000010"), proc)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == exitcodes.PREEMPTED
+    assert proc.wait(60) == ExitCode.PREEMPTED
     message = read_termination(cfg)
     assert message["status"] == "preempted" and message["reason"] == "sigterm" and message["step"] >= 10
     latest = find_latest(cfg.checkpoint.dir)
@@ -95,7 +95,7 @@ def test_a_sigterm_after_the_loop_does_not_cut_the_termination_message_short(tmp
               "train.shutdown = late_sigterm\n"
               f"sys.exit(main(['--config', {str(config_path)!r}]))\n")
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == exitcodes.OK, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.returncode == ExitCode.OK, out.stdout[-2000:] + out.stderr[-2000:]
     message = read_termination(cfg)
     assert message["status"] == "completed" and message["exitCode"] == 0 and message["step"] == 4
 
@@ -107,19 +107,19 @@ def test_a_sigterm_before_the_first_step_ends_the_run_at_once_with_75(tmp_path, 
     config_path = write_config(cfg, tmp_path / "config.yaml")
     # the SIGTERM arrives as the data is about to be prepared (after the tokenizer is trained)
     script = ("import os, signal, sys\n"
-              "import forge_trainer.train as train\n"
+              "import forge_trainer.data.prepare as data\n"
               "from forge_trainer.__main__ import main\n"
-              "prepare = train.prepare\n"
+              "prepare = data.prepare_dataset\n"
               "def sigterm_then_prepare(*args, **kwargs):\n"
               "    os.kill(os.getpid(), signal.SIGTERM)\n"
               "    return prepare(*args, **kwargs)\n"
-              "train.prepare = sigterm_then_prepare\n"
+              "data.prepare_dataset = sigterm_then_prepare\n"
               f"sys.exit(main(['--config', {str(config_path)!r}]))\n")
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == exitcodes.PREEMPTED, out.stderr[-2000:]
+    assert out.returncode == ExitCode.PREEMPTED, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1] == ("forge-trainer: stopped: SIGTERM while the data was being "
                                                    "prepared; nothing to save")
     message = read_termination(cfg)
-    assert message["exitCode"] == exitcodes.PREEMPTED and not Path(cfg.checkpoint.dir).exists()
+    assert message["exitCode"] == ExitCode.PREEMPTED and not Path(cfg.checkpoint.dir).exists()
     assert not list((tmp_path / "fresh-cache").glob("tokens/*/manifest.json"))
     assert not list((tmp_path / "fresh-cache").glob("tokens/.*.tmp"))

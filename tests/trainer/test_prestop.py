@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from trainer_helpers import REPO, read_termination, tiny_config, wait_for, write_config
 
-from forge_trainer import exitcodes, prestop
-from forge_trainer.checkpoint import find_latest, is_complete
+from forge_trainer import prestop
+from forge_trainer.contract import ExitCode
+from forge_trainer.runtime.checkpoint import find_latest, is_complete
 from forge_trainer.prestop import Proc, pick_workers, runs_module
 
 WORKER = ["/opt/conda/bin/python", "-u", "-m", "forge_trainer", "--config", "/etc/forge/trainer.yaml"]
@@ -106,7 +107,7 @@ def test_under_torchrun_the_workers_checkpoint_before_torchrun_is_stopped(tmp_pa
             torchrun.send_signal(signal.SIGKILL)
             torchrun.wait()
     message = read_termination(cfg)
-    assert message["status"] == "preempted" and message["exitCode"] == exitcodes.PREEMPTED, message
+    assert message["status"] == "preempted" and message["exitCode"] == ExitCode.PREEMPTED, message
     assert message["reason"] == "sigterm" and message["step"] >= 10
     latest = find_latest(cfg.checkpoint.dir)
     assert latest.name == f"step-{message['step']:08d}" and message["checkpoint"] == str(latest)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from forge_trainer.exitcodes import DataError
-from forge_trainer.tokenizer import EOS, TextTokenizer, train_bpe
+from forge_trainer.contract import DataError
+from forge_trainer.data.tokenizer import EOS, TextTokenizer, train_bpe
 
 EDGE_CASES = [
     "",

@@ -16,11 +16,10 @@ import torch
 from trainer_helpers import read_termination, tiny_config, write_config
 
 import forge_trainer
-from forge_trainer import exitcodes
 from forge_trainer.__main__ import main
-from forge_trainer.checkpoint import find_latest
-from forge_trainer.data import TokenData
-from forge_trainer.train import _lr_at, validation_indices
+from forge_trainer.contract import ExitCode
+from forge_trainer.data.packed import TokenData, validation_indices
+from forge_trainer.runtime.checkpoint import find_latest
 
 PROGRESS_KEYS = {"step", "totalSteps", "tokensSeen", "tokenBudget", "percent", "loss", "learningRate", "gradNorm",
                  "tokensPerSecond", "mfu", "etaSeconds", "updatedAt", "lastCheckpoint"}
@@ -39,15 +38,15 @@ def test_loss_decreases_on_a_learnable_corpus(reference):
 def test_progress_is_reported_with_the_documented_keys(reference):
     cfg, summary, progress = reference
     assert len(progress) >= 3
-    assert all(set(p) == PROGRESS_KEYS for p in progress)
-    last = progress[-1]
+    assert all(set(p.to_wire()) == PROGRESS_KEYS for p in progress)  # every key, null when unknown
+    last = progress[-1].to_wire()
     assert last["step"] == 30 and last["totalSteps"] == 30 and last["percent"] == 100.0
     assert last["tokensSeen"] == 30 * 16 * 64 and last["etaSeconds"] == 0
     assert last["lastCheckpoint"]["step"] == 30 and Path(last["lastCheckpoint"]["path"]).is_dir()
     assert last["mfu"] is None  # CPU: no known peak
     assert last["tokensPerSecond"] > 0 and last["learningRate"] == pytest.approx(cfg.training.min_lr, rel=0.1)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", last["updatedAt"])
-    steps = [p["step"] for p in progress]
+    steps = [p.step for p in progress]
     assert steps == sorted(steps)
 
 
@@ -114,10 +113,10 @@ def test_termination_message_summarises_the_run(reference):
     message = json.loads(Path(cfg.termination_message_path).read_text()) if Path(cfg.termination_message_path).exists() else None
     # run() leaves the termination message to main(); the summary carries the same fields
     assert message is None
-    message = summary.to_message()
-    assert message["status"] == "completed" and message["valLoss"] == summary.val_loss
+    message = summary.to_message().to_wire()
+    assert message["status"] == "completed" and message["valLoss"] == summary.val_loss and message["exitCode"] == 0
     # the operator reads it as the final progress: the progress report's keys, with the same values
-    last = progress[-1]
+    last = progress[-1].to_wire()
     assert {k: message[k] for k in ("step", "totalSteps", "tokensSeen", "lastCheckpoint")} == {
         k: last[k] for k in ("step", "totalSteps", "tokensSeen", "lastCheckpoint")}
     assert message["totalSteps"] == 30 and set(message["lastCheckpoint"]) == {"step", "path", "time"}
@@ -129,9 +128,9 @@ def test_each_nodes_first_process_writes_the_summary(tmp_path, corpus, shared_ca
     monkeypatch.setenv("RANK", "1")  # node 1 of a multi-node run (WORLD_SIZE unset: the process trains alone)
     monkeypatch.setenv("LOCAL_RANK", "0")
     cfg = tiny_config(tmp_path, corpus, shared_cache, training__budget={"max_steps": 2}, checkpoint__interval_steps=None)
-    assert main(["--config", str(write_config(cfg, tmp_path / "config.yaml"))]) == exitcodes.OK
+    assert main(["--config", str(write_config(cfg, tmp_path / "config.yaml"))]) == ExitCode.OK
     message = read_termination(cfg)
-    assert message["status"] == "completed" and message["exitCode"] == exitcodes.OK
+    assert message["status"] == "completed" and message["exitCode"] == ExitCode.OK
     assert message["step"] == message["totalSteps"] == 2 and message["lastCheckpoint"]["step"] == 2
 
 
@@ -150,7 +149,7 @@ def test_a_finished_training_run_again_reports_its_final_numbers(tmp_path, corpu
     assert again.val_loss == pytest.approx(first.val_loss, rel=1e-6)
     assert again.start_step == 4 and first.start_step == 0
     assert again.last_checkpoint == first.last_checkpoint and again.checkpoint == first.checkpoint
-    assert again.to_message()["lastCheckpoint"]["step"] == 4 and again.to_message()["totalSteps"] == 4
+    assert again.to_message().last_checkpoint.step == 4 and again.to_message().total_steps == 4
     provenance = json.loads((Path(cfg.output.dir) / "provenance.json").read_text())
     assert provenance["steps"] == 4 and provenance["final_val_loss"] == again.val_loss
     assert provenance["final_train_loss"] == again.train_loss
@@ -237,21 +236,6 @@ def test_token_budget_and_deadline_end_the_run_gracefully(tmp_path, corpus, shar
     assert by_deadline.reason == "deadline" and by_deadline.status == "completed"
     assert (Path(cfg.output.dir) / "model.safetensors").exists()  # still checkpointed and exported
     assert find_latest(cfg.checkpoint.dir) is not None
-
-
-@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
-def test_learning_rate_schedules(tmp_path, corpus, schedule):
-    t = tiny_config(tmp_path, corpus, training__schedule=schedule, training__warmup_steps=10,
-                    training__decay_fraction=0.2, training__lr=1.0, training__min_lr=0.1).training
-    lrs = [_lr_at(s, t, 100) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup
-    if schedule == "constant":
-        assert set(lrs[9:]) == {1.0}
-    elif schedule == "cosine":
-        assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
-        assert lrs[55] == pytest.approx(0.55, abs=0.01)  # half way down at half the decay
-    else:
-        assert set(lrs[9:80]) == {1.0} and lrs[-1] == pytest.approx(0.1) and lrs[90] == pytest.approx(0.55, abs=0.05)
 
 
 def test_bf16_precision_trains_under_autocast(tmp_path, corpus, shared_cache):

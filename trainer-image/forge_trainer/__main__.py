@@ -11,10 +11,8 @@ import threading
 
 from pydantic import ValidationError
 
-from . import exitcodes
 from .config import load_config
-from .contract import DEFAULT_TERMINATION_MESSAGE_PATH
-from .exitcodes import ConfigError, TrainerError
+from .contract import DEFAULT_TERMINATION_MESSAGE_PATH, ConfigError, TerminationMessage, TrainerError
 
 PREFIX = "forge-trainer"
 
@@ -51,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:  # YAML/JSON syntax
             raise ConfigError(f"{args.config}: {e}") from e
         termination_path = config.termination_message_path
-        from .train import SigtermFlag, run
+        from .runtime.signals import SigtermFlag
+        from .train import run
 
         # SIGTERM stays caught from here to the termination message: once one worker has exited,
         # torchrun sends SIGTERM to the rest of the node's workers (with the preStop hook, a second
@@ -59,13 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         stop = SigtermFlag()
         stop.install()
         summary = run(config, stop=stop)
-        code = exitcodes.PREEMPTED if summary.status == "preempted" else exitcodes.OK
-        message = {**summary.to_message(), "exitCode": code}
+        code, message = summary.exit_code, summary.to_message()
     except TrainerError as e:
         print(f"{PREFIX}: {e}", file=sys.stderr, flush=True)
-        code, message = e.exit_code, {"status": "failed", "exitCode": e.exit_code, "message": str(e)}
+        code, message = e.exit_code, TerminationMessage.failed(e)
     if writes_message:
-        from .progress import write_termination_message
+        from .runtime.progress import write_termination_message
 
         previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if _in_main_thread() else None
         try:
@@ -73,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-    return code
+    return int(code)
 
 
 def _in_main_thread() -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -279,13 +279,33 @@ class MetricsConfig(_Model):
     """Peak FLOP/s of one device for MFU; default: looked up by GPU name (none on CPU)."""
 
 
+class PretrainMethod(_Model):
+    """Next-token prediction on packed text, from a new model (model.architecture)."""
+
+    kind: Literal["pretrain"] = "pretrain"
+
+
+class ContinuedPretrainMethod(_Model):
+    """Next-token prediction on packed text, continuing model.base_path."""
+
+    kind: Literal["continued-pretrain"] = "continued-pretrain"
+
+
+MethodConfig = Annotated[PretrainMethod | ContinuedPretrainMethod, Field(discriminator="kind")]
+"""One member per training method, told apart by `kind`; a method's own settings live beside it."""
+
+PLANNED_METHODS = ("sft", "dpo")
+"""Accepted by the API, refused here until the trainer implements them."""
+
+
 class TrainerConfig(_Model):
     """Everything one training run needs."""
 
     run_name: str = "forge-run"
     """Shown in logs and recorded in provenance.json."""
-    method: Literal["pretrain", "continued-pretrain", "sft", "dpo"] = "pretrain"
-    """pretrain = from scratch; continued-pretrain = keep training model.base_path on new text."""
+    method: MethodConfig = PretrainMethod()
+    """pretrain = from scratch; continued-pretrain = keep training model.base_path on new text.
+    A method without settings may be written as its kind alone (`method: pretrain`)."""
     model: ModelConfig
     tokenizer: TokenizerConfig = TokenizerConfig(train=TokenizerTrainConfig())
     data: DataConfig
@@ -298,13 +318,24 @@ class TrainerConfig(_Model):
     termination_message_path: str = DEFAULT_TERMINATION_MESSAGE_PATH
     """A one-line JSON summary is written here at exit (when its directory is writable)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_kind(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        method = data.get("method")
+        kind = method if isinstance(method, str) else method.get("kind") if isinstance(method, dict) else None
+        if kind in PLANNED_METHODS:
+            raise ValueError(f"method {kind} is not implemented yet (use pretrain or continued-pretrain)")
+        if isinstance(method, str):
+            data = {**data, "method": {"kind": method}}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:
-        if self.method in ("sft", "dpo"):
-            raise ValueError(f"method {self.method} is not implemented yet (use pretrain or continued-pretrain)")
-        if self.method == "continued-pretrain" and self.model.base_path is None:
+        if self.method.kind == "continued-pretrain" and self.model.base_path is None:
             raise ValueError("method continued-pretrain needs model.base_path")
-        if self.method == "pretrain" and self.model.base_path is not None:
+        if self.method.kind == "pretrain" and self.model.base_path is not None:
             raise ValueError("method pretrain builds a new model: use model.architecture (or method continued-pretrain)")
         if self.tokenizer.from_base and self.model.base_path is None:
             raise ValueError("tokenizer.from_base needs model.base_path")

@@ -1,5 +1,19 @@
-"""What the trainer and the operator agree on, defined once (the operator imports this module;
-it imports nothing). Exit codes are in exitcodes.py."""
+"""What the trainer and the operator agree on, defined once: names, exit codes, and the JSON that
+crosses the process boundary (the progress annotation, the termination message).
+
+The operator imports this module: it needs pydantic only (no torch). Field names are snake_case in
+Python and camelCase on the wire (`model_dump(by_alias=True)`); the operator parses the same models.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from enum import IntEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
 
 PROGRESS_ANNOTATION = "forge.dev/progress"
 """Rank 0 writes its progress JSON into this annotation of its own pod."""
@@ -11,3 +25,140 @@ DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 PRESTOP_COMMAND = ("python", "-m", "forge_trainer.prestop")
 """The worker container's preStop hook: SIGTERM to the trainer workers, then wait until they have
 checkpointed and exited (before the kubelet sends SIGTERM to torchrun, which would SIGKILL them after 30 s)."""
+
+
+class ExitCode(IntEnum):
+    """Process exit codes of `python -m forge_trainer`, sysexits(3)-style.
+
+    The operator reads them: DATA_ERROR and CONFIG_ERROR are not retried (running again cannot
+    help), PREEMPTED means a checkpoint was written and the run can resume. Any other code (a
+    crash, 137 after an OOM kill) is a retryable failure."""
+
+    OK = 0
+    """Training finished (a budget was reached) and the model was exported."""
+    DATA_ERROR = 65
+    """The training data cannot be used: empty directory, unreadable file, a vocabulary larger than
+    the data supports, too little text for one sequence."""
+    PREEMPTED = 75
+    """SIGTERM received: the current step finished, a checkpoint was written, resume later. Also
+    SIGTERM before the first step (while the data is prepared): nothing to save, start again later."""
+    CONFIG_ERROR = 78
+    """The configuration is invalid or cannot run: bad field, seq_len above the model's context, a
+    model/batch that cannot fit in memory, a missing base model."""
+
+
+class TrainerError(Exception):
+    """An error that ends the run with a documented exit code and a one-line message."""
+
+    exit_code: int = 1
+    kind = "error"
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {super().__str__()}"
+
+
+class DataError(TrainerError):
+    exit_code = ExitCode.DATA_ERROR
+    kind = "data error"
+
+
+class ConfigError(TrainerError):
+    exit_code = ExitCode.CONFIG_ERROR
+    kind = "config error"
+
+
+class StoppedBeforeTraining(TrainerError):
+    """SIGTERM during set-up (data preparation, model building): there is nothing to checkpoint yet."""
+
+    exit_code = ExitCode.PREEMPTED
+    kind = "stopped"
+
+
+def error_named(kind: str, message: str) -> TrainerError | None:
+    """The TrainerError another process reported, by class name and message (None: not one of them)."""
+    known = (TrainerError, DataError, ConfigError, StoppedBeforeTraining)
+    return next((cls(message) for cls in known if cls.__name__ == kind), None)
+
+
+def rfc3339(t: datetime | None = None) -> str:
+    """A time as the wire writes it: UTC, whole seconds, `Z`."""
+    t = t or datetime.now(timezone.utc)
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _Wire(BaseModel):
+    # Unknown keys are ignored: an operator reads what an older or newer trainer wrote.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore",
+                              use_attribute_docstrings=True)
+
+    def to_json(self) -> str:
+        """One compact line of JSON with the wire's (camelCase) keys."""
+        return json.dumps(self.to_wire(), separators=(",", ":"))
+
+    def to_wire(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class LastCheckpoint(_Wire):
+    step: int
+    path: str
+    time: str | None = None
+    """When it was written (RFC 3339); unknown for a checkpoint of an older trainer."""
+
+
+class Progress(_Wire):
+    """Rank 0's periodic report: the pod annotation, the metrics, the `on_progress` callback.
+    Every key is always present (null when unknown)."""
+
+    step: int
+    total_steps: int | None
+    """The step the step or token budget ends the run at; null with only a deadline."""
+    tokens_seen: int
+    token_budget: int | None
+    percent: float | None
+    """Of the nearest budget (steps or tokens), 0-100."""
+    loss: float | None
+    """Training loss, the mean over the last log window."""
+    learning_rate: float
+    grad_norm: float | None
+    tokens_per_second: float | None
+    """All workers together."""
+    mfu: float | None
+    """Model FLOPs utilisation, 0-1; null where the peak FLOP/s of the device is unknown."""
+    eta_seconds: int | None
+    """Until the nearest of the step, token and deadline budgets."""
+    updated_at: str
+    last_checkpoint: LastCheckpoint | None
+
+
+class TerminationMessage(_Wire):
+    """The one line `python -m forge_trainer` writes at exit, in the first process of each node.
+
+    A finished run (`completed`, or `preempted` with a checkpoint) carries the run's summary, every
+    key present; a failed one only `status`, `exitCode` and `message`. `step`, `totalSteps`,
+    `tokensSeen` and `lastCheckpoint` are the Progress object's, so rank 0's message is the final
+    progress. Written and read with the keys that were set (`exclude_unset`)."""
+
+    status: Literal["completed", "preempted", "failed"]
+    reason: str | None = None
+    """Why the run ended: max_steps, max_tokens, deadline or sigterm."""
+    step: int | None = None
+    total_steps: int | None = None
+    tokens_seen: int | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+    output_dir: str | None = None
+    checkpoint: str | None = None
+    last_checkpoint: LastCheckpoint | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    exit_code: int
+    message: str | None = None
+    """The error, for a failed run: `<kind>: <cause>` in one line."""
+
+    @classmethod
+    def failed(cls, error: TrainerError) -> TerminationMessage:
+        return cls(status="failed", exit_code=error.exit_code, message=str(error))
+
+    def to_wire(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)

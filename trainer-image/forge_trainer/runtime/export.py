@@ -8,36 +8,30 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
-import sys
 import uuid
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
-from .dist import Dist
-from .tokenizer import TextTokenizer
+from ..dist import Dist
 
 PROVENANCE = "provenance.json"
 
 
-def versions() -> dict:
-    import tokenizers
-    import transformers
+class ExportedTokenizer(Protocol):
+    """What the export needs of a tokenizer (data.tokenizer.TextTokenizer is one)."""
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "tokenizers": tokenizers.__version__,
-        "cuda": torch.version.cuda,
-    }
+    eos_id: int
+
+    def save_pretrained(self, out_dir: str | Path) -> None: ...
 
 
-def export(out_dir: str | Path, model, hf_cfg: PretrainedConfig, tokenizer: TextTokenizer, provenance: dict, d: Dist) -> Path | None:
+def export(out_dir: str | Path, model, hf_cfg: PretrainedConfig, tokenizer: ExportedTokenizer, provenance: dict,
+           d: Dist) -> Path | None:
     """Gather the full weights (a collective) and write the export on rank 0."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.is_main:
@@ -80,7 +74,3 @@ def _tied_keys(model) -> set[str]:
     if getattr(model.config, "tie_word_embeddings", False):
         return {"lm_head.weight"}
     return set()
-
-
-def runtime_info() -> dict:
-    return {"argv": sys.argv, "platform": platform.platform()}

@@ -1,18 +1,17 @@
-"""Models: Hugging Face causal LMs built from the config or loaded from a local
-directory, plus the arithmetic the loop needs (parameters, FLOPs, memory)."""
+"""The arithmetic of a model: parameters, training FLOPs per token, the memory one worker needs,
+and the peak FLOP/s of a device (for MFU)."""
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from .config import TrainerConfig
-from .exitcodes import ConfigError
+from ..config import TrainerConfig
+from ..contract import ConfigError
 
 # Peak dense bf16 tensor-core FLOP/s per device, by a substring of the CUDA device name.
 PEAK_FLOPS = {
@@ -26,48 +25,6 @@ PEAK_FLOPS = {
     "A10G": 70e12,
     "A10": 125e12,
 }
-
-
-def hf_config(config: TrainerConfig, vocab_size: int, eos_id: int) -> PretrainedConfig:
-    """The Hugging Face config of the model to train (from the architecture or the base model)."""
-    if config.model.base_path is not None:
-        path = Path(config.model.base_path)
-        if not (path / "config.json").exists():
-            raise ConfigError(f"model.base_path {path}: no config.json (a local Hugging Face model directory is needed)")
-        cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
-        if getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None):
-            cfg.output_router_logits = True
-        if vocab_size > cfg.vocab_size:
-            raise ConfigError(f"the tokenizer has {vocab_size} tokens but the base model only {cfg.vocab_size} embeddings")
-        return cfg
-    a = config.model.architecture
-    common = dict(
-        vocab_size=a.vocab_size or vocab_size,
-        hidden_size=a.hidden_size,
-        num_hidden_layers=a.num_layers,
-        num_attention_heads=a.num_attention_heads,
-        num_key_value_heads=a.num_key_value_heads or a.num_attention_heads,
-        max_position_embeddings=a.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta},
-        tie_word_embeddings=a.tie_word_embeddings,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        use_cache=False,
-    )
-    if common["vocab_size"] < vocab_size:
-        raise ConfigError(f"model.architecture.vocab_size {a.vocab_size} is smaller than the tokenizer's {vocab_size} tokens")
-    if a.family == "dense":
-        return LlamaConfig(intermediate_size=a.intermediate_size, head_dim=a.hidden_size // a.num_attention_heads, **common)
-    return Qwen3MoeConfig(
-        intermediate_size=a.intermediate_size,
-        num_experts=a.num_experts,
-        num_experts_per_tok=a.num_experts_per_token,
-        moe_intermediate_size=a.moe_intermediate_size,
-        norm_topk_prob=True,
-        output_router_logits=True,
-        router_aux_loss_coef=a.router_aux_loss_coef,
-        **common,
-    )
 
 
 @dataclass
@@ -173,28 +130,6 @@ def check_fits(cfg: PretrainedConfig, stats: ModelStats, config: TrainerConfig, 
         )
 
 
-def check_context(cfg: PretrainedConfig, seq_len: int) -> None:
-    ctx = getattr(cfg, "max_position_embeddings", None)
-    if ctx is not None and seq_len > ctx:
-        raise ConfigError(f"training.seq_len {seq_len} exceeds the model's context (max_position_embeddings {ctx})")
-
-
-def build_model(config: TrainerConfig, cfg: PretrainedConfig) -> torch.nn.Module:
-    """Random init from cfg (seeded), or the base model's weights; always SDPA attention, fp32 master weights."""
-    if config.model.base_path is not None:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                config.model.base_path, config=cfg, attn_implementation="sdpa", dtype=torch.float32, local_files_only=True
-            )
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot load model.base_path {config.model.base_path}: {e}") from e
-    else:
-        torch.manual_seed(config.training.seed)
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
-    model.config.use_cache = False
-    return model
-
-
 def peak_flops(device: torch.device, configured: float | None) -> float | None:
     if configured:
         return configured
@@ -205,7 +140,3 @@ def peak_flops(device: torch.device, configured: float | None) -> float | None:
         if key in name:
             return value
     return None
-
-
-def describe(cfg: PretrainedConfig) -> dict:
-    return json.loads(cfg.to_json_string(use_diff=False))

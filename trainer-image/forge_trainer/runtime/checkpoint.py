@@ -5,7 +5,7 @@ Layout of checkpoint.dir:
     step-00000500/            a complete checkpoint
       .metadata, __*.distcp   DCP: model and optimizer, one shard file per rank
       rng/rank-00000.pt       each rank's torch (and CUDA) RNG state
-      trainer_state.json      step, tokens, data-loader position, scheduler, losses, config
+      trainer_state.json      TrainState: step, tokens, data-loader position, losses, digests, config, line
     step-00001000.tmp/        a checkpoint being written (ignored, removed on the next save)
     latest                    the name of the newest complete checkpoint
 
@@ -17,7 +17,6 @@ file and rename). A kill at any moment leaves the previous checkpoint, and
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -27,9 +26,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from .dist import Dist
+from ..config import CheckpointConfig
+from ..contract import ConfigError, LastCheckpoint
+from ..dist import Dist
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,29 @@ LATEST = "latest"
 SLEEP_ENV = "FORGE_TEST_SLEEP_IN_SAVE"
 
 
+class TrainState(BaseModel):
+    """Everything a checkpoint holds beside the weights, the optimizer and the RNG (trainer_state.json)."""
+
+    model_config = ConfigDict(extra="ignore")  # a checkpoint of an older trainer still loads
+
+    step: int
+    tokens_seen: int = 0
+    loader: dict = {}
+    """The position of the method's batches (their state_dict)."""
+    world_size: int = 1
+    """Workers that wrote it (a run may resume on another number)."""
+    train_loss: float | None = None
+    val_loss: float | None = None
+    """The last validation loss; it may be of an earlier step."""
+    time: str | None = None
+    data_digest: str | None = None
+    tokenizer_digest: str | None = None
+    config: dict = {}
+    """The whole TrainerConfig of the run that wrote it."""
+    origin: str | None = None
+    """The checkpoint an explicit resume started this one's line from (None: a line from scratch)."""
+
+
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -47,15 +72,15 @@ def step_name(step: int) -> str:
 REPLACED = ".replaced-"  # a checkpoint being replaced by a new save of the same step
 
 
-def _committed_state(path: Path) -> dict | None:
+def _committed_state(path: Path) -> TrainState | None:
     """The trainer state of a committed checkpoint (renamed from .tmp, with DCP metadata); else None."""
     if path.name.endswith(".tmp") or not path.is_dir():
         return None
     try:
-        state = json.loads((path / STATE_FILE).read_text())
-    except (OSError, ValueError):
+        state = TrainState.model_validate_json((path / STATE_FILE).read_text())
+    except (OSError, ValidationError):
         return None
-    complete = (path / ".metadata").is_file() and path.name.removeprefix(REPLACED) == step_name(int(state.get("step", -1)))
+    complete = (path / ".metadata").is_file() and path.name.removeprefix(REPLACED) == step_name(state.step)
     return state if complete else None
 
 
@@ -84,11 +109,11 @@ def find_latest(ckpt_dir: str | Path) -> Path | None:
     return max(candidates, key=lambda p: (_step_of(p), not p.name.startswith(REPLACED)), default=None)
 
 
-def save(ckpt_dir: str | Path, step: int, model, optimizer, trainer_state: dict, keep_last: int, d: Dist) -> Path:
-    """Write a checkpoint of this step on every rank; returns its final path."""
+def save(ckpt_dir: str | Path, model, optimizer, state: TrainState, keep_last: int, d: Dist) -> LastCheckpoint:
+    """Write a checkpoint of ``state.step`` on every rank; returns where it is."""
     root = Path(ckpt_dir)
-    final = root / step_name(step)
-    tmp = root / (step_name(step) + ".tmp")
+    final = root / step_name(state.step)
+    tmp = root / (step_name(state.step) + ".tmp")
 
     def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
@@ -118,7 +143,7 @@ def save(ckpt_dir: str | Path, step: int, model, optimizer, trainer_state: dict,
     d.barrier()
 
     def commit() -> None:
-        _write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1, default=str))
+        _write_atomic(tmp / STATE_FILE, state.model_dump_json(indent=1))
         # The same step saved again (a resumed run with other settings) replaces it, and a kill at
         # any moment leaves one complete copy: the old one is renamed out of the way, not deleted,
         # until the new one is in place.
@@ -129,13 +154,13 @@ def save(ckpt_dir: str | Path, step: int, model, optimizer, trainer_state: dict,
         _write_atomic(root / LATEST, final.name + "\n")
         _fsync_dir(root)
         shutil.rmtree(replaced, ignore_errors=True)
-        _prune(root, keep_last, trainer_state.get("origin"))
+        _prune(root, keep_last, state.origin)
 
     d.on_main(commit, f"committing checkpoint {final.name}")
-    return final
+    return LastCheckpoint(step=state.step, path=str(final), time=state.time)
 
 
-def load(path: Path, model, optimizer, d: Dist) -> dict:
+def load(path: Path, model, optimizer, d: Dist) -> TrainState:
     """Restore model, optimizer and this rank's RNG from a checkpoint; returns its trainer state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
@@ -149,7 +174,7 @@ def load(path: Path, model, optimizer, d: Dist) -> dict:
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    return json.loads((path / STATE_FILE).read_text())
+    return TrainState.model_validate_json((path / STATE_FILE).read_text())
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -174,13 +199,34 @@ def _fsync_dir(path: Path) -> None:
 
 def origin(path: Path) -> str | None:
     """The checkpoint an explicit resume started this one's line from (None: a line from scratch)."""
-    return (_committed_state(path) or {}).get("origin")
+    state = _committed_state(path)
+    return state.origin if state else None
 
 
 def _prune(root: Path, keep_last: int, line: str | None) -> None:
     """Keep the newest keep_last checkpoints of this line. Checkpoints of another line (the run a
     resume from an earlier step went back from, or the checkpoint it resumed from) are left alone."""
     done = sorted(p for p in root.glob("step-*") if (state := _committed_state(p)) is not None
-                  and state.get("origin") == line)
+                  and state.origin == line)
     for old in done[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def choose_resume(c: CheckpointConfig) -> tuple[Path | None, str | None]:
+    """The checkpoint to resume from, and the line of checkpoints this run continues.
+
+    An explicit ``checkpoint.resume`` starts a line from that checkpoint (going back to an earlier
+    step, for instance); a restart of the same run continues the line from its newest checkpoint
+    instead of going back again. Rank 0 chooses for every rank: a shared file system may show ranks
+    different states for a moment."""
+    if c.resume == "never":
+        return None, None
+    latest = find_latest(c.dir)
+    if c.resume == "auto":
+        return latest, (origin(latest) if latest else None)
+    path = Path(c.resume)
+    if not is_complete(path):
+        raise ConfigError(f"checkpoint.resume {c.resume}: not a complete checkpoint")
+    if latest is not None and latest != path and origin(latest) == path.name:
+        return latest, path.name  # this run already went on from there
+    return path, path.name

@@ -1,4 +1,5 @@
-"""Progress reporting pieces: the Progress dict, the pod annotation writer, the termination message."""
+"""Progress reporting pieces (runtime/progress.py): the Progress object, the pod annotation writer, the
+termination message."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import logging
 import threading
 from datetime import datetime, timedelta, timezone
 
-from forge_trainer.progress import PROGRESS_ANNOTATION, PodAnnotator, build_progress, write_termination_message
+from forge_trainer.contract import PROGRESS_ANNOTATION, ConfigError, TerminationMessage
+from forge_trainer.runtime.progress import PodAnnotator, build_progress, write_termination_message
 
 NOW = datetime(2030, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -20,14 +22,14 @@ def _progress(**kw):
 
 def test_percent_and_eta_follow_the_nearest_budget():
     p = _progress()
-    assert p["percent"] == 25.0 and p["etaSeconds"] == 75  # 75 steps x 1000 tokens at 1000 tokens/s
-    assert p["updatedAt"] == "2030-01-01T12:00:00Z"
+    assert p.percent == 25.0 and p.eta_seconds == 75  # 75 steps x 1000 tokens at 1000 tokens/s
+    assert p.updated_at == "2030-01-01T12:00:00Z"
     p = _progress(token_budget=50_000)  # the token budget ends the run first
-    assert p["percent"] == 50.0 and p["etaSeconds"] == 25
+    assert p.percent == 50.0 and p.eta_seconds == 25
     p = _progress(deadline=NOW + timedelta(seconds=10))
-    assert p["etaSeconds"] == 10
+    assert p.eta_seconds == 10
     p = _progress(total_steps=None, tokens_per_second=None)
-    assert p["percent"] is None and p["etaSeconds"] is None
+    assert p.percent is None and p.eta_seconds is None
 
 
 class _FakeApi:
@@ -50,7 +52,7 @@ def test_the_pod_annotation_carries_the_progress_json():
     annotator.close()
     name, namespace, body = api.calls[-1]
     assert (name, namespace) == ("worker-0", "team-a")
-    assert json.loads(body["metadata"]["annotations"][PROGRESS_ANNOTATION]) == _progress()
+    assert json.loads(body["metadata"]["annotations"][PROGRESS_ANNOTATION]) == _progress().to_wire()
 
 
 def test_failed_patches_are_logged_once_and_never_raise(caplog):
@@ -74,7 +76,8 @@ def test_no_annotator_outside_a_cluster(monkeypatch):
 
 
 def test_termination_message_only_where_it_can_be_written(tmp_path):
-    write_termination_message(str(tmp_path / "term"), {"status": "completed"})
-    assert (tmp_path / "term").read_text() == '{"status":"completed"}\n'
-    write_termination_message(str(tmp_path / "missing-dir" / "term"), {"status": "completed"})
+    message = TerminationMessage.failed(ConfigError("bad field"))
+    write_termination_message(str(tmp_path / "term"), message)
+    assert (tmp_path / "term").read_text() == '{"status":"failed","exitCode":78,"message":"config error: bad field"}\n'
+    write_termination_message(str(tmp_path / "missing-dir" / "term"), message)
     assert not (tmp_path / "missing-dir").exists()

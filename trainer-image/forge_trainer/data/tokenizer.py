@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .exitcodes import ConfigError, DataError
+from ..contract import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

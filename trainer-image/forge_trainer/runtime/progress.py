@@ -1,9 +1,8 @@
-"""How the world learns about a run: a Progress dict for callbacks, the pod's
+"""How the world learns about a run: a Progress object for callbacks, the pod's
 `forge.dev/progress` annotation, Prometheus metrics, and the termination message."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -11,15 +10,12 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..contract import (POD_NAME_ENV, POD_NAMESPACE_ENV, PROGRESS_ANNOTATION, LastCheckpoint, Progress,
+                        TerminationMessage, rfc3339)
+
 log = logging.getLogger(__name__)
 
-from .contract import POD_NAME_ENV, POD_NAMESPACE_ENV, PROGRESS_ANNOTATION  # noqa: F401 (re-exported)
 SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
-
-
-def rfc3339(t: datetime | None = None) -> str:
-    t = t or datetime.now(timezone.utc)
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def build_progress(
@@ -33,11 +29,11 @@ def build_progress(
     grad_norm: float | None,
     tokens_per_second: float | None,
     mfu: float | None,
-    last_checkpoint: dict | None,
+    last_checkpoint: LastCheckpoint | None,
     deadline: datetime | None = None,
     now: datetime | None = None,
-) -> dict:
-    """The Progress object, camelCase keys as the operator's status expects them."""
+) -> Progress:
+    """The Progress object: percent and ETA follow the nearest of the step, token and deadline budgets."""
     now = now or datetime.now(timezone.utc)
     fractions = []
     if total_steps:
@@ -57,21 +53,21 @@ def build_progress(
     if deadline is not None:
         left = (deadline - now).total_seconds()
         eta = max(left, 0.0) if eta is None else max(min(eta, left), 0.0)
-    return {
-        "step": step,
-        "totalSteps": total_steps,
-        "tokensSeen": tokens_seen,
-        "tokenBudget": token_budget,
-        "percent": None if percent is None else round(percent, 2),
-        "loss": loss,
-        "learningRate": learning_rate,
-        "gradNorm": grad_norm,
-        "tokensPerSecond": None if tokens_per_second is None else round(tokens_per_second, 1),
-        "mfu": None if mfu is None else round(mfu, 4),
-        "etaSeconds": None if eta is None else round(eta),
-        "updatedAt": rfc3339(now),
-        "lastCheckpoint": last_checkpoint,
-    }
+    return Progress(
+        step=step,
+        total_steps=total_steps,
+        tokens_seen=tokens_seen,
+        token_budget=token_budget,
+        percent=None if percent is None else round(percent, 2),
+        loss=loss,
+        learning_rate=learning_rate,
+        grad_norm=grad_norm,
+        tokens_per_second=None if tokens_per_second is None else round(tokens_per_second, 1),
+        mfu=None if mfu is None else round(mfu, 4),
+        eta_seconds=None if eta is None else round(eta),
+        updated_at=rfc3339(now),
+        last_checkpoint=last_checkpoint,
+    )
 
 
 class PodAnnotator:
@@ -103,7 +99,7 @@ class PodAnnotator:
             log.warning("cannot report progress on pod %s/%s: %s", namespace, name, e)
             return None
 
-    def submit(self, progress: dict) -> None:
+    def submit(self, progress: Progress) -> None:
         try:
             self._queue.get_nowait()
         except queue.Empty:
@@ -122,7 +118,7 @@ class PodAnnotator:
             progress = self._queue.get()
             if progress is None:
                 return
-            body = {"metadata": {"annotations": {PROGRESS_ANNOTATION: json.dumps(progress, separators=(",", ":"))}}}
+            body = {"metadata": {"annotations": {PROGRESS_ANNOTATION: progress.to_json()}}}
             try:
                 self._api.patch_namespaced_pod(self._name, self._namespace, body, _request_timeout=10)
             except Exception as e:
@@ -151,15 +147,15 @@ class Metrics:
         started = start_http_server(port, registry=self.registry)
         self._server = started[0] if isinstance(started, tuple) else None
 
-    def update(self, p: dict) -> None:
-        self.step.set(p["step"])
-        delta = p["tokensSeen"] - self._tokens_reported
+    def update(self, p: Progress) -> None:
+        self.step.set(p.step)
+        delta = p.tokens_seen - self._tokens_reported
         if delta > 0:
             self.tokens.inc(delta)
-            self._tokens_reported = p["tokensSeen"]
-        for gauge, key in ((self.loss, "loss"), (self.lr, "learningRate"), (self.grad_norm, "gradNorm"),
-                           (self.tps, "tokensPerSecond"), (self.mfu, "mfu"), (self.eta, "etaSeconds")):
-            gauge.set(p[key] if p[key] is not None else 0)
+            self._tokens_reported = p.tokens_seen
+        for gauge, value in ((self.loss, p.loss), (self.lr, p.learning_rate), (self.grad_norm, p.grad_norm),
+                             (self.tps, p.tokens_per_second), (self.mfu, p.mfu), (self.eta, p.eta_seconds)):
+            gauge.set(value if value is not None else 0)
 
     def close(self) -> None:
         if self._server is not None:
@@ -170,15 +166,12 @@ class Metrics:
 class Reporter:
     """Rank 0's progress fan-out: callback, pod annotation, metrics."""
 
-    def __init__(self, on_progress, metrics_port: int | None, interval: float):
+    def __init__(self, on_progress, metrics_port: int | None):
         self.on_progress = on_progress
-        self.interval = interval
         self.annotator = PodAnnotator.from_env()
         self.metrics = Metrics(metrics_port) if metrics_port else None
-        self.last: dict | None = None
 
-    def report(self, progress: dict) -> None:
-        self.last = progress
+    def report(self, progress: Progress) -> None:
         if self.metrics is not None:
             self.metrics.update(progress)
         if self.annotator is not None:
@@ -193,12 +186,13 @@ class Reporter:
             self.metrics.close()
 
 
-def write_termination_message(path: str, summary: dict) -> None:
+def write_termination_message(path: str, message: TerminationMessage) -> None:
     """One line of JSON for the kubelet's terminationMessagePath, if its directory is writable."""
     p = Path(path)
     try:
         if not p.parent.is_dir() or not os.access(p.parent, os.W_OK) and not os.access(p, os.W_OK):
             return
-        p.write_text(json.dumps(summary, separators=(",", ":"), default=str) + "\n")
+        p.write_text(message.to_json() + "\n")
     except OSError:
         pass
+

@@ -1,5 +1,5 @@
-"""Checkpoint files on disk: a save of a step that already exists replaces it without a moment in
-which no complete copy exists."""
+"""Checkpoint files on disk (runtime/checkpoint.py): a save of a step that already exists replaces it
+without a moment in which no complete copy exists; an explicit resume starts a line of its own."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ from pathlib import Path
 
 import torch
 
-from forge_trainer import checkpoint
-from forge_trainer.checkpoint import REPLACED, find_latest, is_complete, load, save
 from forge_trainer.dist import Dist
+from forge_trainer.runtime import checkpoint
+from forge_trainer.runtime.checkpoint import REPLACED, TrainState, find_latest, is_complete, load
+
+
+def save(root: Path, step: int, model, optimizer, keep_last: int) -> Path:
+    return Path(checkpoint.save(root, model, optimizer, TrainState(step=step), keep_last, Dist()).path)
 
 
 def _model_and_optimizer(value: float):
@@ -27,14 +31,14 @@ def _weight(path: Path) -> float:
 
 
 def test_saving_a_step_again_replaces_it(tmp_path):
-    save(tmp_path, 10, *_model_and_optimizer(1.0), {"step": 10}, keep_last=2, d=Dist())
-    final = save(tmp_path, 10, *_model_and_optimizer(2.0), {"step": 10}, keep_last=2, d=Dist())
+    save(tmp_path, 10, *_model_and_optimizer(1.0), keep_last=2)
+    final = save(tmp_path, 10, *_model_and_optimizer(2.0), keep_last=2)
     assert find_latest(tmp_path) == final and _weight(final) == 2.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000010"]
 
 
 def test_a_kill_between_the_two_renames_leaves_the_old_copy_found_and_restored(tmp_path, monkeypatch):
-    save(tmp_path, 10, *_model_and_optimizer(1.0), {"step": 10}, keep_last=1, d=Dist())
+    save(tmp_path, 10, *_model_and_optimizer(1.0), keep_last=1)
     rename = os.rename
 
     def killed_after_the_first_rename(src, dst, **kw):
@@ -44,7 +48,7 @@ def test_a_kill_between_the_two_renames_leaves_the_old_copy_found_and_restored(t
 
     monkeypatch.setattr(checkpoint.os, "rename", killed_after_the_first_rename)
     try:
-        save(tmp_path, 10, *_model_and_optimizer(2.0), {"step": 10}, keep_last=1, d=Dist())
+        save(tmp_path, 10, *_model_and_optimizer(2.0), keep_last=1)
     except KeyboardInterrupt:
         pass
     monkeypatch.undo()
@@ -52,7 +56,7 @@ def test_a_kill_between_the_two_renames_leaves_the_old_copy_found_and_restored(t
     assert not (tmp_path / "step-00000010").exists() and is_complete(aside)
     assert find_latest(tmp_path) == aside and _weight(aside) == 1.0
     # the next save puts it back where it was before it writes its own
-    final = save(tmp_path, 20, *_model_and_optimizer(3.0), {"step": 20}, keep_last=2, d=Dist())
+    final = save(tmp_path, 20, *_model_and_optimizer(3.0), keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000010", "step-00000020"]
     assert _weight(tmp_path / "step-00000010") == 1.0 and find_latest(tmp_path) == final
 

@@ -1,0 +1,55 @@
+"""The wire format shared with the operator (contract.py): the exact JSON it parses, exit codes, errors."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+from forge_trainer.contract import (ConfigError, DataError, ExitCode, LastCheckpoint, Progress, StoppedBeforeTraining,
+                                    TerminationMessage, TrainerError, error_named)
+from forge_trainer.runtime.progress import build_progress
+
+NOW = datetime(2030, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+CKPT = LastCheckpoint(step=20, path="/ckpt/step-00000020", time="2030-01-01T11:59:00Z")
+
+
+def test_the_progress_annotation_has_every_key_in_camel_case():
+    p = build_progress(step=25, total_steps=100, tokens_seen=25_000, token_budget=None, loss=2.5, learning_rate=1e-3,
+                       grad_norm=0.5, tokens_per_second=1000.0, mfu=None, last_checkpoint=CKPT, now=NOW)
+    assert p.to_json() == (
+        '{"step":25,"totalSteps":100,"tokensSeen":25000,"tokenBudget":null,"percent":25.0,"loss":2.5,'
+        '"learningRate":0.001,"gradNorm":0.5,"tokensPerSecond":1000.0,"mfu":null,"etaSeconds":75,'
+        '"updatedAt":"2030-01-01T12:00:00Z",'
+        '"lastCheckpoint":{"step":20,"path":"/ckpt/step-00000020","time":"2030-01-01T11:59:00Z"}}')
+    assert Progress.model_validate_json(p.to_json()) == p  # what the operator parses is what was sent
+
+
+def test_a_finished_runs_message_has_every_key_a_failed_ones_only_the_error():
+    done = TerminationMessage(status="completed", reason="max_steps", step=30, total_steps=30, tokens_seen=30_720,
+                              train_loss=1.5, val_loss=None, output_dir="/out", checkpoint=CKPT.path, last_checkpoint=CKPT,
+                              started_at="2030-01-01T11:00:00Z", ended_at="2030-01-01T12:00:00Z", exit_code=ExitCode.OK)
+    assert list(json.loads(done.to_json())) == [
+        "status", "reason", "step", "totalSteps", "tokensSeen", "trainLoss", "valLoss", "outputDir", "checkpoint",
+        "lastCheckpoint", "startedAt", "endedAt", "exitCode"]
+    assert json.loads(done.to_json())["valLoss"] is None  # present: the operator tells a summary by its keys
+    failed = TerminationMessage.failed(DataError("data.sources[0].path /d: no files match **/*.txt"))
+    assert failed.to_json() == ('{"status":"failed","exitCode":65,'
+                                '"message":"data error: data.sources[0].path /d: no files match **/*.txt"}')
+    for message in (done, failed):
+        assert TerminationMessage.model_validate_json(message.to_json()).to_json() == message.to_json()
+
+
+def test_the_operator_reads_messages_with_keys_it_does_not_know():
+    line = '{"status":"preempted","exitCode":75,"step":12,"fromTheFuture":true}'
+    message = TerminationMessage.model_validate_json(line)
+    assert (message.status, message.exit_code, message.step) == ("preempted", ExitCode.PREEMPTED, 12)
+
+
+def test_exit_codes_and_the_errors_that_carry_them():
+    assert {c.name: int(c) for c in ExitCode} == {"OK": 0, "DATA_ERROR": 65, "PREEMPTED": 75, "CONFIG_ERROR": 78}
+    assert (DataError.exit_code, ConfigError.exit_code, StoppedBeforeTraining.exit_code) == (65, 78, 75)
+    assert str(ConfigError("bad")) == "config error: bad"
+    # another rank's error, sent by class name and message, is the same error here
+    again = error_named("ConfigError", "bad")
+    assert isinstance(again, ConfigError) and again.exit_code == ExitCode.CONFIG_ERROR and str(again) == "config error: bad"
+    assert isinstance(error_named("TrainerError", "x"), TrainerError) and error_named("OSError", "x") is None

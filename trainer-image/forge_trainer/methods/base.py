@@ -1,0 +1,64 @@
+"""What a training method is to the loop: it prepares its data, serves its batches and computes its
+loss. The loop (train.py) calls these hooks only; a new method is a new module behind this protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from ..data.tokenizer import TextTokenizer
+from ..dist import Dist
+from ..runtime.signals import SigtermFlag
+
+
+@dataclass
+class Dataset:
+    """A method's prepared data, as the rest of the run sees it."""
+
+    tokenizer: TextTokenizer
+    digest: str
+    """Of the source files as read; a resumed run whose data changed warns."""
+    provenance: dict
+    """provenance.json's `data` section."""
+
+
+@dataclass
+class Loss:
+    """One micro-batch's loss."""
+
+    value: torch.Tensor
+    """The method's loss: logged, reported, evaluated."""
+    total: torch.Tensor
+    """What is back-propagated: the value plus any auxiliary term."""
+    aux: torch.Tensor | None = None
+    """An auxiliary term (the MoE router's balance), logged on its own as aux_loss."""
+
+
+class Batches(Protocol):
+    """A method's training stream: deterministic and resumable; every rank advances the same global
+    state and keeps its own slice, so the state does not depend on the world size."""
+
+    def next_step(self, global_batch: int, rank: int, world: int) -> Any:
+        """This rank's rows of the next optimizer step: an array or tensor whose first dimension counts
+        sequences (the loop cuts it into micro-batches)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Method(Protocol):
+    """One training method, built from the TrainerConfig (`methods.build_method`)."""
+
+    def prepare(self, d: Dist, stop: SigtermFlag) -> Dataset:
+        """Make the data usable on every rank (rank 0 prepares, the others wait), before the model exists."""
+
+    def batches(self) -> Batches: ...
+
+    def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> Loss:
+        """The loss of one micro-batch (already on the model's device, under autocast)."""
+
+    def evaluate(self, model: torch.nn.Module, autocast, d: Dist) -> float | None:
+        """The validation loss over every rank (None: no validation data); a collective."""

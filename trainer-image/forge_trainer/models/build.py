@@ -1,0 +1,77 @@
+"""The model to train: its Hugging Face config (a family from the architecture, or the base model's),
+the checks that it can run here, and its weights (seeded random init, or the base's)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from ..config import TrainerConfig
+from ..contract import ConfigError
+from ..dist import Dist
+from ..runtime.signals import SigtermFlag, on_every_rank
+from . import base, dense, moe
+from .stats import ModelStats, check_fits, model_stats
+
+FAMILIES = {"dense": dense.hf_config, "moe": moe.hf_config}
+"""model.architecture.family -> the function that builds its Hugging Face config."""
+
+
+def hf_config(config: TrainerConfig, vocab_size: int, eos_id: int) -> PretrainedConfig:
+    """The Hugging Face config of the model to train (from the architecture or the base model)."""
+    if config.model.base_path is not None:
+        return base.hf_config(config.model.base_path, vocab_size)
+    a = config.model.architecture
+    if (a.vocab_size or vocab_size) < vocab_size:
+        raise ConfigError(f"model.architecture.vocab_size {a.vocab_size} is smaller than the tokenizer's {vocab_size} tokens")
+    return FAMILIES[a.family](
+        a,
+        vocab_size=a.vocab_size or vocab_size,
+        hidden_size=a.hidden_size,
+        num_hidden_layers=a.num_layers,
+        num_attention_heads=a.num_attention_heads,
+        num_key_value_heads=a.num_key_value_heads or a.num_attention_heads,
+        max_position_embeddings=a.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta},
+        tie_word_embeddings=a.tie_word_embeddings,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        use_cache=False,
+    )
+
+
+def check_model(config: TrainerConfig, cfg: PretrainedConfig, d: Dist, bf16: bool, stop: SigtermFlag) -> ModelStats:
+    """Fail before allocating anything when training.seq_len exceeds the model's context, or when the
+    model and micro-batch cannot fit in one worker's memory (checked on every rank: all fail together)."""
+    seq_len = config.training.seq_len
+    context = getattr(cfg, "max_position_embeddings", None)
+    if context is not None and seq_len > context:
+        raise ConfigError(f"training.seq_len {seq_len} exceeds the model's context (max_position_embeddings {context})")
+    stats = model_stats(cfg, seq_len)
+    on_every_rank(d, lambda: check_fits(cfg, stats, config, d.world, d.local_world, d.device, bf16), stop)
+    return stats
+
+
+def preflight(config: TrainerConfig, d: Dist, bf16: bool, stop: SigtermFlag) -> None:
+    """check_model with the configured vocabulary size, before any data is tokenized (it runs again
+    with the real tokenizer once that exists)."""
+    arch, train = config.model.architecture, config.tokenizer.train
+    vocab = (arch and arch.vocab_size) or (train and train.vocab_size) or 1
+    check_model(config, hf_config(config, vocab, 0), d, bf16, stop)
+
+
+def build_model(config: TrainerConfig, cfg: PretrainedConfig) -> torch.nn.Module:
+    """Random init from cfg (seeded), or the base model's weights; always SDPA attention, fp32 master weights."""
+    if config.model.base_path is not None:
+        model = base.load(config.model.base_path, cfg)
+    else:
+        torch.manual_seed(config.training.seed)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    model.config.use_cache = False
+    return model
+
+
+def describe(cfg: PretrainedConfig) -> dict:
+    return json.loads(cfg.to_json_string(use_diff=False))
