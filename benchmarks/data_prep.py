@@ -3,7 +3,7 @@
 Both tokenize the same files with the same byte-level BPE (trained once with
 `tokenizers` on the data) in the same process, one after the other:
 
-- forge: `data_digest` + `prepare` end to end: SHA-256 of every file, read,
+- forge: `data_digest` + `prepare_dataset` end to end: SHA-256 of every file, read,
   encode (tiktoken with the BPE's merges), write the uint16 shard and manifest.
 - baseline: read the files into a `datasets.Dataset`, then `.map(tokenize,
   batched=True)` with the same tokenizer as a transformers fast tokenizer (no
@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 from forge_trainer.config import TrainerConfig
-from forge_trainer.data import data_digest, prepare
-from forge_trainer.tokenizer import EOS, TextTokenizer, train_bpe
+from forge_trainer.data.prepare import prepare_dataset
+from forge_trainer.data.sources import data_digest
+from forge_trainer.data.tokenizer import EOS, TextTokenizer, train_bpe
 
 
 def main() -> None:
@@ -60,7 +61,7 @@ def main() -> None:
             shutil.rmtree(work / "cache", ignore_errors=True)
             t0 = time.perf_counter()
             d, listing = data_digest(config.data)
-            path = prepare(config, tokenizer, d, listing)
+            path = prepare_dataset(config, tokenizer, d, listing)
             forge_s.append(time.perf_counter() - t0)
         forge_tokens = sum(s["tokens"] for s in __import__("json").loads((path / "manifest.json").read_text())["sources"])
 

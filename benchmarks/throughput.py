@@ -58,8 +58,12 @@ def main() -> None:
 
     from forge_trainer.config import TrainerConfig
     from forge_trainer.dist import init_distributed, shutdown
-    from forge_trainer.model import build_model, check_fits, hf_config, model_stats, peak_flops
-    from forge_trainer.train import _build_optimizer, _parallelize, _train_step
+    from forge_trainer.methods.pretrain import Pretrain
+    from forge_trainer.models.build import build_model, hf_config
+    from forge_trainer.models.parallel import parallelize
+    from forge_trainer.models.stats import check_fits, model_stats, peak_flops
+    from forge_trainer.runtime.optim import build_optimizer
+    from forge_trainer.train import train_step
 
     seq_len, micro, vocab = shape.pop("seq_len"), shape.pop("micro_batch"), shape["vocab_size"]
     d = init_distributed()
@@ -77,16 +81,16 @@ def main() -> None:
     cfg = hf_config(config, vocab, 0)
     stats = model_stats(cfg, seq_len)
     check_fits(cfg, stats, config, world, d.local_world, d.device, bf16)
-    model = _parallelize(build_model(config, cfg), d, bf16, args.compile)
-    optimizer = _build_optimizer(model, t, d.device)
+    model = parallelize(build_model(config, cfg), d, bf16, args.compile)
+    optimizer = build_optimizer(model, t, d.device)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    aux_coef = getattr(cfg, "router_aux_loss_coef", 0.0) if getattr(cfg, "output_router_logits", False) else 0.0
+    method = Pretrain(config)  # its loss only: the batches are random tokens
     rng = np.random.default_rng(d.rank)
     per_rank = micro * args.grad_accum
 
     def step():
         windows = rng.integers(0, vocab, size=(per_rank, seq_len + 1), dtype=np.int64)
-        loss, _, _ = _train_step(model, optimizer, windows, t, args.grad_accum, autocast, aux_coef, d)
+        loss, _, _ = train_step(model, optimizer, method, windows, args.grad_accum, micro, t.grad_clip, autocast, d)
         return loss
 
     for _ in range(args.warmup):

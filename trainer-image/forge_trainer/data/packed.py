@@ -67,10 +67,6 @@ class TokenData:
         self.weights = [w / total for w in self.weights]
 
     @property
-    def train_tokens(self) -> int:
-        return sum(w * self.seq_len for _, w in self.train)
-
-    @property
     def val_windows(self) -> int:
         return sum(w for _, _, w in self.val)
 

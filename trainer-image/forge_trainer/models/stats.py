@@ -34,10 +34,6 @@ class ModelStats:
     active_params: int  # what one token touches, for FLOPs: non-embedding, active experts only
     flops_per_token: float  # forward + backward
 
-    @property
-    def is_moe(self) -> bool:
-        return self.active_params < self.params - self.embedding_params
-
 
 def model_stats(cfg: PretrainedConfig, seq_len: int) -> ModelStats:
     """Parameter counts and training FLOPs per token, from a meta-device model (allocates nothing).
