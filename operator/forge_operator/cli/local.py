@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from forge_trainer import exitcodes
+from forge_trainer.contract import ExitCode, Progress
 
 from ..api.base import PvcLocation, format_error
 from ..api.training import ForgeTraining
@@ -51,17 +51,17 @@ class ProgressBar:
 
         self.bar = tqdm(unit="step", dynamic_ncols=True, file=sys.stderr)
 
-    def __call__(self, p: dict) -> None:
-        if p.get("totalSteps") and self.bar.total != p["totalSteps"]:
-            self.bar.total = p["totalSteps"]
-        self.bar.n = p.get("step", 0)
+    def __call__(self, p: Progress) -> None:
+        if p.total_steps and self.bar.total != p.total_steps:
+            self.bar.total = p.total_steps
+        self.bar.n = p.step
         post = {}
-        if p.get("loss") is not None:
-            post["loss"] = f"{p['loss']:.3f}"
-        if p.get("tokensPerSecond"):
-            post["tok/s"] = f"{p['tokensPerSecond']:,.0f}"
-        if p.get("etaSeconds") is not None:
-            post["eta"] = f"{int(p['etaSeconds']) // 60}m{int(p['etaSeconds']) % 60:02d}s"
+        if p.loss is not None:
+            post["loss"] = f"{p.loss:.3f}"
+        if p.tokens_per_second:
+            post["tok/s"] = f"{p.tokens_per_second:,.0f}"
+        if p.eta_seconds is not None:
+            post["eta"] = f"{p.eta_seconds // 60}m{p.eta_seconds % 60:02d}s"
         self.bar.set_postfix(post, refresh=False)
         self.bar.refresh()
 
@@ -83,10 +83,10 @@ def train_local(path: str, volumes: list[str], prompt: str | None = None) -> int
                                 termination_message_path=str(Path(output_dir) / "run-summary.json"))
     except (ValidationError, TranslationError, ValueError, OSError) as err:
         print(f"forge: {path}: {format_error(err)}", file=sys.stderr)
-        return exitcodes.CONFIG_ERROR
+        return ExitCode.CONFIG_ERROR
 
     import forge_trainer
-    from forge_trainer.exitcodes import TrainerError
+    from forge_trainer.contract import TrainerError
 
     print(f"forge: training {ft.metadata.name} ({ft.spec.method}) -> {output_dir}", file=sys.stderr)
     bar = ProgressBar()
@@ -100,7 +100,7 @@ def train_local(path: str, volumes: list[str], prompt: str | None = None) -> int
     if summary.status != "completed":
         print(f"forge: stopped at step {summary.step} ({summary.reason}); run the same command to resume "
               f"from {summary.checkpoint}", file=sys.stderr)
-        return exitcodes.PREEMPTED
+        return ExitCode.PREEMPTED
     if summary.step == summary.start_step:  # nothing trained in this run
         if summary.reason in ("max_steps", "max_tokens"):  # run again after it finished
             print(f"{ft.metadata.name} is already complete at step {summary.step} (checkpoint {summary.checkpoint})")
@@ -115,4 +115,4 @@ def train_local(path: str, volumes: list[str], prompt: str | None = None) -> int
     completion = forge_trainer.sample(summary.output_dir, text, max_new_tokens=48)
     print(f"sample ({text!r} ->):\n{completion}")
     print(f"model: {summary.output_dir} (Hugging Face format; provenance.json beside it)")
-    return exitcodes.OK
+    return ExitCode.OK

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from forge_trainer import exitcodes
+from forge_trainer.contract import ExitCode
 
 from ..api.enums import ConditionType as T, Reason
 from ..api.training import ForgeTraining
@@ -20,7 +20,7 @@ from .observe import Attempt, Observed, job_condition, last_json_line, node_read
 
 MAX_RESTART_RECORDS = 20
 # exit codes that no restart can fix, whatever failurePolicy.nonRetryableExitCodes says
-ALWAYS_NON_RETRYABLE = (exitcodes.DATA_ERROR, exitcodes.CONFIG_ERROR)
+ALWAYS_NON_RETRYABLE = (int(ExitCode.DATA_ERROR), int(ExitCode.CONFIG_ERROR))
 # restarts the user asked for (an edit) do not use up failurePolicy.maxRestarts
 NOT_A_FAILURE = (Reason.RESOURCES_CHANGED,)
 
@@ -58,10 +58,10 @@ def pod_failure(pod: dict[str, Any]) -> Failure | None:
     if trainer_code:
         code = trainer_code
     elif summary.get("status") == "preempted":
-        code = exitcodes.PREEMPTED
+        code = int(ExitCode.PREEMPTED)
     if term.get("reason") == "OOMKilled":
         return Failure(Reason.OOM_KILLED, f"pod {name} on node {node} was OOM-killed (exit code {code})", code)
-    if code == exitcodes.PREEMPTED:
+    if code == ExitCode.PREEMPTED:
         return Failure(Reason.PREEMPTED, f"pod {name} on node {node} was stopped and saved a checkpoint "
                                          f"(exit code {code})", code, from_trainer)
     detail = summary.get("message") or ((term.get("message") or "").strip().splitlines() or [""])[-1]
