@@ -57,7 +57,7 @@ def main() -> None:
     import torch
 
     from forge_trainer.config import TrainerConfig
-    from forge_trainer.dist import init_distributed, shutdown
+    from forge_trainer.runtime.dist import init_distributed, shutdown
     from forge_trainer.methods.pretrain import Pretrain
     from forge_trainer.models.build import build_model, hf_config
     from forge_trainer.models.parallel import parallelize

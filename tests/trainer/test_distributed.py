@@ -69,7 +69,7 @@ def _on_two_ranks(rank: int, init_file: str, results: str, work) -> None:
     """One of two gloo processes: runs ``work(rank, dist)`` and writes what came of it to rank-N."""
     import torch.distributed as dist
 
-    from forge_trainer.dist import Dist
+    from forge_trainer.runtime.dist import Dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:

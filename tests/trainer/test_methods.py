@@ -10,7 +10,7 @@ import torch
 from trainer_helpers import tiny_config
 
 from forge_trainer.config import ArchitectureConfig
-from forge_trainer.dist import Dist
+from forge_trainer.runtime.dist import Dist
 from forge_trainer.methods import METHODS, Loss, build_method
 from forge_trainer.methods.pretrain import Pretrain
 from forge_trainer.models.build import build_model, hf_config

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from forge_trainer.dist import Dist
+from forge_trainer.runtime.dist import Dist
 from forge_trainer.runtime import checkpoint
 from forge_trainer.runtime.checkpoint import REPLACED, TrainState, find_latest, is_complete, load
 

@@ -20,7 +20,6 @@ from transformers import PretrainedConfig
 
 from .config import BudgetConfig, TrainerConfig
 from .contract import ConfigError, ExitCode, LastCheckpoint, Progress, TerminationMessage, rfc3339
-from .dist import Dist, init_distributed, shutdown
 from .methods import Batches, Dataset, Method, build_method
 from .models.build import build_model, check_model, describe, hf_config, preflight
 from .models.parallel import parallelize
@@ -28,6 +27,7 @@ from .models.stats import ModelStats, peak_flops
 from .runtime import checkpoint
 from .runtime.budget import Timings, budget_reached, total_steps
 from .runtime.checkpoint import TrainState, choose_resume
+from .runtime.dist import Dist, init_distributed, shutdown
 from .runtime.export import export
 from .runtime.optim import build_optimizer, lr_at, set_lr
 from .runtime.progress import Reporter, build_progress

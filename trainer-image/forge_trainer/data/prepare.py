@@ -27,7 +27,7 @@ import numpy as np
 
 from ..config import TrainerConfig
 from ..contract import DataError, StoppedBeforeTraining
-from ..dist import Dist, hostname
+from ..runtime.dist import Dist, hostname
 from ..runtime.signals import SigtermFlag, on_every_rank
 from .sources import data_digest, iter_documents, read_bytes, source_label
 from .tokenizer import TextTokenizer, check_vocab, iter_limited, train_bpe

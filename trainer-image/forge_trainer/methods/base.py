@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import torch
 
 from ..data.tokenizer import TextTokenizer
-from ..dist import Dist
+from ..runtime.dist import Dist
 from ..runtime.signals import SigtermFlag
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ..config import TrainerConfig
 from ..data.packed import TokenData, TrainLoader, validation_indices
 from ..data.prepare import prepare_on_ranks
-from ..dist import Dist
+from ..runtime.dist import Dist
 from ..runtime.signals import SigtermFlag
 from .base import Batches, Dataset, Loss
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..config import TrainerConfig
 from ..contract import ConfigError
-from ..dist import Dist
+from ..runtime.dist import Dist
 from ..runtime.signals import SigtermFlag, on_every_rank
 from . import base, dense, moe
 from .stats import ModelStats, check_fits, model_stats

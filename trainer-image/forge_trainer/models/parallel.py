@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dist import Dist
+from ..runtime.dist import Dist
 
 
 def parallelize(model: torch.nn.Module, d: Dist, bf16: bool, compile: bool) -> torch.nn.Module:

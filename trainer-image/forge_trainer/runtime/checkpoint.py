@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from ..config import CheckpointConfig
 from ..contract import ConfigError, LastCheckpoint
-from ..dist import Dist
+from .dist import Dist
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
-from ..dist import Dist
+from .dist import Dist
 
 PROVENANCE = "provenance.json"
 

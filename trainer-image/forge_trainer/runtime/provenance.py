@@ -10,7 +10,7 @@ import torch
 
 from ..config import TrainerConfig
 from ..contract import rfc3339
-from ..dist import Dist, hostname
+from .dist import Dist, hostname
 from .checkpoint import TrainState
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from ..contract import StoppedBeforeTraining
-from ..dist import Dist
+from .dist import Dist
 
 STOPPED = "SIGTERM before the first step; nothing to save"
 

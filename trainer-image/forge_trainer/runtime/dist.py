@@ -10,7 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .exitcodes import TrainerError, error_named
+from ..contract import TrainerError, error_named
 
 # Rank 0 may tokenize a large corpus while the others wait: give that wait (and
 # only that one) a long timeout on a side group, keeping the default elsewhere.
