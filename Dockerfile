@@ -12,7 +12,7 @@ WORKDIR /src
 COPY pyproject.toml ./
 COPY requirements/dev.lock requirements/dev.lock
 COPY operator/ operator/
-# the operator imports forge_trainer.config and .exitcodes (plain Python) to translate specs
+# the operator imports forge_trainer.config and .contract (plain Python, no torch) to translate specs
 COPY trainer-image/forge_trainer/ trainer-image/forge_trainer/
 RUN python -m venv /opt/forge \
  && /opt/forge/bin/pip install --constraint requirements/dev.lock ".[operator]"

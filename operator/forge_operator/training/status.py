@@ -7,13 +7,15 @@ from typing import Any
 
 from ..api.enums import ConditionType as T, Phase, Reason
 from ..api.names import ANNOTATION_PROGRESS
+from ..api.training import ProgressStatus
 from ..k8s import conditions as C
 from ..k8s.objects import annotations_of, parse_ts, ts
 from .draft import Draft
 from .observe import Attempt, last_json_line, pod_index, terminated
 
-PROGRESS_KEYS = ("step", "totalSteps", "tokensSeen", "tokenBudget", "percent", "loss", "validationLoss",
-                 "learningRate", "tokensPerSecond", "mfu", "etaSeconds", "updatedAt")
+# status.progress as the trainer reports it; the operator adds eta (for people) and lastStepTime itself
+PROGRESS_KEYS = tuple(f.alias for name, f in ProgressStatus.model_fields.items()
+                      if name not in ("eta", "last_step_time"))
 
 
 def read_progress(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
