@@ -1,7 +1,8 @@
 """Forge trainer: the torch training loop that runs inside each worker pod.
 
-`forge_trainer.config` is importable without torch (the operator uses it);
-`run` and `sample` import torch and transformers on first use.
+`forge_trainer.config` and `forge_trainer.contract` are importable without torch (the operator
+uses them); `run` and `sample` import torch and transformers on first use. docs/trainer.md maps
+the package.
 """
 
 from .config import TrainerConfig, load_config
