@@ -69,16 +69,18 @@ def _on_two_ranks(rank: int, init_file: str, results: str, work) -> None:
     """One of two gloo processes: runs ``work(rank, dist)`` and writes what came of it to rank-N."""
     import torch.distributed as dist
 
-    from forge_trainer.runtime.dist import Dist
+    from forge_trainer.runtime.dist import Dist, shutdown
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    d = Dist(rank=rank, world=2, setup_group=dist.new_group(backend="gloo"))
+    error = None
     try:
-        work(rank, Dist(rank=rank, world=2, setup_group=dist.new_group(backend="gloo")))
+        work(rank, d)
         outcome = "went on"
     except Exception as e:
-        outcome = f"{type(e).__name__}: {e}"
+        error, outcome = e, f"{type(e).__name__}: {e}"
     Path(results, f"rank-{rank}").write_text(outcome)
-    dist.destroy_process_group()
+    shutdown(d, error)  # as run() leaves the group; a process that gloo aborts fails mp.spawn
 
 
 def _two_ranks(tmp_path: Path, work) -> list[str]:
@@ -135,3 +137,60 @@ def test_a_checkpoint_commit_that_fails_on_rank_0_fails_on_every_rank(tmp_path, 
         "OSError: [Errno 28] No space left on device",
         "RuntimeError: rank 0 failed committing checkpoint step-00000010: OSError: [Errno 28] No space left on device"]
     assert find_latest(tmp_path / "ckpt") is None  # nothing half-committed looks valid
+
+
+def _leave_late_on_rank_1(rank: int, d) -> None:
+    """Rank 1 arrives at the teardown 2 s after rank 0; rank 0 notes when its teardown returned."""
+    import time
+
+    from forge_trainer.runtime.dist import shutdown
+
+    root = Path(os.environ["FORGE_TEST_TIMES"])
+    if rank == 1:
+        time.sleep(2)
+        (root / "rank-1-arrived").write_text(repr(time.time()))
+    shutdown(d)
+    (root / f"rank-{rank}-left").write_text(repr(time.time()))
+
+
+def test_ranks_leave_the_process_group_together(tmp_path, monkeypatch):
+    """A rank that finished first waits for the others before it closes its connections (gloo aborts
+    a process whose peer closes while it still has a collective in flight)."""
+    monkeypatch.setenv("FORGE_TEST_TIMES", str(tmp_path))
+    import torch.multiprocessing as mp
+
+    mp.spawn(_leaving, args=(str(tmp_path / "init"), _leave_late_on_rank_1), nprocs=2, join=True)
+    arrived = float((tmp_path / "rank-1-arrived").read_text())
+    assert float((tmp_path / "rank-0-left").read_text()) >= arrived
+
+
+def _leaving(rank: int, init_file: str, work) -> None:
+    """One of two gloo processes whose ``work(rank, dist)`` leaves the process group itself."""
+    import torch.distributed as dist
+
+    from forge_trainer.runtime.dist import Dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    work(rank, Dist(rank=rank, world=2, setup_group=dist.new_group(backend="gloo")))
+
+
+def _rank_1_dies(rank: int, d) -> None:
+    """Rank 1's process ends without leaving the group; rank 0 leaves with a 3 s limit."""
+    import time
+    from datetime import timedelta
+
+    from forge_trainer.runtime.dist import shutdown
+
+    if rank == 1:
+        os._exit(0)
+    started = time.monotonic()
+    shutdown(d, timeout=timedelta(seconds=3))
+    Path(os.environ["FORGE_TEST_TIMES"], "rank-0-waited").write_text(repr(time.monotonic() - started))
+
+
+def test_a_rank_that_never_arrives_at_the_teardown_is_waited_for_a_bounded_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGE_TEST_TIMES", str(tmp_path))
+    import torch.multiprocessing as mp
+
+    mp.spawn(_leaving, args=(str(tmp_path / "init"), _rank_1_dies), nprocs=2, join=True)
+    assert float((tmp_path / "rank-0-waited").read_text()) < 60

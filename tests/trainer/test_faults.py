@@ -89,9 +89,9 @@ def test_a_sigterm_after_the_loop_does_not_cut_the_termination_message_short(tmp
               "import forge_trainer.train as train\n"
               "from forge_trainer.__main__ import main\n"
               "shutdown = train.shutdown\n"
-              "def late_sigterm(d):\n"
+              "def late_sigterm(d, *args):\n"
               "    os.kill(os.getpid(), signal.SIGTERM)\n"
-              "    shutdown(d)\n"
+              "    shutdown(d, *args)\n"
               "train.shutdown = late_sigterm\n"
               f"sys.exit(main(['--config', {str(config_path)!r}]))\n")
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -166,7 +167,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
         finally:
             if reporter is not None:
                 reporter.close()
-            shutdown(d)
+            shutdown(d, sys.exc_info()[1])
 
 
 class LogWindow:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -15,6 +16,10 @@ from ..contract import TrainerError, error_named
 # Rank 0 may tokenize a large corpus while the others wait: give that wait (and
 # only that one) a long timeout on a side group, keeping the default elsewhere.
 SETUP_TIMEOUT = timedelta(hours=12)
+# How long a rank leaving the process group waits for the others to leave too (see shutdown).
+TEARDOWN_TIMEOUT = timedelta(minutes=2)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,7 +73,7 @@ class Dist:
         outcome = self.broadcast_object(outcome, group=self.setup_group)
         if outcome[0] == "ok":
             return outcome[1]
-        raise original if self.is_main else _shared_error(0, what, *outcome[1:])
+        raise _on_every_rank_too(original if self.is_main else _shared_error(0, what, *outcome[1:]))
 
     def on_every_rank(self, check, what: str) -> None:
         """Every rank runs ``check()`` (it reads this rank's own machine: free memory, its data); when it
@@ -83,10 +88,10 @@ class Dist:
             failure, original = _describe(e), e
         failures = [(r, f) for r, f in enumerate(self.all_gather_object(failure, group=self.setup_group)) if f]
         if original is not None:
-            raise original
+            raise _on_every_rank_too(original)
         if failures:
             rank, (kind, message) = failures[0]
-            raise _shared_error(rank, what, kind, message)
+            raise _on_every_rank_too(_shared_error(rank, what, kind, message))
 
     def max_flags(self, flags: list[int]) -> list[int]:
         """Element-wise max over ranks, so every rank takes the same decision."""
@@ -102,6 +107,16 @@ class Dist:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
+
+
+SHARED = "_forge_raised_on_every_rank"
+
+
+def _on_every_rank_too(e: Exception) -> Exception:
+    """Mark an error that every rank raises at the same point (on_main, on_every_rank): the ranks
+    still leave the process group together after it (shutdown)."""
+    setattr(e, SHARED, True)
+    return e
 
 
 def _describe(e: Exception) -> tuple[str, str]:
@@ -139,9 +154,27 @@ def init_distributed() -> Dist:
     )
 
 
-def shutdown(d: Dist) -> None:
-    if d.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(d: Dist, error: BaseException | None = None, timeout: timedelta = TEARDOWN_TIMEOUT) -> None:
+    """Leave the process group; ``error`` is what ends the run on this rank, if anything.
+
+    The ranks leave together: gloo aborts a process whose peer closes its connections while it still
+    has a collective in flight with that peer, and a rank that finished first did exactly that. So
+    after a run that ended the same way on every rank (finished, preempted, or an error every rank
+    raised together), each rank first completes its own outstanding work (a barrier on the default
+    group runs after every earlier collective of the group), then waits on the gloo side group until
+    every rank is there, at most ``timeout`` (a rank that died never arrives), and only then closes.
+    An error of this rank alone skips the waits: the others are stuck in a collective it will never
+    join, and torchrun restarts the group once this process exits."""
+    if not (d.distributed and dist.is_initialized()):
+        return
+    if error is None or getattr(error, SHARED, False):
+        try:
+            if error is None:
+                dist.barrier()
+            dist.monitored_barrier(group=d.setup_group, timeout=timeout, wait_all_ranks=True)
+        except RuntimeError as e:
+            log.warning("rank %d leaves the process group without the others: %s", d.rank, e)
+    dist.destroy_process_group()
 
 
 def hostname() -> str:
