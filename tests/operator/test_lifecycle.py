@@ -8,10 +8,9 @@ annotations, which a test writes the way the trainer does.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
+from forge_trainer.contract import PROGRESS_ANNOTATION, LastCheckpoint, Progress
 from operator_support import training
 
 pytestmark = pytest.mark.cluster
@@ -42,13 +41,12 @@ def running_workers(kube, name: str, n: int, attempt: int):
 
 
 def report_progress(kube, pod: str, step: int, loss: float, checkpoint_step: int | None = None) -> None:
-    report = {"step": step, "totalSteps": 100, "tokensSeen": step * 8192, "tokenBudget": 819200,
-              "percent": step, "loss": loss, "learningRate": 3e-4, "tokensPerSecond": 51234.5, "mfu": 0.41,
-              "etaSeconds": (100 - step) * 12, "updatedAt": "2026-11-22T05:00:00Z"}
-    if checkpoint_step is not None:
-        report["lastCheckpoint"] = {"step": checkpoint_step, "path": f"step-{checkpoint_step:08d}",
-                                    "time": "2026-11-22T05:00:00Z"}
-    kube("annotate", "--overwrite", "pod", pod, f"forge.dev/progress={json.dumps(report)}")
+    ckpt = None if checkpoint_step is None else LastCheckpoint(
+        step=checkpoint_step, path=f"step-{checkpoint_step:08d}", time="2026-11-22T05:00:00Z")
+    report = Progress(step=step, total_steps=100, tokens_seen=step * 8192, token_budget=819200, percent=step,
+                      loss=loss, learning_rate=3e-4, grad_norm=0.5, tokens_per_second=51234.5, mfu=0.41,
+                      eta_seconds=(100 - step) * 12, updated_at="2026-11-22T05:00:00Z", last_checkpoint=ckpt)
+    kube("annotate", "--overwrite", "pod", pod, f"{PROGRESS_ANNOTATION}={report.to_json()}")
 
 
 def exit_pod(kube, pod: str, code: int) -> None:

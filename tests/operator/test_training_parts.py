@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 
 from forge_operator.api import defaults
-from forge_operator.api.training import ForgeTraining
+from forge_operator.api.training import ForgeTraining, ProgressStatus
 from forge_operator.training.children import WorkerState, desired_children
 from forge_operator.training.failure import backoff_seconds, pod_failure
 from forge_operator.training.status import human_duration
 from forge_operator.training.translate import trainer_config
+from forge_trainer.contract import DataError, Progress, TerminationMessage
 from operator_support import obj, pod
 
 @pytest.mark.parametrize("pod_status, reason, code", [
@@ -25,10 +26,16 @@ from operator_support import obj, pod
     ({"phase": "Running"}, None, None),
     # under torchrun the container's code is torchrun's; the trainer's termination message has its own
     ({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {
-        "exitCode": 1, "message": '{"status": "failed", "exitCode": 65, "message": "data error: no files"}'}}}]},
+        "exitCode": 1, "message": TerminationMessage.failed(DataError("no files")).to_json()}}}]},
      "PodFailed", 65),
+    # an older trainer's preempted line has no exitCode; a partial one no status
     ({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {
         "exitCode": 1, "message": '{"status": "preempted", "reason": "sigterm", "step": 7}'}}}]}, "Preempted", 75),
+    ({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {
+        "exitCode": 1, "message": '{"exitCode": 65, "message": "data error: no files"}'}}}]}, "PodFailed", 65),
+    # JSON that is no termination message is text like any other: its last line is the detail
+    ({"phase": "Failed", "containerStatuses": [{"state": {"terminated": {
+        "exitCode": 1, "message": 'boom\n{"status": "failed", "exitCode": "CUDA error"}'}}}]}, "PodFailed", 1),
 ])
 def test_pod_failure_reasons(pod_status, reason, code):
     p = pod("w", 0)
@@ -44,6 +51,13 @@ def test_pod_failure_reasons(pod_status, reason, code):
 def test_backoff_doubles_and_is_capped():
     ft = ForgeTraining.model_validate(obj(failurePolicy={"backoffSeconds": 10, "maxBackoffSeconds": 60}))
     assert [backoff_seconds(ft, n) for n in range(6)] == [0, 10, 20, 40, 60, 60]
+
+
+def test_the_status_reads_the_trainers_progress_under_the_same_field_names():
+    """status.progress is filled from the contract's Progress by field name (training/status.py): only the
+    fields the operator adds itself, or reads from the final summary, are not Progress's."""
+    assert set(ProgressStatus.model_fields) - set(Progress.model_fields) == {"validation_loss", "eta",
+                                                                              "last_step_time"}
 
 
 @pytest.mark.parametrize("seconds, text", [(0, "0s"), (59, "59s"), (61, "1m01s"), (3600, "1h00m"),

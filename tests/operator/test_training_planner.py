@@ -12,6 +12,8 @@ from forge_operator.k8s import conditions as C
 from forge_operator.k8s.objects import Patch
 from forge_operator.training.observe import Observed
 from forge_operator.training.planner import plan_training
+from forge_trainer.contract import (PROGRESS_ANNOTATION, DataError, ExitCode, LastCheckpoint, Progress,
+                                    TerminationMessage)
 from operator_support import NOW, READY, job, obj, pod, running_plan
 
 def test_fresh_training_creates_children_with_owner_references():
@@ -135,11 +137,12 @@ def test_final_summary_in_the_termination_message_becomes_the_final_progress():
     o = obj()
     o["status"] = {"phase": "Running", "progress": {"step": 90, "loss": 2.0}}
     rank0 = pod("p0", 0, phase="Succeeded")
-    rank0["status"]["containerStatuses"] = [{"state": {"terminated": {"exitCode": 0, "message": (
-        '{"status": "completed", "reason": "max_steps", "step": 100, "tokensSeen": 819200, '
-        '"trainLoss": 1.9, "valLoss": 2.1, "totalSteps": 100, "exitCode": 0, '
-        '"lastCheckpoint": {"step": 100, "path": "step-00000100", "time": "2026-11-22T11:59:00Z"}}')}}}]
-    rank0["metadata"]["annotations"]["forge.dev/progress"] = '{"step": 95, "loss": 1.95}'
+    summary = TerminationMessage(
+        status="completed", reason="max_steps", step=100, tokens_seen=819200, train_loss=1.9, val_loss=2.1,
+        total_steps=100, exit_code=ExitCode.OK,
+        last_checkpoint=LastCheckpoint(step=100, path="step-00000100", time="2026-11-22T11:59:00Z"))
+    rank0["status"]["containerStatuses"] = [{"state": {"terminated": {"exitCode": 0, "message": summary.to_json()}}}]
+    rank0["metadata"]["annotations"][PROGRESS_ANNOTATION] = Progress(step=95, loss=1.95).to_json()
     plan = plan_training(o, Observed(now=NOW, jobs=[job("llm-r0", conditions=[{"type": "Complete", "status": "True"}])],
                                      pods=[rank0]))
     p = plan.status["progress"]
@@ -155,8 +158,8 @@ def test_a_restart_is_not_a_stall_and_stalled_holds_only_while_running():
                    "conditions": [{"type": "Running", "status": "True", "reason": "AllRanksRunning", "message": "",
                                    "lastTransitionTime": "2026-11-22T11:55:00Z"}]}
     assert C.find(running_plan(o).status.get("conditions"), "Stalled") is None
-    from forge_operator.training.status import merge_progress
-    back = merge_progress({"step": 50, "lastStepTime": "2026-11-22T11:00:00Z"}, {"step": 40}, NOW)
+    from forge_operator.training.status import Report, merge_progress
+    back = merge_progress({"step": 50, "lastStepTime": "2026-11-22T11:00:00Z"}, Report(Progress(step=40)), NOW)
     assert back["lastStepTime"] == "2026-11-22T12:00:00Z"
     # a stalled group that is suspended is no longer stalled
     o = obj(failurePolicy={"stallTimeoutSeconds": 60}, scheduling={"suspend": True})
@@ -250,7 +253,7 @@ def test_the_failing_ranks_own_exit_code_explains_the_group_failure():
     rank0["status"]["containerStatuses"] = [{"state": {"terminated": {"exitCode": 1, "message": "rendezvous closed"}}}]
     rank1 = pod("p1", 1, phase="Failed")
     rank1["status"]["containerStatuses"] = [{"state": {"terminated": {
-        "exitCode": 1, "message": '{"status": "failed", "exitCode": 65, "message": "data error: no files"}'}}}]
+        "exitCode": 1, "message": TerminationMessage.failed(DataError("no files")).to_json()}}}]
     plan = plan_training(o, Observed(now=NOW, jobs=[job("llm-r0")], pods=[rank0, rank1]))
     assert plan.status["phase"] == "Failed"
     assert C.find(plan.status["conditions"], "Failed")["reason"] == "NonRetryableExitCode"
@@ -344,7 +347,7 @@ def test_a_queued_training_suspended_after_its_job_ended_keeps_the_outcome():
     assert plan.status["phase"] == "Succeeded" and not plan.deleted("Job")
     failed = job("llm-r0", conditions=[{"type": "Failed", "status": "True"}])
     bad_data = pod("p0", 0, phase="Failed", status={"containerStatuses": [{"name": "trainer", "state": {
-        "terminated": {"exitCode": 65, "message": '{"status": "failed", "exitCode": 65}'}}}]})
+        "terminated": {"exitCode": 65, "message": TerminationMessage(status="failed", exit_code=65).to_json()}}}]})
     plan = plan_training(o, Observed(now=NOW, jobs=[failed], pods=[bad_data]))
     assert plan.status["phase"] == "Failed"
     assert C.find(plan.status["conditions"], "Failed")["reason"] == "NonRetryableExitCode"
@@ -356,8 +359,9 @@ def test_a_failure_after_the_deadline_is_reported_as_itself_and_not_restarted():
     failed_job = job("llm-r0", conditions=[{"type": "Failed", "status": "True"}])
 
     def failing(code: int):
+        message = TerminationMessage(status="failed", exit_code=code).to_json()
         return pod("p0", 0, phase="Failed", status={"containerStatuses": [{"name": "trainer", "state": {
-            "terminated": {"exitCode": code, "message": f'{{"status": "failed", "exitCode": {code}}}'}}}]})
+            "terminated": {"exitCode": code, "message": message}}}]})
 
     plan = plan_training(o, Observed(now=NOW, jobs=[failed_job], pods=[failing(65)]))
     assert C.find(plan.status["conditions"], "Failed")["reason"] == "NonRetryableExitCode"

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
+import pytest
+from pydantic import ValidationError
+
 from forge_trainer.contract import (ConfigError, DataError, ExitCode, LastCheckpoint, Progress, StoppedBeforeTraining,
                                     TerminationMessage, TrainerError, error_named)
 from forge_trainer.runtime.progress import build_progress
@@ -43,6 +46,23 @@ def test_the_operator_reads_messages_with_keys_it_does_not_know():
     line = '{"status":"preempted","exitCode":75,"step":12,"fromTheFuture":true}'
     message = TerminationMessage.model_validate_json(line)
     assert (message.status, message.exit_code, message.step) == ("preempted", ExitCode.PREEMPTED, 12)
+
+
+def test_the_operator_reads_older_or_partial_messages():
+    # an older trainer's preempted line has no exitCode; a progress report needs only its step
+    older = TerminationMessage.model_validate_json('{"status":"preempted","reason":"sigterm","step":7}')
+    assert (older.status, older.exit_code, older.step) == ("preempted", None, 7)
+    partial = Progress.model_validate_json('{"step":95,"loss":1.95,"lastCheckpoint":{"step":90}}')
+    assert (partial.step, partial.loss, partial.tokens_seen, partial.last_checkpoint.path) == (95, 1.95, None, None)
+    # ... and the trainer still writes every key
+    assert set(json.loads(Progress(step=1).to_json())) == set(json.loads(partial.to_json())) == {
+        Progress.model_fields[name].alias for name in Progress.model_fields}
+    # a crash's stderr tail, or JSON of another shape, is no message
+    for text in ("Traceback (most recent call last):", '["step", 7]', '{"status":"crashed","exitCode":1}', '{}x'):
+        with pytest.raises(ValidationError):
+            TerminationMessage.model_validate_json(text)
+    with pytest.raises(ValidationError):
+        Progress.model_validate_json('{"loss":1.95}')
 
 
 def test_exit_codes_and_the_errors_that_carry_them():

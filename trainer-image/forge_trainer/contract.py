@@ -3,6 +3,9 @@ crosses the process boundary (the progress annotation, the termination message).
 
 The operator imports this module: it needs pydantic only (no torch). Field names are snake_case in
 Python and camelCase on the wire (`model_dump(by_alias=True)`); the operator parses the same models.
+The trainer writes every key; reading, only the keys without which a message means nothing are
+required (a progress report's step, a checkpoint's step) and every other one may be missing (None),
+so the operator still reads what an older trainer wrote.
 """
 
 from __future__ import annotations
@@ -101,34 +104,36 @@ class _Wire(BaseModel):
 
 class LastCheckpoint(_Wire):
     step: int
-    path: str
+    path: str | None = None
+    """The checkpoint's folder; the trainer always writes it."""
     time: str | None = None
     """When it was written (RFC 3339); unknown for a checkpoint of an older trainer."""
 
 
 class Progress(_Wire):
     """Rank 0's periodic report: the pod annotation, the metrics, the `on_progress` callback.
-    Every key is always present (null when unknown)."""
+    The trainer writes every key (null when unknown); a report is read with `step` alone, the rest
+    missing (None), as an older or partial one may be."""
 
     step: int
-    total_steps: int | None
+    total_steps: int | None = None
     """The step the step or token budget ends the run at; null with only a deadline."""
-    tokens_seen: int
-    token_budget: int | None
-    percent: float | None
+    tokens_seen: int | None = None
+    token_budget: int | None = None
+    percent: float | None = None
     """Of the nearest budget (steps or tokens), 0-100."""
-    loss: float | None
+    loss: float | None = None
     """Training loss, the mean over the last log window."""
-    learning_rate: float
-    grad_norm: float | None
-    tokens_per_second: float | None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_second: float | None = None
     """All workers together."""
-    mfu: float | None
+    mfu: float | None = None
     """Model FLOPs utilisation, 0-1; null where the peak FLOP/s of the device is unknown."""
-    eta_seconds: int | None
+    eta_seconds: int | None = None
     """Until the nearest of the step, token and deadline budgets."""
-    updated_at: str
-    last_checkpoint: LastCheckpoint | None
+    updated_at: str | None = None
+    last_checkpoint: LastCheckpoint | None = None
 
 
 class TerminationMessage(_Wire):
@@ -137,9 +142,11 @@ class TerminationMessage(_Wire):
     A finished run (`completed`, or `preempted` with a checkpoint) carries the run's summary, every
     key present; a failed one only `status`, `exitCode` and `message`. `step`, `totalSteps`,
     `tokensSeen` and `lastCheckpoint` are the Progress object's, so rank 0's message is the final
-    progress. Written and read with the keys that were set (`exclude_unset`)."""
+    progress. Written and read with the keys that were set (`exclude_unset`). The trainer always
+    writes `status` and `exitCode`; reading, every key may be missing (an older trainer's `preempted`
+    line has no `exitCode`)."""
 
-    status: Literal["completed", "preempted", "failed"]
+    status: Literal["completed", "preempted", "failed"] | None = None
     reason: str | None = None
     """Why the run ended: max_steps, max_tokens, deadline or sigterm."""
     step: int | None = None
@@ -152,7 +159,7 @@ class TerminationMessage(_Wire):
     last_checkpoint: LastCheckpoint | None = None
     started_at: str | None = None
     ended_at: str | None = None
-    exit_code: int
+    exit_code: int | None = None
     message: str | None = None
     """The error, for a failed run: `<kind>: <cause>` in one line."""
 

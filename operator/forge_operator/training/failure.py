@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from forge_trainer.contract import ExitCode
+from forge_trainer.contract import ExitCode, TerminationMessage
 
 from ..api.enums import ConditionType as T, Reason
 from ..api.training import ForgeTraining
@@ -16,7 +16,7 @@ from ..k8s.objects import annotations_of, parse_ts, ts
 from .budget import deadline, deadline_reached
 from .children import ANNOTATION_SPEC_HASH, spec_hash
 from .draft import Draft
-from .observe import Attempt, Observed, job_condition, last_json_line, node_ready, phase, terminated
+from .observe import Attempt, Observed, job_condition, last_line, node_ready, phase, read_last_line, terminated
 
 MAX_RESTART_RECORDS = 20
 # exit codes that no restart can fix, whatever failurePolicy.nonRetryableExitCodes says
@@ -50,21 +50,23 @@ def pod_failure(pod: dict[str, Any]) -> Failure | None:
     term = terminated(pod) or {}
     code = term.get("exitCode")
     # torchrun exits with its own code when a worker fails; the trainer's termination message
-    # (one JSON line) carries the worker's documented exit code
-    summary = last_json_line(term.get("message"))
-    # a worker that finished (exitCode 0) while another process of its pod failed explains nothing
-    trainer_code = summary.get("exitCode") if isinstance(summary.get("exitCode"), int) else None
-    from_trainer = bool(trainer_code) or summary.get("status") == "preempted"
-    if trainer_code:
-        code = trainer_code
-    elif summary.get("status") == "preempted":
+    # (one JSON line) carries the worker's documented exit code. A crash's stderr tail is no such
+    # message: it reads as an empty one, and its last line is the detail.
+    message = read_last_line(TerminationMessage, term.get("message")) or TerminationMessage()
+    # a worker that finished (exit code 0) while another process of its pod failed explains nothing;
+    # an older trainer's preempted message has no exit code
+    preempted = message.status == "preempted"
+    from_trainer = bool(message.exit_code) or preempted
+    if message.exit_code:
+        code = message.exit_code
+    elif preempted:
         code = int(ExitCode.PREEMPTED)
     if term.get("reason") == "OOMKilled":
         return Failure(Reason.OOM_KILLED, f"pod {name} on node {node} was OOM-killed (exit code {code})", code)
     if code == ExitCode.PREEMPTED:
         return Failure(Reason.PREEMPTED, f"pod {name} on node {node} was stopped and saved a checkpoint "
                                          f"(exit code {code})", code, from_trainer)
-    detail = summary.get("message") or ((term.get("message") or "").strip().splitlines() or [""])[-1]
+    detail = message.message or last_line(term.get("message"))
     suffix = f": {detail[:300]}" if detail else ""
     return Failure(Reason.POD_FAILED, f"pod {name} on node {node} failed with exit code {code}{suffix}", code,
                    from_trainer)

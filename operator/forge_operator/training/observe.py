@@ -6,10 +6,11 @@ are pure views of what it read.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from ..api.names import LABEL_ATTEMPT, LABEL_MANAGED_BY, LABEL_TRAINING, MANAGED_BY
 from ..k8s import conditions as C
@@ -115,12 +116,25 @@ def terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def last_json_line(text: str | None) -> dict[str, Any]:
+def last_line(text: str | None) -> str:
+    """The last line of a message (a crash's stderr tail ends with its cause); "" when empty."""
+    lines = (text or "").strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_last_line(model: type[M], text: str | None) -> M | None:
+    """The last line of a message the trainer wrote, as one of the contract's models; None when it is
+    not one (empty, not JSON, a crash's stderr tail, the wrong shape)."""
+    line = last_line(text)
+    if not line:
+        return None
     try:
-        data = json.loads((text or "").strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return model.model_validate_json(line)
+    except ValidationError:
+        return None
 
 
 def node_ready(node: dict[str, Any] | None) -> tuple[bool, datetime | None]:

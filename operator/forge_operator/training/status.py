@@ -2,50 +2,67 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from forge_trainer.contract import Progress, TerminationMessage
+
 from ..api.enums import ConditionType as T, Phase, Reason
 from ..api.names import ANNOTATION_PROGRESS
-from ..api.training import ProgressStatus
+from ..api.training import CheckpointRef, ProgressStatus
 from ..k8s import conditions as C
 from ..k8s.objects import annotations_of, parse_ts, ts
 from .draft import Draft
-from .observe import Attempt, last_json_line, pod_index, terminated
-
-# status.progress as the trainer reports it; the operator adds eta (for people) and lastStepTime itself
-PROGRESS_KEYS = tuple(f.alias for name, f in ProgressStatus.model_fields.items()
-                      if name not in ("eta", "last_step_time"))
+from .observe import Attempt, pod_index, read_last_line, terminated
 
 
-def read_progress(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class Report:
+    """Rank 0's last report: a periodic Progress, or its final summary read as one."""
+
+    progress: Progress
+    validation_loss: float | None = None
+    """Only the final summary has it."""
+
+
+def read_progress(pods: list[dict[str, Any]]) -> Report | None:
     """Rank 0's last report: its progress annotation, or its final summary in the termination message."""
     for pod in pods:
         if pod_index(pod) != "0":
             continue
-        term = terminated(pod) or {}
         # the final summary (termination message) is newer than the last periodic report
-        for text in (term.get("message"), annotations_of(pod).get(ANNOTATION_PROGRESS)):
-            data = last_json_line(text)
-            if "step" not in data:
-                continue
-            if "trainLoss" in data or "valLoss" in data:  # the trainer's RunSummary
-                data = {**data, "loss": data.get("trainLoss"), "validationLoss": data.get("valLoss")}
-                if data.get("status") == "completed":
-                    data["percent"], data["etaSeconds"] = 100.0, 0
-            return data
+        message = read_last_line(TerminationMessage, (terminated(pod) or {}).get("message"))
+        if message is not None and (summary := summary_report(message)) is not None:
+            return summary
+        progress = read_last_line(Progress, annotations_of(pod).get(ANNOTATION_PROGRESS))
+        if progress is not None:
+            return Report(progress)
     return None
 
 
-def merge_progress(old: dict[str, Any] | None, report: dict[str, Any], now: datetime) -> dict[str, Any]:
-    new = {k: report[k] for k in PROGRESS_KEYS if report.get(k) is not None}
-    for k in ("step", "totalSteps", "tokensSeen", "tokenBudget", "etaSeconds"):
-        if k in new:
-            new[k] = int(new[k])
-    if "percent" in new:
-        new["percent"] = round(float(new["percent"]), 1)
-    if "etaSeconds" in new:
-        new["eta"] = human_duration(new["etaSeconds"])
+def summary_report(message: TerminationMessage) -> Report | None:
+    """A finished run's summary as its last progress report (a completed run is at 100%, nothing
+    left); None for a message without a step (a failed run's carries only the error)."""
+    if message.step is None:
+        return None
+    done = message.status == "completed"
+    return Report(Progress(step=message.step, total_steps=message.total_steps, tokens_seen=message.tokens_seen,
+                           loss=message.train_loss, last_checkpoint=message.last_checkpoint,
+                           percent=100.0 if done else None, eta_seconds=0 if done else None),
+                  validation_loss=message.val_loss)
+
+
+def merge_progress(old: dict[str, Any] | None, report: Report, now: datetime) -> dict[str, Any]:
+    """status.progress: what the trainer reported (the ProgressStatus fields of the same name as the
+    Progress's), plus eta (for people) and lastStepTime, which the operator adds itself."""
+    reported = {**report.progress.model_dump(), "validation_loss": report.validation_loss}
+    if reported["percent"] is not None:
+        reported["percent"] = round(reported["percent"], 1)
+    if reported["eta_seconds"] is not None:
+        reported["eta"] = human_duration(reported["eta_seconds"])
+    new = {f.alias: reported[name] for name, f in ProgressStatus.model_fields.items()
+           if reported.get(name) is not None}
     old = old or {}
     # any change counts: after a restart the step goes back to the checkpoint's, then forward again
     moved = new.get("step") != old.get("step")
@@ -59,11 +76,13 @@ def record_progress(d: Draft, attempt: Attempt) -> None:
     report = read_progress(attempt.pods) or read_progress(attempt.all_pods)
     if report is not None:
         status["progress"] = merge_progress(d.old_status.get("progress"), report, d.now)
-        ckpt = report.get("lastCheckpoint")
-        if isinstance(ckpt, dict) and ckpt.get("step") is not None:
-            status["lastCheckpoint"] = {k: ckpt[k] for k in ("step", "path", "time") if ckpt.get(k) is not None}
+        ckpt = report.progress.last_checkpoint
+        if ckpt is not None:
+            written = ckpt.model_dump()
+            status["lastCheckpoint"] = {f.alias: written[name] for name, f in CheckpointRef.model_fields.items()
+                                        if written.get(name) is not None}
         budget = status.setdefault("budget", {})
-        budget["tokens"] = int(report.get("tokensSeen") or budget.get("tokens") or 0)
+        budget["tokens"] = int(report.progress.tokens_seen or budget.get("tokens") or 0)
     nodes = set(status.get("nodes") or [])
     nodes.update(p["spec"]["nodeName"] for p in attempt.pods if p.get("spec", {}).get("nodeName"))
     if nodes:
