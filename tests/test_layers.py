@@ -40,3 +40,11 @@ def test_trainer_process_loads_no_kopf():
 def test_what_the_operator_imports_from_the_trainer_loads_no_torch():
     mods = _modules_after("import forge_trainer.contract, forge_trainer.config")
     assert "pydantic" in mods and not {"torch", "transformers", "numpy"} & mods
+
+
+def test_planners_fit_on_a_screen_and_the_loop_stays_short():
+    """scripts/longest-functions fails when a watched planner or the training loop outgrows its limit."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "longest-functions")], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "plan_training" in out.stdout and " run" in out.stdout
