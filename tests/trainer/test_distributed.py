@@ -194,3 +194,44 @@ def test_a_rank_that_never_arrives_at_the_teardown_is_waited_for_a_bounded_time(
 
     mp.spawn(_leaving, args=(str(tmp_path / "init"), _rank_1_dies), nprocs=2, join=True)
     assert float((tmp_path / "rank-0-waited").read_text()) < 60
+
+
+RANK_THAT_FAILS_A_CHECK = """
+import sys
+import torch.distributed as dist
+from forge_trainer.contract import ConfigError, TrainerError
+from forge_trainer.runtime.dist import Dist, shutdown
+from forge_trainer.runtime.signals import on_every_rank
+
+rank, init = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+d = Dist(rank=rank, world=2, setup_group=dist.new_group(backend="gloo"))
+
+def check():
+    if rank == 1:
+        raise ConfigError("the model needs 90 GiB, this node has 80 GiB")
+
+try:
+    on_every_rank(d, check)
+    code = 0
+except TrainerError as e:
+    code = e.exit_code
+    shutdown(d, e)
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.soak
+def test_every_rank_keeps_its_exit_code_through_the_teardown_50_times(tmp_path):
+    """A set-up check that fails on one rank ends every rank with the check's exit code (78), also
+    after leaving the process group: a signal at teardown would make the operator retry a failure
+    that no retry can fix."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for attempt in range(50):
+        init = tmp_path / f"init-{attempt}"
+        ranks = [subprocess.Popen([sys.executable, "-c", RANK_THAT_FAILS_A_CHECK, str(r), str(init)], cwd=REPO,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for r in range(2)]
+        outputs = [r.communicate(timeout=120)[0] for r in ranks]
+        assert [r.returncode for r in ranks] == [78, 78], (attempt, outputs)

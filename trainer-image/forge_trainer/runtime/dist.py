@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -157,8 +158,9 @@ def init_distributed() -> Dist:
 def shutdown(d: Dist, error: BaseException | None = None, timeout: timedelta = TEARDOWN_TIMEOUT) -> None:
     """Leave the process group; ``error`` is what ends the run on this rank, if anything.
 
-    The ranks leave together: gloo aborts a process whose peer closes its connections while it still
-    has a collective in flight with that peer, and a rank that finished first did exactly that. So
+    The ranks leave together: a rank that closes its connections while a peer still has a collective
+    in flight with it makes that collective fail on the peer, which then ends with an error (or a
+    signal) instead of its own exit code. So
     after a run that ended the same way on every rank (finished, preempted, or an error every rank
     raised together), each rank first completes its own outstanding work (a barrier on the default
     group runs after every earlier collective of the group), then waits on the gloo side group until
@@ -175,6 +177,11 @@ def shutdown(d: Dist, error: BaseException | None = None, timeout: timedelta = T
         except RuntimeError as e:
             log.warning("rank %d leaves the process group without the others: %s", d.rank, e)
     dist.destroy_process_group()
+    # Free the groups' gloo threads now, not during interpreter finalization: an error raised through
+    # on_main/on_every_rank keeps this Dist alive in a reference cycle (exception -> traceback ->
+    # frame -> exception), and a group destroyed that late aborts the process.
+    d.setup_group = None
+    gc.collect()
 
 
 def hostname() -> str:
