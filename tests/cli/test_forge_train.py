@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from forge_operator.cli.local import load_training, parse_volumes
+from forge_operator.cli.local import local_config, parse_volumes
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "trainer"))
@@ -113,13 +113,10 @@ def test_quickstart_file_trains_on_the_standard_library(tmp_path):
     import sysconfig
 
     import forge_trainer
-    from forge_operator.training.translate import trainer_config
 
-    ft = load_training(str(ROOT / "examples" / "quickstart.yaml"))
-    ft.spec.training.budget.max_steps = 2
-    roots = {"stdlib": sysconfig.get_paths()["stdlib"], "runs": str(tmp_path)}
-    cfg = trainer_config(ft, lambda loc: str(Path(roots[loc.claim_name]) / loc.path), metrics_port=None,
-                         world_size=1, termination_message_path=str(tmp_path / "summary.json"))
+    _, cfg = local_config(str(ROOT / "examples" / "quickstart.yaml"),
+                          [f"stdlib={sysconfig.get_paths()['stdlib']}", f"runs={tmp_path}"])
+    cfg.training.budget.max_steps = 2
     summary = forge_trainer.run(cfg)
     assert summary.step == 2 and math.isfinite(summary.val_loss)
     manifest = json.loads(next(Path(cfg.cache_dir).glob("tokens/*/manifest.json")).read_text())

@@ -8,13 +8,14 @@ import sys
 import pytest
 from pydantic import ValidationError
 
+from forge_trainer import defaults
 from forge_trainer.config import ContinuedPretrainMethod, PretrainMethod, TrainerConfig, load_config
 
-from trainer_helpers import tiny_config
+from trainer_helpers import tiny_config, write_config
 
 
 def test_importing_the_config_does_not_import_torch():
-    code = "import sys, forge_trainer, forge_trainer.config, forge_trainer.contract; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys, forge_trainer, forge_trainer.config, forge_trainer.contract, forge_trainer.defaults; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False False"
 
@@ -65,10 +66,29 @@ def test_defaults_fill_a_minimal_config():
         "data": {"sources": [{"name": "docs", "path": "/data", "format": "jsonl"}]},
     })
     assert cfg.data.sources[0].include_patterns == ["**/*.jsonl"]
-    assert cfg.tokenizer.train.vocab_size == 8192
+    assert cfg.tokenizer.train.vocab_size == defaults.VOCAB_SIZE == 32000  # the API's default too
     assert cfg.training.precision == "auto"
     assert cfg.checkpoint.resume == "auto"
     assert cfg.termination_message_path == "/dev/termination-log"
+    # derived defaults: filled in from the values they follow, unless set
+    arch = cfg.model.architecture
+    assert (arch.hidden_size, arch.intermediate_size, arch.moe_intermediate_size) == (256, 704, 352)
+    assert cfg.training.min_lr == pytest.approx(cfg.training.lr / 10)
+    assert cfg.data.validation.fraction == defaults.VALIDATION_FRACTION
+
+
+def test_a_derived_default_follows_its_value_and_an_explicit_one_wins(tmp_path, corpus):
+    cfg = tiny_config(tmp_path, corpus, model__architecture={"hidden_size": 96, "num_attention_heads": 4,
+                                                             "num_experts_per_token": 4, "max_position_embeddings": 128},
+                      training__lr=1e-3, training__min_lr=None)
+    arch = cfg.model.architecture
+    assert (arch.intermediate_size, arch.moe_intermediate_size) == (256, 64)
+    assert cfg.training.min_lr == pytest.approx(1e-4)
+    assert load_config(write_config(cfg, tmp_path / "c.yaml")) == cfg  # written out filled in, read back the same
+    cfg = tiny_config(tmp_path, corpus, training__min_lr=0.0)
+    assert cfg.training.min_lr == 0.0  # set, even to zero, is kept
+    with pytest.raises(ValidationError, match="min_lr 0.01 exceeds lr"):
+        tiny_config(tmp_path, corpus, training__lr=1e-3, training__min_lr=1e-2)
 
 
 def test_the_method_is_a_kind_with_its_own_settings_or_the_kind_alone(tmp_path, corpus):

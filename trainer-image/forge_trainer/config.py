@@ -3,6 +3,10 @@
 This module imports neither torch nor transformers: the operator imports it to
 validate a training spec and to write it into a ConfigMap. Field docstrings are
 the user's documentation (docs/trainer.md summarises them).
+
+Every default the operator's API shares comes from ``defaults.py``; a value derived from another
+(the MLP widths, ``min_lr``) may be left out (None) and is filled in here, after validation, so
+the operator passes None where the spec left it out and never computes it itself.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from . import defaults as D
 from .contract import DEFAULT_TERMINATION_MESSAGE_PATH
 
 DEFAULT_INCLUDE = {
@@ -33,7 +38,7 @@ class _Model(BaseModel):
 class ArchitectureConfig(_Model):
     """A model built from scratch with random weights."""
 
-    family: Literal["dense", "moe"] = "dense"
+    family: Literal["dense", "moe"] = D.FAMILY
     """dense = Llama (LlamaForCausalLM); moe = Qwen3-MoE (Qwen3MoeForCausalLM)."""
     vocab_size: PositiveInt | None = None
     """Embedding rows; default: the tokenizer's vocabulary size."""
@@ -41,29 +46,34 @@ class ArchitectureConfig(_Model):
     """Transformer blocks."""
     hidden_size: PositiveInt = 256
     """Model width."""
-    intermediate_size: PositiveInt = 768
-    """Width of the dense MLP."""
+    intermediate_size: PositiveInt | None = None
+    """Width of the dense MLP; default: about 8/3 x hidden_size, rounded up to a multiple of 64."""
     num_attention_heads: PositiveInt = 4
     """Query heads; hidden_size must be a multiple of it."""
     num_key_value_heads: PositiveInt | None = None
     """Key/value heads (grouped-query attention); default: num_attention_heads."""
-    max_position_embeddings: PositiveInt = 2048
+    max_position_embeddings: PositiveInt = D.CONTEXT_LENGTH
     """Longest context the model supports; training.seq_len may not exceed it."""
     num_experts: PositiveInt = 8
     """MoE only: experts per layer."""
     num_experts_per_token: PositiveInt = 2
     """MoE only: experts each token is routed to (top-k)."""
-    moe_intermediate_size: PositiveInt = 256
-    """MoE only: width of each expert's MLP."""
-    router_aux_loss_coef: float = Field(0.01, ge=0)
+    moe_intermediate_size: PositiveInt | None = None
+    """MoE only: width of each expert's MLP; default: intermediate_size / num_experts_per_token (at least 8)."""
+    router_aux_loss_coef: float = Field(D.ROUTER_AUX_LOSS_COEF, ge=0)
     """MoE only: weight of the load-balancing loss added to the training loss."""
-    rope_theta: float = Field(10000.0, gt=0)
+    rope_theta: float = Field(D.ROPE_THETA, gt=0)
     """Base of the rotary position embedding."""
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool = D.TIE_WORD_EMBEDDINGS
     """Share the input embedding with the output projection."""
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ArchitectureConfig:
+        if self.intermediate_size is None:
+            self.intermediate_size = D.intermediate_size(self.hidden_size)
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = D.expert_intermediate_size(self.intermediate_size,
+                                                                    self.num_experts_per_token)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
@@ -96,7 +106,7 @@ class ModelConfig(_Model):
 
 
 class TokenizerTrainConfig(_Model):
-    vocab_size: int = Field(8192, ge=260, le=2**32 - 1)
+    vocab_size: int = Field(D.VOCAB_SIZE, ge=260, le=2**32 - 1)
     """Vocabulary of the byte-level BPE trained on the training data (256 bytes + merges + specials)."""
     min_frequency: PositiveInt = 2
     """A pair must occur this often to be merged; the data must support vocab_size merges."""
@@ -126,15 +136,15 @@ class DataSourceConfig(_Model):
     """Short name, used in the manifest, the metrics and validation.source."""
     path: str
     """A local directory or a single file."""
-    format: Literal["text", "jsonl", "parquet"] = "text"
+    format: Literal["text", "jsonl", "parquet"] = D.DATA_FORMAT
     """text: each file is one document; jsonl/parquet: each record's text_field is one document."""
     include: list[str] | None = None
     """Glob patterns relative to path; default **/*.txt, **/*.jsonl or **/*.parquet by format."""
     exclude: list[str] = []
     """Glob patterns relative to path to leave out."""
-    text_field: str = "text"
+    text_field: str = D.TEXT_FIELD
     """jsonl/parquet: the field holding the document text."""
-    weight: float = Field(1.0, gt=0)
+    weight: float = Field(D.SOURCE_WEIGHT, gt=0)
     """Mixing weight: the share of training sequences drawn from this source."""
 
     @property
@@ -160,7 +170,7 @@ class ValidationConfig(_Model):
 class DataConfig(_Model):
     sources: list[DataSourceConfig] = Field(min_length=1)
     """Where the training text comes from."""
-    validation: ValidationConfig = ValidationConfig(fraction=0.01)
+    validation: ValidationConfig = ValidationConfig(fraction=D.VALIDATION_FRACTION)
     """How the held-out validation set is chosen."""
 
     @model_validator(mode="after")
@@ -201,37 +211,37 @@ class BudgetConfig(_Model):
 
 
 class TrainingConfig(_Model):
-    seq_len: PositiveInt = 1024
+    seq_len: PositiveInt = D.SEQUENCE_LENGTH
     """Tokens per training sequence (documents are packed, separated by EOS)."""
-    global_batch_sequences: PositiveInt = 64
+    global_batch_sequences: PositiveInt = D.GLOBAL_BATCH_SEQUENCES
     """Sequences per optimizer step over all workers."""
-    micro_batch_sequences: PositiveInt = 8
+    micro_batch_sequences: PositiveInt = D.MICRO_BATCH_SIZE
     """Sequences per forward/backward on one worker; gradient accumulation makes up the rest."""
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(D.LEARNING_RATE, gt=0)
     """Peak learning rate."""
-    min_lr: float = Field(3e-5, ge=0)
-    """Learning rate at the end of the cosine / WSD decay."""
-    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    min_lr: float | None = Field(None, ge=0)
+    """Learning rate at the end of the cosine / WSD decay; default: lr / 10."""
+    schedule: Literal["cosine", "wsd", "constant"] = D.SCHEDULE
     """Learning-rate schedule after warmup (wsd = warmup-stable-decay)."""
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int = Field(D.WARMUP_STEPS, ge=0)
     """Linear warmup from 0 to lr."""
-    decay_fraction: float = Field(0.2, gt=0, le=1)
+    decay_fraction: float = Field(D.DECAY_FRACTION, gt=0, le=1)
     """wsd only: the final fraction of steps that decays linearly to min_lr."""
-    weight_decay: float = Field(0.1, ge=0)
+    weight_decay: float = Field(D.WEIGHT_DECAY, ge=0)
     """AdamW weight decay on matrices (not on norms and biases)."""
-    grad_clip: float | None = Field(1.0, gt=0)
+    grad_clip: float | None = Field(D.GRADIENT_CLIPPING, gt=0)
     """Clip the global gradient norm to this value; null disables clipping."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = D.PRECISION
     """auto = bf16 autocast on CUDA, fp32 on CPU."""
-    seed: int = 1337
+    seed: int = D.SEED
     """Seeds weight init and data order; the same seed and data give the same run."""
-    compile: bool = False
+    compile: bool = D.COMPILE
     """torch.compile each transformer block."""
     budget: BudgetConfig = BudgetConfig(max_steps=1000)
     """When to stop."""
-    eval_interval_steps: PositiveInt | None = 200
+    eval_interval_steps: PositiveInt | None = D.EVAL_INTERVAL_STEPS
     """Compute the validation loss every N steps (and always at the end); null = only at the end."""
     eval_batches: PositiveInt = 20
     """Micro-batches in one validation pass, in all (split over the workers), spread over the whole validation split."""
@@ -240,6 +250,8 @@ class TrainingConfig(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:
+        if self.min_lr is None:
+            self.min_lr = D.min_learning_rate(self.lr)
         if self.global_batch_sequences % self.micro_batch_sequences:
             raise ValueError(
                 f"global_batch_sequences {self.global_batch_sequences} is not a multiple of "
@@ -255,11 +267,11 @@ class TrainingConfig(_Model):
 class CheckpointConfig(_Model):
     dir: str = "/checkpoints"
     """Where checkpoints go; must be shared storage when workers run on several nodes."""
-    interval_steps: PositiveInt | None = 500
+    interval_steps: PositiveInt | None = D.CHECKPOINT_INTERVAL_STEPS
     """Checkpoint every N steps (null: never by step)."""
-    interval_minutes: float | None = Field(30.0, gt=0)
+    interval_minutes: float | None = Field(float(D.CHECKPOINT_INTERVAL_MINUTES), gt=0)
     """Checkpoint when this many minutes passed since the last one (null: never by time)."""
-    keep_last: PositiveInt = 3
+    keep_last: PositiveInt = D.CHECKPOINT_KEEP_LAST
     """Delete older checkpoints, keeping this many."""
     resume: str = "auto"
     """auto = resume from the latest valid checkpoint in dir; never = start fresh; or a checkpoint path."""
@@ -271,9 +283,9 @@ class OutputConfig(_Model):
 
 
 class MetricsConfig(_Model):
-    port: int | None = Field(9090, ge=0, le=65535)
+    port: int | None = Field(D.METRICS_PORT, ge=0, le=65535)
     """Rank 0 serves Prometheus metrics on this port; 0 or null disables."""
-    progress_interval_seconds: float = Field(30.0, gt=0)
+    progress_interval_seconds: float = Field(D.PROGRESS_INTERVAL_SECONDS, gt=0)
     """How often rank 0 reports progress (callback, pod annotation)."""
     peak_flops_per_device: float | None = Field(None, gt=0)
     """Peak FLOP/s of one device for MFU; default: looked up by GPU name (none on CPU)."""

@@ -1,59 +1,33 @@
 """Every default of the Forge API, in one place.
 
-The models (``api/training.py``, ``api/eval.py``) take their field defaults from here, the CRD
-generator writes them into the field descriptions (the API server does not default), and the
-translation to the trainer's configuration reads the derived ones (``min_learning_rate``,
-``intermediate_size``, the validation fraction) from here too. Fields without a default here are
-required, or mean "not set" (None).
+The models (``api/training.py``, ``api/eval.py``) take their field defaults from here, and the CRD
+generator writes them into the field descriptions (the API server does not default). Fields
+without a default here are required, or mean "not set" (None).
+
+The defaults the trainer shares (the model's shape, the tokenizer, the data, the hyperparameters,
+checkpoint frequency) are not defined here but in ``forge_trainer.defaults`` and only
+re-exported: the trainer's configuration takes its defaults from the same module, so the
+translation passes what the spec says and leaves the rest (None) to the trainer's configuration,
+which also computes the derived ones (``min_learning_rate``, ``intermediate_size``,
+``expert_intermediate_size``, the validation fraction). What follows them is the operator's own.
 """
 
 from __future__ import annotations
 
-# spec.model.architecture
-FAMILY = "dense"
-CONTEXT_LENGTH = 4096
-ROPE_THETA = 500000.0
-TIE_WORD_EMBEDDINGS = False
-ROUTER_AUX_LOSS_COEF = 0.001  # experts.routerAuxLossCoef
-
-
-def intermediate_size(hidden_size: int) -> int:
-    """architecture.intermediateSize: about 8/3 x hiddenSize, rounded up to a multiple of 64."""
-    return -(-int(hidden_size * 8 / 3) // 64) * 64
-
-
-def expert_intermediate_size(intermediate: int, experts_per_token: int) -> int:
-    """experts.expertIntermediateSize: the dense MLP's width shared by the experts a token visits."""
-    return max(8, intermediate // experts_per_token)
-
-
-# spec.tokenizer.train
-VOCAB_SIZE = 32000
-
-# spec.data
-DATA_FORMAT = "text"
-SOURCE_WEIGHT = 1.0
-VALIDATION_FRACTION = 0.01  # data.validation left out: this share of the training documents
-
-# spec.training
-SEQUENCE_LENGTH = 2048
-GLOBAL_BATCH_SEQUENCES = 256
-MICRO_BATCH_SIZE = 4
-LEARNING_RATE = 3e-4
-SCHEDULE = "cosine"
-WARMUP_STEPS = 100
-DECAY_FRACTION = 0.2
-WEIGHT_DECAY = 0.1
-GRADIENT_CLIPPING = 1.0
-PRECISION = "auto"
-SEED = 1234
-COMPILE = False
-EVAL_INTERVAL_STEPS = 500
-
-
-def min_learning_rate(learning_rate: float) -> float:
-    """training.minLearningRate: a tenth of the learning rate."""
-    return learning_rate / 10
+from forge_trainer.defaults import (  # noqa: F401  (re-exported: the API's share of the trainer's defaults)
+    # spec.model.architecture
+    CONTEXT_LENGTH, FAMILY, ROPE_THETA, ROUTER_AUX_LOSS_COEF, TIE_WORD_EMBEDDINGS, expert_intermediate_size,
+    intermediate_size,
+    # spec.tokenizer.train
+    VOCAB_SIZE,
+    # spec.data
+    DATA_FORMAT, SOURCE_WEIGHT, VALIDATION_FRACTION,
+    # spec.training
+    COMPILE, DECAY_FRACTION, EVAL_INTERVAL_STEPS, GLOBAL_BATCH_SEQUENCES, GRADIENT_CLIPPING, LEARNING_RATE,
+    MICRO_BATCH_SIZE, PRECISION, SCHEDULE, SEED, SEQUENCE_LENGTH, WARMUP_STEPS, WEIGHT_DECAY, min_learning_rate,
+    # spec.checkpoint
+    CHECKPOINT_INTERVAL_MINUTES, CHECKPOINT_INTERVAL_STEPS, CHECKPOINT_KEEP_LAST,
+)
 
 # spec.resources
 NUM_NODES = 1
@@ -66,11 +40,6 @@ TRAINER_IMAGE = "ghcr.io/forge-dev/forge-trainer:0.1.0"
 
 # spec.scheduling
 SUSPEND = False
-
-# spec.checkpoint
-CHECKPOINT_INTERVAL_STEPS = 1000
-CHECKPOINT_INTERVAL_MINUTES = 30
-CHECKPOINT_KEEP_LAST = 3
 
 # spec.failurePolicy
 MAX_RESTARTS = 3
@@ -88,6 +57,5 @@ EVAL_MAX_NEW_TOKENS = 64
 EVAL_BATCH_SIZE = 8
 EVAL_GPUS = 1
 
-# The operator process (the Helm chart may override them through its environment)
+# The operator process (the Helm chart may override it through its environment)
 RESYNC_SECONDS = 15.0  # how often an unfinished resource is looked at again without any event
-PROGRESS_INTERVAL_SECONDS = 15.0  # how often rank 0 reports progress on its pod

@@ -4,7 +4,7 @@ The names the operator shares with the trainer (the progress annotation, the pod
 the termination message, the preStop hook) come from ``forge_trainer.contract``.
 """
 
-from forge_trainer import contract
+from forge_trainer import contract, defaults as trainer_defaults
 
 from .base import GROUP
 
@@ -30,7 +30,7 @@ CONFIG_FILE = "trainer.yaml"
 PVC_MOUNT_ROOT = "/mnt/pvc"
 SHM_MOUNT = "/dev/shm"
 RENDEZVOUS_PORT = 29400
-METRICS_PORT = 9090
+METRICS_PORT = trainer_defaults.METRICS_PORT  # the trainer's default: the config leaves it out
 TERMINATION_MESSAGE_PATH = contract.DEFAULT_TERMINATION_MESSAGE_PATH
 
 # environment of the trainer container
@@ -45,7 +45,9 @@ ENV_TORCHRUN_SHUTDOWN_TIMEOUT = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 # the container's preStop hook: the workers checkpoint and exit before torchrun gets SIGTERM
 PRESTOP_COMMAND = list(contract.PRESTOP_COMMAND)
 
-TRAINER_GID = 10001  # the trainer image's user and group (trainer-image/Dockerfile)
+# the trainer image's user and group (trainer-image/Dockerfile): the workers run as them
+TRAINER_UID = 10001
+TRAINER_GID = 10001
 
 # The workers' ServiceAccount, Role and RoleBinding: forge-trainer-<training>. The chart's
 # ValidatingAdmissionPolicy recognises the workers' requests by this prefix.

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from forge_trainer.config import MetricsConfig, TrainerConfig
 from forge_trainer.contract import ExitCode, Progress
 
 from ..api.base import PvcLocation, format_error
@@ -23,6 +24,11 @@ from ..api.training import ForgeTraining
 from ..training.translate import TranslationError, trainer_config
 
 DEFAULT_PROMPT = "def __init__(self"
+# What differs from the worker pods' configuration because it runs here: no Prometheus server, a
+# progress bar updated every second, the run's summary beside the model instead of the pod's
+# termination log (and PVC paths resolved to --volume folders).
+LOCAL_METRICS = MetricsConfig(port=None, progress_interval_seconds=1.0)
+SUMMARY_FILE = "run-summary.json"
 
 
 def parse_volumes(volumes: list[str]) -> dict[str, Path]:
@@ -69,18 +75,25 @@ class ProgressBar:
         self.bar.close()
 
 
+def local_config(path: str, volumes: list[str]) -> tuple[ForgeTraining, TrainerConfig]:
+    """The ForgeTraining in ``path`` and the trainer's configuration for one local process: the
+    operator's translation, with PVCs at the --volume folders and the settings of LOCAL_METRICS and
+    SUMMARY_FILE. Raises what validating or translating raises."""
+    mounts = parse_volumes(volumes)
+    ft = load_training(path)
+
+    def resolve(loc: PvcLocation) -> str:
+        root = mounts.get(loc.claim_name, Path("volumes", loc.claim_name).resolve())
+        return str(root / loc.path.strip("/")) if loc.path.strip("/") else str(root)
+
+    summary = Path(resolve(ft.spec.output.location.pvc)) / SUMMARY_FILE
+    return ft, trainer_config(ft, resolve, metrics=LOCAL_METRICS.model_copy(), world_size=1,
+                              termination_message_path=str(summary))
+
+
 def train_local(path: str, volumes: list[str], prompt: str | None = None) -> int:
     try:
-        mounts = parse_volumes(volumes)
-        ft = load_training(path)
-
-        def resolve(loc: PvcLocation) -> str:
-            root = mounts.get(loc.claim_name, Path("volumes", loc.claim_name).resolve())
-            return str(root / loc.path.strip("/")) if loc.path.strip("/") else str(root)
-
-        output_dir = resolve(ft.spec.output.location.pvc)
-        config = trainer_config(ft, resolve, metrics_port=None, progress_interval_seconds=1.0, world_size=1,
-                                termination_message_path=str(Path(output_dir) / "run-summary.json"))
+        ft, config = local_config(path, volumes)
     except (ValidationError, TranslationError, ValueError, OSError) as err:
         print(f"forge: {path}: {format_error(err)}", file=sys.stderr)
         return ExitCode.CONFIG_ERROR
@@ -88,7 +101,7 @@ def train_local(path: str, volumes: list[str], prompt: str | None = None) -> int
     import forge_trainer
     from forge_trainer.contract import TrainerError
 
-    print(f"forge: training {ft.metadata.name} ({ft.spec.method}) -> {output_dir}", file=sys.stderr)
+    print(f"forge: training {ft.metadata.name} ({ft.spec.method}) -> {config.output.dir}", file=sys.stderr)
     bar = ProgressBar()
     try:
         summary = forge_trainer.run(config, on_progress=bar)

@@ -3,11 +3,17 @@
 Pure. Where a PersistentVolumeClaim path ends up on disk is the caller's
 business (in a pod: under /mnt/pvc/<claim>; locally: a folder given with
 --volume), so it is passed in as ``resolve``.
+
+It translates, it does not default: a field the spec leaves out (None) is left out of the
+trainer's configuration too, which applies the default both share (``forge_trainer.defaults``),
+the derived ones included (the MLP widths, the minimum learning rate, the validation fraction).
+Only the representation changes (0 = off becomes None, a token batch becomes sequences, a PVC
+path becomes a folder).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from forge_trainer.config import (
     ArchitectureConfig, BudgetConfig, CheckpointConfig, DataConfig, DataSourceConfig, MetricsConfig,
@@ -15,9 +21,8 @@ from forge_trainer.config import (
     ValidationConfig,
 )
 
-from ..api import defaults
 from ..api.base import PvcLocation, StorageLocation
-from ..api.names import METRICS_PORT, PVC_MOUNT_ROOT
+from ..api.names import PVC_MOUNT_ROOT
 from ..api.training import ArchitectureSpec, DataSource, ForgeTraining
 
 Resolve = Callable[[PvcLocation], str]
@@ -32,6 +37,11 @@ def pod_path(loc: PvcLocation) -> str:
     return f"{PVC_MOUNT_ROOT}/{loc.claim_name}" + (f"/{loc.path.strip('/')}" if loc.path.strip("/") else "")
 
 
+def _given(**values: Any) -> dict[str, Any]:
+    """The values the spec sets: the others are left to the trainer's configuration's defaults."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def _local(location: StorageLocation, field: str, resolve: Resolve) -> str:
     if location.pvc is None:
         raise TranslationError(f"{field}.s3: S3 locations are not supported by this trainer yet; "
@@ -40,36 +50,31 @@ def _local(location: StorageLocation, field: str, resolve: Resolve) -> str:
 
 
 def _architecture(a: ArchitectureSpec) -> ArchitectureConfig:
-    intermediate = a.intermediate_size or defaults.intermediate_size(a.hidden_size)
     moe = {}
     if a.experts is not None:
         e = a.experts
-        moe = dict(num_experts=e.num_experts, num_experts_per_token=e.num_experts_per_token,
-                   moe_intermediate_size=e.expert_intermediate_size
-                   or defaults.expert_intermediate_size(intermediate, e.num_experts_per_token),
-                   router_aux_loss_coef=e.router_aux_loss_coef)
+        moe = _given(num_experts=e.num_experts, num_experts_per_token=e.num_experts_per_token,
+                     moe_intermediate_size=e.expert_intermediate_size, router_aux_loss_coef=e.router_aux_loss_coef)
     return ArchitectureConfig(
-        family=a.family, num_layers=a.num_layers, hidden_size=a.hidden_size, intermediate_size=intermediate,
+        family=a.family, num_layers=a.num_layers, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
         num_attention_heads=a.num_attention_heads, num_key_value_heads=a.num_key_value_heads,
         max_position_embeddings=a.context_length, rope_theta=a.rope_theta,
         tie_word_embeddings=a.tie_word_embeddings, **moe)
 
 
 def _source(s: DataSource, field: str, resolve: Resolve) -> DataSourceConfig:
-    extra = {"include": s.include} if s.include is not None else {}
-    if s.text_field is not None:
-        extra["text_field"] = s.text_field
-    return DataSourceConfig(name=s.name, path=_local(s.location, f"{field}.location", resolve),
-                            format=s.format, weight=s.weight, **extra)
+    return DataSourceConfig(name=s.name, path=_local(s.location, f"{field}.location", resolve), format=s.format,
+                            weight=s.weight, **_given(include=s.include, text_field=s.text_field))
 
 
 def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir: str | None = None,
-                   metrics_port: int | None = METRICS_PORT,
-                   progress_interval_seconds: float = defaults.PROGRESS_INTERVAL_SECONDS,
-                   world_size: int | None = None, termination_message_path: str | None = None) -> TrainerConfig:
+                   metrics: MetricsConfig | None = None, world_size: int | None = None,
+                   termination_message_path: str | None = None) -> TrainerConfig:
     """Build the trainer's configuration. Raises TranslationError (or pydantic's ValueError) naming the field.
 
-    ``world_size`` defaults to numNodes x gpusPerNode (one process locally).
+    What depends on where it runs, not on the spec, is the caller's: ``resolve``, ``cache_dir`` (default:
+    beside the checkpoints), ``metrics`` and ``termination_message_path`` (default: the trainer's, which
+    are the worker pods'), ``world_size`` (default: numNodes x gpusPerNode; one process locally).
     """
     spec = ft.spec
     t = spec.training
@@ -91,7 +96,7 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
         tokenizer = TokenizerConfig(path=_local(tok.source, "spec.tokenizer.source", resolve))
 
     sources = [_source(s, f"spec.data.sources[{i}]", resolve) for i, s in enumerate(spec.data.sources)]
-    validation = ValidationConfig(fraction=defaults.VALIDATION_FRACTION)
+    validation = None  # left out: the trainer's default share of the documents
     v = spec.data.validation
     if v is not None and v.fraction is not None:
         validation = ValidationConfig(fraction=v.fraction)
@@ -109,11 +114,9 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
 
     training = TrainingConfig(
         seq_len=t.sequence_length, global_batch_sequences=global_sequences, micro_batch_sequences=t.micro_batch_size,
-        lr=t.learning_rate,
-        min_lr=t.min_learning_rate if t.min_learning_rate is not None else defaults.min_learning_rate(t.learning_rate),
-        schedule=t.schedule, warmup_steps=t.warmup_steps, decay_fraction=t.decay_fraction,
-        weight_decay=t.weight_decay, grad_clip=t.gradient_clipping or None, precision=t.precision, seed=t.seed,
-        compile=t.compile, eval_interval_steps=t.eval_interval_steps,
+        lr=t.learning_rate, min_lr=t.min_learning_rate, schedule=t.schedule, warmup_steps=t.warmup_steps,
+        decay_fraction=t.decay_fraction, weight_decay=t.weight_decay, grad_clip=t.gradient_clipping or None,
+        precision=t.precision, seed=t.seed, compile=t.compile, eval_interval_steps=t.eval_interval_steps,
         budget=BudgetConfig(max_steps=t.budget.max_steps, max_tokens=t.budget.max_tokens,
                             deadline=t.budget.deadline),
     )
@@ -122,14 +125,13 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
     checkpoint = CheckpointConfig(
         dir=checkpoint_dir, interval_steps=ck.interval_steps or None, interval_minutes=ck.interval_minutes or None,
         keep_last=ck.keep_last,
-        resume=f"{checkpoint_dir}/{ck.resume_from.strip('/')}" if ck.resume_from else "auto")
+        **_given(resume=f"{checkpoint_dir}/{ck.resume_from.strip('/')}" if ck.resume_from else None))
     return TrainerConfig(
         run_name=f"{ft.metadata.namespace}/{ft.metadata.name}" if ft.metadata.namespace else ft.metadata.name,
         method=spec.method, model=model, tokenizer=tokenizer,
-        data=DataConfig(sources=sources, validation=validation), training=training, checkpoint=checkpoint,
+        data=DataConfig(sources=sources, **_given(validation=validation)), training=training, checkpoint=checkpoint,
         output=OutputConfig(dir=resolve(spec.output.location.pvc)),
         # shared by all nodes: rank 0 prepares the token shards once, the others read them
         cache_dir=cache_dir or f"{checkpoint_dir}/.forge-cache",
-        metrics=MetricsConfig(port=metrics_port, progress_interval_seconds=progress_interval_seconds),
-        **({"termination_message_path": termination_message_path} if termination_message_path else {}),
+        **_given(metrics=metrics, termination_message_path=termination_message_path),
     )

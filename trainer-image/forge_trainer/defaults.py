@@ -1,0 +1,72 @@
+"""Every default the API and the trainer share, in one place.
+
+The trainer's configuration (``config.py``) takes its field defaults from here, and so does the
+operator's API (``forge_operator.api.defaults`` re-exports these), so a ForgeTraining that leaves
+a field out and a trainer configuration that leaves it out describe the same run: the operator
+translates, it does not re-default. A default computed from another value is a function here,
+applied by the trainer's configuration when the value is left out (the translation passes None).
+
+Plain values only: this module imports nothing (the operator image has no torch), and it is the
+only place to change one of them; ``tests/test_one_config.py`` checks that both sides agree.
+Defaults of knobs only one side has (the API's resources and failure policy, the trainer's
+``betas`` or ``eval_batches``) live beside their field.
+"""
+
+from __future__ import annotations
+
+# model.architecture (API: spec.model.architecture)
+FAMILY = "dense"
+CONTEXT_LENGTH = 4096  # API contextLength, trainer max_position_embeddings
+ROPE_THETA = 500000.0
+TIE_WORD_EMBEDDINGS = False
+ROUTER_AUX_LOSS_COEF = 0.001  # API experts.routerAuxLossCoef
+
+
+def intermediate_size(hidden_size: int) -> int:
+    """Width of the dense MLP: about 8/3 x the hidden size, rounded up to a multiple of 64."""
+    return -(-int(hidden_size * 8 / 3) // 64) * 64
+
+
+def expert_intermediate_size(intermediate: int, experts_per_token: int) -> int:
+    """Width of each expert's MLP: the dense MLP's width shared by the experts a token visits."""
+    return max(8, intermediate // experts_per_token)
+
+
+# tokenizer.train
+VOCAB_SIZE = 32000
+
+# data
+DATA_FORMAT = "text"
+TEXT_FIELD = "text"  # jsonl / parquet: the field holding a document's text
+SOURCE_WEIGHT = 1.0
+VALIDATION_FRACTION = 0.01  # no validation set named: this share of the training documents
+
+# training
+SEQUENCE_LENGTH = 2048  # API sequenceLength, trainer seq_len
+GLOBAL_BATCH_SEQUENCES = 256
+MICRO_BATCH_SIZE = 4  # API microBatchSize, trainer micro_batch_sequences
+LEARNING_RATE = 3e-4
+SCHEDULE = "cosine"
+WARMUP_STEPS = 100
+DECAY_FRACTION = 0.2
+WEIGHT_DECAY = 0.1
+GRADIENT_CLIPPING = 1.0
+PRECISION = "auto"
+SEED = 1234
+COMPILE = False
+EVAL_INTERVAL_STEPS = 500
+
+
+def min_learning_rate(learning_rate: float) -> float:
+    """Learning rate at the end of the schedule: a tenth of the peak."""
+    return learning_rate / 10
+
+
+# checkpoint
+CHECKPOINT_INTERVAL_STEPS = 1000
+CHECKPOINT_INTERVAL_MINUTES = 30
+CHECKPOINT_KEEP_LAST = 3
+
+# metrics (set by the operator's pods, not by the API)
+METRICS_PORT = 9090  # rank 0 serves Prometheus metrics here; the worker pods expose this port
+PROGRESS_INTERVAL_SECONDS = 15.0  # how often rank 0 reports progress (on its pod, or to a callback)
