@@ -227,6 +227,9 @@ class DevCluster:
                 "--service-account-signing-key-file", str(d / "sa.key"),
                 "--token-auth-file", str(d / "tokens.csv"),
                 "--authorization-mode", "RBAC", "--allow-privileged=true",
+                # as strict as the strictest clusters (OpenShift): an owner reference with
+                # blockOwnerDeletion needs update on the owner's finalizers
+                "--enable-admission-plugins", "OwnerReferencesPermissionEnforcement",
                 "--endpoint-reconciler-type", "none", "--v", "1"]
 
     def _component_kubeconfig(self) -> str:

@@ -37,6 +37,7 @@ NAMESPACE_GRANTS = {
     ("forge.dev", "forgeevals"): {"get", "list", "watch"},
     ("forge.dev", "forgetrainings/status"): {"update", "patch"},
     ("forge.dev", "forgeevals/status"): {"update", "patch"},
+    ("forge.dev", "forgetrainings/finalizers"): {"update"},  # blockOwnerDeletion on the children
     ("batch", "jobs"): CHILD_VERBS,
     ("", "configmaps"): CHILD_VERBS,
     ("", "services"): CHILD_VERBS,
@@ -386,12 +387,25 @@ def test_namespaced_operator_is_confined_to_its_namespaces(installs, cluster):
 
 
 @pytest.mark.cluster
+def test_the_operator_may_block_the_deletion_of_the_trainings_it_owns(installs, cluster):
+    """The children's owner references set blockOwnerDeletion, which needs update on the owner's
+    finalizers where the API server enforces it (OpenShift does; so does the test control plane)."""
+    wide, narrow = installs
+    for release, namespaces in ((wide, ["default", wide.namespace]), (narrow, narrow.watch)):
+        for ns in namespaces:
+            assert can_i(cluster, release.sa, "update", "forgetrainings.forge.dev", ns, subresource="finalizers")
+            assert not can_i(cluster, release.sa, "update", "forgetrainings.forge.dev", ns)  # spec is the user's
+    assert not can_i(cluster, narrow.sa, "update", "forgetrainings.forge.dev", "default", subresource="finalizers")
+
+
+@pytest.mark.cluster
 @pytest.mark.parametrize("which", [0, 1], ids=["cluster-wide", "namespaced"])
 def test_the_api_server_lets_the_operator_apply_a_trainings_children(installs, cluster, which):
     """Not can-i on paper: the API server itself (RBAC escalation checks included) accepts, as the
     operator's ServiceAccount, a server-side apply of every child the operator builds. For real, not
-    dry-run: binding the trainer Role is only checked against a Role that exists. The Job is
-    suspended, so no worker takes the cluster's fake GPUs."""
+    dry-run: binding the trainer Role is only checked against a Role that exists, and the owner
+    references' blockOwnerDeletion against the training (OwnerReferencesPermissionEnforcement is on).
+    The Job is suspended, so no worker takes the cluster's fake GPUs."""
     release = installs[which]
     ns = release.watch[0] if release.watch else release.namespace
     ft = example_training(ns)
@@ -468,5 +482,33 @@ def test_a_worker_may_update_only_its_own_pods_progress_annotation(installs, clu
         assert patch("worker-0", progress, unbound).returncode != 0
         # other accounts with the same grant are not the policy's business
         assert patch("worker-0", label, ci).returncode == 0
+    finally:
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("values", [{}, NAMESPACED], ids=["cluster-wide", "namespaced"])
+def test_the_operator_pod_passes_pod_security_restricted(helm, cluster, values):
+    """The API server's PodSecurity admission, in a namespace that enforces `restricted`, admits the
+    operator's pod as the chart renders it (and refuses one without the chart's securityContexts)."""
+    ns = f"restricted-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", ns)
+    try:
+        cluster.kubectl("label", "namespace", ns, "pod-security.kubernetes.io/enforce=restricted")
+        template = one(helm.template(values, namespace=ns), "Deployment")["spec"]["template"]
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "operator", "namespace": ns},
+               "spec": template["spec"] | {"serviceAccountName": "default"}}
+        bare = copy.deepcopy(pod)
+        bare["spec"].pop("securityContext")
+        bare["spec"]["containers"][0].pop("securityContext")
+        for manifest, admitted in ((pod, True), (bare, False)):
+            out = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(manifest), check=False)
+            assert (out.returncode == 0) is admitted, out.stderr
+            assert admitted or 'violates PodSecurity "restricted:latest"' in out.stderr
+        sc = template["spec"]["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        csc = template["spec"]["containers"][0]["securityContext"]
+        assert csc["allowPrivilegeEscalation"] is False and csc["capabilities"] == {"drop": ["ALL"]}
+        assert csc["readOnlyRootFilesystem"] is True
     finally:
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)

@@ -3,6 +3,8 @@ child builders, the translation to the trainer's configuration, status helpers; 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from forge_operator.api import defaults
@@ -78,11 +80,85 @@ def test_translation_maps_the_spec_onto_the_trainer_config():
     assert cfg.training.global_batch_sequences == 64 and cfg.training.min_lr == pytest.approx(3e-5)
 
 
-def test_workers_share_the_trainer_images_group_on_volumes():
-    ft = ForgeTraining.model_validate(obj())
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def restricted_violations(pod_spec: dict) -> list[str]:
+    """The Pod Security Standard `restricted` (v1.34) for the fields a worker pod can have; the API
+    server's own PodSecurity admission checks the same in tests/operator/test_pod_security.py."""
+    out = []
+    sc = pod_spec.get("securityContext", {})
+    out += [key for key in ("hostNetwork", "hostPID", "hostIPC") if pod_spec.get(key)]
+    out += [f"volume {v['name']}" for v in pod_spec.get("volumes", []) if not set(v) - {"name"} <= RESTRICTED_VOLUMES]
+    if sc.get("seccompProfile", {}).get("type") not in ("RuntimeDefault", "Localhost"):
+        out.append("seccompProfile")
+    if sc.get("runAsUser") == 0:
+        out.append("runAsUser=0")
+    for c in pod_spec["containers"]:
+        csc = c.get("securityContext", {})
+        if not (csc.get("runAsNonRoot", sc.get("runAsNonRoot")) is True):
+            out.append("runAsNonRoot")
+        if csc.get("privileged") or csc.get("allowPrivilegeEscalation") is not False:
+            out.append("allowPrivilegeEscalation")
+        caps = csc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            out.append("capabilities")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            out.append("hostPort")
+    return out
+
+
+def worker_pod_spec(resources: dict) -> dict:
+    ft = ForgeTraining.model_validate(obj(resources=resources))
     job_ = next(c for c in desired_children(ft, "x: 1", WorkerState()) if c["kind"] == "Job")
-    assert job_["spec"]["template"]["spec"]["securityContext"] == {"fsGroup": 10001,
-                                                                   "fsGroupChangePolicy": "OnRootMismatch"}
+    return job_["spec"]["template"]["spec"]
+
+
+HOST_PATH = {"name": "scratch", "hostPath": {"path": "/mnt/nvme"}}
+
+
+@pytest.mark.parametrize("resources, violations", [
+    ({}, []),
+    ({"gpusPerNode": 0, "numNodes": 1}, []),
+    ({"serviceAccountName": "team-a-runner", "image": "registry.internal/own-trainer:1",
+      "imagePullPolicy": "Always", "imagePullSecrets": ["regcred"]}, []),
+    ({"nodeSelector": {"pool": "a100"}, "priorityClassName": "high",
+      "tolerations": [{"key": "pool", "operator": "Exists"}],
+      "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+          {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}}}, []),
+    ({"env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
+      "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "creds", "secret": {"secretName": "s3"}}],
+      "volumeMounts": [{"name": "cache", "mountPath": "/cache"}]}, []),
+    # the user's own volumes are passed through as written: a hostPath one makes the pod not
+    # `restricted` (the namespace's PodSecurity admission then refuses it: docs/install.md)
+    ({"volumes": [HOST_PATH], "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}, ["volume scratch"]),
+], ids=["default", "cpu-only", "own-account-and-image", "scheduling", "own-env-and-volumes", "host-path"])
+def test_workers_pass_pod_security_restricted(resources, violations):
+    pod_spec = worker_pod_spec(resources)
+    assert restricted_violations(pod_spec) == violations
+    # the trainer image's user whatever image runs; volumes group-writable by it
+    assert pod_spec["securityContext"] == {
+        "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+        "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod_spec["containers"][0]["securityContext"] == {"allowPrivilegeEscalation": False,
+                                                            "capabilities": {"drop": ["ALL"]}}
+
+
+def test_the_checker_of_restricted_finds_what_the_standard_refuses():
+    """restricted_violations above is no test that cannot fail: each setting it checks, removed, is found."""
+    good = worker_pod_spec({})
+    for breaks, found in [(lambda p: p["securityContext"].pop("runAsNonRoot"), "runAsNonRoot"),
+                          (lambda p: p["securityContext"].pop("seccompProfile"), "seccompProfile"),
+                          (lambda p: p["securityContext"].update(runAsUser=0), "runAsUser=0"),
+                          (lambda p: p["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+                           "allowPrivilegeEscalation"),
+                          (lambda p: p["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]),
+                           "capabilities"),
+                          (lambda p: p.update(hostIPC=True), "hostIPC")]:
+        pod_spec = copy.deepcopy(good)
+        breaks(pod_spec)
+        assert restricted_violations(pod_spec) == [found]
 
 
 @pytest.mark.parametrize("grace, timeout", [(600, "570"), (30, "30"), (45, "30"), (3600, "3570")])

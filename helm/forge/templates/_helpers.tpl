@@ -66,6 +66,12 @@ subset of these, as RBAC's escalation check requires.
 - apiGroups: ["forge.dev"]
   resources: ["forgetrainings/status", "forgeevals/status"]
   verbs: ["update", "patch"]
+# the children's owner references set blockOwnerDeletion: where the API server enforces it
+# (OwnerReferencesPermissionEnforcement, e.g. OpenShift) that needs update on the owner's finalizers.
+# ForgeEvals own no children yet.
+- apiGroups: ["forge.dev"]
+  resources: ["forgetrainings/finalizers"]
+  verbs: ["update"]
 # the children of a training (server-side apply: create + patch)
 - apiGroups: ["batch"]
   resources: ["jobs"]

@@ -6,6 +6,7 @@ here talks to the API server.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from ..api.names import (
     ENV_RESTART_COUNT, ENV_TORCHRUN_SHUTDOWN_TIMEOUT, ENV_TRAINING_NAME, LABEL_ATTEMPT, LABEL_KUEUE_QUEUE,
     LABEL_MANAGED_BY, LABEL_NAME, LABEL_TRAINING, MANAGED_BY, METRICS_PORT, PRESTOP_COMMAND, PVC_MOUNT_ROOT,
     RENDEZVOUS_PORT, SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_ACCOUNT_PREFIX, TRAINER_GID,
+    TRAINER_UID,
 )
 from ..api.training import ForgeTraining
 from ..k8s.objects import object_meta
@@ -167,6 +169,20 @@ def torchrun_shutdown_timeout(grace_period_seconds: int) -> int:
     return max(30, grace_period_seconds - 30)
 
 
+# The workers pass the Pod Security Standard `restricted` (docs/install.md, "Pod Security"). They run
+# as the trainer image's user (uid/gid 10001) whatever image the spec names; volumes are group-writable
+# by it, their ownership changed only when a volume's root does not match, not file by file on every
+# mount. The root filesystem stays writable: torchrun and torch.compile write under /tmp and $HOME.
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True, "runAsUser": TRAINER_UID, "runAsGroup": TRAINER_GID,
+    "fsGroup": TRAINER_GID, "fsGroupChangePolicy": "OnRootMismatch",
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+}
+
+
 def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dict[str, Any]:
     """The worker pod."""
     r = ft.spec.resources
@@ -200,6 +216,7 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
                   {"name": "metrics", "containerPort": METRICS_PORT}],
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
     }
     # The kubelet runs preStop before it sends SIGTERM to PID 1 (torchrun): the hook sends SIGTERM to
     # the workers and waits until they have checkpointed and exited, bounded by the grace period.
@@ -212,9 +229,7 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
         container["resources"] = resources
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        # volumes are group-writable by the trainer image's user (uid/gid 10001); the ownership of a
-        # volume is changed only when its root does not match, not file by file on every mount
-        "securityContext": {"fsGroup": TRAINER_GID, "fsGroupChangePolicy": "OnRootMismatch"},
+        "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
         "subdomain": service_name(ft),
         "serviceAccountName": service_account_name(ft),
         "terminationGracePeriodSeconds": r.termination_grace_period_seconds,

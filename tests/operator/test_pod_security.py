@@ -1,0 +1,58 @@
+"""Worker pods under the API server's own PodSecurity admission, in a namespace that enforces the
+Pod Security Standard `restricted` (what an administrator of a shared cluster sets)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from operator_support import training
+from test_lifecycle import exit_pod, phase_is, running_workers, worker_pods
+
+pytestmark = pytest.mark.cluster
+
+ENFORCE = "pod-security.kubernetes.io/enforce"
+
+
+def enforce_restricted(kube) -> None:
+    """Enforce `restricted` in the test's namespace, and prove the API server does: a pod with no
+    securityContext is refused."""
+    kube.cluster.kubectl("label", "--overwrite", "namespace", kube.namespace, f"{ENFORCE}=restricted")
+    bare = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bare"},
+            "spec": {"containers": [{"name": "c", "image": "trainer:1"}]}}
+    out = kube("apply", "--dry-run=server", "-f", "-", input=json.dumps(bare), check=False)
+    assert out.returncode != 0 and 'violates PodSecurity "restricted:latest"' in out.stderr, out.stderr
+
+
+def test_a_training_runs_to_succeeded_in_a_namespace_that_enforces_restricted(kube, operator):
+    enforce_restricted(kube)
+    kube.apply(training("llm"))
+    pods = kube.wait_for("4 running ranks", running_workers(kube, "llm", 4, 0))
+    for pod in pods:
+        assert pod["spec"]["securityContext"]["runAsUser"] == 10001
+        assert pod["spec"]["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    kube.wait_for("Running", phase_is(kube, "llm", "Running"))
+    for pod in pods:
+        exit_pod(kube, pod["metadata"]["name"], 0)
+    kube.wait_for("Succeeded", phase_is(kube, "llm", "Succeeded"))
+    refused = [e for e in kube.events("reason=FailedCreate") if "PodSecurity" in e.get("message", "")]
+    assert not refused
+
+
+def test_a_users_host_path_volume_is_refused_by_restricted(kube, operator):
+    """The user's own pod fields are passed through as written: a hostPath volume breaks `restricted`.
+    The API server refuses the Job's pods and says why in the Job's events; no worker starts."""
+    enforce_restricted(kube)
+    kube.apply(training("llm", resources={"volumes": [{"name": "scratch", "hostPath": {"path": "/mnt/nvme"}}],
+                                          "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}))
+    refused = kube.wait_for("the Job's pods refused", lambda: [
+        e for e in kube.events("involvedObject.kind=Job,reason=FailedCreate")
+        if 'violates PodSecurity "restricted:latest"' in e.get("message", "")])
+    assert 'volume "scratch" uses restricted volume type "hostPath"' in refused[0]["message"]
+    assert not worker_pods(kube, "llm")
+    assert ft_phase(kube, "llm") in (None, "Pending")
+
+
+def ft_phase(kube, name: str) -> str | None:
+    return kube.get("forgetraining", name).get("status", {}).get("phase")
