@@ -145,6 +145,9 @@ SHARED_FIELDS = [
     (DataSource, "format", DataSourceConfig, "format"),
     (DataSource, "include", DataSourceConfig, "include"),
     (DataSource, "text_field", DataSourceConfig, "text_field"),
+    (DataSource, "prompt_field", DataSourceConfig, "prompt_field"),
+    (DataSource, "completion_field", DataSourceConfig, "completion_field"),
+    (DataSource, "messages_field", DataSourceConfig, "messages_field"),
     (DataSource, "weight", DataSourceConfig, "weight"),
     (TrainingSpec, "sequence_length", TrainingConfig, "seq_len"),
     (TrainingSpec, "micro_batch_size", TrainingConfig, "micro_batch_sequences"),
@@ -167,8 +170,7 @@ SHARED_FIELDS = [
 # (or translates them into another shape, checked by the next test)
 API_ONLY = {
     (ArchitectureSpec, "experts"), (TrainingSpec, "global_batch"), (TrainingSpec, "dpo_beta"),
-    (DataSource, "prompt_field"), (DataSource, "completion_field"), (DataSource, "chosen_field"),
-    (DataSource, "rejected_field"), (CheckpointSpec, "resume_from"),
+    (DataSource, "chosen_field"), (DataSource, "rejected_field"), (CheckpointSpec, "resume_from"),
 }
 
 

@@ -122,3 +122,35 @@ def test_quickstart_file_trains_on_the_standard_library(tmp_path):
     manifest = json.loads(next(Path(cfg.cache_dir).glob("tokens/*/manifest.json")).read_text())
     assert len(manifest["sources"][0]["files"]) > 100 and manifest["vocab_size"] == 4096
     assert forge_trainer.sample(cfg.output.dir, "def ", max_new_tokens=4)
+
+
+def test_forge_train_fine_tunes_a_base_model_like_the_sft_example(tmp_path):
+    """examples/sft.yaml, cut to a tiny base made here and a few steps: prompt/response records in the
+    example's volumes, the base model's tokenizer, a separate validation source."""
+    import json
+
+    from sft_helpers import make_base, write_records
+
+    spec = yaml.safe_load((ROOT / "examples" / "sft.yaml").read_text())
+    spec["spec"]["training"] = {"sequenceLength": 128, "globalBatch": {"sequences": 8}, "microBatchSize": 4,
+                                "learningRate": 0.003, "warmupSteps": 1, "evalIntervalSteps": 3,
+                                "budget": {"maxSteps": 6}}
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(spec))
+    models, data = tmp_path / "models", tmp_path / "sft-data"
+    models.mkdir()
+    make_base(tmp_path, "llama").rename(models / "legal-continued-1b")  # where the example's spec.model.base is
+    for part, n, seed in (("train", 64, 0), ("validation", 8, 1)):
+        records = [json.loads(x) for x in write_records(tmp_path / f"{part}.jsonl", "pairs", n, seed).read_text().splitlines()]
+        (data / part).mkdir(parents=True)
+        (data / part / "records.jsonl").write_text(
+            "".join(json.dumps({"prompt": r["prompt"], "response": r["completion"]}) + "\n" for r in records))
+    out = forge("train", "sft.yaml", "--volume", f"forge-models={models}", "--volume", f"sft-data={data}",
+                "--volume", f"forge-checkpoints={tmp_path / 'ckpt'}", "--prompt", "what does bob like?\n", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "(sft)" in out.stderr and "step 6," in out.stdout and "validation loss" in out.stdout
+    assert "sample ('what does bob like?\\n' ->)" in out.stdout
+    model = models / "sft-assistant-1b"
+    provenance = json.loads((model / "provenance.json").read_text())
+    assert provenance["method"] == "sft" and [s["name"] for s in provenance["data"]["sources"]] == [
+        "instructions", "instructions-val"]
+    assert (model / "chat_template.jinja").exists()  # the default template: the base's tokenizer has none

@@ -41,7 +41,7 @@ def test_json_is_accepted(tmp_path, corpus):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"method": "sft"}, "method sft is not implemented yet"),
+        ({"method": "sft"}, "method sft needs model.base_path"),
         ({"method": {"kind": "dpo"}}, "method dpo is not implemented yet"),
         ({"method": "dpo"}, "method dpo is not implemented yet"),
         ({"training__seq_len": 256}, "training.seq_len 256 exceeds the model's context"),
@@ -98,7 +98,7 @@ def test_the_method_is_a_kind_with_its_own_settings_or_the_kind_alone(tmp_path, 
     base = tiny_config(tmp_path, corpus, method="continued-pretrain", model={"base_path": "/models/x"},
                        tokenizer={"from_base": True})
     assert base.method == ContinuedPretrainMethod()
-    with pytest.raises(ValidationError, match="does not match any of the expected tags: 'pretrain', 'continued-pretrain'"):
+    with pytest.raises(ValidationError, match="does not match any of the expected tags: 'pretrain', 'continued-pretrain', 'sft'"):
         tiny_config(tmp_path, corpus, method={"kind": "grpo"})
     with pytest.raises(ValidationError, match="method continued-pretrain needs model.base_path"):
         tiny_config(tmp_path, corpus, method="continued-pretrain")

@@ -144,8 +144,32 @@ class DataSourceConfig(_Model):
     """Glob patterns relative to path to leave out."""
     text_field: str = D.TEXT_FIELD
     """jsonl/parquet: the field holding the document text."""
+    prompt_field: str | None = None
+    """sft, prompt/completion records: the field holding the prompt (no loss on it)."""
+    completion_field: str | None = None
+    """sft, prompt/completion records: the field holding the answer to learn."""
+    messages_field: str | None = None
+    """sft, chat records: the field holding the conversation, a list of {role, content} with roles
+    system, user and assistant; the loss is on the assistant turns."""
     weight: float = Field(D.SOURCE_WEIGHT, gt=0)
     """Mixing weight: the share of training sequences drawn from this source."""
+
+    @model_validator(mode="after")
+    def _record_fields(self) -> DataSourceConfig:
+        if self.messages_field is not None and (self.prompt_field is not None or self.completion_field is not None):
+            raise ValueError(f"data source {self.name!r}: set messages_field or prompt_field and completion_field, not both")
+        if (self.prompt_field is None) != (self.completion_field is None):
+            raise ValueError(f"data source {self.name!r}: prompt_field and completion_field go together")
+        if self.record_kind is not None and self.format == "text":
+            raise ValueError(f"data source {self.name!r}: records (prompt/completion or messages) need format jsonl or parquet")
+        return self
+
+    @property
+    def record_kind(self) -> Literal["prompt-completion", "chat"] | None:
+        """What an sft record of this source is (None: the source holds documents)."""
+        if self.messages_field is not None:
+            return "chat"
+        return "prompt-completion" if self.prompt_field is not None else None
 
     @property
     def include_patterns(self) -> list[str]:
@@ -303,10 +327,18 @@ class ContinuedPretrainMethod(_Model):
     kind: Literal["continued-pretrain"] = "continued-pretrain"
 
 
-MethodConfig = Annotated[PretrainMethod | ContinuedPretrainMethod, Field(discriminator="kind")]
+class SftMethod(_Model):
+    """Supervised fine-tuning of model.base_path on prompt/completion or chat records: the loss is on
+    the completion and assistant tokens only; several examples are packed in one sequence, none
+    attending to another."""
+
+    kind: Literal["sft"] = "sft"
+
+
+MethodConfig = Annotated[PretrainMethod | ContinuedPretrainMethod | SftMethod, Field(discriminator="kind")]
 """One member per training method, told apart by `kind`; a method's own settings live beside it."""
 
-PLANNED_METHODS = ("sft", "dpo")
+PLANNED_METHODS = ("dpo",)
 """Accepted by the API, refused here until the trainer implements them."""
 
 
@@ -316,8 +348,9 @@ class TrainerConfig(_Model):
     run_name: str = "forge-run"
     """Shown in logs and recorded in provenance.json."""
     method: MethodConfig = PretrainMethod()
-    """pretrain = from scratch; continued-pretrain = keep training model.base_path on new text.
-    A method without settings may be written as its kind alone (`method: pretrain`)."""
+    """pretrain = from scratch; continued-pretrain = keep training model.base_path on new text;
+    sft = fine-tune model.base_path on prompt/completion or chat records. A method without settings
+    may be written as its kind alone (`method: pretrain`)."""
     model: ModelConfig
     tokenizer: TokenizerConfig = TokenizerConfig(train=TokenizerTrainConfig())
     data: DataConfig
@@ -338,15 +371,16 @@ class TrainerConfig(_Model):
         method = data.get("method")
         kind = method if isinstance(method, str) else method.get("kind") if isinstance(method, dict) else None
         if kind in PLANNED_METHODS:
-            raise ValueError(f"method {kind} is not implemented yet (use pretrain or continued-pretrain)")
+            raise ValueError(f"method {kind} is not implemented yet (use pretrain, continued-pretrain or sft)")
         if isinstance(method, str):
             data = {**data, "method": {"kind": method}}
         return data
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:
-        if self.method.kind == "continued-pretrain" and self.model.base_path is None:
-            raise ValueError("method continued-pretrain needs model.base_path")
+        if self.method.kind in ("continued-pretrain", "sft") and self.model.base_path is None:
+            raise ValueError(f"method {self.method.kind} needs model.base_path")
+        self._check_records()
         if self.method.kind == "pretrain" and self.model.base_path is not None:
             raise ValueError("method pretrain builds a new model: use model.architecture (or method continued-pretrain)")
         if self.tokenizer.from_base and self.model.base_path is None:
@@ -358,6 +392,23 @@ class TrainerConfig(_Model):
                 f"(model.architecture.max_position_embeddings {arch.max_position_embeddings})"
             )
         return self
+
+    def _check_records(self) -> None:
+        """sft reads records from every source; the other methods read documents."""
+        sources = self.data.sources
+        if self.method.kind == "sft":
+            bare = [s.name for s in sources if s.record_kind is None]
+            if bare:
+                raise ValueError(f"method sft needs records: data sources {bare} set neither messages_field nor "
+                                 "prompt_field and completion_field")
+            if self.tokenizer.train is not None:
+                raise ValueError("method sft fine-tunes model.base_path with its own tokenizer: use tokenizer.from_base "
+                                 "(or tokenizer.path), not tokenizer.train")
+        else:
+            mixed = [s.name for s in sources if s.record_kind is not None]
+            if mixed:
+                raise ValueError(f"method {self.method.kind} reads documents: messages_field, prompt_field and "
+                                 f"completion_field (data sources {mixed}) are for method sft")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -140,6 +140,9 @@ class DataSource(ApiModel):
     """For sft and dpo: the field holding the prompt."""
     completion_field: ShortStr | None = None
     """For sft: the field holding the answer to learn."""
+    messages_field: ShortStr | None = None
+    """For sft chat data, instead of promptField and completionField: the field holding the conversation, a list
+    of messages {role, content} with roles system, user and assistant; the loss is on the assistant turns."""
     chosen_field: ShortStr | None = None
     """For dpo: the field holding the preferred answer."""
     rejected_field: ShortStr | None = None
@@ -168,14 +171,22 @@ def _is_preference(s: DataSource) -> bool:
 
 
 def _is_instruction(s: DataSource) -> bool:
-    return s.format != "text" and s.prompt_field is not None and s.completion_field is not None
+    if s.format == "text":
+        return False
+    if s.messages_field is not None:
+        return s.prompt_field is None and s.completion_field is None
+    return s.prompt_field is not None and s.completion_field is not None
 
 
-def _method_data_rules(method: str, what: str, fields: tuple[str, ...], check) -> tuple[Cel, Cel]:
+_RECORDS = "has(s.format) && s.format != 'text'"
+_PREFERENCE = " && ".join([_RECORDS, "has(s.promptField)", "has(s.chosenField)", "has(s.rejectedField)"])
+_INSTRUCTION = (f"{_RECORDS} && (has(s.messagesField) ? !has(s.promptField) && !has(s.completionField)"
+                " : has(s.promptField) && has(s.completionField))")
+
+
+def _method_data_rules(method: str, what: str, pred: str, names: str, check) -> tuple[Cel, Cel]:
     """sft and dpo read records, not documents: every source, and a separate validation source, must
-    be jsonl or parquet and name the fields of a record."""
-    pred = " && ".join(["has(s.format) && s.format != 'text'", *(f"has(s.{f})" for f in fields)])
-    names = ", ".join(fields[:-1]) + " and " + fields[-1]
+    be jsonl or parquet and name the fields of a record (``pred``, a CEL predicate of a source ``s``)."""
     validation = lambda sp: sp.data.validation.source if sp.data.validation else None  # noqa: E731
     return (
         Cel(f"self.method != '{method}' || self.data.sources.all(s, {pred})",
@@ -451,8 +462,13 @@ class ForgeTrainingSpec(ApiModel):
             lambda s: s.model.architecture is None
             or s.training.sequence_length <= s.model.architecture.context_length,
             field_path=".training.sequenceLength"),
-        *_method_data_rules("dpo", "preference data", ("promptField", "chosenField", "rejectedField"), _is_preference),
-        *_method_data_rules("sft", "instruction data", ("promptField", "completionField"), _is_instruction),
+        *_method_data_rules("dpo", "preference data", _PREFERENCE, "promptField, chosenField and rejectedField",
+                            _is_preference),
+        *_method_data_rules("sft", "instruction data", _INSTRUCTION,
+                            "promptField and completionField, or messagesField alone", _is_instruction),
+        Cel("self.method != 'sft' || !has(self.tokenizer.train)",
+            "method sft fine-tunes model.base with its own tokenizer: set tokenizer.fromBase (or tokenizer.source)",
+            lambda s: s.method != "sft" or s.tokenizer.train is None, field_path=".tokenizer"),
         Cel("self.method == 'dpo' || !has(self.training.dpoBeta)", "training.dpoBeta is only for method dpo",
             lambda s: s.method == "dpo" or s.training.dpo_beta is None, field_path=".training.dpoBeta"),
         Cel(f"self.output.location.pvc.claimName != self.checkpoint.location.pvc.claimName || "

@@ -62,9 +62,12 @@ def _architecture(a: ArchitectureSpec) -> ArchitectureConfig:
         tie_word_embeddings=a.tie_word_embeddings, **moe)
 
 
-def _source(s: DataSource, field: str, resolve: Resolve) -> DataSourceConfig:
+def _source(s: DataSource, field: str, resolve: Resolve, records: bool) -> DataSourceConfig:
+    """``records``: the method reads records (sft), so the fields that name a record's parts go along."""
+    fields = _given(prompt_field=s.prompt_field, completion_field=s.completion_field,
+                    messages_field=s.messages_field) if records else {}
     return DataSourceConfig(name=s.name, path=_local(s.location, f"{field}.location", resolve), format=s.format,
-                            weight=s.weight, **_given(include=s.include, text_field=s.text_field))
+                            weight=s.weight, **_given(include=s.include, text_field=s.text_field), **fields)
 
 
 def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir: str | None = None,
@@ -78,9 +81,10 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
     """
     spec = ft.spec
     t = spec.training
-    if spec.method in ("sft", "dpo"):
+    if spec.method == "dpo":
         raise TranslationError(f"spec.method: {spec.method} is accepted by the API but this trainer version "
-                               "implements pretrain and continued-pretrain only")
+                               "implements pretrain, continued-pretrain and sft only")
+    records = spec.method == "sft"
 
     if spec.model.architecture is not None:
         model = ModelConfig(architecture=_architecture(spec.model.architecture))
@@ -95,13 +99,13 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
     else:
         tokenizer = TokenizerConfig(path=_local(tok.source, "spec.tokenizer.source", resolve))
 
-    sources = [_source(s, f"spec.data.sources[{i}]", resolve) for i, s in enumerate(spec.data.sources)]
+    sources = [_source(s, f"spec.data.sources[{i}]", resolve, records) for i, s in enumerate(spec.data.sources)]
     validation = None  # left out: the trainer's default share of the documents
     v = spec.data.validation
     if v is not None and v.fraction is not None:
         validation = ValidationConfig(fraction=v.fraction)
     elif v is not None and v.source is not None:
-        sources.append(_source(v.source, "spec.data.validation.source", resolve))
+        sources.append(_source(v.source, "spec.data.validation.source", resolve, records))
         validation = ValidationConfig(source=v.source.name)
 
     gb = t.global_batch

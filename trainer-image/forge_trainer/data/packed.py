@@ -66,6 +66,14 @@ class TokenData:
         total = sum(self.weights)
         self.weights = [w / total for w in self.weights]
 
+    def train_rows(self, s: int) -> int:
+        """Training windows of source s (what TrainLoader draws from)."""
+        return self.train[s][1]
+
+    def train_row(self, s: int, i: int) -> np.ndarray:
+        off = i * self.seq_len
+        return np.asarray(self.train[s][0][off : off + self.seq_len + 1], dtype=np.int64)
+
     @property
     def val_windows(self) -> int:
         return sum(w for _, _, w in self.val)
@@ -82,6 +90,9 @@ class TokenData:
 class TrainLoader:
     """A deterministic, resumable stream of training windows, identical on every rank.
 
+    It reads ``data.names``, ``data.weights``, ``data.train_rows(s)`` and ``data.train_row(s, i)``:
+    pretraining's TokenData, or sft's packed records (data.records.RecordData).
+
     Sample g of the run comes from the source whose share is furthest behind its
     weight (smooth weighted round robin); each source walks a fresh seeded
     permutation of its windows every epoch. Every rank advances the same global
@@ -90,11 +101,11 @@ class TrainLoader:
     resume on a different number of workers and see the same data.
     """
 
-    def __init__(self, data: TokenData, seed: int):
+    def __init__(self, data, seed: int):
         self.data = data
         self.seed = seed
         self.consumed = 0
-        self.taken = [0] * len(data.train)
+        self.taken = [0] * len(data.names)
         self._perm_cache: dict[int, tuple[int, np.ndarray]] = {}
 
     def state_dict(self) -> dict:
@@ -108,15 +119,14 @@ class TrainLoader:
         self.taken = [int(taken[n]) for n in self.data.names]
 
     def _window(self, s: int, k: int) -> np.ndarray:
-        stream, windows = self.data.train[s]
+        windows = self.data.train_rows(s)
         epoch, pos = divmod(k, windows)
         cached = self._perm_cache.get(s)
         if cached is None or cached[0] != epoch:
             rng = np.random.default_rng([self.seed, s, epoch])
             perm = rng.permutation(windows).astype(np.int64 if windows >= 2**31 else np.int32)
             self._perm_cache[s] = cached = (epoch, perm)
-        off = int(cached[1][pos]) * self.data.seq_len
-        return np.asarray(stream[off : off + self.data.seq_len + 1], dtype=np.int64)
+        return self.data.train_row(s, int(cached[1][pos]))
 
     def _next_source(self) -> int:
         g = self.consumed + 1
@@ -124,7 +134,8 @@ class TrainLoader:
         return max(range(len(deficits)), key=deficits.__getitem__)
 
     def next_step(self, global_batch: int, rank: int, world: int) -> np.ndarray:
-        """This rank's windows of the next global batch: int64 array [global_batch / world, seq_len + 1]."""
+        """This rank's windows of the next global batch: int64 array [global_batch / world, ...] (a window
+        is [seq_len + 1] tokens in pretraining, [3, seq_len] for packed records)."""
         per_rank = global_batch // world
         lo, hi = rank * per_rank, (rank + 1) * per_rank
         rows = []

@@ -39,14 +39,20 @@ MANIFEST_VERSION = 1
 _BATCH_BYTES = 8 << 20  # text encoded per batch: big enough to keep all cores busy
 
 
-def prepare_on_ranks(config: TrainerConfig, d: Dist, stop: SigtermFlag) -> tuple[TextTokenizer, Path, str]:
+def prepare_on_ranks(config: TrainerConfig, d: Dist, stop: SigtermFlag,
+                     prepare=None, ready=None) -> tuple[TextTokenizer, Path, str]:
     """Rank 0 trains/loads the tokenizer and tokenizes the data; the others get the result:
-    (tokenizer, prepared directory, data digest).
+    (tokenizer, prepared directory, data digest). ``prepare`` turns the files into the prepared
+    directory (default: pretraining's token shards, ``prepare_dataset``; sft's records have their own),
+    ``ready(path)`` says whether a node finds it complete (default: ``load_manifest``).
 
     Errors found by rank 0 are re-raised on every rank, so all exit with the
     same code instead of waiting forever. Nodes that do not share cache_dir
     prepare their own copy with rank 0's tokenizer (encoding is deterministic).
     """
+    prepare = prepare or prepare_dataset
+    ready = ready or (lambda p: load_manifest(p) is not None)
+
     def should_stop() -> bool:
         return stop.requested
 
@@ -55,19 +61,19 @@ def prepare_on_ranks(config: TrainerConfig, d: Dist, stop: SigtermFlag) -> tuple
     def on_rank_0() -> tuple[str, str, str, str]:
         digest, listing = data_digest(config.data)
         made["tokenizer"] = tokenizer = ensure_tokenizer(config, digest, listing)
-        path = prepare_dataset(config, tokenizer, digest, listing, stop=should_stop)
+        path = prepare(config, tokenizer, digest, listing, stop=should_stop)
         return tokenizer.json, tokenizer.eos_token, str(path), digest
 
     tok_json, eos, path, digest = d.on_main(on_rank_0, "preparing the data")
     tokenizer = made.get("tokenizer") or TextTokenizer.from_json(tok_json, eos)
 
     def prepare_on_this_node() -> None:
-        if d.is_main or d.local_rank != 0 or load_manifest(Path(path)) is not None:
+        if d.is_main or d.local_rank != 0 or ready(Path(path)):
             return
         local_digest, listing = data_digest(config.data)
         if local_digest != digest:
             raise DataError(f"the data on {hostname()} differs from rank 0's (digest {local_digest[:12]} != {digest[:12]})")
-        prepare_dataset(config, tokenizer, digest, listing, stop=should_stop)
+        prepare(config, tokenizer, digest, listing, stop=should_stop)
 
     on_every_rank(d, prepare_on_this_node, stop)  # also the barrier: every node's copy is ready after it
     return tokenizer, Path(path), digest

@@ -83,16 +83,10 @@ def iter_documents(source: DataSourceConfig, f: SourceFile, raw: bytes, where: s
     if source.format == "text":
         yield raw.decode("utf-8", "replace")
     elif source.format == "jsonl":
-        for lineno, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{where}: {f.rel} line {lineno}: invalid JSON ({e})") from e
+        for at, record in _jsonl_records(f, raw, where):
             text = record.get(source.text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
-                raise DataError(f"{where}: {f.rel} line {lineno}: no string field {source.text_field!r}")
+                raise DataError(f"{where}: {f.rel} {at}: no string field {source.text_field!r}")
             yield _clean(text)
     else:
         import io
@@ -111,6 +105,41 @@ def iter_documents(source: DataSourceConfig, f: SourceFile, raw: bytes, where: s
             raise
         except Exception as e:  # pyarrow raises many types for a corrupt file
             raise DataError(f"{where}: cannot read {f.rel} as parquet: {e}") from e
+
+
+def _jsonl_records(f: SourceFile, raw: bytes, where: str) -> Iterator[tuple[str, object]]:
+    """("line N", the parsed value) of every non-blank line; an invalid line is an error naming it."""
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {lineno}", json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{where}: {f.rel} line {lineno}: invalid JSON ({e})") from e
+
+
+def iter_records(source: DataSourceConfig, f: SourceFile, raw: bytes, where: str) -> Iterator[tuple[str, dict]]:
+    """The records of one jsonl or parquet file, each with where it is ("line N", "row N"), for errors."""
+    if source.format == "jsonl":
+        for at, record in _jsonl_records(f, raw, where):
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: {f.rel} {at}: a record must be a JSON object")
+            yield at, record
+        return
+    import io
+
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(io.BytesIO(raw))
+        batches = pf.iter_batches(batch_size=8192)
+        row = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                row += 1
+                yield f"row {row}", record
+    except Exception as e:  # pyarrow raises many types for a corrupt file
+        raise DataError(f"{where}: cannot read {f.rel} as parquet: {e}") from e
 
 
 def sha256_file(path: Path) -> str:
@@ -135,5 +164,8 @@ def data_digest(cfg: DataConfig) -> tuple[str, dict[str, list[tuple[SourceFile, 
                 raise DataError(f"{source_label(i, src)}: cannot read {f.rel}: {e.strerror or e}") from e
             hashed.append((f, digest))
         listing[src.name] = hashed
-        h.update(json.dumps([src.name, src.format, src.text_field, [(f.rel, d) for f, d in hashed]]).encode())
+        how = [src.name, src.format, src.text_field]
+        if src.record_kind is not None:  # how records are read; left out for documents (their digests stay)
+            how.append([src.prompt_field, src.completion_field, src.messages_field])
+        h.update(json.dumps([*how, [(f.rel, d) for f, d in hashed]]).encode())
     return h.hexdigest(), listing

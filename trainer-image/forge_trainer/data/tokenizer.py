@@ -81,6 +81,7 @@ class TextTokenizer:
         self.digest = encoding_digest(self.json)
         self._tiktoken = to_tiktoken(tok, name=f"forge-{self.digest[:12]}")
         self.source_dir: Path | None = None  # set when loaded from a Hugging Face directory
+        self.chat_template: str | None = None  # the template sft rendered conversations with; saved with it
 
     @property
     def encoder(self) -> str:
@@ -111,13 +112,18 @@ class TextTokenizer:
 
         if self.source_dir is not None:  # keep the base tokenizer's own settings (templates, specials)
             try:
-                AutoTokenizer.from_pretrained(str(self.source_dir), local_files_only=True).save_pretrained(str(out_dir))
+                hf = AutoTokenizer.from_pretrained(str(self.source_dir), local_files_only=True)
+                if self.chat_template is not None:
+                    hf.chat_template = self.chat_template
+                hf.save_pretrained(str(out_dir))
                 return
             except Exception as e:
                 log.warning("cannot re-save the tokenizer of %s with AutoTokenizer (%s); writing tokenizer.json only", self.source_dir, e)
         hf = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(self.json), eos_token=self.eos_token)
         if hf.bos_token is None:
             hf.bos_token = self.eos_token
+        if self.chat_template is not None:
+            hf.chat_template = self.chat_template
         hf.save_pretrained(str(out_dir))
 
     @classmethod

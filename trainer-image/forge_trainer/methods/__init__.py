@@ -8,10 +8,12 @@ from collections.abc import Callable
 from ..config import TrainerConfig
 from .base import Batches, Dataset, Loss, Method
 from .pretrain import Pretrain
+from .sft import Sft
 
 METHODS: dict[str, Callable[[TrainerConfig], Method]] = {
     "pretrain": Pretrain,
     "continued-pretrain": Pretrain,  # the same objective; the model comes from model.base_path
+    "sft": Sft,
 }
 
 __all__ = ["METHODS", "Batches", "Dataset", "Loss", "Method", "build_method"]

@@ -1,0 +1,103 @@
+"""Supervised fine-tuning: cross-entropy on the completion and assistant tokens only, several examples
+packed per sequence with position ids that restart at each example.
+
+Given position ids and no attention mask, transformers' mask builder (``masking_utils``, used by every
+causal LM with SDPA) finds where the ids restart and makes the causal mask block-diagonal, so an
+example never attends to the one packed before it (tests/trainer/test_sft.py checks that leakage is
+absent). It does so only without a key/value cache, hence `use_cache=False` on every forward. The import below makes a transformers without that support fail at once rather than leak.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401  (see the docstring)
+
+from ..config import TrainerConfig
+from ..data.packed import TrainLoader, validation_indices
+from ..data.prepare import prepare_on_ranks
+from ..data.records import IGNORE, RecordData, load_records_manifest, prepare_records
+from ..runtime.dist import Dist
+from ..runtime.signals import SigtermFlag
+from .base import Batches, Dataset, Loss
+from .pretrain import _aux_coef
+
+
+class Sft:
+    def __init__(self, config: TrainerConfig):
+        self.config = config
+        self.data: RecordData | None = None
+
+    def prepare(self, d: Dist, stop: SigtermFlag) -> Dataset:
+        tokenizer, path, digest = prepare_on_ranks(self.config, d, stop, prepare=prepare_records,
+                                                   ready=lambda p: load_records_manifest(p) is not None)
+        self.data = RecordData(path, self.config)
+        tokenizer.chat_template = self.data.manifest["chat_template"]  # saved with the exported tokenizer
+        return Dataset(tokenizer=tokenizer, digest=digest, provenance=_provenance(self.data))
+
+    def batches(self) -> Batches:
+        return TrainLoader(self.data, self.config.training.seed)
+
+    def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> Loss:
+        """Mean cross-entropy over the micro-batch's learned tokens; batch: [rows, 3, seq_len]."""
+        summed, count, out = _summed_loss(model, batch)
+        loss = summed / count.clamp(min=1)
+        aux = getattr(out, "aux_loss", None)
+        coef = _aux_coef(model.config)
+        return Loss(value=loss, total=loss + coef * aux if aux is not None and coef else loss, aux=aux)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, autocast, d: Dist) -> float | None:
+        """Mean cross-entropy per learned token of the validation sequences, split round-robin over ranks."""
+        t, data = self.config.training, self.data
+        indices = validation_indices(data, t)
+        if not indices:
+            return None
+        model.eval()
+        mine = indices[d.rank :: d.world]
+        micro = t.micro_batch_sequences
+        total = torch.zeros((), dtype=torch.float64, device=d.device)
+        count = torch.zeros((), dtype=torch.float64, device=d.device)
+        # Every rank runs the same number of forwards (FSDP gathers weights in each one);
+        # a rank short of sequences repeats one and ignores its loss.
+        for b in range(math.ceil(math.ceil(len(indices) / d.world) / micro)):
+            part = mine[b * micro : (b + 1) * micro]
+            real = bool(part)
+            batch = torch.from_numpy(np.stack([data.val_window(i) for i in part or [indices[0]]])).to(d.device)
+            with autocast:
+                summed, n, _ = _summed_loss(model, batch)
+            if real:
+                total += summed.double()
+                count += n.double()
+        s, c = d.sum([total.item(), count.item()])
+        model.train()
+        return s / c if c else None
+
+
+def _summed_loss(model: torch.nn.Module, batch: torch.Tensor):
+    """(summed cross-entropy of the learned tokens, their number, the model's output)."""
+    input_ids, labels, positions = batch[:, 0], batch[:, 1], batch[:, 2]
+    # no cache: with one, transformers does not look for packed sequences and the examples would see each other
+    out = model(input_ids=input_ids, position_ids=positions, use_cache=False)
+    summed = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                             reduction="sum")
+    return summed, (labels != IGNORE).sum(), out
+
+
+def _provenance(data: RecordData) -> dict:
+    m = data.manifest
+    return {
+        "digest": m["data_digest"],
+        "manifest": str(data.path / "manifest.json"),
+        "chat_template": m["chat_template"],
+        "sources": [
+            {"name": s["name"], "path": s["path"], "format": s["format"], "records": s["records"],
+             "examples": s["examples"], "tokens": s["tokens"], "learned_tokens": s["learned_tokens"],
+             "files": [{"path": f["path"], "sha256": f["sha256"], "examples": f["examples"], "tokens": f["tokens"]}
+                       for f in s["files"]]}
+            for s in m["sources"]
+        ],
+    }
