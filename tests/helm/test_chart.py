@@ -45,7 +45,7 @@ NAMESPACE_GRANTS = {
     ("rbac.authorization.k8s.io", "roles"): CHILD_VERBS,
     ("rbac.authorization.k8s.io", "rolebindings"): CHILD_VERBS,
     ("", "pods"): {"get", "list", "watch", "patch", "delete"},
-    ("", "events"): {"create", "patch"},
+    ("", "events"): {"create", "patch", "list"},  # list: a Job's FailedCreate, only while it lacks pods
 }
 NODE_GRANTS = {("", "nodes"): {"get"}}
 

@@ -46,7 +46,7 @@ class FakeApiServer:
     def get_custom(self, api_version, plural, namespace, name):
         return copy.deepcopy(self.objects.get((plural, namespace, name)))
 
-    def list(self, api_version, kind, namespace, label_selector):
+    def list(self, api_version, kind, namespace, label_selector="", field_selector=""):
         return []
 
     def get(self, api_version, kind, name, namespace=None):

@@ -42,7 +42,8 @@ def test_a_training_runs_to_succeeded_in_a_namespace_that_enforces_restricted(ku
 
 def test_a_users_host_path_volume_is_refused_by_restricted(kube, operator):
     """The user's own pod fields are passed through as written: a hostPath volume breaks `restricted`.
-    The API server refuses the Job's pods and says why in the Job's events; no worker starts."""
+    The API server refuses the Job's pods (the Job controller says so only in the Job's events); the
+    training quotes the refusal in its Invalid condition and an event, and no worker starts."""
     enforce_restricted(kube)
     kube.apply(training("llm", resources={"volumes": [{"name": "scratch", "hostPath": {"path": "/mnt/nvme"}}],
                                           "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}))
@@ -50,8 +51,18 @@ def test_a_users_host_path_volume_is_refused_by_restricted(kube, operator):
         e for e in kube.events("involvedObject.kind=Job,reason=FailedCreate")
         if 'violates PodSecurity "restricted:latest"' in e.get("message", "")])
     assert 'volume "scratch" uses restricted volume type "hostPath"' in refused[0]["message"]
+    invalid = kube.wait_for("the training's Invalid condition", lambda: next(
+        (c for c in kube.get("forgetraining", "llm").get("status", {}).get("conditions", [])
+         if c["type"] == "Invalid" and c["reason"] == "PodsRefused"), None))
+    assert invalid["status"] == "True"
+    assert invalid["message"].startswith('the API server refused the worker pods of Job llm-r0: pods "llm-r0-')
+    assert ('is forbidden: violates PodSecurity "restricted:latest": restricted volume types '
+            '(volume "scratch" uses restricted volume type "hostPath")') in invalid["message"]
+    told = kube.wait_for("a PodsRefused event on the training", lambda: [
+        e for e in kube.events("involvedObject.kind=ForgeTraining,reason=PodsRefused")])
+    assert told[0]["type"] == "Warning" and told[0]["message"] == invalid["message"]
     assert not worker_pods(kube, "llm")
-    assert ft_phase(kube, "llm") in (None, "Pending")
+    assert ft_phase(kube, "llm") == "Pending"
 
 
 def ft_phase(kube, name: str) -> str | None:

@@ -86,9 +86,10 @@ subset of these, as RBAC's escalation check requires.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "patch", "delete"]
+# events: posted on the trainings; a Job's FailedCreate events read while it lacks pods
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "patch", "list"]
 {{- end }}
 
 {{- define "forge.peeringRules" -}}

@@ -47,9 +47,16 @@ class Clients:
                 raise NotAllowed(f"{kind} {name}: {e.reason}") from e
             raise
 
-    def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
-        return self.resource(api_version, kind).get(namespace=namespace, label_selector=label_selector).to_dict()[
-            "items"]
+    def list(self, api_version: str, kind: str, namespace: str, label_selector: str = "",
+             field_selector: str = "") -> list[dict[str, Any]]:
+        try:
+            found = self.resource(api_version, kind).get(namespace=namespace, label_selector=label_selector or None,
+                                                         field_selector=field_selector or None)
+        except ApiException as e:
+            if e.status == 403:
+                raise NotAllowed(f"{kind}: {e.reason}") from e
+            raise
+        return found.to_dict()["items"]
 
     def get_custom(self, api_version: str, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         group, version = api_version.split("/")

@@ -126,7 +126,10 @@ class Reader(Protocol):
         """The object, or None if it does not exist; raises NotAllowed without RBAC to read it."""
         ...
 
-    def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]: ...
+    def list(self, api_version: str, kind: str, namespace: str, label_selector: str = "",
+             field_selector: str = "") -> list[dict[str, Any]]:
+        """The objects that match both selectors; raises NotAllowed without RBAC to list them."""
+        ...
 
 
 class Reconciler(Protocol):

@@ -5,6 +5,7 @@ child the API server refused)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -59,6 +60,26 @@ def record_apply_outcome(plan: Plan, old_status: dict[str, Any], outcome: ApplyO
     elif (C.find(status.get("conditions"), T.INVALID) or {}).get("reason") == Reason.CHILD_REJECTED \
             and outcome.accepted_a("Job"):
         status["conditions"] = C.remove(status["conditions"], T.INVALID)
+
+
+def report_refused_pods(d: Draft, attempt: Attempt, obs: Observed) -> None:
+    """Worker pods the API server refused at admission (PodSecurity, a ResourceQuota, a webhook): the Job
+    controller retries them with backoff and only says why in its events. The training quotes the
+    newest refusal while its Job lacks pods, with one event per new refusal, and clears it once the
+    pods are there (a quota freed) or the Job is gone (a fixed spec is a new attempt)."""
+    refusal = obs.refusals.get(attempt.job_name) if attempt.job is not None else None
+    current = C.find(d.conditions, T.INVALID) or {}
+    if refusal is None:
+        if current.get("reason") == Reason.PODS_REFUSED:
+            d.status["conditions"] = C.remove(d.conditions, T.INVALID)
+        return
+    # the generated part of the pod's name changes with every retry; the refusal does not
+    quote = re.sub(rf'"({re.escape(attempt.job_name)}-\d+)-[a-z0-9]+"', r'"\1-*"',
+                   refusal.removeprefix("Error creating: "))
+    message = f"the API server refused the worker pods of Job {attempt.job_name}: {quote}"
+    d.set_condition(T.INVALID, True, Reason.PODS_REFUSED, message)
+    if current.get("reason") != Reason.PODS_REFUSED or current.get("message") != message:
+        d.event(Reason.PODS_REFUSED, message, warning=True)
 
 
 # --------------------------------------------------------------------------- finished trainings

@@ -18,6 +18,7 @@ from ..k8s.objects import NotAllowed, Reader, annotations_of, deleting, labels_o
 
 JOB_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+FAILED_CREATE = "FailedCreate"  # the Job controller's event reason when the API server refuses a pod
 
 
 @dataclass
@@ -27,10 +28,14 @@ class Observed:
     pods: list[dict[str, Any]] = field(default_factory=list)
     # node name -> Node; None for a node that no longer exists; a node that could not be read is absent
     nodes: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    # Job name -> the newest refusal of one of its pods at admission (its FailedCreate event's message);
+    # read only for a Job short of pods
+    refusals: dict[str, str] = field(default_factory=dict)
 
 
 def read(reader: Reader, obj: dict[str, Any], now: datetime) -> Observed:
-    """The training's Jobs and worker Pods (by label), and the Nodes its pods run on."""
+    """The training's Jobs and worker Pods (by label), the Nodes its pods run on, and why the API server
+    refused the pods of a Job that lacks some (its events, read only then)."""
     meta = obj["metadata"]
     selector = f"{CHILD_SELECTOR},{LABEL_TRAINING}={meta['name']}"
     jobs = reader.list("batch/v1", "Job", meta["namespace"], selector)
@@ -41,7 +46,40 @@ def read(reader: Reader, obj: dict[str, Any], now: datetime) -> Observed:
             nodes[node_name] = reader.get("v1", "Node", node_name)  # None: deleted, its pods are lost
         except NotAllowed:
             pass  # without RBAC on nodes, node health is simply not watched
-    return Observed(now=now, jobs=jobs, pods=pods, nodes=nodes)
+    refusals: dict[str, str] = {}
+    for job in jobs:
+        if short_of_pods(job, pods) and (message := newest_refusal(reader, job)):
+            refusals[job["metadata"]["name"]] = message
+    return Observed(now=now, jobs=jobs, pods=pods, nodes=nodes, refusals=refusals)
+
+
+def short_of_pods(job: dict[str, Any], pods: list[dict[str, Any]]) -> bool:
+    """The Job controller should have created pods that are not there: the Job runs (started, not
+    suspended, not finished) and has fewer pods than completions, by its own status and by the pods
+    seen. Its pods refused at admission leave it so; Job status (v1.36) has no condition that says it,
+    only the controller's FailedCreate events do."""
+    spec, st = job.get("spec") or {}, job.get("status") or {}
+    if not active(job) or spec.get("suspend") or not st.get("startTime"):
+        return False
+    want = int(spec.get("completions") or spec.get("parallelism") or 1)
+    counted = sum(int(st.get(k) or 0) for k in ("active", "succeeded", "failed"))
+    return counted < want and sum(1 for p in pods if owned_by(p, job)) < want
+
+
+def newest_refusal(reader: Reader, job: dict[str, Any]) -> str | None:
+    """The message of the Job controller's newest FailedCreate event on this Job ("Error creating: pods
+    ... is forbidden: ..."); None without one, or without RBAC to list events."""
+    meta = job["metadata"]
+    try:
+        events = reader.list("v1", "Event", meta["namespace"],
+                             field_selector=f"involvedObject.uid={meta['uid']},reason={FAILED_CREATE}")
+    except NotAllowed:
+        return None
+    if not events:
+        return None
+    newest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or
+                 e["metadata"].get("creationTimestamp") or "")
+    return newest.get("message") or None
 
 
 @dataclass

@@ -25,8 +25,8 @@ from .children import job_name
 from .draft import Draft, Settings
 from .failure import restart_or_fail, why_restart
 from .lifecycle import (
-    age_out, clear_invalid_spec, completed, leave_queue, phase_from_workers, report_invalid_spec, start_workers,
-    succeed,
+    age_out, clear_invalid_spec, completed, leave_queue, phase_from_workers, report_invalid_spec,
+    report_refused_pods, start_workers, succeed,
 )
 from .observe import Observed, attempt_of, earlier_jobs
 from .status import check_stall, record_progress
@@ -43,11 +43,12 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
         return report_invalid_spec(d, format_error(err))
     clear_invalid_spec(d)
 
-    # 2. the current attempt: its Job and workers; what rank 0 reported; the GPU time used
+    # 2. the current attempt: its Job and workers; what rank 0 reported; pods refused; the GPU time used
     attempt = attempt_of(d.status, job_name(ft, int(d.status.get("restartCount") or 0)), obs)
     for old in earlier_jobs(obs, attempt.number):
         d.delete_job(old)
     record_progress(d, attempt)
+    report_refused_pods(d, attempt, obs)
     account_gpu_hours(d, ft, len(attempt.running))
 
     # 3. finished trainings only age out; budgets end running ones
