@@ -154,3 +154,5 @@ def test_forge_train_fine_tunes_a_base_model_like_the_sft_example(tmp_path):
     assert provenance["method"] == "sft" and [s["name"] for s in provenance["data"]["sources"]] == [
         "instructions", "instructions-val"]
     assert (model / "chat_template.jinja").exists()  # the default template: the base's tokenizer has none
+    generation = json.loads((model / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == generation["pad_token_id"]  # its turns end with the end-of-text token

@@ -52,6 +52,7 @@ def test_the_loss_mask_covers_exactly_the_assistant_turns_of_multi_turn_conversa
     tok = TextTokenizer.from_pretrained(bases[family])
     renderer = ChatRenderer(tok)
     assert renderer.template == (CHATML if family == "qwen3" else DEFAULT_CHAT_TEMPLATE)
+    assert renderer.end_of_turn() == tok.tok.token_to_id(end.strip())
     encoder = ExampleEncoder(tok, renderer)
     src = sft_config(Path("/w"), bases[family], Path("/d")).data.sources[0]
     rng = random.Random(3)
@@ -214,9 +215,13 @@ def test_resuming_from_a_checkpoint_continues_the_same_curve(bases, tmp_path):
     for h in again.history:
         assert h["loss"] == pytest.approx(losses[h["step"]], rel=1e-5), h["step"]
     assert first.history[-1]["loss"] < first.history[0]["loss"] - 1.0
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, GenerationConfig
 
-    assert AutoTokenizer.from_pretrained(cfg.output.dir).chat_template == CHATML
+    tok = AutoTokenizer.from_pretrained(cfg.output.dir)
+    assert tok.chat_template == CHATML
+    # generation stops at the end of an assistant turn as well as at the end of text
+    stops = GenerationConfig.from_pretrained(cfg.output.dir).eos_token_id
+    assert stops == [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
 
 
 # --------------------------------------------------------------------------- bad input

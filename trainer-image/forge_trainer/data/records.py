@@ -37,7 +37,7 @@ from .tokenizer import TextTokenizer
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 ROLES = ("system", "user", "assistant")
 IGNORE = -100  # the label of a token that is not learned (Hugging Face's and torch's ignore_index)
 
@@ -79,6 +79,17 @@ class ChatRenderer:
         # The rendered template holds special tokens (turn markers, BOS) that must encode as themselves.
         self.specials = Tokenizer.from_str(tokenizer.json)
         self.specials.encode_special_tokens = False
+
+    def end_of_turn(self) -> int | None:
+        """The special token that ends an assistant turn in this template (ChatML's <|im_end|>, or the
+        end-of-text token of the default), where generation should stop; None when the template ends
+        a turn with plain text."""
+        probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "PROBE"}]
+        turn = [t for t, learned in self.segments(probe) if learned][0]
+        after = turn[turn.index("PROBE") + len("PROBE"):]
+        specials = {t["id"] for t in json.loads(self.specials.to_str()).get("added_tokens", []) if t.get("special")}
+        ids = self.specials.encode(after, add_special_tokens=False).ids if after else []
+        return ids[0] if ids and ids[0] in specials else None
 
     def render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -201,7 +212,8 @@ def prepare_records(config: TrainerConfig, tokenizer: TextTokenizer, digest: str
                    for i, src in enumerate(config.data.sources)]
         manifest = {
             "version": MANIFEST_VERSION, "data_digest": digest, "tokenizer_digest": tokenizer.digest,
-            "eos_id": tokenizer.eos_id, "dtype": dtype.name, "chat_template": template, "sources": sources,
+            "eos_id": tokenizer.eos_id, "end_of_turn_id": renderer.end_of_turn(), "dtype": dtype.name,
+            "chat_template": template, "sources": sources,
             "seconds": round(time.monotonic() - t0, 3),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

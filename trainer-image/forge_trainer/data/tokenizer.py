@@ -82,6 +82,7 @@ class TextTokenizer:
         self._tiktoken = to_tiktoken(tok, name=f"forge-{self.digest[:12]}")
         self.source_dir: Path | None = None  # set when loaded from a Hugging Face directory
         self.chat_template: str | None = None  # the template sft rendered conversations with; saved with it
+        self.stop_ids: list[int] = [eos_id]  # where the exported model's generation stops
 
     @property
     def encoder(self) -> str:

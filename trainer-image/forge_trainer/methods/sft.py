@@ -35,7 +35,11 @@ class Sft:
         tokenizer, path, digest = prepare_on_ranks(self.config, d, stop, prepare=prepare_records,
                                                    ready=lambda p: load_records_manifest(p) is not None)
         self.data = RecordData(path, self.config)
-        tokenizer.chat_template = self.data.manifest["chat_template"]  # saved with the exported tokenizer
+        # saved with the export: the template, and the end of an assistant turn as a place to stop generating
+        tokenizer.chat_template = self.data.manifest["chat_template"]
+        end_of_turn = self.data.manifest["end_of_turn_id"]
+        if end_of_turn is not None and end_of_turn != tokenizer.eos_id:
+            tokenizer.stop_ids = [tokenizer.eos_id, end_of_turn]
         return Dataset(tokenizer=tokenizer, digest=digest, provenance=_provenance(self.data))
 
     def batches(self) -> Batches:

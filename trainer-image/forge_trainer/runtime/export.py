@@ -26,6 +26,7 @@ class ExportedTokenizer(Protocol):
     """What the export needs of a tokenizer (data.tokenizer.TextTokenizer is one)."""
 
     eos_id: int
+    stop_ids: list[int]
 
     def save_pretrained(self, out_dir: str | Path) -> None: ...
 
@@ -50,7 +51,8 @@ def export(out_dir: str | Path, model, hf_cfg: PretrainedConfig, tokenizer: Expo
         if getattr(plain.config, "output_router_logits", False):
             plain.config.output_router_logits = False
         plain.generation_config = GenerationConfig(
-            bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id
+            bos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id,
+            eos_token_id=tokenizer.stop_ids if len(tokenizer.stop_ids) > 1 else tokenizer.eos_id,
         )
         from transformers.utils import logging as hf_logging
 
