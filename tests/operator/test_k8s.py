@@ -16,7 +16,7 @@ from kubernetes.client.rest import ApiException
 
 from forge_operator.evaluation.reconciler import EvalReconciler
 from forge_operator.k8s import conditions as C
-from forge_operator.k8s.objects import ApplyOutcome, ChildRef, ChildRejected, Key, Plan
+from forge_operator.k8s.objects import ApplyOutcome, ChildConflict, ChildRef, ChildRejected, Key, Plan
 from forge_operator.k8s.peering import outranked as check
 from forge_operator.k8s.runtime import Runtime
 from forge_operator.training.lifecycle import record_apply_outcome
@@ -34,12 +34,15 @@ def stored(obj: dict, uid: str) -> dict:
 
 
 class FakeApiServer:
-    """Objects by (plural, namespace, name); status writes check the resourceVersion like the API server."""
+    """Objects by (plural, namespace, name); status writes check the resourceVersion like the API server;
+    children by (kind, name), applied with the API server's uid precondition."""
 
-    def __init__(self, *objs: dict, refuse: dict[str, str] | None = None) -> None:
+    def __init__(self, *objs: dict, refuse: dict[str, str] | None = None, children: list[dict] = ()) -> None:
         self.objects = {(PLURALS[o["kind"]], NS, o["metadata"]["name"]): o for o in objs}
         self.refuse = refuse or {}  # kind -> the API server's message
+        self.children = {(c["kind"], c["metadata"]["name"]): copy.deepcopy(c) for c in children}
         self.applied: list[tuple[str, str]] = []
+        self.reads: list[tuple[str, str]] = []
         self.events: list[dict] = []
         self.status_writes: list[tuple[str, str]] = []
 
@@ -50,7 +53,8 @@ class FakeApiServer:
         return []
 
     def get(self, api_version, kind, name, namespace=None):
-        return None
+        self.reads.append((kind, name))
+        return copy.deepcopy(self.children.get((kind, name)))
 
     def replace_status(self, plural, obj, status, resource_version):
         o = self.objects[(plural, obj["metadata"]["namespace"], obj["metadata"]["name"])]
@@ -61,12 +65,24 @@ class FakeApiServer:
         self.status_writes.append((obj["kind"], obj["metadata"]["name"]))
         return o["metadata"]["resourceVersion"]
 
-    def apply(self, child, field_manager):
+    def apply(self, child, field_manager, force=True):
+        key = (child["kind"], child["metadata"]["name"])
+        existing, uid = self.children.get(key), child["metadata"].get("uid")
+        if uid is not None and existing is None:
+            raise api_error(409, f"uid mismatch: the provided object specified uid {uid}, and no existing "
+                                 f"object was found")
+        if uid is not None and existing["metadata"]["uid"] != uid:
+            raise api_error(422, f'{key[0]} "{key[1]}" is invalid: metadata.uid: Invalid value: "{uid}": '
+                                 f'field is immutable')
+        if existing is not None and not force:
+            raise api_error(409, "Apply failed with 1 conflict")
         if child["kind"] in self.refuse:
-            err = ApiException(status=422, reason="Unprocessable Entity")
-            err.body = json.dumps({"message": self.refuse[child["kind"]]})
-            raise err
-        self.applied.append((child["kind"], child["metadata"]["name"]))
+            raise api_error(422, self.refuse[child["kind"]])
+        self.applied.append(key)
+        stored = copy.deepcopy(child)
+        stored["metadata"]["uid"] = existing["metadata"]["uid"] if existing else f"uid-{key[0]}-{key[1]}"
+        self.children[key] = stored
+        return stored["metadata"]["uid"]
 
     def patch(self, namespace, patch, field_manager):
         pass
@@ -76,6 +92,12 @@ class FakeApiServer:
 
     def create_event(self, namespace, body):
         self.events.append(body)
+
+
+def api_error(status: int, message: str) -> ApiException:
+    err = ApiException(status=status, reason="Conflict" if status == 409 else "Unprocessable Entity")
+    err.body = json.dumps({"message": message})
+    return err
 
 
 @pytest.fixture
@@ -185,6 +207,73 @@ def test_a_refused_child_reaches_the_kind_as_a_value(make_runtime):
     assert [e["reason"] for e in api.events].count("ChildRejected") == 1
 
 
+USERS_CONFIG = {"apiVersion": "v1", "kind": "ConfigMap", "data": {"mine": "yes"},
+                "metadata": {"name": "llm-config", "namespace": NS, "uid": "uid-users"}}
+NOT_OURS = "no owner reference to ForgeTraining llm, not labelled app.kubernetes.io/managed-by=forge-operator"
+
+
+def invalid_of(api: FakeApiServer) -> dict | None:
+    return C.find(api.objects[("forgetrainings", NS, "llm")]["status"].get("conditions"), "Invalid")
+
+
+def test_an_object_of_a_childs_name_that_is_not_ours_is_never_applied(make_runtime):
+    api = FakeApiServer(stored(training("llm"), "uid-t"), children=[USERS_CONFIG])
+    rt = make_runtime(api)
+    seen: list[ApplyOutcome] = []
+    kind = rt.kinds["ForgeTraining"]
+    original = kind.after_apply
+    kind.after_apply = lambda plan, old, outcome, now: (seen.append(outcome), original(plan, old, outcome, now))
+    for _ in range(2):
+        rt.reconcile(T)
+    assert seen[0] == ApplyOutcome((), conflict=ChildConflict("ConfigMap", "llm-config", NOT_OURS))
+    assert api.applied == [] and api.children[("ConfigMap", "llm-config")] == USERS_CONFIG  # untouched
+    invalid = invalid_of(api)
+    assert (invalid["status"], invalid["reason"]) == ("True", "ChildConflict")
+    assert invalid["message"].startswith(f"ConfigMap llm-config exists and is not this training's ({NOT_OURS})")
+    reasons = [e["reason"] for e in api.events]
+    assert reasons.count("ChildConflict") == 1 and "Created" not in reasons  # no Job was created
+
+    del api.children[("ConfigMap", "llm-config")]  # the user renames theirs: the training goes on
+    rt.reconcile(T)
+    assert ("ConfigMap", "llm-config") in api.applied and ("Job", "llm-r0") in api.applied
+    assert invalid_of(api) is None
+
+
+@pytest.mark.parametrize("label, owner, ours", [
+    ("forge-operator", "uid-t", True),
+    ("forge-operator", "uid-other-training", False),   # the children of a deleted training of the same name
+    (None, "uid-t", False),
+    ("someone-else", "uid-t", False),
+])
+def test_ours_means_our_owner_reference_and_our_label(make_runtime, label, owner, ours):
+    existing = copy.deepcopy(USERS_CONFIG)
+    existing["metadata"]["ownerReferences"] = [{"kind": "ForgeTraining", "name": "llm", "uid": owner}]
+    if label:
+        existing["metadata"]["labels"] = {"app.kubernetes.io/managed-by": label}
+    api = FakeApiServer(stored(training("llm"), "uid-t"), children=[existing])
+    make_runtime(api).reconcile(T)
+    assert (("ConfigMap", "llm-config") in api.applied) is ours
+    assert (invalid_of(api) is None) is ours
+
+
+def test_children_known_to_be_ours_are_applied_without_reading_them_and_a_replaced_one_is_not(make_runtime):
+    api = FakeApiServer(stored(training("llm"), "uid-t"))
+    rt = make_runtime(api)
+    rt.reconcile(T)
+    assert len(api.reads) == len(api.applied) == 6  # read once (absent), then created
+    api.reads.clear()
+    rt.reconcile(T)
+    assert api.reads == []  # applied with their uids as preconditions: one request each
+    # someone deletes our Service and makes their own of the same name
+    api.children[("Service", "llm")] = {"apiVersion": "v1", "kind": "Service",
+                                        "metadata": {"name": "llm", "namespace": NS, "uid": "uid-theirs"}}
+    api.applied.clear()
+    rt.reconcile(T)
+    assert api.applied == [("ConfigMap", "llm-config")]  # stopped at the Service, which is not applied
+    assert api.children[("Service", "llm")]["metadata"] == {"name": "llm", "namespace": NS, "uid": "uid-theirs"}
+    assert invalid_of(api)["reason"] == "ChildConflict" and "Service llm" in invalid_of(api)["message"]
+
+
 REFUSED = {"type": "Invalid", "status": "True", "reason": "ChildRejected", "lastTransitionTime": "2026-11-22T11:00:00Z",
            "message": "the API server refused Job llm-r1: env[0].name: Required value"}
 ACCEPTED_ALL = (ChildRef("ConfigMap", "llm-config"), ChildRef("Service", "llm"), ChildRef("Job", "llm-r1"))
@@ -201,11 +290,16 @@ ACCEPTED_ALL = (ChildRef("ConfigMap", "llm-config"), ChildRef("Service", "llm"),
     ([REFUSED], ApplyOutcome((ChildRef("Service", "llm"),)), "ChildRejected", []),
     # the Job accepted: over
     ([REFUSED], ApplyOutcome(ACCEPTED_ALL), None, []),
+    # a conflict: reported once, and over when every planned child is applied
+    ([], ApplyOutcome((), conflict=ChildConflict("ServiceAccount", "forge-trainer-llm", "no owner reference")),
+     "ChildConflict", ["ChildConflict"]),
+    ([{**REFUSED, "reason": "ChildConflict"}], ApplyOutcome((ChildRef("Service", "llm"),)), None, []),
     # an invalid spec is the planner's business, not the apply's
     ([{**REFUSED, "reason": "InvalidSpec"}], ApplyOutcome(ACCEPTED_ALL), "InvalidSpec", []),
 ])
 def test_apply_outcomes_on_the_invalid_condition(before, outcome, reason_after, events):
-    plan = Plan(status={"observedGeneration": 1, "conditions": copy.deepcopy(before)})
+    plan = Plan(status={"observedGeneration": 1, "conditions": copy.deepcopy(before)},
+                apply=[{"kind": r.kind, "metadata": {"name": r.name}} for r in outcome.accepted])
     record_apply_outcome(plan, {"conditions": before}, outcome, NOW)
     invalid = next((c for c in plan.status["conditions"] if c["type"] == "Invalid"), None)
     assert (invalid or {}).get("reason") == reason_after

@@ -77,6 +77,7 @@ class Reason(StrEnum):
     NON_RETRYABLE_EXIT_CODE = "NonRetryableExitCode"
     INVALID_SPEC = "InvalidSpec"
     CHILD_REJECTED = "ChildRejected"  # the API server refused a child built from the spec's free-form fields
+    CHILD_CONFLICT = "ChildConflict"  # an object of a child's name exists and is not ours: left untouched
     PODS_REFUSED = "PodsRefused"  # admission (PodSecurity, a quota, a webhook) refused the Job's worker pods
     GPU_HOUR_BUDGET_EXHAUSTED = "GpuHourBudgetExhausted"
     DEADLINE_EXCEEDED = "DeadlineExceeded"

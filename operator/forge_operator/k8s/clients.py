@@ -87,11 +87,14 @@ class Clients:
             raise
         return stored["metadata"]["resourceVersion"]
 
-    def apply(self, child: dict[str, Any], field_manager: str) -> None:
-        """Server-side apply under one field manager (conflicts forced: the operator owns its children)."""
-        self.resource(child["apiVersion"], child["kind"]).server_side_apply(
+    def apply(self, child: dict[str, Any], field_manager: str, force: bool = True) -> str:
+        """Server-side apply under one field manager; the uid of the object applied. ``force``: take the
+        fields of other managers (the child is ours). A ``metadata.uid`` in the child is a precondition:
+        the API server refuses the apply unless the object is that one."""
+        applied = self.resource(child["apiVersion"], child["kind"]).server_side_apply(
             body=child, namespace=child["metadata"].get("namespace"), field_manager=field_manager,
-            force_conflicts=True)
+            force_conflicts=force)
+        return applied.metadata.uid
 
     def patch(self, namespace: str, patch: Patch, field_manager: str) -> None:
         _ignore_404(self.resource(patch.api_version, patch.kind).patch, body=patch.body, name=patch.name,

@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any, Protocol
 
+from ..api.names import LABEL_MANAGED_BY
+
 
 @dataclass(frozen=True, order=True)
 class Key:
@@ -104,12 +106,22 @@ class ChildRejected:
 
 
 @dataclass(frozen=True)
+class ChildConflict:
+    """An object of a child's name exists and is not ours (``why``): it was left untouched."""
+
+    kind: str
+    name: str
+    why: str
+
+
+@dataclass(frozen=True)
 class ApplyOutcome:
-    """What became of a plan's children: those accepted, in order, and the first one refused
-    (children after a refused one are not applied)."""
+    """What became of a plan's children: those accepted, in order, and the first one refused or found
+    to be someone else's object (children after it are not applied)."""
 
     accepted: tuple[ChildRef, ...] = ()
     rejected: ChildRejected | None = None
+    conflict: ChildConflict | None = None
 
     def accepted_a(self, kind: str) -> bool:
         return any(c.kind == kind for c in self.accepted)
@@ -205,6 +217,18 @@ def annotations_of(obj: dict[str, Any]) -> dict[str, str]:
 
 def deleting(obj: dict[str, Any]) -> bool:
     return bool(obj["metadata"].get("deletionTimestamp"))
+
+
+def not_ours(existing: dict[str, Any], child: dict[str, Any]) -> str | None:
+    """Why an existing object of a child's name is not that child, or None when it is: ours names every
+    owner the child names (by uid) and carries the child's managed-by label."""
+    owners = {r.get("uid") for r in existing["metadata"].get("ownerReferences") or []}
+    why = [f"no owner reference to {r['kind']} {r['name']}"
+           for r in child["metadata"].get("ownerReferences") or [] if r.get("uid") not in owners]
+    label = labels_of(child).get(LABEL_MANAGED_BY)
+    if label is not None and labels_of(existing).get(LABEL_MANAGED_BY) != label:
+        why.append(f"not labelled {LABEL_MANAGED_BY}={label}")
+    return ", ".join(why) or None
 
 
 def owned_by(obj: dict[str, Any], owner: dict[str, Any]) -> bool:

@@ -24,7 +24,9 @@ from typing import Any
 from kubernetes.client.rest import ApiException
 
 from .clients import Clients
-from .objects import ApplyOutcome, ChildRef, ChildRejected, Key, Plan, Reconciler, event_body, utcnow
+from .objects import (
+    ApplyOutcome, ChildConflict, ChildRef, ChildRejected, Key, Plan, Reconciler, event_body, not_ours, utcnow,
+)
 from .peering import Peering, standing_by
 
 log = logging.getLogger("forge.operator")
@@ -47,6 +49,9 @@ class Runtime:
         self._locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
         self._timers: dict[Key, threading.Timer] = {}
         self._timers_lock = threading.Lock()
+        # per object, the uids of the children last applied (known to be ours): applied again with the uid
+        # as a precondition, without reading them first
+        self._ours: dict[Key, dict[ChildRef, str]] = {}
 
     # ------------------------------------------------------------------ triggers
     def on_event(self, key: Key, deleted: bool = False) -> None:
@@ -103,7 +108,7 @@ class Runtime:
                 return False
             written = copy.deepcopy(plan.status)
         stored_events = list(plan.events)  # these describe the status just written
-        outcome = self._apply(plan.apply)
+        outcome = self._apply(key, plan.apply)
         kind.after_apply(plan, old_status, outcome, now)
         for patch in plan.patch:
             c.patch(key.namespace, patch, self.field_manager)
@@ -120,20 +125,56 @@ class Runtime:
         kind.after_write(key, plan.status)
         return True
 
-    def _apply(self, children: list[dict[str, Any]]) -> ApplyOutcome:
-        """Server-side apply in order; the first child the API server refuses (400, 422: built from
-        the user's free-form fields) ends the apply and is returned as a value."""
+    def _apply(self, key: Key, children: list[dict[str, Any]]) -> ApplyOutcome:
+        """Server-side apply in order, only onto objects that are ours. The first child the API server
+        refuses (400, 422: built from the user's free-form fields), or whose name an object that is not
+        ours holds (never modified), ends the apply and is returned as a value."""
         accepted: list[ChildRef] = []
-        for child in children:
-            ref = ChildRef(child["kind"], child["metadata"]["name"])
+        known, ours = self._ours.get(key, {}), {}
+        try:
+            for child in children:
+                ref = ChildRef(child["kind"], child["metadata"]["name"])
+                try:
+                    applied = self._apply_ours(child, known.get(ref))
+                except ApiException as e:
+                    if e.status not in (400, 422):
+                        raise
+                    return ApplyOutcome(tuple(accepted), ChildRejected(ref.kind, ref.name, _api_message(e)))
+                if isinstance(applied, ChildConflict):
+                    return ApplyOutcome(tuple(accepted), conflict=applied)
+                ours[ref] = applied
+                accepted.append(ref)
+            return ApplyOutcome(tuple(accepted))
+        finally:
+            self._ours[key] = ours
+
+    def _apply_ours(self, child: dict[str, Any], uid: str | None) -> str | ChildConflict:
+        """Apply one child onto the object of its name if that is ours, or create it; its uid, or why the
+        object of its name is not ours. A child applied before is applied with its uid as a
+        precondition: one request while it stays the same object. Otherwise it is read first, and
+        applied with the uid read (so an object replaced in between is refused, not taken over), or
+        created without forcing (an object someone made in between conflicts instead)."""
+        c, meta = self.clients, child["metadata"]
+        if uid is not None:
             try:
-                self.clients.apply(child, self.field_manager)
+                return c.apply(_with_uid(child, uid), self.field_manager)
             except ApiException as e:
-                if e.status not in (400, 422):
+                if not _uid_mismatch(e):
+                    raise  # else: deleted, or replaced by another object; read it
+        existing = c.get(child["apiVersion"], child["kind"], meta["name"], meta.get("namespace"))
+        if existing is None:
+            try:
+                return c.apply(child, self.field_manager, force=False)
+            except ApiException as e:
+                if e.status != 409:
                     raise
-                return ApplyOutcome(tuple(accepted), ChildRejected(ref.kind, ref.name, _api_message(e)))
-            accepted.append(ref)
-        return ApplyOutcome(tuple(accepted))
+                existing = c.get(child["apiVersion"], child["kind"], meta["name"], meta.get("namespace"))
+                if existing is None:
+                    raise
+        why = not_ours(existing, child)
+        if why is not None:
+            return ChildConflict(child["kind"], meta["name"], why)
+        return c.apply(_with_uid(child, existing["metadata"]["uid"]), self.field_manager)
 
     def post_event(self, obj: dict[str, Any], event) -> None:
         """Posted with the API client (not kopf.event) so reconciles started by a requeue timer, outside
@@ -172,7 +213,9 @@ class Runtime:
             timer.start()
 
     def forget(self, key: Key) -> None:
-        """The object is gone: its timer goes (its lock is left, a reconcile may hold it)."""
+        """The object is gone: its timer and what is known of its children go (its lock is left, a
+        reconcile may hold it)."""
+        self._ours.pop(key, None)
         with self._timers_lock:
             timer = self._timers.pop(key, None)
         if timer is not None:
@@ -186,6 +229,16 @@ class Runtime:
     def close(self) -> None:
         for key in self.pending():
             self.forget(key)
+
+
+def _with_uid(child: dict[str, Any], uid: str) -> dict[str, Any]:
+    return {**child, "metadata": {**child["metadata"], "uid": uid}}
+
+
+def _uid_mismatch(err: ApiException) -> bool:
+    """The apply's uid precondition failed: the object is gone (409 "uid mismatch") or another object holds
+    the name (422, metadata.uid is immutable)."""
+    return err.status in (409, 422) and "uid" in _api_message(err)
 
 
 def _api_message(err: ApiException) -> str:

@@ -43,22 +43,35 @@ def clear_invalid_spec(d: Draft) -> None:
 
 
 def record_apply_outcome(plan: Plan, old_status: dict[str, Any], outcome: ApplyOutcome, now: datetime) -> None:
-    """A child the API server refused (built from the user's free-form fields: env, volumes, ...) is
-    reported on the training instead of failing the reconcile, with one event per new refusal.
+    """A child the API server refused (built from the user's free-form fields: env, volumes, ...), or an
+    object of a child's name that is not ours (never modified), is reported on the training instead of
+    failing the reconcile, with one event per new report. Either way no workers start: the Job is
+    applied last.
 
-    The report stays until the workers' Job is accepted: the Job is the child built from those
-    fields, and it is applied last, so once it is accepted every child is. (A suspended or finished
-    training applies no Job, and keeps the report.)"""
+    A refusal is reported until the workers' Job is accepted: the Job is the child built from those
+    fields, and once it is accepted every child is. (A suspended or finished training applies no Job,
+    and keeps the report.) A conflict is reported until an apply of every planned child meets none."""
     status = plan.status
+    reason, message = None, ""
     if outcome.rejected is not None:
-        message = outcome.rejected.describe()[:2000]
-        status["conditions"] = C.set_condition(status.get("conditions"), T.INVALID, True, Reason.CHILD_REJECTED,
-                                               message, now, status.get("observedGeneration"))
+        reason, message = Reason.CHILD_REJECTED, outcome.rejected.describe()[:2000]
+    elif outcome.conflict is not None:
+        c = outcome.conflict
+        reason, message = Reason.CHILD_CONFLICT, (
+            f"{c.kind} {c.name} exists and is not this training's ({c.why}): the operator leaves it untouched "
+            f"and starts no workers until it is deleted or renamed")
+    if reason is not None:
+        status["conditions"] = C.set_condition(status.get("conditions"), T.INVALID, True, reason, message, now,
+                                               status.get("observedGeneration"))
         was = C.find(old_status.get("conditions"), T.INVALID)
-        if was is None or was.get("message") != message:
-            plan.events.append(Event(EventType.WARNING, str(Reason.CHILD_REJECTED), message))
-    elif (C.find(status.get("conditions"), T.INVALID) or {}).get("reason") == Reason.CHILD_REJECTED \
-            and outcome.accepted_a("Job"):
+        if was is None or was.get("message") != C.find(status["conditions"], T.INVALID)["message"]:
+            plan.events.append(Event(EventType.WARNING, str(reason), message))
+        if not outcome.accepted_a("Job"):  # what the planner said of a new Job did not happen
+            plan.events = [e for e in plan.events if e.reason != Reason.CREATED]
+        return
+    current = (C.find(status.get("conditions"), T.INVALID) or {}).get("reason")
+    if (current == Reason.CHILD_REJECTED and outcome.accepted_a("Job")) or \
+            (current == Reason.CHILD_CONFLICT and len(outcome.accepted) == len(plan.apply)):
         status["conditions"] = C.remove(status["conditions"], T.INVALID)
 
 
