@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from .objects import ts
+from .objects import truncate, ts
 
 Conditions = list[dict[str, Any]]
 
@@ -25,12 +25,13 @@ def is_true(conditions: Conditions | None, type_: str) -> bool:
 
 def set_condition(conditions: Conditions | None, type_: str, status: bool | str, reason: str,
                   message: str, now: datetime, generation: int | None = None) -> Conditions:
-    """Return a new list with the condition set; lastTransitionTime moves only when the status changes."""
+    """Return a new list with the condition set; lastTransitionTime moves only when the status changes.
+    The message is cut to MESSAGE_LIMIT characters."""
     status_s = status if isinstance(status, str) else ("True" if status else "False")
     out = [dict(c) for c in conditions or []]
     current = find(out, type_)
     # plain strings (not enum members): the list goes into JSON and YAML as it is
-    new = {"type": str(type_), "status": status_s, "reason": str(reason), "message": message,
+    new = {"type": str(type_), "status": status_s, "reason": str(reason), "message": truncate(message),
            "lastTransitionTime": ts(now)}
     if generation is not None:
         new["observedGeneration"] = generation

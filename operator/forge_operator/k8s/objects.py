@@ -16,6 +16,17 @@ from typing import Any, Protocol
 from ..api.names import LABEL_MANAGED_BY
 
 
+# The longest message the operator writes into a status (a condition, a restart record) or an event; the
+# API server's own words (a refusal, an eviction) can be far longer.
+MESSAGE_LIMIT = 1024
+TRUNCATED = " ... (truncated)"
+
+
+def truncate(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """``text``, cut to ``limit`` characters (its start, which names what happened) with a mark saying so."""
+    return text if len(text) <= limit else text[:limit - len(TRUNCATED)] + TRUNCATED
+
+
 @dataclass(frozen=True, order=True)
 class Key:
     """What the runtime serialises on, requeues and forgets: one object of one kind. Two kinds may
@@ -187,7 +198,7 @@ def event_body(obj: dict[str, Any], event: Event, component: str, instance: str,
         "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
         "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": meta["name"],
                            "namespace": meta["namespace"], "uid": meta.get("uid")},
-        "type": str(event.type), "reason": str(event.reason), "message": event.message[:1024],
+        "type": str(event.type), "reason": str(event.reason), "message": truncate(event.message),
         "source": {"component": component}, "reportingComponent": component,
         "reportingInstance": instance, "firstTimestamp": when, "lastTimestamp": when, "count": 1,
     }

@@ -12,7 +12,7 @@ from forge_trainer.contract import ExitCode, TerminationMessage
 from ..api.enums import ConditionType as T, Reason
 from ..api.training import ForgeTraining
 from ..k8s import conditions as C
-from ..k8s.objects import annotations_of, parse_ts, ts
+from ..k8s.objects import annotations_of, parse_ts, truncate, ts
 from .budget import deadline, deadline_reached
 from .children import ANNOTATION_SPEC_HASH, spec_hash
 from .draft import Draft
@@ -166,12 +166,13 @@ def restart(d: Draft, attempt: Attempt, failure: Failure, counts: bool, next_job
     status = d.status
     number, failures = attempt.number + 1, attempt.failures + (1 if counts else 0)
     resume = (status.get("lastCheckpoint") or {}).get("step")
-    record: dict[str, Any] = {"time": ts(d.now), "reason": str(failure.reason), "message": failure.message}
+    record: dict[str, Any] = {"time": ts(d.now), "reason": str(failure.reason), "message": truncate(failure.message)}
     if failure.exit_code is not None:
         record["exitCode"] = failure.exit_code
     if resume is not None:
         record["step"] = resume
-    status["restarts"] = [*(status.get("restarts") or []), record][-MAX_RESTART_RECORDS:]
+    status["restarts"] = [{**r, "message": truncate(r.get("message", ""))}
+                          for r in [*(status.get("restarts") or []), record][-MAX_RESTART_RECORDS:]]
     status["restartCount"] = number
     status["failureCount"] = failures
     d.delete_job(attempt.job_name)

@@ -30,9 +30,14 @@ def report_invalid_spec(d: Draft, message: str) -> Plan:
     was = C.find(d.old_status.get("conditions"), T.INVALID)
     d.set_condition(T.INVALID, True, Reason.INVALID_SPEC, message)
     d.status.setdefault("phase", str(Phase.PENDING))
-    if not C.is_true(d.old_status.get("conditions"), T.INVALID) or was.get("message") != message:
+    if not C.is_true(d.old_status.get("conditions"), T.INVALID) or was.get("message") != stored_message(d):
         d.event(Reason.INVALID_SPEC, message, warning=True)
     return d.plan
+
+
+def stored_message(d: Draft) -> str:
+    """The Invalid condition's message as the status holds it (cut to its limit), to compare with the last."""
+    return (C.find(d.conditions, T.INVALID) or {}).get("message", "")
 
 
 def clear_invalid_spec(d: Draft) -> None:
@@ -54,7 +59,7 @@ def record_apply_outcome(plan: Plan, old_status: dict[str, Any], outcome: ApplyO
     status = plan.status
     reason, message = None, ""
     if outcome.rejected is not None:
-        reason, message = Reason.CHILD_REJECTED, outcome.rejected.describe()[:2000]
+        reason, message = Reason.CHILD_REJECTED, outcome.rejected.describe()
     elif outcome.conflict is not None:
         c = outcome.conflict
         reason, message = Reason.CHILD_CONFLICT, (
@@ -91,7 +96,7 @@ def report_refused_pods(d: Draft, attempt: Attempt, obs: Observed) -> None:
                    refusal.removeprefix("Error creating: "))
     message = f"the API server refused the worker pods of Job {attempt.job_name}: {quote}"
     d.set_condition(T.INVALID, True, Reason.PODS_REFUSED, message)
-    if current.get("reason") != Reason.PODS_REFUSED or current.get("message") != message:
+    if current.get("reason") != Reason.PODS_REFUSED or current.get("message") != stored_message(d):
         d.event(Reason.PODS_REFUSED, message, warning=True)
 
 

@@ -12,9 +12,16 @@ from ..api.enums import ConditionType as T, Phase, Reason
 from ..api.names import ANNOTATION_PROGRESS
 from ..api.training import CheckpointRef, ProgressStatus
 from ..k8s import conditions as C
-from ..k8s.objects import annotations_of, parse_ts, ts
+from ..k8s.objects import annotations_of, parse_ts, truncate, ts
 from .draft import Draft
 from .observe import Attempt, pod_index, read_last_line, terminated
+
+
+# status.nodes holds at most this many names (the CRD's maxItems, and the most nodes one attempt has) and
+# this many characters in all: over many restarts on changing nodes, the oldest records give way
+MAX_NODES = 4096
+MAX_NODE_CHARS = 256 * 1024
+MAX_PATH_CHARS = 4096  # a checkpoint's path as rank 0 reports it (PATH_MAX)
 
 
 @dataclass(frozen=True)
@@ -79,14 +86,29 @@ def record_progress(d: Draft, attempt: Attempt) -> None:
         ckpt = report.progress.last_checkpoint
         if ckpt is not None:
             written = ckpt.model_dump()
+            written["path"] = truncate(written.get("path") or "", MAX_PATH_CHARS)
             status["lastCheckpoint"] = {f.alias: written[name] for name, f in CheckpointRef.model_fields.items()
                                         if written.get(name) is not None}
         budget = status.setdefault("budget", {})
         budget["tokens"] = int(report.progress.tokens_seen or budget.get("tokens") or 0)
-    nodes = set(status.get("nodes") or [])
-    nodes.update(p["spec"]["nodeName"] for p in attempt.pods if p.get("spec", {}).get("nodeName"))
+    nodes = bounded_nodes({p["spec"]["nodeName"] for p in attempt.pods if p.get("spec", {}).get("nodeName")},
+                          set(status.get("nodes") or []))
     if nodes:
-        status["nodes"] = sorted(nodes)
+        status["nodes"] = nodes
+
+
+def bounded_nodes(current: set[str], earlier: set[str]) -> list[str]:
+    """status.nodes, bounded (MAX_NODES names, MAX_NODE_CHARS characters): the nodes of the current attempt
+    first, then those of earlier ones, each in name order; sorted."""
+    kept: list[str] = []
+    chars = 0
+    for name in [*sorted(current), *sorted(earlier - current)]:
+        if len(kept) == MAX_NODES:
+            break
+        if chars + len(name) <= MAX_NODE_CHARS:
+            kept.append(name)
+            chars += len(name)
+    return sorted(kept)
 
 
 def check_stall(d: Draft, stall_timeout_seconds: int) -> None:
