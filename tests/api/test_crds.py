@@ -170,7 +170,7 @@ def _column_target(schema: dict[str, Any], json_path: str) -> dict[str, Any] | N
 
 
 EXPECTED_COLUMNS = {
-    "ForgeTraining": ["Phase", "Progress", "Loss", "Tokens/s", "ETA", "Restarts", "Age"],
+    "ForgeTraining": ["Phase", "Pods", "Progress", "Loss", "Tokens/s", "ETA", "Restarts", "Age"],
     "ForgeEval": ["Phase", "Metric", "Gate", "Age"],
 }
 

@@ -135,6 +135,24 @@ TRAINING_CASES = {
         training({"phase": "Running", "observedGeneration": 1, "progress": PROGRESS,
                   "conditions": [cond("Stalled", "False", reason="Progressing")]}),
         "Progressing", "Running: 40.0% (step 1200 of 3000), ETA 3h12m"),
+    "image pull failure": (
+        training({"phase": "Initializing", "observedGeneration": 1, "conditions": [
+            cond("PodsReady", "False", reason="ImagePullFailed",
+                 message='worker llm-r0-1-x (rank 1) cannot pull its image: ImagePullBackOff t:1: Back-off')]}),
+        "Degraded", 'worker llm-r0-1-x (rank 1) cannot pull its image: ImagePullBackOff t:1: Back-off'),
+    "unschedulable": (
+        training({"phase": "Pending", "observedGeneration": 1, "conditions": [
+            cond("PodsReady", "False", reason="Unschedulable",
+                 message="4 of 4 worker pods cannot be scheduled; the scheduler says ...")]}),
+        "Progressing", "4 of 4 worker pods cannot be scheduled; the scheduler says ..."),
+    "missing claim": (
+        training({"phase": "Pending", "observedGeneration": 1, "conditions": [
+            cond("PodsReady", "False", reason="PVCNotFound", message="PersistentVolumeClaim ckpt does not exist")]}),
+        "Progressing", "PersistentVolumeClaim ckpt does not exist"),
+    "pods starting is plain progress": (
+        training({"phase": "Initializing", "observedGeneration": 1, "conditions": [
+            cond("PodsReady", "False", reason="PodsStarting", message="1/4 ranks running")]}),
+        "Progressing", "Initializing"),
     # not a phase of this API version (so not validated): a newer operator's phase must not read as broken
     "a phase a newer operator adds": ({**training(None), "status": {"phase": "Exporting"}},
                                       "Progressing", "Exporting"),

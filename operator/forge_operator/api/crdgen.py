@@ -44,6 +44,8 @@ class Kind:
 KINDS = (
     Kind(ForgeTraining, "ForgeTraining", "forgetrainings", ("ft",), (
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        # why the workers do not run (Unschedulable, PVCNotFound, ImagePullFailed, ...), or AllRanksRunning
+        {"name": "Pods", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"PodsReady\")].reason"},
         {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent"},
         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
         {"name": "Tokens/s", "type": "number", "jsonPath": ".status.progress.tokensPerSecond"},

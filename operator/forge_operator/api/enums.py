@@ -40,6 +40,7 @@ class ConditionType(StrEnum):
     # ... and two that hold beside the phase
     STALLED = "Stalled"
     INVALID = "Invalid"
+    PODS_READY = "PodsReady"  # as Kueue's Workload: every rank runs; False says what holds the workers up
     # ForgeEval
     SUPPORTED = "Supported"  # False while this operator stores ForgeEvals without evaluating them
     GATE_PASSED = "GatePassed"
@@ -78,6 +79,10 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     CHILD_REJECTED = "ChildRejected"  # the API server refused a child built from the spec's free-form fields
     CHILD_CONFLICT = "ChildConflict"  # an object of a child's name exists and is not ours: left untouched
+    # PodsReady False: what holds up the workers of the attempt
+    UNSCHEDULABLE = "Unschedulable"  # the scheduler cannot place a worker (GPUs, taints, an unbound claim)
+    PVC_NOT_FOUND = "PVCNotFound"  # ... because a claim the spec names does not exist
+    IMAGE_PULL_FAILED = "ImagePullFailed"  # the kubelet cannot pull the image (ErrImagePull, ImagePullBackOff)
     PODS_REFUSED = "PodsRefused"  # admission (PodSecurity, a quota, a webhook) refused the Job's worker pods
     GPU_HOUR_BUDGET_EXHAUSTED = "GpuHourBudgetExhausted"
     DEADLINE_EXCEEDED = "DeadlineExceeded"

@@ -583,7 +583,8 @@ class ForgeTrainingStatus(ApiModel):
     phase: Phase | None = None
     """Pending, Queued, Initializing, Running, Restarting, Suspended, Succeeded or Failed."""
     conditions: Annotated[list[Condition], Field(max_length=32)] | None = None
-    """Latest observations (Queued, Initializing, Running, Restarting, Suspended, Stalled, Succeeded, Failed)."""
+    """Latest observations: Queued, Initializing, Running, Restarting, Suspended, Succeeded, Failed (one per phase),
+    and Stalled, Invalid and PodsReady (False: what holds the workers up, e.g. Unschedulable, ImagePullFailed)."""
     observed_generation: int | None = None
     """The .metadata.generation last acted on."""
     progress: ProgressStatus | None = None

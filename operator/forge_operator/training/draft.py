@@ -48,6 +48,8 @@ class Draft:
         self.status["phase"] = str(phase)
         if phase != Phase.RUNNING and C.is_true(self.conditions, T.STALLED):  # stalled describes a running group
             self.set_condition(T.STALLED, False, Reason.NOT_RUNNING, f"phase {phase}")
+        if phase not in (Phase.PENDING, Phase.INITIALIZING, Phase.RUNNING):
+            self.pods_not_running(phase)
         for p, type_ in PHASE_CONDITION.items():
             if p == phase:
                 self.set_condition(type_, True, reason, message)
@@ -55,6 +57,12 @@ class Draft:
                 continue  # a restart is "in progress" until the group runs again
             elif C.find(self.conditions, type_) is not None:
                 self.set_condition(type_, False, reason, message)
+
+    def pods_not_running(self, phase: str | None) -> None:
+        """PodsReady (once it exists) False, reason NotRunning: no worker of the attempt should run now, and
+        whatever held the last ones up went with them."""
+        if C.find(self.conditions, T.PODS_READY) is not None:
+            self.set_condition(T.PODS_READY, False, Reason.NOT_RUNNING, f"no workers should run now (phase {phase})")
 
     def transition(self, phase: Phase, reason: str, message: str, warning: bool = False) -> Plan:
         """Set the phase; a change of phase is also an event."""

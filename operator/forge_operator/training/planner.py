@@ -29,6 +29,7 @@ from .lifecycle import (
     report_refused_pods, start_workers, succeed,
 )
 from .observe import Observed, attempt_of, earlier_jobs
+from .readiness import report_pods_ready
 from .status import check_stall, record_progress
 from .translate import TranslationError, trainer_config
 
@@ -70,5 +71,6 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
     # 5. the children this attempt should have, and the phase from what runs now
     workers = start_workers(d, ft, attempt, obs, trainer_yaml, settings)
     phase_from_workers(d, ft, attempt, workers, settings)
+    report_pods_ready(d, ft, attempt)
     check_stall(d, ft.spec.failure_policy.stall_timeout_seconds)
     return d.plan

@@ -101,6 +101,23 @@ if is_true(status, "Stalled") then
   return hs
 end
 
+-- Workers held up (PodsReady False). An image that cannot be pulled needs a fix (Degraded, as Argo CD
+-- rates such a pod); a worker the scheduler cannot place yet may be placed later (GPUs freed, a node
+-- added, the claim created), like a Pending pod (Progressing). Either way the message says why.
+local pods = condition(status, "PodsReady")
+if pods ~= nil and pods.status == "False" and pods.message ~= nil and pods.message ~= "" then
+  if pods.reason == "ImagePullFailed" then
+    hs.status = "Degraded"
+    hs.message = pods.message
+    return hs
+  end
+  if pods.reason == "Unschedulable" or pods.reason == "PVCNotFound" then
+    hs.status = "Progressing"
+    hs.message = pods.message
+    return hs
+  end
+end
+
 -- Pending, Queued, Initializing, Running, Restarting, and any phase a newer operator adds
 hs.status = "Progressing"
 hs.message = progress_message(status)

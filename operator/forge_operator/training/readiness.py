@@ -1,0 +1,101 @@
+"""PodsReady: are the workers of the attempt running, and if not, what holds them up, in the words of
+the component that knows (the scheduler's PodScheduled condition, the kubelet's waiting reason).
+
+Read from the pods the planner already has: no extra request. The condition holds beside the phase,
+like Kueue's PodsReady on a Workload: True once every rank runs, False with the reason otherwise,
+and False (NotRunning) in the phases where no worker should run.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..api.enums import ConditionType as T, Phase, Reason
+from ..api.training import ForgeTraining
+from ..k8s import conditions as C
+from .draft import Draft
+from .observe import Attempt, active, phase, pod_index
+
+WORKER_PHASES = (Phase.PENDING, Phase.INITIALIZING, Phase.RUNNING)
+# the kubelet's waiting reasons of a container whose image cannot be pulled
+IMAGE_PULL_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName")
+# the scheduler's words for a claim that does not exist (VolumeBinding / VolumeRestrictions plugins)
+MISSING_CLAIM = re.compile(r'persistentvolumeclaim "([^"]+)" not found')
+
+
+@dataclass(frozen=True)
+class Stuck:
+    reason: Reason
+    message: str
+
+
+def why_not_ready(ft: ForgeTraining, attempt: Attempt) -> Stuck:
+    """What holds up the workers that do not run yet: an image that cannot be pulled (the kubelet), a pod
+    the scheduler cannot place (a missing claim named as such), or nothing but time. The first stuck
+    rank speaks for the others."""
+    n = ft.spec.resources.num_nodes
+    pods = sorted((p for p in attempt.pods if phase(p) == "Pending"), key=lambda p: int(pod_index(p) or 0))
+    for pod in pods:
+        if (pull := image_pull_failure(pod)) is not None:
+            return Stuck(Reason.IMAGE_PULL_FAILED, f"worker {who(pod)} cannot pull its image: {pull}")
+    unschedulable = [(p, m) for p in pods if (m := unschedulable_message(p)) is not None]
+    if unschedulable:
+        pod, said = unschedulable[0]
+        count = f"{len(unschedulable)} of {n} worker pods cannot be scheduled"
+        missing = [c for c in MISSING_CLAIM.findall(said) if c in claims_of(pod)]
+        if missing:
+            return Stuck(Reason.PVC_NOT_FOUND,
+                         f"PersistentVolumeClaim {missing[0]} does not exist: the workers mount it (the spec names "
+                         f"it); {count}, the scheduler says of {who(pod)}: {said}")
+        return Stuck(Reason.UNSCHEDULABLE, f"{count}; the scheduler says of {who(pod)}: {said}")
+    return Stuck(Reason.PODS_STARTING, f"{len(attempt.running)}/{n} ranks running")
+
+
+def report_pods_ready(d: Draft, ft: ForgeTraining, attempt: Attempt) -> None:
+    """PodsReady after the phase is known. While the attempt's workers should run (its Job active and
+    not suspended, the phase Pending, Initializing or Running), True when all ranks run, else False
+    with what holds them up; in any other state False with reason NotRunning (the cause, if any, went
+    with the workers). Absent until the first workers are wanted."""
+    p = d.status.get("phase")
+    wanted = p in WORKER_PHASES and active(attempt.job) and not attempt.suspended
+    if not wanted:
+        d.pods_not_running(p)
+        return
+    if len(attempt.running) == ft.spec.resources.num_nodes and p == Phase.RUNNING:
+        d.set_condition(T.PODS_READY, True, Reason.ALL_RANKS_RUNNING, f"all {len(attempt.running)} ranks running")
+        return
+    stuck = why_not_ready(ft, attempt)
+    was = C.find(d.old_status.get("conditions"), T.PODS_READY) or {}
+    d.set_condition(T.PODS_READY, False, stuck.reason, stuck.message)
+    if stuck.reason != Reason.PODS_STARTING and was.get("reason") != stuck.reason:  # one event per new cause
+        d.event(stuck.reason, stuck.message, warning=True)
+
+
+def image_pull_failure(pod: dict[str, Any]) -> str | None:
+    """'<kubelet reason>: <message>' of the first container whose image cannot be pulled; None otherwise."""
+    status = pod.get("status") or {}
+    for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in IMAGE_PULL_REASONS:
+            image = f" {cs['image']}" if cs.get("image") else ""
+            return f"{waiting['reason']}{image}: {waiting.get('message') or 'no message from the kubelet'}"
+    return None
+
+
+def unschedulable_message(pod: dict[str, Any]) -> str | None:
+    """The scheduler's message on a pod it could not place (PodScheduled False, reason Unschedulable)."""
+    c = C.find((pod.get("status") or {}).get("conditions"), "PodScheduled")
+    if c is None or c.get("status") != "False" or c.get("reason") != "Unschedulable":
+        return None
+    return c.get("message") or "no message from the scheduler"
+
+
+def claims_of(pod: dict[str, Any]) -> set[str]:
+    return {v["persistentVolumeClaim"]["claimName"] for v in (pod.get("spec") or {}).get("volumes") or []
+            if (v.get("persistentVolumeClaim") or {}).get("claimName")}
+
+
+def who(pod: dict[str, Any]) -> str:
+    return f"{pod['metadata']['name']} (rank {pod_index(pod) or '?'})"
