@@ -9,7 +9,7 @@ import pytest
 
 from forge_operator.api import defaults
 from forge_operator.api.training import ForgeTraining, ProgressStatus
-from forge_operator.training.children import WorkerState, desired_children
+from forge_operator.training.children import WorkerState, build_pod_template, desired_children
 from forge_operator.training.failure import backoff_seconds, pod_failure
 from forge_operator.training.status import human_duration
 from forge_operator.training.translate import trainer_config
@@ -219,3 +219,45 @@ def test_the_workers_identity_and_the_users_own_service_account():
     kinds = {c["kind"]: c for c in desired_children(ft, "x: 1", WorkerState())}
     assert not {"ServiceAccount", "Role", "RoleBinding"} & set(kinds)
     assert kinds["Job"]["spec"]["template"]["spec"]["serviceAccountName"] == "team-a-runner"
+
+
+@pytest.mark.parametrize("failure_policy, timeout", [({}, defaults.RENDEZVOUS_TIMEOUT_SECONDS),
+                                                     ({"rendezvousTimeoutSeconds": 600}, 600)])
+def test_workers_rendezvous_statically_by_completion_index_and_wait_for_late_nodes(failure_policy, timeout):
+    ft = ForgeTraining.model_validate(obj(failurePolicy=failure_policy))
+    command = build_pod_template(ft, WorkerState(restart_count=2), "img")["spec"]["containers"][0]["command"]
+    assert command[:3] == ["python", "-m", "forge_trainer.launch"]  # torchrun, a timeout made recognisable
+    args = command[3:command.index("-m", 3)]
+    assert args == ["--nnodes=4", "--nproc-per-node=8", "--node-rank=$(JOB_COMPLETION_INDEX)",
+                    "--rdzv-backend=static", "--rdzv-endpoint=llm-r2-0.llm.ns.svc:29400", "--rdzv-id=uid-1-r2",
+                    f"--rdzv-conf=timeout={timeout}", "--max-restarts=0"]
+    # tests/trainer/test_rendezvous.py shows torchrun reads them so
+
+
+def test_the_rendezvous_timeout_has_bounds():
+    for bad in (59, 86401):
+        with pytest.raises(ValueError, match="rendezvousTimeoutSeconds"):
+            ForgeTraining.model_validate(obj(failurePolicy={"rendezvousTimeoutSeconds": bad}))
+
+
+def test_a_rendezvous_that_timed_out_names_the_node_ranks_whose_pods_had_not_started():
+    from forge_operator.training.failure import group_failure
+    from forge_operator.training.observe import Observed
+    from forge_trainer.contract import RendezvousTimeout
+    from operator_support import NOW, job
+
+    timed_out = RendezvousTimeout("node rank 0 waited 1800 s for the other nodes of 4: 2 of 4 nodes joined")
+    rank0 = pod("llm-r0-0", 0, phase="Failed", status={"containerStatuses": [{"state": {"terminated": {
+        "exitCode": 69, "message": TerminationMessage.failed(timed_out).to_json()}}}]})
+    rank1 = pod("llm-r0-1", 1, status={"containerStatuses": [{"state": {"running": {}}}]})
+    rank2 = pod("llm-r0-2", 2, phase="Pending", status={"containerStatuses": [
+        {"state": {"waiting": {"reason": "ImagePullBackOff"}}}]})
+    ft = ForgeTraining.model_validate(obj())
+    failure, _ = group_failure(ft, job("llm-r0"), [rank0, rank1, rank2], Observed(now=NOW))
+    assert (failure.reason, failure.exit_code) == ("RendezvousTimeout", 69)
+    assert failure.message == ("pod llm-r0-0 on node n0: rendezvous timed out: node rank 0 waited 1800 s for the other "
+                               "nodes of 4: 2 of 4 nodes joined; node ranks not started: "
+                               "2 (llm-r0-2: ImagePullBackOff), 3 (no pod)")
+    # exit code 69 without the trainer's message is a crash like any other
+    rank0["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = "boom"
+    assert pod_failure(rank0).reason == "PodFailed"

@@ -66,7 +66,8 @@ def test_the_operator_reads_older_or_partial_messages():
 
 
 def test_exit_codes_and_the_errors_that_carry_them():
-    assert {c.name: int(c) for c in ExitCode} == {"OK": 0, "DATA_ERROR": 65, "PREEMPTED": 75, "CONFIG_ERROR": 78}
+    assert {c.name: int(c) for c in ExitCode} == {"OK": 0, "DATA_ERROR": 65, "RENDEZVOUS_TIMEOUT": 69, "PREEMPTED": 75,
+                                                  "CONFIG_ERROR": 78}
     assert (DataError.exit_code, ConfigError.exit_code, StoppedBeforeTraining.exit_code) == (65, 78, 75)
     assert str(ConfigError("bad")) == "config error: bad"
     # another rank's error, sent by class name and message, is the same error here

@@ -28,6 +28,9 @@ DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 PRESTOP_COMMAND = ("python", "-m", "forge_trainer.prestop")
 """The worker container's preStop hook: SIGTERM to the trainer workers, then wait until they have
 checkpointed and exited (before the kubelet sends SIGTERM to torchrun, which would SIGKILL them after 30 s)."""
+LAUNCH_COMMAND = ("python", "-m", "forge_trainer.launch")
+"""The worker container's command, followed by torchrun's arguments: torchrun itself, except that a
+static rendezvous that times out ends with exit code RENDEZVOUS_TIMEOUT and a termination message."""
 
 
 class ExitCode(IntEnum):
@@ -45,6 +48,10 @@ class ExitCode(IntEnum):
     PREEMPTED = 75
     """SIGTERM received: the current step finished, a checkpoint was written, resume later. Also
     SIGTERM before the first step (while the data is prepared): nothing to save, start again later."""
+    RENDEZVOUS_TIMEOUT = 69
+    """The nodes of the group did not all join torchrun's rendezvous within its timeout (a pod that
+    could not start: an image pull, a volume attach, no room on any node). Written by
+    `python -m forge_trainer.launch`; a restart may succeed."""
     CONFIG_ERROR = 78
     """The configuration is invalid or cannot run: bad field, seq_len above the model's context, a
     model/batch that cannot fit in memory, a missing base model."""
@@ -70,6 +77,11 @@ class ConfigError(TrainerError):
     kind = "config error"
 
 
+class RendezvousTimeout(TrainerError):
+    exit_code = ExitCode.RENDEZVOUS_TIMEOUT
+    kind = "rendezvous timed out"
+
+
 class StoppedBeforeTraining(TrainerError):
     """SIGTERM during set-up (data preparation, model building): there is nothing to checkpoint yet."""
 
@@ -79,7 +91,7 @@ class StoppedBeforeTraining(TrainerError):
 
 def error_named(kind: str, message: str) -> TrainerError | None:
     """The TrainerError another process reported, by class name and message (None: not one of them)."""
-    known = (TrainerError, DataError, ConfigError, StoppedBeforeTraining)
+    known = (TrainerError, DataError, ConfigError, RendezvousTimeout, StoppedBeforeTraining)
     return next((cls(message) for cls in known if cls.__name__ == kind), None)
 
 

@@ -47,6 +47,7 @@ BACKOFF_SECONDS = 10
 MAX_BACKOFF_SECONDS = 600
 NODE_FAILURE_TIMEOUT_SECONDS = 120
 STALL_TIMEOUT_SECONDS = 1800
+RENDEZVOUS_TIMEOUT_SECONDS = 1800  # pods of one attempt may start this far apart
 
 # status.modelRef
 PROVENANCE_FILE = "provenance.json"

@@ -70,6 +70,7 @@ class Reason(StrEnum):
     PREEMPTED = "Preempted"
     NODE_LOST = "NodeLost"
     STUCK_TERMINATING = "StuckTerminating"
+    RENDEZVOUS_TIMEOUT = "RendezvousTimeout"  # the workers that started waited in vain for the others
     RESOURCES_CHANGED = "ResourcesChanged"
     BACKING_OFF = "BackingOff"
     WORKERS_STOPPING = "PreviousWorkersStopping"  # the next workers wait until the last ones have stopped

@@ -44,6 +44,8 @@ ENV_TORCHRUN_SHUTDOWN_TIMEOUT = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 
 # the container's preStop hook: the workers checkpoint and exit before torchrun gets SIGTERM
 PRESTOP_COMMAND = list(contract.PRESTOP_COMMAND)
+# the container's command: torchrun, run by the trainer so that a rendezvous timeout is recognisable
+LAUNCH_COMMAND = list(contract.LAUNCH_COMMAND)
 
 # the trainer image's user and group (trainer-image/Dockerfile): the workers run as them
 TRAINER_UID = 10001

@@ -376,6 +376,9 @@ class FailurePolicySpec(ApiModel):
     """A node NotReady, or a worker stuck terminating, for this long counts as a failure."""
     stall_timeout_seconds: Annotated[int, Field(ge=0, le=86400)] = defaults.STALL_TIMEOUT_SECONDS
     """Set the Stalled condition when the step has not advanced for this long while Running; 0: never."""
+    rendezvous_timeout_seconds: Annotated[int, Field(ge=60, le=86400)] = defaults.RENDEZVOUS_TIMEOUT_SECONDS
+    """How long the workers that started wait for the others (an image pull, a volume attach) before
+    the attempt fails with reason RendezvousTimeout, which counts as a failure and restarts the group."""
 
     cel_rules = (
         Cel("!has(self.stallTimeoutSeconds) || self.stallTimeoutSeconds == 0 || self.stallTimeoutSeconds >= 60",

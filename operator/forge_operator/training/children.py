@@ -16,7 +16,7 @@ from ..api import defaults
 from ..api.base import PvcLocation
 from ..api.names import (
     ANNOTATION_RESTART_REASON, CONFIG_FILE, CONFIG_MOUNT, CONTAINER_NAME, ENV_POD_NAME, ENV_POD_NAMESPACE,
-    ENV_RESTART_COUNT, ENV_TORCHRUN_SHUTDOWN_TIMEOUT, ENV_TRAINING_NAME, LABEL_ATTEMPT, LABEL_KUEUE_QUEUE,
+    ENV_RESTART_COUNT, ENV_TORCHRUN_SHUTDOWN_TIMEOUT, ENV_TRAINING_NAME, LABEL_ATTEMPT, LAUNCH_COMMAND, LABEL_KUEUE_QUEUE,
     LABEL_MANAGED_BY, LABEL_NAME, LABEL_TRAINING, MANAGED_BY, METRICS_PORT, PRESTOP_COMMAND, PVC_MOUNT_ROOT,
     RENDEZVOUS_PORT, SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_ACCOUNT_PREFIX, TRAINER_GID,
     TRAINER_UID,
@@ -151,12 +151,17 @@ def _container_resources(ft: ForgeTraining) -> dict[str, Any]:
 
 
 def torchrun_command(ft: ForgeTraining, restart_count: int) -> list[str]:
+    """torchrun (through ``forge_trainer.launch``, which makes a rendezvous timeout recognisable) with
+    the static rendezvous: the node rank is the Job's completion index, node rank 0 hosts the store
+    under its stable DNS name, and every node waits up to ``failurePolicy.rendezvousTimeoutSeconds``
+    for the others (rank 0 for all to join; the others for rank 0's name to resolve and accept)."""
     r = ft.spec.resources
     return [
-        "torchrun", f"--nnodes={r.num_nodes}", f"--nproc-per-node={max(1, r.gpus_per_node)}",
-        "--node-rank=$(JOB_COMPLETION_INDEX)", "--rdzv-backend=c10d",
+        *LAUNCH_COMMAND, f"--nnodes={r.num_nodes}", f"--nproc-per-node={max(1, r.gpus_per_node)}",
+        "--node-rank=$(JOB_COMPLETION_INDEX)", "--rdzv-backend=static",
         f"--rdzv-endpoint={rendezvous_host(ft, restart_count)}:{RENDEZVOUS_PORT}",
         f"--rdzv-id={ft.metadata.uid or ft.metadata.name}-r{restart_count}",
+        f"--rdzv-conf=timeout={ft.spec.failure_policy.rendezvous_timeout_seconds}",
         # the operator restarts the whole group; torchrun must not half-restart it
         "--max-restarts=0",
         "-m", "forge_trainer", "--config", f"{CONFIG_MOUNT}/{CONFIG_FILE}",

@@ -3,7 +3,7 @@ give up (a non-retryable exit code, restarts used up, the deadline passed)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,7 +16,10 @@ from ..k8s.objects import annotations_of, parse_ts, truncate, ts
 from .budget import deadline, deadline_reached
 from .children import ANNOTATION_SPEC_HASH, spec_hash
 from .draft import Draft
-from .observe import Attempt, Observed, job_condition, last_line, node_ready, phase, read_last_line, terminated
+from .observe import (
+    Attempt, Observed, job_condition, last_line, node_ready, phase, pod_index, read_last_line, started, terminated,
+    waiting_reason,
+)
 
 MAX_RESTART_RECORDS = 20
 # exit codes that no restart can fix, whatever failurePolicy.nonRetryableExitCodes says
@@ -66,6 +69,8 @@ def pod_failure(pod: dict[str, Any]) -> Failure | None:
     if code == ExitCode.PREEMPTED:
         return Failure(Reason.PREEMPTED, f"pod {name} on node {node} was stopped and saved a checkpoint "
                                          f"(exit code {code})", code, from_trainer)
+    if code == ExitCode.RENDEZVOUS_TIMEOUT and from_trainer:
+        return Failure(Reason.RENDEZVOUS_TIMEOUT, f"pod {name} on node {node}: {message.message}", code, True)
     detail = message.message or last_line(term.get("message"))
     suffix = f": {detail[:300]}" if detail else ""
     return Failure(Reason.POD_FAILED, f"pod {name} on node {node} failed with exit code {code}{suffix}", code,
@@ -82,7 +87,10 @@ def group_failure(ft: ForgeTraining, job: dict[str, Any] | None, pods: list[dict
     # error, preempted), not a neighbour's "rendezvous closed".
     failed = [f for f in (pod_failure(p) for p in sorted(pods, key=lambda p: p["metadata"]["name"])) if f]
     if failed:
-        return sorted(failed, key=lambda f: not f.from_trainer)[0], []
+        first = sorted(failed, key=lambda f: not f.from_trainer)[0]
+        if first.reason == Reason.RENDEZVOUS_TIMEOUT:
+            first = replace(first, message=f"{first.message}; {not_started(pods, ft.spec.resources.num_nodes)}")
+        return first, []
     stuck = [pod["metadata"]["name"] for pod in pods if stuck_terminating(pod, obs.now, timeout)]
     if stuck:
         return Failure(Reason.STUCK_TERMINATING, f"pods {', '.join(sorted(stuck))} stuck terminating for more than "
@@ -118,6 +126,22 @@ def why_restart(d: Draft, ft: ForgeTraining, attempt: Attempt, obs: Observed) ->
             failure = Failure(Reason.RESOURCES_CHANGED, "the spec changed (resources, budget or hyperparameters); "
                                                         "restarting from the last checkpoint")
     return failure
+
+
+def not_started(pods: list[dict[str, Any]], num_nodes: int) -> str:
+    """The node ranks whose container had not started when the failure was seen: those a rendezvous
+    that timed out waited for (torch counts who joined, it does not name who did not)."""
+    by_rank = {pod_index(p): p for p in pods}
+    missing = []
+    for rank in range(num_nodes):
+        p = by_rank.get(str(rank))
+        if p is None:
+            missing.append(f"{rank} (no pod)")
+        elif not started(p):
+            missing.append(f"{rank} ({p['metadata']['name']}: {waiting_reason(p)})")
+    if not missing:
+        return "every node rank's container had started"
+    return f"node ranks not started: {', '.join(missing)}"
 
 
 def stuck_terminating(pod: dict[str, Any], now: datetime, timeout: timedelta) -> bool:

@@ -154,6 +154,25 @@ def terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def started(pod: dict[str, Any]) -> bool:
+    """Whether the worker's container has started (it runs, or ran and ended)."""
+    return any({"running", "terminated"} & set(cs.get("state") or {})
+               for cs in pod.get("status", {}).get("containerStatuses") or [])
+
+
+def waiting_reason(pod: dict[str, Any]) -> str:
+    """Why a pod's container has not started: the container's waiting reason (ImagePullBackOff,
+    ContainerCreating), else the scheduler's (Unschedulable), else the phase."""
+    st = pod.get("status", {})
+    for cs in st.get("containerStatuses") or []:
+        if reason := ((cs.get("state") or {}).get("waiting") or {}).get("reason"):
+            return reason
+    scheduled = C.find(st.get("conditions"), "PodScheduled")
+    if scheduled and scheduled.get("status") == "False":
+        return scheduled.get("reason") or "not scheduled"
+    return st.get("phase") or "Pending"
+
+
 def last_line(text: str | None) -> str:
     """The last line of a message (a crash's stderr tail ends with its cause); "" when empty."""
     lines = (text or "").strip().splitlines()
