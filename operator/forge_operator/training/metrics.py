@@ -35,6 +35,11 @@ def observe_training(namespace: str, name: str, status: dict[str, Any]) -> None:
                          (GPU_HOURS, (status.get("budget") or {}).get("gpuHours"))):
         if value is not None:
             gauge.labels(*key).set(float(value))
+        elif gauge in (TOKENS_PER_SECOND, ETA):  # no worker runs: no throughput, no estimate (not the last one)
+            try:
+                gauge.remove(*key)
+            except KeyError:
+                pass
     if progress.get("percent") is not None:
         PROGRESS.labels(*key).set(float(progress["percent"]) / 100)
 

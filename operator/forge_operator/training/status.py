@@ -91,10 +91,46 @@ def record_progress(d: Draft, attempt: Attempt) -> None:
                                         if written.get(name) is not None}
         budget = status.setdefault("budget", {})
         budget["tokens"] = int(report.progress.tokens_seen or budget.get("tokens") or 0)
+    elif status.get("progress"):
+        status["progress"] = resumed_progress(status["progress"], (status.get("restarts") or [None])[-1], d.now)
+    if not attempt.running and status.get("progress"):
+        status["progress"] = idle_progress(status["progress"])
     nodes = bounded_nodes({p["spec"]["nodeName"] for p in attempt.pods if p.get("spec", {}).get("nodeName")},
                           set(status.get("nodes") or []))
     if nodes:
         status["nodes"] = nodes
+
+
+# what rank 0 measured while it ran: without a running worker it would be an extrapolation
+RATES = ("tokensPerSecond", "mfu")
+ETA_FIELDS = ("etaSeconds", "eta")
+
+
+def idle_progress(progress: dict[str, Any]) -> dict[str, Any]:
+    """status.progress while no worker runs (Pending, Queued, Restarting, Suspended, Failed): the step,
+    tokens, loss and percent stay as they were; the throughput and the ETA go, since nothing is
+    computing towards them. A finished run's ETA of 0 stays."""
+    kept = {k: v for k, v in progress.items() if k not in RATES}
+    if kept.get("etaSeconds") != 0:
+        kept = {k: v for k, v in kept.items() if k not in ETA_FIELDS}
+    return kept
+
+
+def resumed_progress(progress: dict[str, Any], restart: dict[str, Any] | None, now: datetime) -> dict[str, Any]:
+    """After a restart and until the new workers report, the step is the one they resume from (the
+    checkpoint the restart recorded), not the one the last workers reached and lost. Only progress
+    older than the restart is rewound, so it happens once per restart."""
+    if not restart or restart.get("step") is None:
+        return progress
+    last = parse_ts(progress.get("lastStepTime"))
+    when = parse_ts(restart.get("time"))
+    if when is None or (last is not None and last >= when):
+        return progress
+    step = int(restart["step"])
+    rewound = {**progress, "step": step, "lastStepTime": ts(now)}
+    if progress.get("totalSteps"):
+        rewound["percent"] = round(100.0 * step / progress["totalSteps"], 1)
+    return rewound
 
 
 def bounded_nodes(current: set[str], earlier: set[str]) -> list[str]:
