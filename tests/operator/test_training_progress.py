@@ -44,6 +44,10 @@ def test_after_a_restart_the_step_shown_is_the_one_resumed_from():
     # rewound once: the next reconcile, and the new workers' own reports, move it on from there
     o["status"] = plan.status
     assert plan_training(o, Observed(now=NOW + timedelta(seconds=15), jobs=[job("llm-r1")])).status == plan.status
+    # no checkpoint before the restart: the new workers start from the beginning
+    del o["status"]["restarts"][0]["step"]
+    o["status"]["progress"] = dict(PROGRESS)
+    assert plan_training(o, Observed(now=NOW, jobs=[job("llm-r1")])).status["progress"]["step"] == 0
 
 
 def test_gpu_hours_accrue_only_while_workers_run():

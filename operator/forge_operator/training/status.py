@@ -118,15 +118,15 @@ def idle_progress(progress: dict[str, Any]) -> dict[str, Any]:
 
 def resumed_progress(progress: dict[str, Any], restart: dict[str, Any] | None, now: datetime) -> dict[str, Any]:
     """After a restart and until the new workers report, the step is the one they resume from (the
-    checkpoint the restart recorded), not the one the last workers reached and lost. Only progress
-    older than the restart is rewound, so it happens once per restart."""
-    if not restart or restart.get("step") is None:
+    checkpoint the restart recorded; 0, the start, when there was none), not the one the last workers
+    reached and lost. Only progress older than the restart is rewound, so it happens once per restart."""
+    if not restart:
         return progress
     last = parse_ts(progress.get("lastStepTime"))
     when = parse_ts(restart.get("time"))
     if when is None or (last is not None and last >= when):
         return progress
-    step = int(restart["step"])
+    step = int(restart.get("step") or 0)
     rewound = {**progress, "step": step, "lastStepTime": ts(now)}
     if progress.get("totalSteps"):
         rewound["percent"] = round(100.0 * step / progress["totalSteps"], 1)
