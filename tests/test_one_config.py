@@ -28,7 +28,8 @@ from forge_operator.training.planner import plan_training
 from forge_operator.training.translate import trainer_config
 from forge_trainer import defaults as shared
 from forge_trainer.config import (
-    ArchitectureConfig, CheckpointConfig, DataSourceConfig, TokenizerTrainConfig, TrainerConfig, TrainingConfig,
+    ArchitectureConfig, CheckpointConfig, DataSourceConfig, DpoMethod, TokenizerTrainConfig, TrainerConfig,
+    TrainingConfig,
     load_config,
 )
 
@@ -103,7 +104,7 @@ def _pop(tree: dict[str, Any], dotted: str) -> Any:
 @pytest.mark.parametrize("name, manifest", EXAMPLES, ids=[f"{n}:{m['metadata']['name']}" for n, m in EXAMPLES])
 def test_forge_train_and_the_operator_give_the_trainer_the_same_config(name, manifest, tmp_path):
     operator, local = _by_the_operator(manifest, tmp_path), _by_forge_train(ROOT / "examples" / name, manifest)
-    if isinstance(operator, str) or isinstance(local, str):  # refused (sft, dpo, s3): alike, for the same reason
+    if isinstance(operator, str) or isinstance(local, str):  # refused (s3): alike, for the same reason
         assert operator == local
         return
 
@@ -130,6 +131,21 @@ def test_every_refusal_and_every_method_that_runs_is_covered():
     assert {"dense", "moe"} <= families
 
 
+def test_dpo_reaches_the_trainer_with_its_settings(tmp_path):
+    """examples/dpo.yaml: the operator and `forge train` both give the trainer method dpo with the
+    spec's beta and loss type, and the preference fields of every source; left out, the shared defaults."""
+    name, manifest = next((n, m) for n, m in EXAMPLES if m["spec"]["method"] == "dpo")
+    cfg = _by_the_operator(manifest, tmp_path)
+    assert not isinstance(cfg, str), cfg
+    t = manifest["spec"]["training"]
+    assert cfg.method == DpoMethod(beta=t["dpoBeta"], loss_type=t["dpoLossType"])
+    assert [(s.prompt_field, s.chosen_field, s.rejected_field, s.record_kind) for s in cfg.data.sources] == \
+        [("prompt", "chosen", "rejected", "preference")]
+    bare = copy.deepcopy(manifest)
+    del bare["spec"]["training"]["dpoBeta"], bare["spec"]["training"]["dpoLossType"]
+    assert _by_the_operator(bare, tmp_path).method == DpoMethod(beta=shared.DPO_BETA, loss_type=shared.DPO_LOSS_TYPE)
+
+
 # --------------------------------------------------------------------------- the defaults themselves
 # (API model, API field, trainer model, trainer field): the same knob on both sides
 SHARED_FIELDS = [
@@ -148,6 +164,8 @@ SHARED_FIELDS = [
     (DataSource, "prompt_field", DataSourceConfig, "prompt_field"),
     (DataSource, "completion_field", DataSourceConfig, "completion_field"),
     (DataSource, "messages_field", DataSourceConfig, "messages_field"),
+    (DataSource, "chosen_field", DataSourceConfig, "chosen_field"),
+    (DataSource, "rejected_field", DataSourceConfig, "rejected_field"),
     (DataSource, "weight", DataSourceConfig, "weight"),
     (TrainingSpec, "sequence_length", TrainingConfig, "seq_len"),
     (TrainingSpec, "micro_batch_size", TrainingConfig, "micro_batch_sequences"),
@@ -158,6 +176,8 @@ SHARED_FIELDS = [
     (TrainingSpec, "decay_fraction", TrainingConfig, "decay_fraction"),
     (TrainingSpec, "weight_decay", TrainingConfig, "weight_decay"),
     (TrainingSpec, "gradient_clipping", TrainingConfig, "grad_clip"),
+    (TrainingSpec, "dpo_beta", DpoMethod, "beta"),
+    (TrainingSpec, "dpo_loss_type", DpoMethod, "loss_type"),
     (TrainingSpec, "precision", TrainingConfig, "precision"),
     (TrainingSpec, "seed", TrainingConfig, "seed"),
     (TrainingSpec, "compile", TrainingConfig, "compile"),
@@ -169,8 +189,7 @@ SHARED_FIELDS = [
 # API fields with a default that the trainer has no field for: the operator acts on them itself
 # (or translates them into another shape, checked by the next test)
 API_ONLY = {
-    (ArchitectureSpec, "experts"), (TrainingSpec, "global_batch"), (TrainingSpec, "dpo_beta"),
-    (DataSource, "chosen_field"), (DataSource, "rejected_field"), (CheckpointSpec, "resume_from"),
+    (ArchitectureSpec, "experts"), (TrainingSpec, "global_batch"), (CheckpointSpec, "resume_from"),
 }
 
 

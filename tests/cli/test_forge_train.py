@@ -156,3 +156,31 @@ def test_forge_train_fine_tunes_a_base_model_like_the_sft_example(tmp_path):
     assert (model / "chat_template.jinja").exists()  # the default template: the base's tokenizer has none
     generation = json.loads((model / "generation_config.json").read_text())
     assert generation["eos_token_id"] == generation["pad_token_id"]  # its turns end with the end-of-text token
+
+
+def test_forge_train_aligns_a_model_like_the_dpo_example(tmp_path):
+    """examples/dpo.yaml, cut to a tiny base made here and a few steps: prompt/chosen/rejected records in
+    the example's volumes, the base's tokenizer, the example's beta and loss type."""
+    import json
+
+    from sft_helpers import make_base, write_preferences
+
+    spec = yaml.safe_load((ROOT / "examples" / "dpo.yaml").read_text())
+    spec["spec"]["training"] |= {"sequenceLength": 128, "globalBatch": {"sequences": 8}, "microBatchSize": 4,
+                                 "learningRate": 0.001, "warmupSteps": 1, "evalIntervalSteps": 3,
+                                 "budget": {"maxSteps": 6}}
+    spec["spec"]["data"]["validation"] = {"fraction": 0.1}
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(spec))
+    models, data = tmp_path / "models", tmp_path / "preference-data"
+    models.mkdir()
+    make_base(tmp_path, "llama").rename(models / "sft-assistant-1b")  # where the example's spec.model.base is
+    write_preferences(data / "pairs.jsonl", 80)
+    out = forge("train", "dpo.yaml", "--volume", f"forge-models={models}", "--volume", f"preference-data={data}",
+                "--volume", f"forge-checkpoints={tmp_path / 'ckpt'}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "(dpo)" in out.stderr and "step 6," in out.stdout and "validation loss" in out.stdout
+    assert "reward acc=" in out.stderr  # the progress bar shows dpo's reward accuracy
+    provenance = json.loads((models / "dpo-assistant-1b" / "provenance.json").read_text())
+    assert provenance["method"] == "dpo" and provenance["config"]["method"] == {
+        "kind": "dpo", "beta": 0.1, "loss_type": "sigmoid"}
+    assert provenance["data"]["sources"][0]["records"] == "preference"

@@ -101,3 +101,38 @@ def sft_config(work: Path, base: Path, records: Path, cache: Path | None = None,
         "training__eval_interval_steps": 6,
     }
     return tiny_config(work, records, cache, **{**defaults, **overrides})
+
+
+# --------------------------------------------------------------------------- dpo
+DONT_KNOW = "i do not know."
+
+
+def preference(rng: random.Random, chat: bool = False) -> dict:
+    """A pair of the toy preference task: the right fact is preferred to a wrong one or to not knowing.
+    ``chat``: the prompt is a conversation (sometimes after an earlier exchange) instead of text."""
+    name = rng.choice(NAMES)
+    wrong = rng.choice([f for f in FRUITS if f != LIKES[name]])
+    rejected = DONT_KNOW if rng.random() < 0.5 else f"{name} likes {wrong}."
+    q = question(name, rng.randrange(3))
+    prompt = conversation(rng, rng.randint(0, 1), system=rng.random() < 0.5) + [{"role": "user", "content": q}] \
+        if chat else q + "\n"
+    return {"prompt": prompt, "chosen": answer(name), "rejected": rejected}
+
+
+def write_preferences(path: Path, n: int, seed: int = 0, chat: bool = False) -> Path:
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(preference(rng, chat)) + "\n" for _ in range(n)))
+    return path
+
+
+def dpo_config(work: Path, base: Path, records: Path, cache: Path | None = None, **overrides) -> TrainerConfig:
+    """sft_config's tiny run, as dpo on preference records (prompt, chosen, rejected)."""
+    defaults = {
+        "method": {"kind": "dpo", "beta": 0.1},
+        "data": {"sources": [{"name": "prefs", "path": str(records), "format": "jsonl", "prompt_field": "prompt",
+                              "chosen_field": "chosen", "rejected_field": "rejected"}],
+                 "validation": {"fraction": 0.1}},
+        "training__lr": 1e-3,
+    }
+    return sft_config(work, base, records, cache, **{**defaults, **overrides})

@@ -42,8 +42,8 @@ def test_json_is_accepted(tmp_path, corpus):
     ("override", "message"),
     [
         ({"method": "sft"}, "method sft needs model.base_path"),
-        ({"method": {"kind": "dpo"}}, "method dpo is not implemented yet"),
-        ({"method": "dpo"}, "method dpo is not implemented yet"),
+        ({"method": {"kind": "dpo"}}, "method dpo needs model.base_path"),
+        ({"method": "grpo"}, "Input tag 'grpo' found using 'kind' does not match any of the expected tags"),
         ({"training__seq_len": 256}, "training.seq_len 256 exceeds the model's context"),
         ({"training__global_batch_sequences": 10}, "not a multiple of micro_batch_sequences"),
         ({"model__base_path": "/models/x"}, "set exactly one of model.architecture or model.base_path"),

@@ -23,8 +23,14 @@ def test_the_progress_annotation_has_every_key_in_camel_case():
         '{"step":25,"totalSteps":100,"tokensSeen":25000,"tokenBudget":null,"percent":25.0,"loss":2.5,'
         '"learningRate":0.001,"gradNorm":0.5,"tokensPerSecond":1000.0,"mfu":null,"etaSeconds":75,'
         '"updatedAt":"2030-01-01T12:00:00Z",'
-        '"lastCheckpoint":{"step":20,"path":"/ckpt/step-00000020","time":"2030-01-01T11:59:00Z"}}')
+        '"lastCheckpoint":{"step":20,"path":"/ckpt/step-00000020","time":"2030-01-01T11:59:00Z"},'
+        '"methodMetrics":null}')
     assert Progress.model_validate_json(p.to_json()) == p  # what the operator parses is what was sent
+    # a method's own figures (dpo's) go along by name; an operator that does not know the key ignores it
+    dpo = build_progress(step=1, total_steps=None, tokens_seen=1, token_budget=None, loss=0.6, learning_rate=1e-6,
+                         grad_norm=None, tokens_per_second=None, mfu=None, last_checkpoint=None, now=NOW,
+                         method_metrics={"reward_accuracy": 0.75, "reward_margin": 0.1234567})
+    assert json.loads(dpo.to_json())["methodMetrics"] == {"reward_accuracy": 0.75, "reward_margin": 0.123457}
 
 
 def test_a_finished_runs_message_has_every_key_a_failed_ones_only_the_error():

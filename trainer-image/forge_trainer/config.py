@@ -151,6 +151,10 @@ class DataSourceConfig(_Model):
     messages_field: str | None = None
     """sft, chat records: the field holding the conversation, a list of {role, content} with roles
     system, user and assistant; the loss is on the assistant turns."""
+    chosen_field: str | None = None
+    """dpo, preference records (with prompt_field): the field holding the preferred answer."""
+    rejected_field: str | None = None
+    """dpo, preference records (with prompt_field): the field holding the dispreferred answer."""
     weight: float = Field(D.SOURCE_WEIGHT, gt=0)
     """Mixing weight: the share of training sequences drawn from this source."""
 
@@ -158,15 +162,25 @@ class DataSourceConfig(_Model):
     def _record_fields(self) -> DataSourceConfig:
         if self.messages_field is not None and (self.prompt_field is not None or self.completion_field is not None):
             raise ValueError(f"data source {self.name!r}: set messages_field or prompt_field and completion_field, not both")
-        if (self.prompt_field is None) != (self.completion_field is None):
+        if (self.chosen_field is None) != (self.rejected_field is None):
+            raise ValueError(f"data source {self.name!r}: chosen_field and rejected_field go together")
+        if self.chosen_field is not None:
+            if self.prompt_field is None or self.completion_field is not None or self.messages_field is not None:
+                raise ValueError(f"data source {self.name!r}: preference records are prompt_field, chosen_field and "
+                                 "rejected_field (no completion_field or messages_field)")
+        elif (self.prompt_field is None) != (self.completion_field is None):
             raise ValueError(f"data source {self.name!r}: prompt_field and completion_field go together")
         if self.record_kind is not None and self.format == "text":
-            raise ValueError(f"data source {self.name!r}: records (prompt/completion or messages) need format jsonl or parquet")
+            raise ValueError(f"data source {self.name!r}: records (prompt/completion, messages or preference pairs) "
+                             "need format jsonl or parquet")
         return self
 
     @property
-    def record_kind(self) -> Literal["prompt-completion", "chat"] | None:
-        """What an sft record of this source is (None: the source holds documents)."""
+    def record_kind(self) -> Literal["prompt-completion", "chat", "preference"] | None:
+        """What a record of this source is: sft's prompt-completion or chat, dpo's preference pair
+        (None: the source holds documents)."""
+        if self.chosen_field is not None:
+            return "preference"
         if self.messages_field is not None:
             return "chat"
         return "prompt-completion" if self.prompt_field is not None else None
@@ -335,11 +349,23 @@ class SftMethod(_Model):
     kind: Literal["sft"] = "sft"
 
 
-MethodConfig = Annotated[PretrainMethod | ContinuedPretrainMethod | SftMethod, Field(discriminator="kind")]
+class DpoMethod(_Model):
+    """Direct preference optimisation of model.base_path on (prompt, chosen, rejected) records; the
+    frozen reference is the starting model, its log-probabilities computed once before the first step."""
+
+    kind: Literal["dpo"] = "dpo"
+    beta: float = Field(D.DPO_BETA, gt=0)
+    """Strength of the preference: how far the policy may move from the reference."""
+    loss_type: Literal["sigmoid", "ipo"] = D.DPO_LOSS_TYPE
+    """sigmoid: standard DPO, -log sigmoid(beta x margin) on summed log-probabilities; ipo: (margin -
+    1/(2 beta))^2 on per-token mean log-probabilities."""
+
+
+MethodConfig = Annotated[PretrainMethod | ContinuedPretrainMethod | SftMethod | DpoMethod, Field(discriminator="kind")]
 """One member per training method, told apart by `kind`; a method's own settings live beside it."""
 
-PLANNED_METHODS = ("dpo",)
-"""Accepted by the API, refused here until the trainer implements them."""
+RECORD_KINDS = {"sft": ("prompt-completion", "chat"), "dpo": ("preference",)}
+"""The methods that read records, and the records each reads."""
 
 
 class TrainerConfig(_Model):
@@ -349,7 +375,8 @@ class TrainerConfig(_Model):
     """Shown in logs and recorded in provenance.json."""
     method: MethodConfig = PretrainMethod()
     """pretrain = from scratch; continued-pretrain = keep training model.base_path on new text;
-    sft = fine-tune model.base_path on prompt/completion or chat records. A method without settings
+    sft = fine-tune model.base_path on prompt/completion or chat records; dpo = align model.base_path
+    with preference pairs (`{kind: dpo, beta: 0.1, loss_type: sigmoid}`). A method without settings
     may be written as its kind alone (`method: pretrain`)."""
     model: ModelConfig
     tokenizer: TokenizerConfig = TokenizerConfig(train=TokenizerTrainConfig())
@@ -370,15 +397,13 @@ class TrainerConfig(_Model):
             return data
         method = data.get("method")
         kind = method if isinstance(method, str) else method.get("kind") if isinstance(method, dict) else None
-        if kind in PLANNED_METHODS:
-            raise ValueError(f"method {kind} is not implemented yet (use pretrain, continued-pretrain or sft)")
         if isinstance(method, str):
             data = {**data, "method": {"kind": method}}
         return data
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:
-        if self.method.kind in ("continued-pretrain", "sft") and self.model.base_path is None:
+        if self.method.kind in ("continued-pretrain", "sft", "dpo") and self.model.base_path is None:
             raise ValueError(f"method {self.method.kind} needs model.base_path")
         self._check_records()
         if self.method.kind == "pretrain" and self.model.base_path is not None:
@@ -394,21 +419,26 @@ class TrainerConfig(_Model):
         return self
 
     def _check_records(self) -> None:
-        """sft reads records from every source; the other methods read documents."""
-        sources = self.data.sources
-        if self.method.kind == "sft":
-            bare = [s.name for s in sources if s.record_kind is None]
+        """sft and dpo read records from every source; the other methods read documents."""
+        sources, kind = self.data.sources, self.method.kind
+        if kind == "sft":
+            bare = [s.name for s in sources if s.record_kind not in RECORD_KINDS[kind]]
             if bare:
                 raise ValueError(f"method sft needs records: data sources {bare} set neither messages_field nor "
                                  "prompt_field and completion_field")
-            if self.tokenizer.train is not None:
-                raise ValueError("method sft fine-tunes model.base_path with its own tokenizer: use tokenizer.from_base "
-                                 "(or tokenizer.path), not tokenizer.train")
+        elif kind == "dpo":
+            bare = [s.name for s in sources if s.record_kind not in RECORD_KINDS[kind]]
+            if bare:
+                raise ValueError(f"method dpo needs preference records: data sources {bare} do not set prompt_field, "
+                                 "chosen_field and rejected_field")
         else:
             mixed = [s.name for s in sources if s.record_kind is not None]
             if mixed:
-                raise ValueError(f"method {self.method.kind} reads documents: messages_field, prompt_field and "
-                                 f"completion_field (data sources {mixed}) are for method sft")
+                raise ValueError(f"method {kind} reads documents: messages_field, prompt_field, completion_field, "
+                                 f"chosen_field and rejected_field (data sources {mixed}) are for methods sft and dpo")
+        if kind in RECORD_KINDS and self.tokenizer.train is not None:
+            raise ValueError(f"method {kind} fine-tunes model.base_path with its own tokenizer: use tokenizer.from_base "
+                             "(or tokenizer.path), not tokenizer.train")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -146,6 +146,9 @@ class Progress(_Wire):
     """Until the nearest of the step, token and deadline budgets."""
     updated_at: str | None = None
     last_checkpoint: LastCheckpoint | None = None
+    method_metrics: dict[str, float] | None = None
+    """The training method's own figures over the last log window, by name (dpo: reward_accuracy,
+    reward_margin, logp_chosen, logp_rejected); null for a method that has none."""
 
 
 class TerminationMessage(_Wire):

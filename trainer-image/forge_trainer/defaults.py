@@ -55,6 +55,8 @@ PRECISION = "auto"
 SEED = 1234
 COMPILE = False
 EVAL_INTERVAL_STEPS = 500
+DPO_BETA = 0.1  # API training.dpoBeta, trainer method.beta
+DPO_LOSS_TYPE = "sigmoid"  # API training.dpoLossType, trainer method.loss_type
 
 
 def min_learning_rate(learning_rate: float) -> float:

@@ -110,7 +110,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
             # A checkpoint's val_loss may predate its step (evaluated earlier, or not at all): evaluate
             # again at the end, also when a finished training is resumed with nothing left to train.
             val_step = -1
-            lr, gnorm, tps = lr_at(state.step, t, s.total_steps), None, None
+            lr, gnorm, tps, extra = lr_at(state.step, t, s.total_steps), None, None, {}
             last_save = last_report = time.monotonic()
             on_every_rank(d, lambda: None, stop)  # last look before the loop; from here: step, checkpoint, 75
             while True:
@@ -132,17 +132,19 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
                 if state.step % t.log_interval_steps == 0 or state.step == s.total_steps:
                     state.train_loss, tps = window.close(d)
                     gnorm = grad_norm.item() if grad_norm is not None else None
+                    extra = s.method.step_metrics(d)  # dpo: reward accuracy, margin, log-probs
                     history.append({"step": state.step, "loss": state.train_loss, "lr": lr, "grad_norm": gnorm,
-                                    "tokens_per_second": tps, **({"aux_loss": aux.item()} if aux is not None else {})})
+                                    "tokens_per_second": tps, **({"aux_loss": aux.item()} if aux is not None else {}),
+                                    **extra})
                     if d.is_main:
-                        _log_step(_progress(s, state, last_ckpt, d, state.train_loss, lr, gnorm, tps))
+                        _log_step(_progress(s, state, last_ckpt, d, state.train_loss, lr, gnorm, tps, extra), extra)
                 if t.eval_interval_steps and state.step % t.eval_interval_steps == 0:
                     state.val_loss, val_step = _evaluate(s, d, timings, f"step {state.step} |"), state.step
                 if (every and state.step % every == 0) or save_by_time:
                     last_ckpt, last_save = _save(config, s, state, d, timings), time.monotonic()
                 if reporter is not None and time.monotonic() - last_report >= config.metrics.progress_interval_seconds:
                     current = state.train_loss if state.train_loss is not None else loss.item()
-                    reporter.report(_progress(s, state, last_ckpt, d, current, lr, gnorm, tps))
+                    reporter.report(_progress(s, state, last_ckpt, d, current, lr, gnorm, tps, extra))
                     last_report = time.monotonic()
 
             # ---- end: checkpoint, and on a completed budget: evaluate and export
@@ -162,7 +164,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
                 start_step=start_step, history=history,
             )
             if reporter is not None:
-                reporter.report(_progress(s, state, last_ckpt, d, state.train_loss, lr, gnorm, tps))
+                reporter.report(_progress(s, state, last_ckpt, d, state.train_loss, lr, gnorm, tps, extra))
             return summary
         finally:
             if reporter is not None:
@@ -219,6 +221,7 @@ def _set_up(config: TrainerConfig, d: Dist, stop: SigtermFlag) -> Setup:
         autocast=torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext(),
         peak_flops=peak_flops(d.device, config.metrics.peak_flops_per_device),
     )
+    method.start(model, s.autocast, d)  # before any checkpoint is loaded: dpo's reference is the starting model
     if d.is_main:
         log.info(
             "%s: %s %.1fM params (%.1fM active non-embedding), %d worker(s) on %s, %s, %d micro-steps x %d seqs x %d tokens per worker, %s steps",
@@ -300,20 +303,21 @@ def train_step(model, optimizer, method: Method, rows, accum: int, micro: int, g
 
 
 def _progress(s: Setup, state: TrainState, last_ckpt: LastCheckpoint | None, d: Dist, loss: float | None,
-              lr: float, gnorm: float | None, tps: float | None) -> Progress:
+              lr: float, gnorm: float | None, tps: float | None, extra: dict[str, float]) -> Progress:
     mfu = tps / d.world * s.stats.flops_per_token / s.peak_flops if (tps and s.peak_flops) else None
     return build_progress(
         step=state.step, total_steps=s.total_steps, tokens_seen=state.tokens_seen,
         token_budget=s.budget.max_tokens, loss=loss, learning_rate=lr, grad_norm=gnorm,
-        tokens_per_second=tps, mfu=mfu, last_checkpoint=last_ckpt, deadline=s.budget.deadline,
+        tokens_per_second=tps, mfu=mfu, last_checkpoint=last_ckpt, deadline=s.budget.deadline, method_metrics=extra,
     )
 
 
-def _log_step(p: Progress) -> None:
+def _log_step(p: Progress, extra: dict[str, float]) -> None:
     log.info(
-        "step %d/%s | loss %.4f | lr %.2e | grad %.3f | %s tok/s | mfu %s | eta %s",
+        "step %d/%s | loss %.4f | lr %.2e | grad %.3f | %s tok/s | mfu %s | eta %s%s",
         p.step, p.total_steps or "?", p.loss, p.learning_rate, p.grad_norm or 0.0, f"{p.tokens_per_second:,.0f}",
         f"{p.mfu:.1%}" if p.mfu is not None else "-", _fmt_eta(p.eta_seconds),
+        "".join(f" | {k.replace('_', ' ')} {v:.4f}" for k, v in extra.items()),
     )
 
 

@@ -137,16 +137,17 @@ class DataSource(ApiModel):
     text_field: ShortStr | None = None
     """For jsonl/parquet pre-training data: the field holding the text (default: text)."""
     prompt_field: ShortStr | None = None
-    """For sft and dpo: the field holding the prompt."""
+    """For sft and dpo: the field holding the prompt. For dpo it is text, or a conversation (a list of messages
+    {role, content}) that the chosen and rejected answers continue as the next assistant turn."""
     completion_field: ShortStr | None = None
     """For sft: the field holding the answer to learn."""
     messages_field: ShortStr | None = None
     """For sft chat data, instead of promptField and completionField: the field holding the conversation, a list
     of messages {role, content} with roles system, user and assistant; the loss is on the assistant turns."""
     chosen_field: ShortStr | None = None
-    """For dpo: the field holding the preferred answer."""
+    """For dpo, with promptField and rejectedField: the field holding the preferred answer (text)."""
     rejected_field: ShortStr | None = None
-    """For dpo: the field holding the dispreferred answer."""
+    """For dpo, with promptField and chosenField: the field holding the dispreferred answer (text)."""
     weight: Annotated[float, Field(gt=0, le=1000)] = defaults.SOURCE_WEIGHT
     """Relative sampling weight when mixing sources."""
 
@@ -167,11 +168,11 @@ class ValidationSpec(ApiModel):
 
 def _is_preference(s: DataSource) -> bool:
     return s.format != "text" and s.prompt_field is not None and s.chosen_field is not None \
-        and s.rejected_field is not None
+        and s.rejected_field is not None and s.completion_field is None and s.messages_field is None
 
 
 def _is_instruction(s: DataSource) -> bool:
-    if s.format == "text":
+    if s.format == "text" or s.chosen_field is not None or s.rejected_field is not None:
         return False
     if s.messages_field is not None:
         return s.prompt_field is None and s.completion_field is None
@@ -179,9 +180,10 @@ def _is_instruction(s: DataSource) -> bool:
 
 
 _RECORDS = "has(s.format) && s.format != 'text'"
-_PREFERENCE = " && ".join([_RECORDS, "has(s.promptField)", "has(s.chosenField)", "has(s.rejectedField)"])
-_INSTRUCTION = (f"{_RECORDS} && (has(s.messagesField) ? !has(s.promptField) && !has(s.completionField)"
-                " : has(s.promptField) && has(s.completionField))")
+_PREFERENCE = " && ".join([_RECORDS, "has(s.promptField)", "has(s.chosenField)", "has(s.rejectedField)",
+                           "!has(s.completionField)", "!has(s.messagesField)"])
+_INSTRUCTION = (f"{_RECORDS} && !has(s.chosenField) && !has(s.rejectedField) && (has(s.messagesField) ? "
+                "!has(s.promptField) && !has(s.completionField) : has(s.promptField) && has(s.completionField))")
 
 
 def _method_data_rules(method: str, what: str, pred: str, names: str, check) -> tuple[Cel, Cel]:
@@ -283,6 +285,9 @@ class TrainingSpec(ApiModel):
     """When to stop: at least maxSteps or maxTokens."""
     dpo_beta: Annotated[float, Field(gt=0, le=10)] | None = None
     """For dpo: strength of the preference (beta), default 0.1."""
+    dpo_loss_type: Literal["sigmoid", "ipo"] | None = None
+    """For dpo: sigmoid (standard DPO, on summed log-probabilities) or ipo (squared loss on per-token mean
+    log-probabilities), default sigmoid."""
 
     cel_rules = (
         Cel("!has(self.minLearningRate)"
@@ -465,15 +470,20 @@ class ForgeTrainingSpec(ApiModel):
             lambda s: s.model.architecture is None
             or s.training.sequence_length <= s.model.architecture.context_length,
             field_path=".training.sequenceLength"),
-        *_method_data_rules("dpo", "preference data", _PREFERENCE, "promptField, chosenField and rejectedField",
+        *_method_data_rules("dpo", "preference data", _PREFERENCE,
+                            "promptField, chosenField and rejectedField (no completionField or messagesField)",
                             _is_preference),
         *_method_data_rules("sft", "instruction data", _INSTRUCTION,
-                            "promptField and completionField, or messagesField alone", _is_instruction),
-        Cel("self.method != 'sft' || !has(self.tokenizer.train)",
-            "method sft fine-tunes model.base with its own tokenizer: set tokenizer.fromBase (or tokenizer.source)",
-            lambda s: s.method != "sft" or s.tokenizer.train is None, field_path=".tokenizer"),
+                            "promptField and completionField, or messagesField alone (no chosenField or rejectedField)",
+                            _is_instruction),
+        Cel("(self.method != 'sft' && self.method != 'dpo') || !has(self.tokenizer.train)",
+            "methods sft and dpo fine-tune model.base with its own tokenizer: set tokenizer.fromBase (or "
+            "tokenizer.source)",
+            lambda s: s.method not in ("sft", "dpo") or s.tokenizer.train is None, field_path=".tokenizer"),
         Cel("self.method == 'dpo' || !has(self.training.dpoBeta)", "training.dpoBeta is only for method dpo",
             lambda s: s.method == "dpo" or s.training.dpo_beta is None, field_path=".training.dpoBeta"),
+        Cel("self.method == 'dpo' || !has(self.training.dpoLossType)", "training.dpoLossType is only for method dpo",
+            lambda s: s.method == "dpo" or s.training.dpo_loss_type is None, field_path=".training.dpoLossType"),
         Cel(f"self.output.location.pvc.claimName != self.checkpoint.location.pvc.claimName || "
             f"!{_cel_dir('self.checkpoint.location.pvc')}.startsWith({_cel_dir('self.output.location.pvc')})",
             "output.location must not be the checkpoint folder or a folder above it: the export replaces the "

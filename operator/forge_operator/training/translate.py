@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from forge_trainer.config import (
-    ArchitectureConfig, BudgetConfig, CheckpointConfig, DataConfig, DataSourceConfig, MetricsConfig,
+    ArchitectureConfig, BudgetConfig, CheckpointConfig, DataConfig, DataSourceConfig, DpoMethod, MetricsConfig,
     ModelConfig, OutputConfig, TokenizerConfig, TokenizerTrainConfig, TrainerConfig, TrainingConfig,
     ValidationConfig,
 )
@@ -63,9 +63,9 @@ def _architecture(a: ArchitectureSpec) -> ArchitectureConfig:
 
 
 def _source(s: DataSource, field: str, resolve: Resolve, records: bool) -> DataSourceConfig:
-    """``records``: the method reads records (sft), so the fields that name a record's parts go along."""
-    fields = _given(prompt_field=s.prompt_field, completion_field=s.completion_field,
-                    messages_field=s.messages_field) if records else {}
+    """``records``: the method reads records (sft, dpo), so the fields that name a record's parts go along."""
+    fields = _given(prompt_field=s.prompt_field, completion_field=s.completion_field, messages_field=s.messages_field,
+                    chosen_field=s.chosen_field, rejected_field=s.rejected_field) if records else {}
     return DataSourceConfig(name=s.name, path=_local(s.location, f"{field}.location", resolve), format=s.format,
                             weight=s.weight, **_given(include=s.include, text_field=s.text_field), **fields)
 
@@ -81,10 +81,8 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
     """
     spec = ft.spec
     t = spec.training
-    if spec.method == "dpo":
-        raise TranslationError(f"spec.method: {spec.method} is accepted by the API but this trainer version "
-                               "implements pretrain, continued-pretrain and sft only")
-    records = spec.method == "sft"
+    records = spec.method in ("sft", "dpo")
+    method = DpoMethod(**_given(beta=t.dpo_beta, loss_type=t.dpo_loss_type)) if spec.method == "dpo" else spec.method
 
     if spec.model.architecture is not None:
         model = ModelConfig(architecture=_architecture(spec.model.architecture))
@@ -132,7 +130,7 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
         **_given(resume=f"{checkpoint_dir}/{ck.resume_from.strip('/')}" if ck.resume_from else None))
     return TrainerConfig(
         run_name=f"{ft.metadata.namespace}/{ft.metadata.name}" if ft.metadata.namespace else ft.metadata.name,
-        method=spec.method, model=model, tokenizer=tokenizer,
+        method=method, model=model, tokenizer=tokenizer,
         data=DataConfig(sources=sources, **_given(validation=validation)), training=training, checkpoint=checkpoint,
         output=OutputConfig(dir=resolve(spec.output.location.pvc)),
         # shared by all nodes: rank 0 prepares the token shards once, the others read them

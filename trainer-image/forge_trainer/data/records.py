@@ -1,5 +1,8 @@
-"""Supervised fine-tuning records: prompt/completion pairs and chat conversations, tokenized once
-(rank 0) into cached arrays with a loss mask, then packed into sequences where no example sees another.
+"""Records of sft (prompt/completion pairs, chat conversations) and dpo (preference pairs), tokenized
+once (rank 0) into cached arrays with a loss mask, then packed into sequences where no example sees another.
+
+A preference record becomes two examples, prompt + chosen then prompt + rejected, stored one after the
+other; they are packed as one unit (a pair is never split over sequences or micro-batches).
 
 Layout of one prepared record set (under cache_dir/records/<data>-<tokenizer>-<template>/):
 
@@ -8,6 +11,7 @@ Layout of one prepared record set (under cache_dir/records/<data>-<tokenizer>-<t
     <source>.mask       one byte per token: 1 where the token is learned (a completion or an
                         assistant turn, its end marker included), 0 elsewhere
     <source>.index.npy  int64 [examples, 4]: start offset, length, file index, line (or row)
+                        (a preference source: examples 2i and 2i + 1 are pair i's chosen and rejected)
 
 Written under a temporary name and renamed when complete, like the pretraining shards. The
 sequence length is not part of the cache: an example longer than training.seq_len is refused when
@@ -143,7 +147,8 @@ def _conversation(record: dict, field: str, where: str) -> list[dict]:
 
 
 class ExampleEncoder:
-    """One record -> (token ids, learned mask), for one source."""
+    """One record -> its examples, each (token ids, learned mask), for one source: one example for sft,
+    two (chosen, then rejected) for a preference pair."""
 
     def __init__(self, tokenizer: TextTokenizer, renderer: ChatRenderer):
         self.tokenizer = tokenizer
@@ -151,15 +156,45 @@ class ExampleEncoder:
 
     def encode(self, src: DataSourceConfig, record: dict, where: str) -> tuple[list[int], list[int]]:
         if src.record_kind == "chat":
-            pieces = self.renderer.segments(_conversation(record, src.messages_field, where))
-            encoded = self.renderer.specials.encode_batch([t for t, _ in pieces], add_special_tokens=False)
-            ids, mask = [], []
-            for (_, learned), e in zip(pieces, encoded):
-                ids += e.ids
-                mask += [int(learned)] * len(e.ids)
-            return ids, mask
+            return self._chat(self.renderer.segments(_conversation(record, src.messages_field, where)))
         # prompt/completion: the text as written (no template, no special tokens in it), then EOS
-        prompt, completion = _text(record, src.prompt_field, where), _text(record, src.completion_field, where)
+        return self._plain(_text(record, src.prompt_field, where), _text(record, src.completion_field, where))
+
+    def encode_pair(self, src: DataSourceConfig, record: dict, where: str) -> list[tuple[list[int], list[int]]]:
+        """A preference record: the prompt is text (used as written, like sft's prompt/completion) or a
+        conversation (rendered with the chat template up to the generation prompt), and chosen and
+        rejected are the next assistant reply; only that reply (with its end marker) is learned."""
+        chosen, rejected = _text(record, src.chosen_field, where), _text(record, src.rejected_field, where)
+        if chosen == rejected:
+            raise DataError(f"{where}: {src.chosen_field!r} and {src.rejected_field!r} are the same answer "
+                            "(nothing to prefer)")
+        prompt = record.get(src.prompt_field)
+        if isinstance(prompt, str):
+            out = [self._plain(prompt, chosen), self._plain(prompt, rejected)]
+            if out[0][1][0]:  # no prompt token: the first token of an answer would follow nothing
+                raise DataError(f"{where}: {src.prompt_field!r} is empty: an answer needs a prompt to follow")
+            return out
+        if not isinstance(prompt, list):
+            raise DataError(f"{where}: no string or list field {src.prompt_field!r} (a prompt: text, or a "
+                            "conversation [{role, content}, ...])")
+        out = []
+        for answer in (chosen, rejected):
+            messages = _conversation(record | {src.prompt_field: [*prompt, {"role": "assistant", "content": answer}]},
+                                     src.prompt_field, where)
+            pieces = self.renderer.segments(messages)
+            last = max(i for i, (_, learned) in enumerate(pieces) if learned)  # earlier assistant turns are context
+            out.append(self._chat([(t, learned and i == last) for i, (t, learned) in enumerate(pieces)]))
+        return out
+
+    def _chat(self, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+        encoded = self.renderer.specials.encode_batch([t for t, _ in pieces], add_special_tokens=False)
+        ids, mask = [], []
+        for (_, learned), e in zip(pieces, encoded):
+            ids += e.ids
+            mask += [int(learned)] * len(e.ids)
+        return ids, mask
+
+    def _plain(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
         p, c = self.tokenizer.encode_batch([prompt, completion])
         c = [*c, self.tokenizer.eos_id]
         return p + c, [0] * len(p) + [1] * len(c)
@@ -245,20 +280,25 @@ def _prepare_source(index: int, src: DataSourceConfig, files, encoder: ExampleEn
                 raise DataError(f"{label}: {f.rel} changed while it was being prepared")
             rec = {"path": f.rel, "sha256": digest, "bytes": len(raw), "examples": 0, "tokens": 0}
             for at, record in iter_records(src, f, raw, label):
-                ids, mask = encoder.encode(src, record, f"{label}: {f.rel} {at}")
-                tokens.write(np.asarray(ids, dtype=dtype).tobytes())
-                masks.write(np.asarray(mask, dtype=np.uint8).tobytes())
-                index_rows.append((offset, len(ids), fi, int(at.split()[-1])))
-                offset += len(ids)
-                learned += sum(mask)
+                where = f"{label}: {f.rel} {at}"
+                examples = encoder.encode_pair(src, record, where) if src.record_kind == "preference" \
+                    else [encoder.encode(src, record, where)]
+                for ids, mask in examples:
+                    tokens.write(np.asarray(ids, dtype=dtype).tobytes())
+                    masks.write(np.asarray(mask, dtype=np.uint8).tobytes())
+                    index_rows.append((offset, len(ids), fi, int(at.split()[-1])))
+                    offset += len(ids)
+                    learned += sum(mask)
+                    rec["tokens"] += len(ids)
                 rec["examples"] += 1
-                rec["tokens"] += len(ids)
             records.append(rec)
     if not index_rows:
         raise DataError(f"{label}: the matching files hold no records")
     np.save(out / f"{src.name}.index.npy", np.asarray(index_rows, dtype=np.int64).reshape(-1, 4))
+    # examples: what is packed whole (an sft example, a preference pair); the index lists every tokenized example (two per pair)
     return {"name": src.name, "format": src.format, "records": src.record_kind, "path": str(src.path),
-            "files": records, "examples": len(index_rows), "tokens": offset, "learned_tokens": learned}
+            "files": records, "examples": sum(r["examples"] for r in records), "tokens": offset,
+            "learned_tokens": learned}
 
 
 # --------------------------------------------------------------------------- packed sequences
@@ -269,6 +309,17 @@ class _Examples:
     tokens: np.ndarray
     mask: np.ndarray
     index: np.ndarray  # [examples, 4]: offset, length, file, line
+    group: int = 1
+    """Examples per unit packed whole: 1 (sft), 2 (a preference pair: chosen, rejected)."""
+    base: int = 0
+    """The number of this source's first unit among all sources' (a pair's key in packed rows)."""
+
+    @property
+    def units(self) -> int:
+        return len(self.index) // self.group
+
+    def unit_lengths(self) -> np.ndarray:
+        return self.index[:, 1].reshape(-1, self.group).sum(axis=1)
 
     def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         off, n = int(self.index[i, 0]), int(self.index[i, 1])
@@ -295,17 +346,25 @@ def packed_row(examples: _Examples, members: np.ndarray, seq_len: int, pad_id: i
     """int64 [3, seq_len]: input ids, labels (the next token where it is learned, else -100) and
     position ids that restart at 0 for each example, which is how the model's attention tells the
     examples apart (a block-diagonal causal mask); the padding at the end is one more such block,
-    never learned."""
-    out = np.empty((3, seq_len), dtype=np.int64)
-    out[0], out[1] = pad_id, IGNORE
+    never learned. ``members`` are units (examples, or preference pairs); for pairs a fourth row
+    holds, at each learned label, the answer it belongs to: 2 x the pair's key + 0 (chosen) or 1
+    (rejected), and -1 elsewhere."""
+    g = examples.group
+    out = np.empty((3 if g == 1 else 4, seq_len), dtype=np.int64)
+    out[0], out[1:3] = pad_id, IGNORE
+    if g == 2:
+        out[3] = -1
     at = 0
-    for i in members:
-        ids, mask = examples.example(int(i))
-        n = len(ids)
-        out[0, at : at + n] = ids
-        out[1, at : at + n - 1] = np.where(mask[1:] == 1, ids[1:], IGNORE)
-        out[2, at : at + n] = np.arange(n)
-        at += n
+    for u in members:
+        for side in range(g):
+            ids, mask = examples.example(int(u) * g + side)
+            n = len(ids)
+            out[0, at : at + n] = ids
+            out[1, at : at + n - 1] = np.where(mask[1:] == 1, ids[1:], IGNORE)
+            out[2, at : at + n] = np.arange(n)
+            if g == 2:
+                out[3, at : at + n - 1] = np.where(mask[1:] == 1, 2 * (examples.base + int(u)) + side, -1)
+            at += n
     out[2, at:] = np.arange(seq_len - at)
     return out
 
@@ -331,17 +390,19 @@ class RecordData:
         self.names, self.weights = [], []
         self.train: list[tuple[_Examples, list[np.ndarray]]] = []
         self.val: list[tuple[_Examples, list[np.ndarray]]] = []
+        self.units = 0  # of all sources: preference pairs are keyed 0 .. units - 1
         for k, s in enumerate(manifest["sources"]):
             ex = self._load(k, s, config)
-            n = len(ex.index)
+            ex.base, self.units = self.units, self.units + ex.units
+            n = ex.units
             n_train = 0 if val.source == s["name"] else n - int(round(n * (val.fraction or 0.0)))
             if n_train < n:
-                self.val.append((ex, pack(ex.index[:, 1], np.arange(n_train, n), L)))
+                self.val.append((ex, pack(ex.unit_lengths(), np.arange(n_train, n), L)))
             if val.source != s["name"]:
                 if n_train == 0:
                     raise DataError(f"data source {s['name']!r} has no training example left after the validation split")
                 order = np.random.default_rng([config.training.seed, k]).permutation(n_train)
-                self.train.append((ex, pack(ex.index[:, 1], order, L)))
+                self.train.append((ex, pack(ex.unit_lengths(), order, L)))
                 self.names.append(s["name"])
                 self.weights.append(weights[s["name"]])
         if (val.source or val.fraction) and not self.val:
@@ -353,14 +414,17 @@ class RecordData:
         dtype = np.dtype(self.manifest["dtype"])
         ex = _Examples(tokens=np.memmap(self.path / f"{s['name']}.tokens", dtype=dtype, mode="r"),
                        mask=np.memmap(self.path / f"{s['name']}.mask", dtype=np.uint8, mode="r"),
-                       index=np.load(self.path / f"{s['name']}.index.npy"))
-        too_long = np.flatnonzero(ex.index[:, 1] > self.seq_len)
+                       index=np.load(self.path / f"{s['name']}.index.npy"),
+                       group=2 if s["records"] == "preference" else 1)
+        lengths = ex.unit_lengths()
+        too_long = np.flatnonzero(lengths > self.seq_len)
         if len(too_long):
-            first = ex.index[too_long[0]]
+            first = ex.index[too_long[0] * ex.group]
             where = self._where(s, config, first)
+            what = "example" if ex.group == 1 else "pair (prompt + chosen and prompt + rejected, trained as one sequence)"
             raise DataError(
-                f"{where}: the example has {first[1]} tokens, more than training.seq_len {self.seq_len} "
-                f"({len(too_long)} of the source's {len(ex.index)} examples are); examples are never cut: "
+                f"{where}: the {what} has {lengths[too_long[0]]} tokens, more than training.seq_len {self.seq_len} "
+                f"({len(too_long)} of the source's {ex.units} {what.split()[0]}s are); examples are never cut: "
                 "shorten or remove them, or raise training.seq_len")
         return ex
 

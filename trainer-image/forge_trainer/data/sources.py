@@ -166,6 +166,7 @@ def data_digest(cfg: DataConfig) -> tuple[str, dict[str, list[tuple[SourceFile, 
         listing[src.name] = hashed
         how = [src.name, src.format, src.text_field]
         if src.record_kind is not None:  # how records are read; left out for documents (their digests stay)
-            how.append([src.prompt_field, src.completion_field, src.messages_field])
+            how.append([src.prompt_field, src.completion_field, src.messages_field]
+                       + ([src.chosen_field, src.rejected_field] if src.record_kind == "preference" else []))
         h.update(json.dumps([*how, [(f.rel, d) for f, d in hashed]]).encode())
     return h.hexdigest(), listing

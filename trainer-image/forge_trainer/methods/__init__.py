@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from ..config import TrainerConfig
 from .base import Batches, Dataset, Loss, Method
+from .dpo import Dpo
 from .pretrain import Pretrain
 from .sft import Sft
 
@@ -14,6 +15,7 @@ METHODS: dict[str, Callable[[TrainerConfig], Method]] = {
     "pretrain": Pretrain,
     "continued-pretrain": Pretrain,  # the same objective; the model comes from model.base_path
     "sft": Sft,
+    "dpo": Dpo,
 }
 
 __all__ = ["METHODS", "Batches", "Dataset", "Loss", "Method", "build_method"]

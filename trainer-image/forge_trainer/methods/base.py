@@ -57,6 +57,14 @@ class Method(Protocol):
 
     def batches(self) -> Batches: ...
 
+    def start(self, model: torch.nn.Module, autocast, d: Dist) -> None:
+        """Called once with the starting model (the base's or new weights, before a checkpoint is loaded),
+        before the first step; a collective. dpo computes its reference log-probabilities here."""
+
+    def step_metrics(self, d: Dist) -> dict[str, float]:
+        """The method's own figures (dpo: reward accuracy, margin, ...) averaged over the micro-batches
+        since the last call and over every rank (a collective), for the step log and the history."""
+
     def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> Loss:
         """The loss of one micro-batch (already on the model's device, under autocast)."""
 

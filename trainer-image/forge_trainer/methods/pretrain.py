@@ -30,6 +30,12 @@ class Pretrain:
     def batches(self) -> Batches:
         return TrainLoader(self.data, self.config.training.seed)
 
+    def start(self, model: torch.nn.Module, autocast, d: Dist) -> None:
+        pass
+
+    def step_metrics(self, d: Dist) -> dict[str, float]:
+        return {}
+
     def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> Loss:
         out = model(input_ids=batch[:, :-1])
         loss = F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten())

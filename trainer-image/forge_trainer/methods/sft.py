@@ -32,18 +32,17 @@ class Sft:
         self.data: RecordData | None = None
 
     def prepare(self, d: Dist, stop: SigtermFlag) -> Dataset:
-        tokenizer, path, digest = prepare_on_ranks(self.config, d, stop, prepare=prepare_records,
-                                                   ready=lambda p: load_records_manifest(p) is not None)
-        self.data = RecordData(path, self.config)
-        # saved with the export: the template, and the end of an assistant turn as a place to stop generating
-        tokenizer.chat_template = self.data.manifest["chat_template"]
-        end_of_turn = self.data.manifest["end_of_turn_id"]
-        if end_of_turn is not None and end_of_turn != tokenizer.eos_id:
-            tokenizer.stop_ids = [tokenizer.eos_id, end_of_turn]
-        return Dataset(tokenizer=tokenizer, digest=digest, provenance=_provenance(self.data))
+        self.data, dataset = prepare_record_data(self.config, d, stop)
+        return dataset
 
     def batches(self) -> Batches:
         return TrainLoader(self.data, self.config.training.seed)
+
+    def start(self, model: torch.nn.Module, autocast, d: Dist) -> None:
+        pass
+
+    def step_metrics(self, d: Dist) -> dict[str, float]:
+        return {}
 
     def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> Loss:
         """Mean cross-entropy over the micro-batch's learned tokens; batch: [rows, 3, seq_len]."""
@@ -79,6 +78,19 @@ class Sft:
         s, c = d.sum([total.item(), count.item()])
         model.train()
         return s / c if c else None
+
+
+def prepare_record_data(config: TrainerConfig, d: Dist, stop: SigtermFlag) -> tuple[RecordData, Dataset]:
+    """The records of every source prepared (rank 0 for all, cached) and packed: sft's and dpo's data."""
+    tokenizer, path, digest = prepare_on_ranks(config, d, stop, prepare=prepare_records,
+                                               ready=lambda p: load_records_manifest(p) is not None)
+    data = RecordData(path, config)
+    # saved with the export: the template, and the end of an assistant turn as a place to stop generating
+    tokenizer.chat_template = data.manifest["chat_template"]
+    end_of_turn = data.manifest["end_of_turn_id"]
+    if end_of_turn is not None and end_of_turn != tokenizer.eos_id:
+        tokenizer.stop_ids = [tokenizer.eos_id, end_of_turn]
+    return data, Dataset(tokenizer=tokenizer, digest=digest, provenance=_provenance(data))
 
 
 def _summed_loss(model: torch.nn.Module, batch: torch.Tensor):

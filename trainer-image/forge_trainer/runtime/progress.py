@@ -32,6 +32,7 @@ def build_progress(
     last_checkpoint: LastCheckpoint | None,
     deadline: datetime | None = None,
     now: datetime | None = None,
+    method_metrics: dict[str, float] | None = None,
 ) -> Progress:
     """The Progress object: percent and ETA follow the nearest of the step, token and deadline budgets."""
     now = now or datetime.now(timezone.utc)
@@ -67,6 +68,7 @@ def build_progress(
         eta_seconds=None if eta is None else round(eta),
         updated_at=rfc3339(now),
         last_checkpoint=last_checkpoint,
+        method_metrics={k: round(v, 6) for k, v in method_metrics.items()} if method_metrics else None,
     )
 
 
@@ -143,6 +145,8 @@ class Metrics:
         self.tps = g("forge_trainer_tokens_per_second", "Training tokens per second, all workers")
         self.mfu = g("forge_trainer_mfu", "Model FLOPs utilisation (0 when the peak is unknown)")
         self.eta = g("forge_trainer_eta_seconds", "Estimated seconds until the budget is reached")
+        self.method = Gauge("forge_trainer_method_metric", "The training method's own figures by name (dpo: "
+                            "reward_accuracy, reward_margin, logp_chosen, logp_rejected)", ["name"], registry=self.registry)
         self._tokens_reported = 0
         started = start_http_server(port, registry=self.registry)
         self._server = started[0] if isinstance(started, tuple) else None
@@ -156,6 +160,8 @@ class Metrics:
         for gauge, value in ((self.loss, p.loss), (self.lr, p.learning_rate), (self.grad_norm, p.grad_norm),
                              (self.tps, p.tokens_per_second), (self.mfu, p.mfu), (self.eta, p.eta_seconds)):
             gauge.set(value if value is not None else 0)
+        for name, value in (p.method_metrics or {}).items():
+            self.method.labels(name).set(value)
 
     def close(self) -> None:
         if self._server is not None:
