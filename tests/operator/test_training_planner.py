@@ -73,11 +73,6 @@ def test_gpu_hour_budget_ends_the_training():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"method": "dpo", "model": {"base": {"pvc": {"claimName": "m"}}, "architecture": None},
-      "tokenizer": {"fromBase": True, "train": None},
-      "data": {"sources": [{"name": "c", "format": "jsonl", "promptField": "p", "chosenField": "c",
-                            "rejectedField": "r", "location": {"pvc": {"claimName": "c"}}}]}},
-     "dpo is accepted by the API but this trainer version implements pretrain, continued-pretrain and sft only"),
     ({"data": {"sources": [{"name": "c", "location": {"s3": {"uri": "s3://bucket/x"}}}]}},
      "spec.data.sources[0].location.s3: S3 locations are not supported"),
     ({"training": {"globalBatch": {"sequences": 60}, "budget": {"maxSteps": 10}}},
