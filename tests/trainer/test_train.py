@@ -22,7 +22,7 @@ from forge_trainer.data.packed import TokenData, validation_indices
 from forge_trainer.runtime.checkpoint import find_latest
 
 PROGRESS_KEYS = {"step", "totalSteps", "tokensSeen", "tokenBudget", "percent", "loss", "learningRate", "gradNorm",
-                 "tokensPerSecond", "mfu", "etaSeconds", "updatedAt", "lastCheckpoint"}
+                 "tokensPerSecond", "mfu", "etaSeconds", "updatedAt", "lastCheckpoint", "methodMetrics"}
 
 
 def test_loss_decreases_on_a_learnable_corpus(reference):
