@@ -3,9 +3,11 @@ loss. The loop (train.py) calls these hooks only; a new method is a new module b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
+import numpy as np
 import torch
 
 from ..data.tokenizer import TextTokenizer
@@ -70,3 +72,23 @@ class Method(Protocol):
 
     def evaluate(self, model: torch.nn.Module, autocast, d: Dist) -> float | None:
         """The validation loss over every rank (None: no validation data); a collective."""
+
+
+def with_router_loss(value: torch.Tensor, out, model: torch.nn.Module) -> Loss:
+    """The method's loss, plus the MoE router's load-balancing loss when the model has one turned on."""
+    aux = getattr(out, "aux_loss", None)
+    cfg = model.config
+    coef = getattr(cfg, "router_aux_loss_coef", 0.0) if getattr(cfg, "output_router_logits", False) else 0.0
+    return Loss(value=value, total=value + coef * aux if aux is not None and coef else value, aux=aux)
+
+
+def each_micro_batch(items: list, micro: int, d: Dist, row: Callable[[Any], np.ndarray],
+                     work: Callable[[torch.Tensor, bool], None]) -> None:
+    """``work(batch, real)`` for this rank's round-robin share of ``items`` in micro-batches of ``row(item)``.
+    Every rank runs the same number of forwards (FSDP gathers weights in each one): a rank short of
+    items repeats one with real=False, and ``work`` ignores its result."""
+    mine = items[d.rank :: d.world]
+    for b in range(math.ceil(math.ceil(len(items) / d.world) / micro)):
+        part = mine[b * micro : (b + 1) * micro]
+        batch = torch.from_numpy(np.stack([row(x) for x in part or [items[0]]])).to(d.device)
+        work(batch, bool(part))

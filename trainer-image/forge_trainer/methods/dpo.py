@@ -14,9 +14,7 @@ reference costs one forward pass over the data instead of one per step; no gradi
 from __future__ import annotations
 
 import logging
-import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,8 +23,7 @@ from ..data.packed import TrainLoader, validation_indices
 from ..data.records import IGNORE, RecordData
 from ..runtime.dist import Dist
 from ..runtime.signals import SigtermFlag
-from .base import Batches, Dataset, Loss
-from .pretrain import _aux_coef
+from .base import Batches, Dataset, Loss, each_micro_batch, with_router_loss
 from .sft import prepare_record_data
 
 log = logging.getLogger(__name__)
@@ -58,7 +55,7 @@ class Dpo:
         rows += [(None, i) for i in range(data.val_windows)]
         ref = torch.zeros(2 * data.units, dtype=torch.float64, device=d.device)
         model.eval()
-        _each_micro_batch(rows, self.config.training.micro_batch_sequences, d,
+        each_micro_batch(rows, self.config.training.micro_batch_sequences, d,
                           lambda r: data.train_row(*r) if r[0] is not None else data.val_window(r[1]),
                           lambda batch, real: _fill(ref, model, batch, autocast, real))
         model.train()
@@ -68,11 +65,8 @@ class Dpo:
         """The mean DPO loss of the micro-batch's pairs; batch: [rows, 4, seq_len]."""
         keys, sums, counts, out = _answer_logps(model, batch, None)
         losses, metrics = self._pair_losses(keys, sums, counts)
-        loss = losses.mean()
         self._window.append(metrics)
-        aux = getattr(out, "aux_loss", None)
-        coef = _aux_coef(model.config)
-        return Loss(value=loss, total=loss + coef * aux if aux is not None and coef else loss, aux=aux)
+        return with_router_loss(losses.mean(), out, model)
 
     def _pair_losses(self, keys, sums, counts) -> tuple[torch.Tensor, torch.Tensor]:
         """Per pair: the loss; and the micro-batch's METRICS (detached)."""
@@ -114,7 +108,7 @@ class Dpo:
                             .double())
 
         model.eval()
-        _each_micro_batch(indices, self.config.training.micro_batch_sequences, d, data.val_window, add)
+        each_micro_batch(indices, self.config.training.micro_batch_sequences, d, data.val_window, add)
         model.train()
         pairs, loss, correct, margin = d.sum(totals.tolist())
         if not pairs:
@@ -123,17 +117,6 @@ class Dpo:
             log.info("validation: %d pairs | reward accuracy %.3f | reward margin %.4f", pairs, correct / pairs,
                      margin / pairs)
         return loss / pairs
-
-
-def _each_micro_batch(items: list, micro: int, d: Dist, row, work) -> None:
-    """``work(batch, real)`` for this rank's round-robin share of ``items`` in micro-batches; every rank
-    runs the same number of forwards (FSDP gathers weights in each), a rank short of items repeats one
-    with real=False."""
-    mine = items[d.rank :: d.world]
-    for b in range(math.ceil(math.ceil(len(items) / d.world) / micro)):
-        part = mine[b * micro : (b + 1) * micro]
-        batch = torch.from_numpy(np.stack([row(x) for x in part or [items[0]]])).to(d.device)
-        work(batch, bool(part))
 
 
 def _fill(ref: torch.Tensor, model, batch, autocast, real: bool) -> None:

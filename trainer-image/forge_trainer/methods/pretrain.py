@@ -3,9 +3,6 @@ router's load-balancing loss for an MoE."""
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -14,7 +11,7 @@ from ..data.packed import TokenData, TrainLoader, validation_indices
 from ..data.prepare import prepare_on_ranks
 from ..runtime.dist import Dist
 from ..runtime.signals import SigtermFlag
-from .base import Batches, Dataset, Loss
+from .base import Batches, Dataset, Loss, each_micro_batch, with_router_loss
 
 
 class Pretrain:
@@ -38,10 +35,7 @@ class Pretrain:
 
     def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> Loss:
         out = model(input_ids=batch[:, :-1])
-        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-        aux = getattr(out, "aux_loss", None)
-        coef = _aux_coef(model.config)
-        return Loss(value=loss, total=loss + coef * aux if aux is not None and coef else loss, aux=aux)
+        return with_router_loss(F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten()), out, model)
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, autocast, d: Dist) -> float | None:
@@ -50,32 +44,20 @@ class Pretrain:
         indices = validation_indices(data, t)
         if not indices:
             return None
-        model.eval()
-        mine = indices[d.rank :: d.world]
-        per_rank = math.ceil(len(indices) / d.world)
-        micro = t.micro_batch_sequences
-        total = torch.zeros((), dtype=torch.float64, device=d.device)
-        count = 0
-        # Every rank runs the same number of forwards (FSDP gathers weights in each one);
-        # a rank short of windows repeats one and ignores its loss.
-        for b in range(math.ceil(per_rank / micro)):
-            part = mine[b * micro : (b + 1) * micro]
-            real = len(part)
-            part = part or [indices[0]]
-            batch = torch.from_numpy(np.stack([data.val_window(i) for i in part])).to(d.device)
+        totals = torch.zeros(2, dtype=torch.float64, device=d.device)  # summed loss, tokens
+
+        def add(batch: torch.Tensor, real: bool) -> None:
             with autocast:
                 logits = model(input_ids=batch[:, :-1]).logits
-            losses = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
-            total += losses.view(len(part), -1)[:real].sum().double()
-            count += real * t.seq_len
-        s, c = d.sum([total.item(), float(count)])
+            if real:
+                summed = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+                totals.add_(torch.stack([summed.double(), torch.tensor(float(batch[:, 1:].numel()), device=d.device)]))
+
+        model.eval()
+        each_micro_batch(indices, t.micro_batch_sequences, d, data.val_window, add)
         model.train()
+        s, c = d.sum(totals.tolist())
         return s / c
-
-
-def _aux_coef(cfg) -> float:
-    """The weight of the MoE router's auxiliary loss (0: a dense model, or the router's loss is off)."""
-    return getattr(cfg, "router_aux_loss_coef", 0.0) if getattr(cfg, "output_router_logits", False) else 0.0
 
 
 def _provenance(data: TokenData) -> dict:

@@ -9,9 +9,6 @@ absent). It does so only without a key/value cache, hence `use_cache=False` on e
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401  (see the docstring)
@@ -22,8 +19,7 @@ from ..data.prepare import prepare_on_ranks
 from ..data.records import IGNORE, RecordData, load_records_manifest, prepare_records
 from ..runtime.dist import Dist
 from ..runtime.signals import SigtermFlag
-from .base import Batches, Dataset, Loss
-from .pretrain import _aux_coef
+from .base import Batches, Dataset, Loss, each_micro_batch, with_router_loss
 
 
 class Sft:
@@ -47,10 +43,7 @@ class Sft:
     def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> Loss:
         """Mean cross-entropy over the micro-batch's learned tokens; batch: [rows, 3, seq_len]."""
         summed, count, out = _summed_loss(model, batch)
-        loss = summed / count.clamp(min=1)
-        aux = getattr(out, "aux_loss", None)
-        coef = _aux_coef(model.config)
-        return Loss(value=loss, total=loss + coef * aux if aux is not None and coef else loss, aux=aux)
+        return with_router_loss(summed / count.clamp(min=1), out, model)
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, autocast, d: Dist) -> float | None:
@@ -59,24 +52,18 @@ class Sft:
         indices = validation_indices(data, t)
         if not indices:
             return None
-        model.eval()
-        mine = indices[d.rank :: d.world]
-        micro = t.micro_batch_sequences
-        total = torch.zeros((), dtype=torch.float64, device=d.device)
-        count = torch.zeros((), dtype=torch.float64, device=d.device)
-        # Every rank runs the same number of forwards (FSDP gathers weights in each one);
-        # a rank short of sequences repeats one and ignores its loss.
-        for b in range(math.ceil(math.ceil(len(indices) / d.world) / micro)):
-            part = mine[b * micro : (b + 1) * micro]
-            real = bool(part)
-            batch = torch.from_numpy(np.stack([data.val_window(i) for i in part or [indices[0]]])).to(d.device)
+        totals = torch.zeros(2, dtype=torch.float64, device=d.device)  # summed loss, learned tokens
+
+        def add(batch: torch.Tensor, real: bool) -> None:
             with autocast:
                 summed, n, _ = _summed_loss(model, batch)
             if real:
-                total += summed.double()
-                count += n.double()
-        s, c = d.sum([total.item(), count.item()])
+                totals.add_(torch.stack([summed.double(), n.double()]))
+
+        model.eval()
+        each_micro_batch(indices, t.micro_batch_sequences, d, data.val_window, add)
         model.train()
+        s, c = d.sum(totals.tolist())
         return s / c if c else None
 
 
