@@ -60,6 +60,7 @@ def test_what_a_node_says_when_the_rendezvous_times_out():
 
 
 @pytest.mark.slow
+@pytest.mark.soak  # the static rendezvous on the oldest torch is covered by the test below, in 25 s
 def test_a_node_that_starts_90_s_after_the_first_still_trains_with_it(tmp_path, corpus, shared_cache):
     cfg = tiny_config(tmp_path, corpus, shared_cache)
     node1 = cfg.model_copy(update={"termination_message_path": str(tmp_path / "termination-log-node1")})
