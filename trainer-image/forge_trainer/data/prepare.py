@@ -129,19 +129,25 @@ def dataset_dir(config: TrainerConfig, digest: str, tokenizer: TextTokenizer) ->
     return Path(config.cache_dir) / "tokens" / f"{digest[:16]}-{tokenizer.digest[:16]}"
 
 
-def load_manifest(path: Path) -> dict | None:
-    """The manifest of a finished dataset directory, or None when missing or inconsistent."""
+def read_manifest(path: Path, version: int, sizes) -> dict | None:
+    """The manifest of a finished cache directory, or None when it is missing, of another version, or
+    a file it lists has not the size it says: ``sizes(source, itemsize)`` maps a source's files to theirs."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-        if manifest.get("version") != MANIFEST_VERSION:
+        if manifest.get("version") != version:
             return None
         itemsize = np.dtype(manifest["dtype"]).itemsize
         for s in manifest["sources"]:
-            if (path / s["shard"]).stat().st_size != s["tokens"] * itemsize:
+            if any((path / name).stat().st_size != size for name, size in sizes(s, itemsize).items()):
                 return None
         return manifest
     except (OSError, ValueError, KeyError):
         return None
+
+
+def load_manifest(path: Path) -> dict | None:
+    """The manifest of a finished token-shard directory (pretraining), or None."""
+    return read_manifest(path, MANIFEST_VERSION, lambda s, itemsize: {s["shard"]: s["tokens"] * itemsize})
 
 
 def prepare_dataset(config: TrainerConfig, tokenizer: TextTokenizer, digest: str, listing, stop=None) -> Path:

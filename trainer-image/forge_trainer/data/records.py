@@ -34,7 +34,7 @@ import numpy as np
 
 from ..config import DataSourceConfig, TrainerConfig
 from ..contract import ConfigError, DataError, StoppedBeforeTraining
-from .prepare import token_dtype
+from .prepare import read_manifest, token_dtype
 from .sources import iter_records, read_bytes, source_label
 from .tokenizer import TextTokenizer
 
@@ -208,18 +208,8 @@ def records_dir(config: TrainerConfig, digest: str, tokenizer: TextTokenizer, te
 
 def load_records_manifest(path: Path) -> dict | None:
     """The manifest of a finished record set, or None when missing or inconsistent."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        if manifest.get("version") != MANIFEST_VERSION:
-            return None
-        itemsize = np.dtype(manifest["dtype"]).itemsize
-        for s in manifest["sources"]:
-            if (path / f"{s['name']}.tokens").stat().st_size != s["tokens"] * itemsize or \
-                    (path / f"{s['name']}.mask").stat().st_size != s["tokens"]:
-                return None
-        return manifest
-    except (OSError, ValueError, KeyError):
-        return None
+    return read_manifest(path, MANIFEST_VERSION, lambda s, itemsize: {f"{s['name']}.tokens": s["tokens"] * itemsize,
+                                                                     f"{s['name']}.mask": s["tokens"]})
 
 
 def prepare_records(config: TrainerConfig, tokenizer: TextTokenizer, digest: str, listing, stop=None) -> Path:
