@@ -361,6 +361,126 @@ class DpoMethod(_Model):
     1/(2 beta))^2 on per-token mean log-probabilities."""
 
 
+class ExactMatchReward(_Model):
+    """1.0 where the completion equals the reference in a column of the prompt record, else 0.0."""
+
+    column: str
+    """The prompt record's field holding the reference answer."""
+    normalize: bool = True
+    """Compare case-folded, with runs of whitespace made one space and surrounding whitespace and final
+    punctuation removed; false: compare exactly."""
+    extract: str | None = None
+    """A regular expression with one group: compare what the group captures in the completion (its first
+    match; no match scores 0.0) instead of the whole completion, e.g. `<answer>(.*?)</answer>`."""
+
+    @field_validator("extract")
+    @classmethod
+    def _one_group(cls, v: str | None) -> str | None:
+        return None if v is None else _regex(v, groups=1)
+
+
+class RegexReward(_Model):
+    """1.0 where every `must_match` pattern is found in the completion and no `must_not_match` one, else 0.0
+    (Python regular expressions, searched anywhere: anchor them with ^ and $, and use (?s) to let . cross lines)."""
+
+    must_match: list[str] = []
+    """Patterns the completion must contain."""
+    must_not_match: list[str] = []
+    """Patterns the completion must not contain."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RegexReward:
+        if not self.must_match and not self.must_not_match:
+            raise ValueError("a regex reward needs must_match or must_not_match patterns")
+        for p in self.must_match + self.must_not_match:
+            _regex(p)
+        return self
+
+
+class JsonSchemaReward(_Model):
+    """1.0 where the completion is a JSON document valid against the schema, else 0.0."""
+
+    json_schema: dict[str, Any] = Field(alias="schema")
+    """The JSON Schema (any draft the `jsonschema` library knows; by its `$schema`, else the latest)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, populate_by_name=True,
+                              serialize_by_alias=True)
+
+
+class LengthReward(_Model):
+    """1.0 where the completion's length in characters is within the limits, else 0.0."""
+
+    min_chars: int | None = Field(None, ge=0)
+    max_chars: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> LengthReward:
+        if self.min_chars is None and self.max_chars is None:
+            raise ValueError("a length reward needs min_chars or max_chars")
+        if self.min_chars is not None and self.max_chars is not None and self.min_chars > self.max_chars:
+            raise ValueError(f"length reward: min_chars {self.min_chars} exceeds max_chars {self.max_chars}")
+        return self
+
+
+class HttpReward(_Model):
+    """A scoring service: the trainer POSTs a batch as JSON, `{"prompts": [...], "completions": [...], <column>:
+    [...]}`, and reads back the scores, a JSON list of numbers (or `{"scores": [...]}`), one per completion."""
+
+    url: str = Field(pattern=r"^https?://")
+    """The service's endpoint, e.g. http://scorer.team.svc:8080/score."""
+    timeout_seconds: float = Field(D.REWARD_HTTP_TIMEOUT_SECONDS, gt=0)
+    """How long one request may take."""
+    retries: int = Field(D.REWARD_HTTP_RETRIES, ge=0)
+    """Further attempts after a failed request (refused, timed out, a 5xx answer), with a backoff;
+    then the step fails."""
+
+
+class RewardConfig(_Model):
+    """One reward function and its weight: exactly one of `function`, `exact_match`, `regex`, `json_schema`,
+    `length` or `http`. A completion's reward is the weighted sum over the functions."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Short name, used in the logs and the metrics (reward_<name>_mean)."""
+    weight: float = 1.0
+    """Its weight in the sum."""
+    function: str | None = Field(None, pattern=r"^[^:]+\.py:[A-Za-z_][A-Za-z0-9_]*$")
+    """A Python callable `path/to/module.py:function` with TRL's signature `f(prompts, completions, **columns) ->
+    list[float]` (columns: the prompt record's other fields, one list each); a relative path is relative to
+    the working directory. A score may be None where the function does not apply (it then adds nothing)."""
+    exact_match: ExactMatchReward | None = None
+    regex: RegexReward | None = None
+    json_schema: JsonSchemaReward | None = None
+    length: LengthReward | None = None
+    http: HttpReward | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RewardConfig:
+        kinds = [k for k in REWARD_KINDS if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError(f"reward {self.name!r}: set exactly one of {', '.join(REWARD_KINDS)} (got "
+                             f"{', '.join(kinds) or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in REWARD_KINDS if getattr(self, k) is not None)
+
+
+REWARD_KINDS = ("function", "exact_match", "regex", "json_schema", "length", "http")
+
+
+def _regex(pattern: str, groups: int | None = None) -> str:
+    import re
+
+    try:
+        compiled = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"invalid regular expression {pattern!r}: {e}") from None
+    if groups is not None and compiled.groups != groups:
+        raise ValueError(f"regular expression {pattern!r} needs exactly {groups} group(s), has {compiled.groups}")
+    return pattern
+
+
 MethodConfig = Annotated[PretrainMethod | ContinuedPretrainMethod | SftMethod | DpoMethod, Field(discriminator="kind")]
 """One member per training method, told apart by `kind`; a method's own settings live beside it."""
 

@@ -57,6 +57,8 @@ COMPILE = False
 EVAL_INTERVAL_STEPS = 500
 DPO_BETA = 0.1  # API training.dpoBeta, trainer method.beta
 DPO_LOSS_TYPE = "sigmoid"  # API training.dpoLossType, trainer method.loss_type
+REWARD_HTTP_TIMEOUT_SECONDS = 30.0  # an HTTP reward's request
+REWARD_HTTP_RETRIES = 2  # further attempts after a failed request
 
 
 def min_learning_rate(learning_rate: float) -> float:
