@@ -3,6 +3,10 @@
 Only raw-event handlers are used, so kopf writes nothing onto the user's object: no annotations,
 no finalizers (GitOps tools see no drift, and deleting a resource never waits for the operator).
 The runtime (``k8s/runtime.py``) does the rest: locks, requeue timers, retries, status, events.
+
+Pods and Jobs are watched only as far as they are ours: the API server filters the watches by our
+managed-by label, and kopf keeps what they deliver in two indices (filled before any handler runs) that
+the planners read instead of listing (``k8s/cache.py``). Nodes are kept by one watch of their own.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from .api.base import GROUP, VERSION
 from .api.defaults import RESYNC_SECONDS
 from .api.names import FIELD_MANAGER, LABEL_MANAGED_BY, LABEL_TRAINING, MANAGED_BY
 from .evaluation.reconciler import KIND as EVAL, PLURAL as EVALS, EvalReconciler
+from .k8s.cache import CachedReader, IndexedKind, NodeInformer, slim
 from .k8s.clients import Clients
 from .k8s.objects import Key
 from .k8s.peering import Peering
@@ -32,6 +37,10 @@ ENV_PEERING = "FORGE_PEERING"          # name of the KopfPeering object; empty =
 ENV_METRICS_PORT = "FORGE_METRICS_PORT"
 
 _runtime: Runtime | None = None
+# the training's children, kept in kopf's indices keyed by (namespace, training name)
+PODS, JOBS = IndexedKind(LABEL_TRAINING), IndexedKind(LABEL_TRAINING)
+# the server-side selector of the Pod and Job watches: only what this operator made
+CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_TRAINING}"
 
 
 def runtime() -> Runtime:
@@ -46,6 +55,8 @@ def operator_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 30
+    for resource in (("", "v1", "pods"), ("batch", "v1", "jobs")):
+        settings.watching.label_selectors[resource] = CHILD_SELECTOR
     peering = None
     if name := os.environ.get(ENV_PEERING, ""):
         settings.peering.name = name
@@ -60,17 +71,30 @@ def operator_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     resync = float(os.environ.get(ENV_RESYNC_SECONDS, str(RESYNC_SECONDS)))
     trainings = TrainingReconciler(Settings(trainer_image=os.environ.get(ENV_TRAINER_IMAGE) or None,
                                             resync_seconds=resync))
-    _runtime = Runtime(Clients(), [trainings, EvalReconciler()], field_manager=FIELD_MANAGER,
-                       resync_seconds=resync, peering=peering)
+    clients = Clients()
+    nodes = NodeInformer(clients.core.list_node).start()
+    reader = CachedReader(clients, {("v1", "Pod"): PODS, ("batch/v1", "Job"): JOBS}, nodes)
+    _runtime = Runtime(clients, [trainings, EvalReconciler()], field_manager=FIELD_MANAGER,
+                       resync_seconds=resync, peering=peering, reader=reader)
+
+
+def attach(kwargs: dict[str, Any]) -> None:
+    """kopf hands its indices to handlers only: the first handler call passes them on to the reader."""
+    if PODS.index is None:
+        PODS.index = kwargs.get("forge_pods")
+    if JOBS.index is None:
+        JOBS.index = kwargs.get("forge_jobs")
 
 
 @kopf.on.event(GROUP, VERSION, TRAININGS)
-def forgetraining_event(event: dict[str, Any], name: str, namespace: str, **_: Any) -> None:
+def forgetraining_event(event: dict[str, Any], name: str, namespace: str, **kwargs: Any) -> None:
+    attach(kwargs)
     runtime().on_event(Key(TRAINING, namespace, name), deleted=event.get("type") == "DELETED")
 
 
 @kopf.on.event(GROUP, VERSION, EVALS)
-def forgeeval_event(event: dict[str, Any], name: str, namespace: str, **_: Any) -> None:
+def forgeeval_event(event: dict[str, Any], name: str, namespace: str, **kwargs: Any) -> None:
+    attach(kwargs)
     runtime().on_event(Key(EVAL, namespace, name), deleted=event.get("type") == "DELETED")
 
 
@@ -78,11 +102,23 @@ def forgeeval_event(event: dict[str, Any], name: str, namespace: str, **_: Any) 
 CHILDREN = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_TRAINING: kopf.PRESENT}
 
 
+@kopf.index("batch", "v1", "jobs", labels=CHILDREN)
+def forge_jobs(body: kopf.Body, labels: dict[str, str], namespace: str, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels[LABEL_TRAINING]): slim(body)}
+
+
+@kopf.index("", "v1", "pods", labels=CHILDREN)
+def forge_pods(body: kopf.Body, labels: dict[str, str], namespace: str, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels[LABEL_TRAINING]): slim(body)}
+
+
 @kopf.on.event("batch", "v1", "jobs", labels=CHILDREN)
-def job_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
+def job_event(labels: dict[str, str], namespace: str, **kwargs: Any) -> None:
+    attach(kwargs)
     runtime().reconcile_or_retry(Key(TRAINING, namespace, labels[LABEL_TRAINING]))
 
 
 @kopf.on.event("", "v1", "pods", labels=CHILDREN)
-def pod_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
+def pod_event(labels: dict[str, str], namespace: str, **kwargs: Any) -> None:
+    attach(kwargs)
     runtime().reconcile_or_retry(Key(TRAINING, namespace, labels[LABEL_TRAINING]))

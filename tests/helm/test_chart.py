@@ -47,7 +47,7 @@ NAMESPACE_GRANTS = {
     ("", "pods"): {"get", "list", "watch", "patch", "delete"},
     ("", "events"): {"create", "patch", "list"},  # list: a Job's FailedCreate, only while it lacks pods
 }
-NODE_GRANTS = {("", "nodes"): {"get"}}
+NODE_GRANTS = {("", "nodes"): {"get", "list", "watch"}}
 
 
 def grants(rules: list[dict]) -> dict[tuple[str, str], set[str]]:
@@ -369,6 +369,7 @@ def test_cluster_wide_operator_may_do_its_work_everywhere(installs, cluster):
         assert not can_i(cluster, wide.sa, "get", "secrets", ns)
     assert can_i(cluster, wide.sa, "list", "jobs.batch", None)
     assert can_i(cluster, wide.sa, "get", "nodes", None)
+    assert can_i(cluster, wide.sa, "watch", "nodes", None)
     assert not can_i(cluster, wide.sa, "create", "clusterroles.rbac.authorization.k8s.io", None)
 
 

@@ -101,7 +101,7 @@ subset of these, as RBAC's escalation check requires.
 {{- define "forge.nodeRules" -}}
 - apiGroups: [""]
   resources: ["nodes"]
-  verbs: ["get"]
+  verbs: ["get", "list", "watch"]
 {{- end }}
 
 {{/* Refuse combinations that cannot work, at template time. */}}

@@ -25,7 +25,7 @@ from kubernetes.client.rest import ApiException
 
 from .clients import Clients
 from .objects import (
-    ApplyOutcome, ChildConflict, ChildRef, ChildRejected, Key, Plan, Reconciler, event_body, not_ours, utcnow,
+    ApplyOutcome, ChildConflict, ChildRef, ChildRejected, Key, Plan, Reader, Reconciler, event_body, not_ours, utcnow,
 )
 from .peering import Peering, standing_by
 
@@ -39,8 +39,10 @@ class Runtime:
 
     def __init__(self, clients: Clients | None, reconcilers: list[Reconciler], *, field_manager: str,
                  resync_seconds: float = 15.0, peering: Peering | None = None,
-                 instance: str | None = None) -> None:
+                 instance: str | None = None, reader: Reader | None = None) -> None:
         self.clients = clients
+        # what the planners read through: the API itself, or caches in front of it (``cache.CachedReader``)
+        self.reader: Reader | None = reader or clients
         self.kinds: dict[str, Reconciler] = {r.kind: r for r in reconcilers}
         self.field_manager = field_manager
         self.resync_seconds = resync_seconds
@@ -49,6 +51,9 @@ class Runtime:
         self._locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
         self._timers: dict[Key, threading.Timer] = {}
         self._timers_lock = threading.Lock()
+        # keys being reconciled by a trigger, and those triggered again meanwhile (see reconcile_or_retry)
+        self._busy: set[Key] = set()
+        self._again: set[Key] = set()
         # per object, the uids of the children last applied (known to be ours): applied again with the uid
         # as a precondition, without reading them first
         self._ours: dict[Key, dict[ChildRef, str]] = {}
@@ -63,12 +68,33 @@ class Runtime:
 
     def reconcile_or_retry(self, key: Key) -> None:
         """Every trigger goes through here: a reconcile that raises (API server unavailable, a conflict,
-        a bug) is logged and tried again after the resync interval, so no object is left behind."""
+        a bug) is logged and tried again after the resync interval, so no object is left behind.
+
+        Triggers of one object are serialised without waiting: a trigger that arrives while the object is
+        being reconciled returns at once and leaves one more reconcile to the thread doing it, so a burst
+        of child events costs at most two reconciles and never parks a worker thread on a lock."""
+        with self._timers_lock:
+            if key in self._busy:
+                self._again.add(key)
+                return
+            self._busy.add(key)
         try:
-            self.reconcile(key)
-        except Exception:
-            log.exception("reconcile of %s failed; retrying in %.0fs", key, self.resync_seconds)
-            self.requeue(key, max(1.0, self.resync_seconds))
+            while True:
+                try:
+                    self.reconcile(key)
+                except Exception:
+                    log.exception("reconcile of %s failed; retrying in %.0fs", key, self.resync_seconds)
+                    self.requeue(key, max(1.0, self.resync_seconds))
+                with self._timers_lock:  # the check and the release under one lock: no trigger is lost
+                    if key not in self._again:
+                        self._busy.discard(key)
+                        return
+                    self._again.discard(key)
+        except BaseException:
+            with self._timers_lock:
+                self._busy.discard(key)
+                self._again.discard(key)
+            raise
 
     def reconcile(self, key: Key) -> Plan | None:
         """Converge one object; safe to call any number of times, from any trigger."""
@@ -82,7 +108,7 @@ class Runtime:
             if obj["metadata"].get("deletionTimestamp"):
                 return None
             now = utcnow()
-            plan = kind.plan(obj, c, now)
+            plan = kind.plan(obj, self.reader, now)
             if self._execute(kind, key, obj, plan, now) and plan.requeue_after is not None:
                 self.requeue(key, plan.requeue_after)
             return plan

@@ -1,0 +1,85 @@
+"""The reads the planners make, answered from the caches (pure: kopf's index is a mapping of stores), and the
+runtime's coalescing of triggers of one object."""
+
+from __future__ import annotations
+
+import threading
+
+from forge_operator.k8s.cache import CachedReader, IndexedKind, parse_selector
+from forge_operator.k8s.objects import Key, Plan
+from forge_operator.k8s.runtime import Runtime
+
+
+def pod(name: str, training: str, **labels: str) -> dict:
+    return {"metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "forge",
+                                                  "forge.dev/training": training, **labels}}}
+
+
+class Api:
+    """Records what reaches the API (anything the caches do not answer)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def get(self, *args, **kw):
+        self.calls.append(("get", args))
+        return None
+
+    def list(self, *args, **kw):
+        self.calls.append(("list", args))
+        return []
+
+
+def test_parse_selector_takes_equality_and_existence_only():
+    assert parse_selector("a=b, c,d==e") == {"a": "b", "c": None, "d": "e"}
+    assert parse_selector("a!=b") is None
+    assert parse_selector("a in (b)") is None
+
+
+def test_children_come_from_the_index_of_their_training_and_the_rest_from_the_api():
+    pods = IndexedKind("forge.dev/training")
+    pods.index = {("ns", "llm"): [pod("a", "llm", **{"forge.dev/attempt": "0"}),
+                                  pod("b", "llm", **{"forge.dev/attempt": "1"})],
+                  ("ns", "other"): [pod("c", "other")]}
+    api = Api()
+    reader = CachedReader(api, {("v1", "Pod"): pods})
+    sel = "app.kubernetes.io/managed-by=forge,forge.dev/training=llm"
+    assert [p["metadata"]["name"] for p in reader.list("v1", "Pod", "ns", sel)] == ["a", "b"]
+    assert [p["metadata"]["name"] for p in reader.list("v1", "Pod", "ns", sel + ",forge.dev/attempt=1")] == ["b"]
+    assert reader.list("v1", "Pod", "elsewhere", sel) == []
+    assert api.calls == []
+    reader.list("v1", "Pod", "ns", "app=x")  # names no training: the API answers
+    reader.list("v1", "Event", "ns", field_selector="reason=FailedCreate")
+    assert [c[1][1] for c in api.calls] == ["Pod", "Event"]
+
+
+def test_before_kopf_hands_over_its_index_the_api_answers():
+    api = Api()
+    CachedReader(api, {("v1", "Pod"): IndexedKind("forge.dev/training")}).list("v1", "Pod", "ns", "forge.dev/training=x")
+    assert api.calls == [("list", ("v1", "Pod", "ns", "forge.dev/training=x", ""))]
+
+
+def test_triggers_during_a_reconcile_coalesce_into_one_more_and_never_wait():
+    started, release = threading.Event(), threading.Event()
+    runs = []
+
+    class Slow(Runtime):
+        def reconcile(self, key):
+            runs.append(key)
+            if len(runs) == 1:
+                started.set()
+                release.wait(5)
+            return Plan(status={})
+
+    rt = Slow(None, [], field_manager="t")
+    key = Key("ForgeTraining", "ns", "llm")
+    first = threading.Thread(target=rt.reconcile_or_retry, args=(key,))
+    first.start()
+    assert started.wait(5)
+    for _ in range(20):  # each returns at once: the first thread owes one more reconcile
+        rt.reconcile_or_retry(key)
+    release.set()
+    first.join(5)
+    assert runs == [key, key]
+    rt.reconcile_or_retry(key)
+    assert len(runs) == 3
