@@ -19,7 +19,8 @@ from forge_operator.api.base import format_error
 from forge_operator.api.enums import ConditionType
 from forge_operator.api.names import CONFIG_FILE, PVC_MOUNT_ROOT, TERMINATION_MESSAGE_PATH
 from forge_operator.api.training import (
-    ArchitectureSpec, CheckpointSpec, DataSource, DataSpec, ForgeTraining, MoeSpec, TokenizerTrainSpec, TrainingSpec,
+    ArchitectureSpec, CheckpointSpec, DataSource, DataSpec, ForgeTraining, LoraSpec, MoeSpec, TokenizerTrainSpec,
+    TrainingSpec,
 )
 from forge_operator.cli.local import LOCAL_METRICS, SUMMARY_FILE, local_config
 from forge_operator.training.children import config_map_name
@@ -28,8 +29,8 @@ from forge_operator.training.planner import plan_training
 from forge_operator.training.translate import trainer_config
 from forge_trainer import defaults as shared
 from forge_trainer.config import (
-    ArchitectureConfig, CheckpointConfig, DataSourceConfig, DpoMethod, TokenizerTrainConfig, TrainerConfig,
-    TrainingConfig,
+    ArchitectureConfig, CheckpointConfig, DataSourceConfig, DpoMethod, LoraConfig, TokenizerTrainConfig,
+    TrainerConfig, TrainingConfig,
     load_config,
 )
 
@@ -182,6 +183,12 @@ SHARED_FIELDS = [
     (TrainingSpec, "seed", TrainingConfig, "seed"),
     (TrainingSpec, "compile", TrainingConfig, "compile"),
     (TrainingSpec, "eval_interval_steps", TrainingConfig, "eval_interval_steps"),
+    (TrainingSpec, "lora", TrainingConfig, "lora"),
+    (LoraSpec, "r", LoraConfig, "r"),
+    (LoraSpec, "alpha", LoraConfig, "alpha"),
+    (LoraSpec, "dropout", LoraConfig, "dropout"),
+    (LoraSpec, "target_modules", LoraConfig, "target_modules"),
+    (LoraSpec, "export", LoraConfig, "export"),
     (CheckpointSpec, "interval_steps", CheckpointConfig, "interval_steps"),
     (CheckpointSpec, "interval_minutes", CheckpointConfig, "interval_minutes"),
     (CheckpointSpec, "keep_last", CheckpointConfig, "keep_last"),

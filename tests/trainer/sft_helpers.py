@@ -61,27 +61,43 @@ def _toy_text() -> list[str]:
     return texts
 
 
+FAMILIES = ("llama", "mistral", "qwen3", "qwen3_moe", "mixtral")
+"""The Hugging Face families a base may be of (make_base builds each)."""
+
+
 def make_base(root: Path, family: str) -> Path:
-    """A tiny random-weight base model folder: ``llama`` (a tokenizer without a chat template) or
-    ``qwen3`` (a ChatML template with <|im_start|> / <|im_end|> as special tokens)."""
+    """A tiny random-weight base model folder of ``family`` (one of FAMILIES): ``llama`` and ``mistral``
+    with a tokenizer without a chat template; the others with a ChatML template and <|im_start|> /
+    <|im_end|> as special tokens, as Qwen's and many chat models' tokenizers have."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen3Config
+    from transformers import (
+        AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig, PreTrainedTokenizerFast, Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     from forge_trainer.data.tokenizer import EOS, train_bpe
 
     out = root / f"tiny-{family}"
     tok = train_bpe(_toy_text(), 400, check=False)
-    extra = ["<|im_start|>", "<|im_end|>"] if family == "qwen3" else []
-    if extra:
-        tok.add_special_tokens(extra)
+    chatml = family not in ("llama", "mistral")
+    if chatml:
+        tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS)
-    if family == "qwen3":
+    if chatml:
         hf.chat_template = CHATML
     hf.save_pretrained(str(out))
     shape = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                  bos_token_id=hf.eos_token_id, eos_token_id=hf.eos_token_id, tie_word_embeddings=False)
-    cfg = LlamaConfig(**shape) if family == "llama" else Qwen3Config(head_dim=16, **shape)
+    experts = dict(num_local_experts=4, num_experts_per_tok=2)
+    cfg = {
+        "llama": lambda: LlamaConfig(**shape),
+        "mistral": lambda: MistralConfig(sliding_window=None, **shape),
+        "qwen3": lambda: Qwen3Config(head_dim=16, **shape),
+        "qwen3_moe": lambda: Qwen3MoeConfig(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                            decoder_sparse_step=1, **shape),
+        "mixtral": lambda: MixtralConfig(sliding_window=None, **experts, **shape),
+    }[family]()
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(str(out))
     return out

@@ -248,6 +248,25 @@ class BudgetConfig(_Model):
         return self
 
 
+class LoraConfig(_Model):
+    """LoRA (low-rank adapters, with peft): the base's weights stay frozen and only small adapter matrices
+    beside the chosen linear layers train. Methods sft and dpo."""
+
+    r: PositiveInt = D.LORA_R
+    """Rank of each adapter (peft's r)."""
+    alpha: float = Field(D.LORA_ALPHA, gt=0)
+    """Scaling: an adapter's update is multiplied by alpha / r (peft's lora_alpha)."""
+    dropout: float = Field(D.LORA_DROPOUT, ge=0, lt=1)
+    """Dropout on an adapter's input while training (peft's lora_dropout)."""
+    target_modules: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
+    """Names (or name suffixes) of the linear layers that get adapters, e.g. [q_proj, v_proj]; default:
+    every linear layer of the decoder but the output head (peft's "all-linear")."""
+    export: Literal["merged", "adapter"] = D.LORA_EXPORT
+    """merged: the adapters merged into the base, saved as a plain model of the base's family; adapter:
+    only the adapter, in peft's format (adapter_config.json + adapter_model.safetensors), to load with
+    peft on top of the base."""
+
+
 class TrainingConfig(_Model):
     seq_len: PositiveInt = D.SEQUENCE_LENGTH
     """Tokens per training sequence (documents are packed, separated by EOS)."""
@@ -285,6 +304,8 @@ class TrainingConfig(_Model):
     """Micro-batches in one validation pass, in all (split over the workers), spread over the whole validation split."""
     log_interval_steps: PositiveInt = 10
     """Print a log line every N steps (rank 0)."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of every weight (methods sft and dpo); null: full fine-tuning."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:
@@ -528,6 +549,8 @@ class TrainerConfig(_Model):
         self._check_records()
         if self.method.kind == "pretrain" and self.model.base_path is not None:
             raise ValueError("method pretrain builds a new model: use model.architecture (or method continued-pretrain)")
+        if self.training.lora is not None and self.method.kind not in RECORD_KINDS:
+            raise ValueError(f"training.lora is only for methods sft and dpo (method is {self.method.kind})")
         if self.tokenizer.from_base and self.model.base_path is None:
             raise ValueError("tokenizer.from_base needs model.base_path")
         arch = self.model.architecture

@@ -59,6 +59,11 @@ DPO_BETA = 0.1  # API training.dpoBeta, trainer method.beta
 DPO_LOSS_TYPE = "sigmoid"  # API training.dpoLossType, trainer method.loss_type
 REWARD_HTTP_TIMEOUT_SECONDS = 30.0  # an HTTP reward's request
 REWARD_HTTP_RETRIES = 2  # further attempts after a failed request
+# training.lora (LoRA adapters with peft; the names are peft's LoraConfig's without the lora_ prefix)
+LORA_R = 16
+LORA_ALPHA = 32.0
+LORA_DROPOUT = 0.05
+LORA_EXPORT = "merged"  # merged: a plain model of the base's family; adapter: the peft adapter alone
 
 
 def min_learning_rate(learning_rate: float) -> float:

@@ -23,6 +23,7 @@ from .config import BudgetConfig, TrainerConfig
 from .contract import ConfigError, ExitCode, LastCheckpoint, Progress, TerminationMessage, rfc3339
 from .methods import Batches, Dataset, Method, build_method
 from .models.build import build_model, check_model, describe, hf_config, preflight
+from .models.lora import LoraExport, trainable_parameters
 from .models.parallel import parallelize
 from .models.stats import ModelStats, peak_flops
 from .runtime import checkpoint
@@ -229,6 +230,10 @@ def _set_up(config: TrainerConfig, d: Dist, stop: SigtermFlag) -> Setup:
             d.world, d.device.type, "bf16" if bf16 else "fp32", s.accum, t.micro_batch_sequences, t.seq_len,
             s.total_steps or "?",
         )
+        if config.training.lora is not None:
+            trained, every = trainable_parameters(model)
+            log.info("LoRA: training %s of %s parameters (%.2f%%), export %s", f"{trained:,}", f"{every:,}",
+                     100 * trained / every, config.training.lora.export)
     return s
 
 
@@ -367,7 +372,9 @@ def _export(config: TrainerConfig, s: Setup, state: TrainState, d: Dist, reason:
         model={"params": s.stats.params, "active_params": s.stats.active_params,
                "flops_per_token": s.stats.flops_per_token, "config": describe(s.hf_cfg)},
     )
-    out = export(config.output.dir, s.model, s.hf_cfg, tok, provenance, d)
+    lora = config.training.lora
+    out = export(config.output.dir, s.model, s.hf_cfg, tok, provenance, d,
+                 adapters=LoraExport(lora, config.model.base_path) if lora is not None else None)
     d.barrier()
     if d.is_main:
         log.info("exported %s (%s)", out, reason)

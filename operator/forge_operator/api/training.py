@@ -250,6 +250,26 @@ class BudgetSpec(ApiModel):
     )
 
 
+class LoraSpec(ApiModel):
+    """LoRA (low-rank adapters, trained with peft): the base's weights stay frozen and only small adapter
+    matrices beside the chosen linear layers train. For methods sft and dpo."""
+
+    r: Annotated[int, Field(ge=1, le=4096)] = defaults.LORA_R
+    """Rank of each adapter (peft's r)."""
+    alpha: Annotated[float, Field(gt=0)] = defaults.LORA_ALPHA
+    """Scaling: an adapter's update is multiplied by alpha / r (peft's lora_alpha)."""
+    dropout: Annotated[float, Field(ge=0, lt=1)] = defaults.LORA_DROPOUT
+    """Dropout on an adapter's input while training (peft's lora_dropout)."""
+    target_modules: Annotated[list[Annotated[str, Field(min_length=1, max_length=253)]],
+                              Field(min_length=1, max_length=64)] | None = None
+    """Names (or name suffixes) of the linear layers that get adapters, e.g. [q_proj, v_proj] (peft's
+    target_modules); default: every linear layer of the decoder but the output head (peft's all-linear)."""
+    export: Literal["merged", "adapter"] = defaults.LORA_EXPORT
+    """merged: the adapters merged into the base, exported as a plain model of the base's family; adapter:
+    only the adapter, in peft's format (adapter_config.json + adapter_model.safetensors), to load with
+    peft on top of the base."""
+
+
 class TrainingSpec(ApiModel):
     """Hyperparameters and the budget."""
 
@@ -288,6 +308,8 @@ class TrainingSpec(ApiModel):
     dpo_loss_type: Literal["sigmoid", "ipo"] | None = None
     """For dpo: sigmoid (standard DPO, on summed log-probabilities) or ipo (squared loss on per-token mean
     log-probabilities), default sigmoid."""
+    lora: LoraSpec | None = None
+    """For sft and dpo: train LoRA adapters instead of every weight; left out: full fine-tuning."""
 
     cel_rules = (
         Cel("!has(self.minLearningRate)"
@@ -484,6 +506,9 @@ class ForgeTrainingSpec(ApiModel):
             lambda s: s.method == "dpo" or s.training.dpo_beta is None, field_path=".training.dpoBeta"),
         Cel("self.method == 'dpo' || !has(self.training.dpoLossType)", "training.dpoLossType is only for method dpo",
             lambda s: s.method == "dpo" or s.training.dpo_loss_type is None, field_path=".training.dpoLossType"),
+        Cel("self.method == 'sft' || self.method == 'dpo' || !has(self.training.lora)",
+            "training.lora is only for methods sft and dpo",
+            lambda s: s.method in ("sft", "dpo") or s.training.lora is None, field_path=".training.lora"),
         Cel(f"self.output.location.pvc.claimName != self.checkpoint.location.pvc.claimName || "
             f"!{_cel_dir('self.checkpoint.location.pvc')}.startsWith({_cel_dir('self.output.location.pvc')})",
             "output.location must not be the checkpoint folder or a folder above it: the export replaces the "

@@ -16,8 +16,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from forge_trainer.config import (
-    ArchitectureConfig, BudgetConfig, CheckpointConfig, DataConfig, DataSourceConfig, DpoMethod, MetricsConfig,
-    ModelConfig, OutputConfig, TokenizerConfig, TokenizerTrainConfig, TrainerConfig, TrainingConfig,
+    ArchitectureConfig, BudgetConfig, CheckpointConfig, DataConfig, DataSourceConfig, DpoMethod, LoraConfig,
+    MetricsConfig, ModelConfig, OutputConfig, TokenizerConfig, TokenizerTrainConfig, TrainerConfig, TrainingConfig,
     ValidationConfig,
 )
 
@@ -119,6 +119,8 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
         lr=t.learning_rate, min_lr=t.min_learning_rate, schedule=t.schedule, warmup_steps=t.warmup_steps,
         decay_fraction=t.decay_fraction, weight_decay=t.weight_decay, grad_clip=t.gradient_clipping or None,
         precision=t.precision, seed=t.seed, compile=t.compile, eval_interval_steps=t.eval_interval_steps,
+        lora=LoraConfig(r=t.lora.r, alpha=t.lora.alpha, dropout=t.lora.dropout, target_modules=t.lora.target_modules,
+                        export=t.lora.export) if t.lora is not None else None,
         budget=BudgetConfig(max_steps=t.budget.max_steps, max_tokens=t.budget.max_tokens,
                             deadline=t.budget.deadline),
     )

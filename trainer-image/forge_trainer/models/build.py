@@ -12,7 +12,7 @@ from ..config import TrainerConfig
 from ..contract import ConfigError
 from ..runtime.dist import Dist
 from ..runtime.signals import SigtermFlag, on_every_rank
-from . import base, dense, moe
+from . import base, dense, lora, moe
 from .stats import ModelStats, check_fits, model_stats
 
 FAMILIES = {"dense": dense.hf_config, "moe": moe.hf_config}
@@ -63,13 +63,17 @@ def preflight(config: TrainerConfig, d: Dist, bf16: bool, stop: SigtermFlag) -> 
 
 
 def build_model(config: TrainerConfig, cfg: PretrainedConfig) -> torch.nn.Module:
-    """Random init from cfg (seeded), or the base model's weights; always SDPA attention, fp32 master weights."""
+    """Random init from cfg (seeded), or the base model's weights; always SDPA attention, fp32 master
+    weights; with training.lora, the base frozen and LoRA adapters beside it (a peft model)."""
     if config.model.base_path is not None:
         model = base.load(config.model.base_path, cfg)
     else:
         torch.manual_seed(config.training.seed)
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
     model.config.use_cache = False
+    if config.training.lora is not None:
+        torch.manual_seed(config.training.seed)  # the adapters' initialisation
+        model = lora.add_adapters(model, config.training.lora, config.model.base_path)
     return model
 
 

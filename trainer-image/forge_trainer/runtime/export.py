@@ -31,9 +31,20 @@ class ExportedTokenizer(Protocol):
     def save_pretrained(self, out_dir: str | Path) -> None: ...
 
 
+class Adapters(Protocol):
+    """What the export needs of a LoRA training (models.lora.LoraExport is one)."""
+
+    def wrap(self, plain: torch.nn.Module) -> torch.nn.Module:
+        """The plain model with the adapters, shaped like the trained model's state."""
+
+    def finish(self, wrapped: torch.nn.Module) -> torch.nn.Module:
+        """The model to save: the adapters merged in, or the adapter alone (a peft model)."""
+
+
 def export(out_dir: str | Path, model, hf_cfg: PretrainedConfig, tokenizer: ExportedTokenizer, provenance: dict,
-           d: Dist) -> Path | None:
-    """Gather the full weights (a collective) and write the export on rank 0."""
+           d: Dist, adapters: Adapters | None = None) -> Path | None:
+    """Gather the full weights (a collective) and write the export on rank 0; with ``adapters`` (LoRA),
+    the merged model or the adapter alone, as it says."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.is_main:
         return None
@@ -43,8 +54,10 @@ def export(out_dir: str | Path, model, hf_cfg: PretrainedConfig, tokenizer: Expo
     try:
         # A fresh plain model: the trained one may be sharded or compiled.
         plain = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=torch.float32)
-        missing, unexpected = plain.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if k not in _tied_keys(plain)]:
+        trained = adapters.wrap(plain) if adapters is not None else plain
+        missing, unexpected = trained.load_state_dict(state, strict=False)
+        tied = _tied_keys(plain)
+        if unexpected or [k for k in missing if not any(k == t or k.endswith("." + t) for t in tied)]:
             raise RuntimeError(f"export: state dict mismatch (missing {missing}, unexpected {unexpected})")
         plain.config.use_cache = True
         # the router's auxiliary loss is a training term: a loaded model's loss is the plain cross-entropy
@@ -57,7 +70,7 @@ def export(out_dir: str | Path, model, hf_cfg: PretrainedConfig, tokenizer: Expo
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        plain.save_pretrained(tmp, safe_serialization=True)
+        (adapters.finish(trained) if adapters is not None else plain).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=1, default=str) + "\n")
         old = None
