@@ -43,7 +43,7 @@ def test_json_is_accepted(tmp_path, corpus):
     [
         ({"method": "sft"}, "method sft needs model.base_path"),
         ({"method": {"kind": "dpo"}}, "method dpo needs model.base_path"),
-        ({"method": "grpo"}, "Input tag 'grpo' found using 'kind' does not match any of the expected tags"),
+        ({"method": "ppo"}, "Input tag 'ppo' found using 'kind' does not match any of the expected tags"),
         ({"training__seq_len": 256}, "training.seq_len 256 exceeds the model's context"),
         ({"training__global_batch_sequences": 10}, "not a multiple of micro_batch_sequences"),
         ({"model__base_path": "/models/x"}, "set exactly one of model.architecture or model.base_path"),
@@ -99,7 +99,7 @@ def test_the_method_is_a_kind_with_its_own_settings_or_the_kind_alone(tmp_path, 
                        tokenizer={"from_base": True})
     assert base.method == ContinuedPretrainMethod()
     with pytest.raises(ValidationError, match="does not match any of the expected tags: 'pretrain', 'continued-pretrain', 'sft'"):
-        tiny_config(tmp_path, corpus, method={"kind": "grpo"})
+        tiny_config(tmp_path, corpus, method={"kind": "ppo"})
     with pytest.raises(ValidationError, match="method continued-pretrain needs model.base_path"):
         tiny_config(tmp_path, corpus, method="continued-pretrain")
     with pytest.raises(ValidationError, match="method pretrain builds a new model"):

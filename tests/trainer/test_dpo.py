@@ -234,7 +234,7 @@ def test_dpo_configuration_is_checked(bases, tmp_path):
         dpo_config(tmp_path, bases["llama"], tmp_path, tokenizer={"train": {}})
     with pytest.raises(ValidationError, match="loss_type"):
         dpo_config(tmp_path, bases["llama"], tmp_path, method={"kind": "dpo", "loss_type": "hinge"})
-    with pytest.raises(ValidationError, match="are for methods sft and dpo"):
+    with pytest.raises(ValidationError, match="are for methods sft, dpo, grpo and online-dpo"):
         dpo_config(tmp_path, bases["llama"], tmp_path, method="continued-pretrain")
 
 

@@ -280,7 +280,7 @@ def test_sft_configuration_is_checked(bases, tmp_path):
         sft_config(tmp_path, bases["llama"], tmp_path, data={"sources": [
             {"name": "toy", "path": "/d", "format": "jsonl", "messages_field": "m", "prompt_field": "p",
              "completion_field": "c"}]})
-    with pytest.raises(ValidationError, match="are for methods sft and dpo"):
+    with pytest.raises(ValidationError, match="are for methods sft, dpo, grpo and online-dpo"):
         sft_config(tmp_path, bases["llama"], tmp_path, method="continued-pretrain")
 
 

@@ -145,7 +145,9 @@ class DataSourceConfig(_Model):
     text_field: str = D.TEXT_FIELD
     """jsonl/parquet: the field holding the document text."""
     prompt_field: str | None = None
-    """sft, prompt/completion records: the field holding the prompt (no loss on it)."""
+    """sft, prompt/completion records: the field holding the prompt (no loss on it). grpo and online-dpo, alone:
+    the prompt to sample completions for, text or a conversation (a list of {role, content}); the record's
+    other fields are passed to the reward functions as columns."""
     completion_field: str | None = None
     """sft, prompt/completion records: the field holding the answer to learn."""
     messages_field: str | None = None
@@ -168,7 +170,7 @@ class DataSourceConfig(_Model):
             if self.prompt_field is None or self.completion_field is not None or self.messages_field is not None:
                 raise ValueError(f"data source {self.name!r}: preference records are prompt_field, chosen_field and "
                                  "rejected_field (no completion_field or messages_field)")
-        elif (self.prompt_field is None) != (self.completion_field is None):
+        elif self.completion_field is not None and self.prompt_field is None:
             raise ValueError(f"data source {self.name!r}: prompt_field and completion_field go together")
         if self.record_kind is not None and self.format == "text":
             raise ValueError(f"data source {self.name!r}: records (prompt/completion, messages or preference pairs) "
@@ -176,14 +178,16 @@ class DataSourceConfig(_Model):
         return self
 
     @property
-    def record_kind(self) -> Literal["prompt-completion", "chat", "preference"] | None:
-        """What a record of this source is: sft's prompt-completion or chat, dpo's preference pair
-        (None: the source holds documents)."""
+    def record_kind(self) -> Literal["prompt-completion", "chat", "preference", "prompt"] | None:
+        """What a record of this source is: sft's prompt-completion or chat, dpo's preference pair, grpo's
+        and online-dpo's prompt (None: the source holds documents)."""
         if self.chosen_field is not None:
             return "preference"
         if self.messages_field is not None:
             return "chat"
-        return "prompt-completion" if self.prompt_field is not None else None
+        if self.prompt_field is None:
+            return None
+        return "prompt-completion" if self.completion_field is not None else "prompt"
 
     @property
     def include_patterns(self) -> list[str]:
@@ -502,10 +506,69 @@ def _regex(pattern: str, groups: int | None = None) -> str:
     return pattern
 
 
-MethodConfig = Annotated[PretrainMethod | ContinuedPretrainMethod | SftMethod | DpoMethod, Field(discriminator="kind")]
+class _OnlineSampling(_Model):
+    """What grpo and online-dpo share: the rewards and how completions are sampled from the policy."""
+
+    rewards: list[RewardConfig] = Field(min_length=1)
+    """The reward functions; a completion's reward is their weighted sum."""
+    group_size: int = Field(D.GRPO_GROUP_SIZE, ge=2)
+    """Completions sampled per prompt (a group). grpo: training.global_batch_sequences counts completions (a
+    multiple of group_size x the workers); online-dpo: it counts the sequences of the pairs, two per prompt."""
+    max_new_tokens: PositiveInt = D.GRPO_MAX_NEW_TOKENS
+    """The longest completion; prompt + completion must fit in training.seq_len."""
+    temperature: float = Field(D.GRPO_TEMPERATURE, gt=0)
+    """Sampling temperature."""
+    top_p: float = Field(D.GRPO_TOP_P, gt=0, le=1)
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1: all)."""
+    rollout: Literal["in-process"] = "in-process"
+    """Where completions are generated: in-process = by the trainer's own workers with the current weights
+    (batched generate with a key/value cache). A vLLM rollout worker is not available yet."""
+
+    @model_validator(mode="after")
+    def _unique_rewards(self) -> _OnlineSampling:
+        names = [r.name for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"method.rewards names must be unique, got {names}")
+        return self
+
+
+class GrpoMethod(_OnlineSampling):
+    """Group relative policy optimisation of model.base_path against reward functions: for each prompt a group
+    of completions is sampled with the current weights and scored; each completion's advantage is its reward
+    relative to its group's; the policy follows the clipped objective, optionally held near the frozen
+    reference (the starting model) by a KL penalty."""
+
+    kind: Literal["grpo"] = "grpo"
+    beta: float = Field(D.GRPO_BETA, ge=0)
+    """Weight of the KL penalty to the reference (the k3 estimator, as TRL); 0: no reference model is kept."""
+    epsilon: float = Field(D.GRPO_EPSILON, gt=0, lt=1)
+    """Clip range of the probability ratio: [1 - epsilon, 1 + epsilon]."""
+    scale_rewards: bool = True
+    """Divide each advantage by its group's reward standard deviation; false: only subtract the group mean
+    (Dr. GRPO)."""
+    updates_per_generation: PositiveInt = 1
+    """Optimizer steps on each batch of sampled completions (TRL's num_iterations); above 1 the clipping acts."""
+
+
+class OnlineDpoMethod(_OnlineSampling):
+    """Online DPO of model.base_path against reward functions: for each prompt a group of completions is sampled
+    with the current weights and scored; the best and the worst form a preference pair and the policy follows
+    the DPO loss relative to the frozen reference (the starting model). A group whose completions all score
+    the same gives no pair."""
+
+    kind: Literal["online-dpo"] = "online-dpo"
+    beta: float = Field(D.DPO_BETA, gt=0)
+    """Strength of the preference: how far the policy may move from the reference."""
+    loss_type: Literal["sigmoid", "ipo"] = D.DPO_LOSS_TYPE
+    """As dpo's: sigmoid on summed log-probabilities, or ipo on per-token means."""
+
+
+MethodConfig = Annotated[PretrainMethod | ContinuedPretrainMethod | SftMethod | DpoMethod | GrpoMethod | OnlineDpoMethod,
+                         Field(discriminator="kind")]
 """One member per training method, told apart by `kind`; a method's own settings live beside it."""
 
-RECORD_KINDS = {"sft": ("prompt-completion", "chat"), "dpo": ("preference",)}
+RECORD_KINDS = {"sft": ("prompt-completion", "chat"), "dpo": ("preference",), "grpo": ("prompt",),
+                "online-dpo": ("prompt",)}
 """The methods that read records, and the records each reads."""
 
 
@@ -517,7 +580,9 @@ class TrainerConfig(_Model):
     method: MethodConfig = PretrainMethod()
     """pretrain = from scratch; continued-pretrain = keep training model.base_path on new text;
     sft = fine-tune model.base_path on prompt/completion or chat records; dpo = align model.base_path
-    with preference pairs (`{kind: dpo, beta: 0.1, loss_type: sigmoid}`). A method without settings
+    with preference pairs (`{kind: dpo, beta: 0.1, loss_type: sigmoid}`); grpo and online-dpo = train
+    model.base_path on its own sampled completions, scored by reward functions
+    (`{kind: grpo, rewards: [{name: format, regex: {must_match: ["^<answer>"]}}], group_size: 8}`). A method without settings
     may be written as its kind alone (`method: pretrain`)."""
     model: ModelConfig
     tokenizer: TokenizerConfig = TokenizerConfig(train=TokenizerTrainConfig())
@@ -544,7 +609,7 @@ class TrainerConfig(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:
-        if self.method.kind in ("continued-pretrain", "sft", "dpo") and self.model.base_path is None:
+        if self.method.kind in ("continued-pretrain", "sft", "dpo", "grpo", "online-dpo") and self.model.base_path is None:
             raise ValueError(f"method {self.method.kind} needs model.base_path")
         self._check_records()
         if self.method.kind == "pretrain" and self.model.base_path is not None:
@@ -564,7 +629,32 @@ class TrainerConfig(_Model):
     def _check_records(self) -> None:
         """sft and dpo read records from every source; the other methods read documents."""
         sources, kind = self.data.sources, self.method.kind
-        if kind == "sft":
+        if kind != "sft":
+            alone = [s.name for s in sources if s.record_kind == "prompt"]
+            if alone and kind not in ("grpo", "online-dpo"):
+                raise ValueError(f"data source {alone[0]!r}: prompt_field and completion_field go together "
+                                 "(a prompt alone is for methods grpo and online-dpo)")
+        if kind in ("grpo", "online-dpo"):
+            bare = [s.name for s in sources if s.record_kind != "prompt"]
+            if bare:
+                raise ValueError(f"method {kind} needs prompt records: data sources {bare} must set prompt_field only "
+                                 "(no completion_field, messages_field, chosen_field or rejected_field)")
+            if self.data.validation.source is not None:
+                raise ValueError(f"method {kind} has no validation pass: data.validation.source is not supported "
+                                 "(score held-out prompts with an evaluation's generation suite)")
+            g, t = self.method.group_size, self.training
+            if kind == "online-dpo":
+                if t.global_batch_sequences % 2 or t.micro_batch_sequences % 2:
+                    raise ValueError(f"method online-dpo trains pairs: training.global_batch_sequences "
+                                     f"{t.global_batch_sequences} and micro_batch_sequences {t.micro_batch_sequences} "
+                                     "(two sequences per prompt) must be even")
+            elif t.global_batch_sequences % g:
+                raise ValueError(f"training.global_batch_sequences {t.global_batch_sequences} (completions per step) is "
+                                 f"not a multiple of method.group_size {g}")
+            if self.method.max_new_tokens >= t.seq_len:
+                raise ValueError(f"method.max_new_tokens {self.method.max_new_tokens} leaves no room for the prompt in "
+                                 f"training.seq_len {t.seq_len}")
+        elif kind == "sft":
             bare = [s.name for s in sources if s.record_kind not in RECORD_KINDS[kind]]
             if bare:
                 raise ValueError(f"method sft needs records: data sources {bare} set neither messages_field nor "
@@ -578,7 +668,8 @@ class TrainerConfig(_Model):
             mixed = [s.name for s in sources if s.record_kind is not None]
             if mixed:
                 raise ValueError(f"method {kind} reads documents: messages_field, prompt_field, completion_field, "
-                                 f"chosen_field and rejected_field (data sources {mixed}) are for methods sft and dpo")
+                                 f"chosen_field and rejected_field (data sources {mixed}) are for methods sft, dpo, "
+                                 "grpo and online-dpo")
         if kind in RECORD_KINDS and self.tokenizer.train is not None:
             raise ValueError(f"method {kind} fine-tunes model.base_path with its own tokenizer: use tokenizer.from_base "
                              "(or tokenizer.path), not tokenizer.train")

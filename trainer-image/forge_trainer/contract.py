@@ -82,6 +82,15 @@ class RendezvousTimeout(TrainerError):
     kind = "rendezvous timed out"
 
 
+class RewardError(TrainerError):
+    """A reward function failed on a batch of completions (raised, returned the wrong number of scores or a
+    non-number, its service did not answer): the step cannot be scored. Not retried: the same function
+    fails the same way again."""
+
+    exit_code = ExitCode.CONFIG_ERROR
+    kind = "reward error"
+
+
 class StoppedBeforeTraining(TrainerError):
     """SIGTERM during set-up (data preparation, model building): there is nothing to checkpoint yet."""
 
@@ -91,7 +100,7 @@ class StoppedBeforeTraining(TrainerError):
 
 def error_named(kind: str, message: str) -> TrainerError | None:
     """The TrainerError another process reported, by class name and message (None: not one of them)."""
-    known = (TrainerError, DataError, ConfigError, RendezvousTimeout, StoppedBeforeTraining)
+    known = (TrainerError, DataError, ConfigError, RewardError, RendezvousTimeout, StoppedBeforeTraining)
     return next((cls(message) for cls in known if cls.__name__ == kind), None)
 
 

@@ -57,6 +57,12 @@ COMPILE = False
 EVAL_INTERVAL_STEPS = 500
 DPO_BETA = 0.1  # API training.dpoBeta, trainer method.beta
 DPO_LOSS_TYPE = "sigmoid"  # API training.dpoLossType, trainer method.loss_type
+GRPO_GROUP_SIZE = 8  # completions per prompt (grpo, online-dpo)
+GRPO_MAX_NEW_TOKENS = 256
+GRPO_TEMPERATURE = 1.0
+GRPO_TOP_P = 1.0
+GRPO_BETA = 0.04  # the KL penalty's weight
+GRPO_EPSILON = 0.2  # the clip range
 REWARD_HTTP_TIMEOUT_SECONDS = 30.0  # an HTTP reward's request
 REWARD_HTTP_RETRIES = 2  # further attempts after a failed request
 # training.lora (LoRA adapters with peft; the names are peft's LoraConfig's without the lora_ prefix)

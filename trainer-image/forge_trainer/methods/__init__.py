@@ -8,6 +8,8 @@ from collections.abc import Callable
 from ..config import TrainerConfig
 from .base import Batches, Dataset, Loss, Method
 from .dpo import Dpo
+from .grpo import Grpo
+from .online_dpo import OnlineDpo
 from .pretrain import Pretrain
 from .sft import Sft
 
@@ -16,6 +18,8 @@ METHODS: dict[str, Callable[[TrainerConfig], Method]] = {
     "continued-pretrain": Pretrain,  # the same objective; the model comes from model.base_path
     "sft": Sft,
     "dpo": Dpo,
+    "grpo": Grpo,
+    "online-dpo": OnlineDpo,
 }
 
 __all__ = ["METHODS", "Batches", "Dataset", "Loss", "Method", "build_method"]

@@ -70,15 +70,9 @@ class Dpo:
 
     def _pair_losses(self, keys, sums, counts) -> tuple[torch.Tensor, torch.Tensor]:
         """Per pair: the loss; and the micro-batch's METRICS (detached)."""
-        beta = self.settings.beta
         pairs = keys.view(-1, 2)[:, 0] // 2
         policy, ref = sums.view(-1, 2), self.reference[pairs].to(sums.dtype)
-        if self.settings.loss_type == "ipo":  # IPO compares per-token means (as TRL does)
-            n = counts.view(-1, 2)
-            policy, ref = policy / n, ref / n
-        h = (policy[:, 0] - policy[:, 1]) - (ref[:, 0] - ref[:, 1])
-        losses = -F.logsigmoid(beta * h) if self.settings.loss_type == "sigmoid" else (h - 1 / (2 * beta)) ** 2
-        rewards = beta * (policy - ref).detach()
+        losses, rewards = preference_loss(policy, ref, counts.view(-1, 2), self.settings.beta, self.settings.loss_type)
         metrics = torch.stack([(rewards[:, 0] > rewards[:, 1]).float().mean(), (rewards[:, 0] - rewards[:, 1]).mean(),
                                sums.view(-1, 2)[:, 0].detach().mean(), sums.view(-1, 2)[:, 1].detach().mean()])
         return losses, metrics
@@ -117,6 +111,18 @@ class Dpo:
             log.info("validation: %d pairs | reward accuracy %.3f | reward margin %.4f", pairs, correct / pairs,
                      margin / pairs)
         return loss / pairs
+
+
+def preference_loss(policy: torch.Tensor, ref: torch.Tensor, counts: torch.Tensor, beta: float,
+                    loss_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per pair: the DPO loss, the implicit rewards [pairs, 2], detached) from the summed log-probabilities
+    of each pair's (chosen, rejected) answer under the policy and the reference, [pairs, 2]; counts: their
+    tokens (ipo compares per-token means, as TRL does)."""
+    if loss_type == "ipo":
+        policy, ref = policy / counts, ref / counts
+    h = (policy[:, 0] - policy[:, 1]) - (ref[:, 0] - ref[:, 1])
+    losses = -F.logsigmoid(beta * h) if loss_type == "sigmoid" else (h - 1 / (2 * beta)) ** 2
+    return losses, beta * (policy - ref).detach()
 
 
 def _fill(ref: torch.Tensor, model, batch, autocast, real: bool) -> None:

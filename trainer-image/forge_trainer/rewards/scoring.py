@@ -12,17 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import RewardConfig
-from ..contract import ConfigError, TrainerError
+from ..contract import ConfigError, RewardError
 
 RewardCallable = Callable[..., Sequence]
-
-
-class RewardError(TrainerError):
-    """A reward function failed on a batch (raised, returned the wrong length, a non-number): the step
-    cannot be scored. Not retried by the operator: the same function fails the same way again."""
-
-    exit_code = ConfigError.exit_code
-    kind = "reward error"
 
 
 @dataclass
