@@ -162,6 +162,7 @@ def test_a_reward_module_that_does_not_import_is_a_config_error(base, tmp_path):
     ({"method": {"kind": "grpo", "rewards": REWARDS + REWARDS[:1]}}, "names must be unique"),
     ({"method": {"kind": "sft"}}, "method sft needs records"),
     ({"method": "dpo"}, "a prompt alone is for methods grpo and online-dpo"),
+    ({"training__lora": {}}, "training.lora is only for methods sft and dpo"),
 ])
 def test_grpo_configuration_is_checked(base, tmp_path, overrides, message):
     data = write_prompts(tmp_path / "data" / "p.jsonl")

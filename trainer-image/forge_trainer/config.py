@@ -614,7 +614,7 @@ class TrainerConfig(_Model):
         self._check_records()
         if self.method.kind == "pretrain" and self.model.base_path is not None:
             raise ValueError("method pretrain builds a new model: use model.architecture (or method continued-pretrain)")
-        if self.training.lora is not None and self.method.kind not in RECORD_KINDS:
+        if self.training.lora is not None and self.method.kind not in ("sft", "dpo"):
             raise ValueError(f"training.lora is only for methods sft and dpo (method is {self.method.kind})")
         if self.tokenizer.from_base and self.model.base_path is None:
             raise ValueError("tokenizer.from_base needs model.base_path")

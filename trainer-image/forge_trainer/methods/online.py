@@ -156,7 +156,7 @@ def frozen_copy(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
     ref = AutoModelForCausalLM.from_config(model.config)
-    ref.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
+    ref.load_state_dict({k: v.detach().clone() for k, v in state.items()})
     ref.to(device=d.device, dtype=next(model.parameters()).dtype)
     ref.eval().requires_grad_(False)
     return ref
