@@ -15,10 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Callable, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator,
+)
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 
 GROUP = "forge.dev"
+INT64_MAX = 2**63 - 1  # the API server's integers are int64
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
@@ -73,38 +77,84 @@ class ApiModel(BaseModel):
     # "no such key".
     cel_rules: ClassVar[tuple[Cel, ...]] = ()
 
+    @model_validator(mode="before")
+    @classmethod
+    def drop_nulls(cls, data: Any) -> Any:
+        """A null field is an absent one, as the API server reads it (it drops nulls before validating)."""
+        if isinstance(data, dict) and None in data.values():
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def within_int64(cls, value: Any) -> Any:
+        """Integers are int64 on the API server: a larger number is not an integer there, nor here."""
+        for v in value if isinstance(value, list) else (value,):
+            if isinstance(v, int) and not isinstance(v, bool) and not -INT64_MAX - 1 <= v <= INT64_MAX:
+                raise PydanticCustomError("int64", "should be an integer within int64 (at most 2^63-1)")
+        return value
+
     @model_validator(mode="after")
     def check_rules(self):
         for rule in type(self).__dict__.get("cel_rules") or ():
             if rule.check is not None and not rule.check(self):
-                raise ValueError(rule.message)
+                # the rule's fieldPath travels with the error, so that `forge train` names the field the
+                # API server names (see error_fields)
+                raise PydanticCustomError("rule", rule.message.replace("{", "{{").replace("}", "}}"),
+                                          {"field_path": rule.field_path or ""})
         return self
+
+    @classmethod
+    def model_validate(cls, obj: Any, *, by_name: bool | None = False, **kwargs: Any):
+        """Validate a manifest as the API server does: camelCase keys only (``num_layers`` is an unknown
+        field there, so it is here). Python code may still build models with snake_case keyword arguments."""
+        return super().model_validate(obj, by_name=by_name, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """The object as it appears in YAML: camelCase, unset fields left out."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-# RFC 3339 strings in YAML and JSON; the only place where strings are parsed.
-Timestamp = Annotated[datetime, Field(strict=False)]
+# RFC 3339 date-times, as the API server's date-time format reads them: a 'T' (or 't'), seconds, and a zone
+# ('Z' or +hh:mm). Checked before parsing, so pydantic's more lenient forms (dates alone, Unix times, no
+# zone) are refused here too; datetime objects (built in Python, never from JSON) pass.
+RFC3339_PATTERN = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}([.][0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+
+
+def _check_rfc3339(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not re.match(RFC3339_PATTERN, value):
+        raise PydanticCustomError("date_time", "should be an RFC 3339 date-time (e.g. 2026-06-01T12:00:00Z), "
+                                  "not {value}", {"value": repr(value)})
+    return value
+
+
+# The only place where strings are parsed.
+Timestamp = Annotated[datetime, BeforeValidator(_check_rfc3339),
+                      Field(strict=False, json_schema_extra={"pattern": RFC3339_PATTERN})]
 # Common constrained types. Lengths are bounded so the API server can estimate
 # the cost of CEL rules.
 DnsLabel = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
 Name253 = Annotated[str, Field(min_length=1, max_length=253)]
 ShortStr = Annotated[str, Field(max_length=256)]
 PathStr = Annotated[str, Field(max_length=1024)]
-QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+# Non-negative: no resource of a training has a negative size.
+QUANTITY_PATTERN = r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 
 
 def _check_quantity(value: int | str) -> int | str:
     if isinstance(value, str) and not re.match(QUANTITY_PATTERN, value):
-        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 32, 500m, 64Gi)")
+        raise PydanticCustomError("string_pattern_mismatch", "should match the non-negative Kubernetes quantity "
+                                  "pattern (e.g. 32, 500m, 64Gi), not {value}", {"value": repr(value)})
+    if isinstance(value, int) and value < 0:
+        raise PydanticCustomError("greater_than_equal", "should be greater than or equal to 0")
     return value
-
 
 # resource.Quantity, as controller-gen writes it: an integer or a string of the quantity grammar
 Quantity = Annotated[int | str, AfterValidator(_check_quantity),
-                     Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN})]
+                     Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN,
+                                              "minimum": 0})]
 PositiveInt = Annotated[int, Field(ge=1)]
 FreeForm = Annotated[dict[str, Any], Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})]
 
@@ -200,12 +250,30 @@ class ObjectMeta(ApiModel):
     annotations: dict[str, str] = {}
 
 
+def _field(error: dict[str, Any]) -> str:
+    """The field an error is about, spelled as the API server spells it: spec.data.sources[0].name."""
+    out = ""
+    for part in error["loc"]:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("int", "str") or "[" in part:  # a union member or a validator, not a field
+            continue
+        else:
+            out += f".{part}" if out else part
+    return out + (error.get("ctx") or {}).get("field_path", "")
+
+
+def error_fields(err: ValidationError) -> list[str]:
+    """The fields a validation error names, in order, as the API server names them."""
+    return list(dict.fromkeys(_field(e) for e in err.errors()))
+
+
 def format_error(err: Exception) -> str:
     """A validation error (or any error) as one line that names the fields, for a condition or a terminal."""
     if isinstance(err, ValidationError):
         parts = []
         for e in err.errors()[:5]:
-            loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+            loc = _field(e)
             parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
         return "; ".join(parts)
     return str(err)

@@ -49,7 +49,7 @@ class EvalSuite(ApiModel):
     """multiple-choice: the list of choices (default: choices)."""
     answer_field: ShortStr | None = None
     """The correct choice index (multiple-choice) or answer string (exact-match) (default: answer)."""
-    max_samples: Annotated[int, Field(ge=1)] | None = None
+    max_samples: Annotated[int, Field(ge=1, le=10**9)] | None = None
     """Evaluate at most this many samples (documents for perplexity)."""
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = defaults.EVAL_MAX_NEW_TOKENS
     """exact-match: tokens generated per answer."""

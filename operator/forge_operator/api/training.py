@@ -18,6 +18,11 @@ from .enums import TRAINING_PHASES
 from .eval import SUITES_AND_GATES_RULES, EvalGate, EvalSuite
 
 Method = Literal["pretrain", "continued-pretrain", "sft", "dpo"]
+# Upper bounds of counts that have no natural one: far beyond any training, well inside int64.
+MAX_STEPS = 10**9
+MAX_TOKENS = 10**15  # a quadrillion tokens: some 30 times the largest public pretraining runs
+MAX_BATCH_TOKENS = 2**30
+MAX_SECONDS = 10**9  # some 30 years
 METHODS_FROM_BASE = ("continued-pretrain", "sft", "dpo")
 
 
@@ -29,7 +34,7 @@ class MoeSpec(ApiModel):
     """Routed experts per MoE layer."""
     num_experts_per_token: Annotated[int, Field(ge=1, le=64)]
     """Experts each token is routed to (top-k)."""
-    expert_intermediate_size: Annotated[int, Field(ge=1)] | None = None
+    expert_intermediate_size: Annotated[int, Field(ge=1, le=262144)] | None = None
     """Hidden size of each expert's MLP (default: intermediateSize / numExpertsPerToken)."""
     router_aux_loss_coef: Annotated[float, Field(ge=0, le=1)] = defaults.ROUTER_AUX_LOSS_COEF
     """Weight of the load-balancing loss that keeps the router spreading tokens."""
@@ -223,7 +228,7 @@ class GlobalBatchSpec(ApiModel):
 
     sequences: Annotated[int, Field(ge=1, le=1048576)] | None = None
     """Sequences per step."""
-    tokens: Annotated[int, Field(ge=1)] | None = None
+    tokens: Annotated[int, Field(ge=1, le=MAX_BATCH_TOKENS)] | None = None
     """Tokens per step (rounded down to whole sequences of sequenceLength)."""
 
     cel_rules = (
@@ -235,9 +240,9 @@ class GlobalBatchSpec(ApiModel):
 class BudgetSpec(ApiModel):
     """When training ends. It ends gracefully (checkpoint, then export) at the first limit reached."""
 
-    max_steps: Annotated[int, Field(ge=1)] | None = None
+    max_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None
     """Optimizer steps."""
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = None
     """Training tokens seen."""
     deadline: Timestamp | None = None
     """Wall-clock time (RFC 3339) by which training stops."""
@@ -285,7 +290,7 @@ class TrainingSpec(ApiModel):
     """Learning rate at the end of the schedule (default: learningRate / 10)."""
     schedule: Literal["cosine", "wsd", "constant"] = defaults.SCHEDULE
     """cosine decay, wsd (warmup-stable-decay) or constant, each after warmup."""
-    warmup_steps: Annotated[int, Field(ge=0)] = defaults.WARMUP_STEPS
+    warmup_steps: Annotated[int, Field(ge=0, le=MAX_STEPS)] = defaults.WARMUP_STEPS
     """Linear warmup steps."""
     decay_fraction: Annotated[float, Field(gt=0, le=1)] = defaults.DECAY_FRACTION
     """For wsd: fraction of the steps spent decaying at the end."""
@@ -299,7 +304,7 @@ class TrainingSpec(ApiModel):
     """Seed for initialisation, data order and dropout."""
     compile: bool = defaults.COMPILE
     """Compile each transformer block with torch.compile."""
-    eval_interval_steps: Annotated[int, Field(ge=1)] = defaults.EVAL_INTERVAL_STEPS
+    eval_interval_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = defaults.EVAL_INTERVAL_STEPS
     """Compute the validation loss every this many steps (and at the end)."""
     budget: BudgetSpec
     """When to stop: at least maxSteps or maxTokens."""
@@ -377,7 +382,7 @@ class CheckpointSpec(ApiModel):
 
     location: VolumeLocation
     """Where checkpoints are written (shared by all nodes: a ReadWriteMany claim for several nodes)."""
-    interval_steps: Annotated[int, Field(ge=0)] = defaults.CHECKPOINT_INTERVAL_STEPS
+    interval_steps: Annotated[int, Field(ge=0, le=MAX_STEPS)] = defaults.CHECKPOINT_INTERVAL_STEPS
     """Write a checkpoint every this many steps; 0: not by steps."""
     interval_minutes: Annotated[int, Field(ge=0, le=10080)] = defaults.CHECKPOINT_INTERVAL_MINUTES
     """Write a checkpoint at least this often, in minutes of training; 0: not by time."""
@@ -474,7 +479,7 @@ class ForgeTrainingSpec(ApiModel):
     """Where the final model is exported."""
     evaluation: TrainingEvaluationSpec | None = None
     """Evaluate the final model and gate on the result."""
-    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] | None = None
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=MAX_SECONDS)] | None = None
     """Delete the workers (never this resource) this long after it finished."""
 
     cel_rules = (
