@@ -7,6 +7,7 @@ cannot be built or started, every test that needs it errors: nothing skips.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import uuid
@@ -21,6 +22,9 @@ from devcluster import DevCluster  # noqa: E402
 from kubetest import Kube  # noqa: E402
 
 GPU_NODES = 4
+
+# tests/e2e runs real pods on a real node (minutes of set-up): only with FORGE_E2E=1 (scripts/test --e2e)
+collect_ignore_glob = [] if os.environ.get("FORGE_E2E") == "1" else ["e2e/*"]
 
 
 @pytest.fixture(scope="session")

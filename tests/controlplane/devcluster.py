@@ -69,6 +69,7 @@ class ClusterState:
     token: str
     kubeconfig: str
     pids: dict[str, int] = field(default_factory=dict)
+    real_nodes: dict[str, str] = field(default_factory=dict)  # name -> token
 
     @classmethod
     def load(cls, directory: Path) -> "ClusterState":
@@ -87,9 +88,11 @@ class DevCluster:
     """One control plane in one folder. Use ``up()``/``down()`` or as a context manager."""
 
     def __init__(self, directory: Path | str = DEFAULT_DIR, gpu_nodes: int = 4,
-                 gpus_per_node: int = 8, node_monitor_grace_seconds: int = 20):
+                 gpus_per_node: int = 8, node_monitor_grace_seconds: int = 20, real_nodes: int = 0):
         self.dir = Path(directory).resolve()
         self.gpu_nodes = gpu_nodes
+        # kubelet + containerd nodes (tests/realnode/node.py); started by start_real_nodes()
+        self.real_node_names = [f"real-node-{i}" for i in range(real_nodes)]
         self.gpus_per_node = gpus_per_node
         self.node_monitor_grace_seconds = node_monitor_grace_seconds
         self.state: ClusterState | None = None
@@ -113,7 +116,8 @@ class DevCluster:
         token = secrets.token_hex(16)
         server = f"https://127.0.0.1:{ports['apiserver']}"
         self.state = ClusterState(dir=str(self.dir), server=server, token=token,
-                                  kubeconfig=str(self.dir / "kubeconfig"))
+                                  kubeconfig=str(self.dir / "kubeconfig"),
+                                  real_nodes={n: secrets.token_hex(16) for n in self.real_node_names})
         self._write_credentials(token)
         try:
             self._start(bin_dir, "etcd", self._etcd_args(ports))
@@ -138,12 +142,30 @@ class DevCluster:
             state = ClusterState.load(self.dir)
         if state is None:
             return
+        for node in self.real_nodes(state):
+            node.down()
         for name in reversed(list(state.pids)):
             _terminate(state.pids[name])
         (self.dir / "state.json").unlink(missing_ok=True)
         self.state = None
 
     # -- nodes ---------------------------------------------------------------
+    def real_nodes(self, state: ClusterState | None = None) -> list:
+        """The real nodes (kubelet + containerd) of this cluster; see tests/realnode/node.py."""
+        state = state or self.state
+        if not state or not state.real_nodes:
+            return []
+        sys.path.insert(0, str(ROOT / "tests" / "realnode"))
+        from node import RealNode
+        return [RealNode(self, name, token, index=i) for i, (name, token) in enumerate(state.real_nodes.items())]
+
+    def start_real_nodes(self, images=(), timeout: float = 180.0) -> list:
+        """Start every real node (its binaries built if needed), with ``images`` imported; wait until Ready."""
+        nodes = self.real_nodes()
+        for node in nodes:
+            node.up(images, timeout=timeout)
+        return nodes
+
     def add_gpu_nodes(self, count: int, start: int = 0) -> list[str]:
         names = [f"gpu-node-{i}" for i in range(start, start + count)]
         docs = [self.gpu_node_manifest(n) for n in names]
@@ -192,7 +214,9 @@ class DevCluster:
                        check=True, capture_output=True)
         subprocess.run(["openssl", "rsa", "-in", str(d / "sa.key"), "-pubout", "-out", str(d / "sa.pub")],
                        check=True, capture_output=True)
-        (d / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')
+        assert self.state is not None
+        nodes = "".join(f'{t},system:node:{n},{n},"system:nodes"\n' for n, t in self.state.real_nodes.items())
+        (d / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n{nodes}')
         (d / "certs").mkdir()
 
     def _write_kubeconfig(self) -> None:
@@ -226,10 +250,13 @@ class DevCluster:
                 "--service-account-key-file", str(d / "sa.pub"),
                 "--service-account-signing-key-file", str(d / "sa.key"),
                 "--token-auth-file", str(d / "tokens.csv"),
-                "--authorization-mode", "RBAC", "--allow-privileged=true",
+                # kubelets (real nodes) authorized as real clusters do it: Node authorizer + NodeRestriction
+                "--authorization-mode", "Node,RBAC" if self.real_node_names else "RBAC",
+                "--allow-privileged=true",
                 # as strict as the strictest clusters (OpenShift): an owner reference with
                 # blockOwnerDeletion needs update on the owner's finalizers
-                "--enable-admission-plugins", "OwnerReferencesPermissionEnforcement",
+                "--enable-admission-plugins",
+                "OwnerReferencesPermissionEnforcement" + (",NodeRestriction" if self.real_node_names else ""),
                 "--endpoint-reconciler-type", "none", "--v", "1"]
 
     def _component_kubeconfig(self) -> str:
@@ -360,14 +387,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default=str(DEFAULT_DIR), help="state folder (default: %(default)s)")
     parser.add_argument("--gpu-nodes", type=int, default=4, help="fake GPU nodes to create")
     parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--real-nodes", type=int, default=0,
+                        help="real nodes (kubelet, containerd, runc) to add, with the trainer image imported")
     args = parser.parse_args(argv)
-    cluster = DevCluster(args.dir, gpu_nodes=args.gpu_nodes, gpus_per_node=args.gpus_per_node)
+    cluster = DevCluster(args.dir, gpu_nodes=args.gpu_nodes, gpus_per_node=args.gpus_per_node,
+                         real_nodes=args.real_nodes)
     if args.command == "build":
         print(build_binaries())
     elif args.command == "up":
         t0 = time.monotonic()
         state = cluster.up()
         print(f"control plane up in {time.monotonic() - t0:.1f}s: {state.server}")
+        if args.real_nodes:
+            sys.path.insert(0, str(ROOT / "tests" / "realnode"))
+            from images import trainer_image
+            image = trainer_image()
+            try:
+                for node in cluster.start_real_nodes([image]):
+                    print(f"node {node.name} Ready: " + ", ".join(f"{k} {v:.1f}s" for k, v in node.timings.items()))
+            except BaseException:
+                cluster.down()
+                raise
+            print(f"trainer image: {image.name}")
         print(f"export KUBECONFIG={state.kubeconfig}")
     elif args.command == "down":
         cluster.down()

@@ -1,0 +1,178 @@
+"""The quickstart ForgeTraining as 2 worker pods on the real node, with the operator: real torchrun
+rendezvous between pods, real checkpoints on a hostPath volume, real signals and exit codes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, TIMINGS
+
+sys.path.insert(0, str(ROOT / "tests" / "operator"))
+from operator_support import OperatorProcess  # noqa: E402
+
+STDLIB = Path(os.__file__).parent
+
+
+def quickstart(name: str, steps: int, checkpoint_every: int) -> dict:
+    """examples/quickstart.yaml on 2 nodes, smaller and shorter (2 busy CPU cores run both workers)."""
+    ft = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    ft = copy.deepcopy(ft)
+    ft["metadata"] = {"name": name}
+    spec = ft["spec"]
+    spec["model"]["architecture"].update(numLayers=2, hiddenSize=64, intermediateSize=128, numAttentionHeads=2,
+                                         numKeyValueHeads=2, contextLength=64)
+    spec["tokenizer"]["train"]["vocabSize"] = 512
+    spec["data"]["sources"][0]["include"] = ["a*.py", "b*.py", "c*.py"]
+    spec["training"].update(sequenceLength=64, globalBatch={"sequences": 4}, microBatchSize=2, warmupSteps=2,
+                            evalIntervalSteps=steps, budget={"maxSteps": steps})
+    spec["resources"]["numNodes"] = 2
+    spec["checkpoint"]["intervalSteps"] = checkpoint_every
+    for where in ("checkpoint", "output"):
+        spec[where]["location"]["pvc"]["path"] = f"{name}/{where}"
+    return ft
+
+
+@pytest.fixture
+def runs(kube, tmp_path):
+    """The claims the quickstart names: "stdlib" (this Python's standard library, read-only) and
+    "runs" (a folder on the node, writable by the trainer's uid)."""
+    out = tmp_path / "runs"
+    out.mkdir(mode=0o777)
+    os.chmod(out, 0o777)
+    items = []
+    for claim, path in (("stdlib", STDLIB), ("runs", out)):
+        pv = f"{kube.namespace}-{claim}"
+        items.append({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+                      "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"],
+                               "storageClassName": "", "hostPath": {"path": str(path), "type": "Directory"},
+                               "claimRef": {"namespace": kube.namespace, "name": claim}}})
+        items.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+                      "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv,
+                               "resources": {"requests": {"storage": "1Gi"}}}})
+    kube.apply({"apiVersion": "v1", "kind": "List", "items": items})
+    kube.wait_for("claims bound", lambda: sum(c["status"].get("phase") == "Bound"
+                                              for c in kube.get("pvc")["items"]) == 2)
+    return out
+
+
+@pytest.fixture
+def forge_operator(crds, kube, image, tmp_path):
+    op = OperatorProcess(kube.kubeconfig, [kube.namespace], tmp_path / "operator.log",
+                         env={"FORGE_TRAINER_IMAGE": image.name}).start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        sys.stdout.write(f"\n--- operator log ---\n{op.log()[-4000:]}\n")
+        for pod in kube.get("pods")["items"]:
+            logs = kube("logs", pod["metadata"]["name"], "--tail", "30", check=False)
+            sys.stdout.write(f"\n--- {pod['metadata']['name']} ---\n{logs.stdout}{logs.stderr}\n")
+
+
+def phase(kube, name: str) -> str | None:
+    return kube.get("forgetraining", name).get("status", {}).get("phase")
+
+
+def worker_pods(kube, name: str) -> list[dict]:
+    return [p for p in kube.get("pods")["items"] if p["metadata"].get("labels", {}).get("forge.dev/training") == name
+            or name in p["metadata"]["name"]]
+
+
+def running_workers(kube, name: str) -> list[dict]:
+    return [p for p in worker_pods(kube, name) if p.get("status", {}).get("phase") == "Running"]
+
+
+def test_quickstart_on_two_workers_to_succeeded_with_the_model_exported(kube, runs, forge_operator):
+    t0 = time.monotonic()
+    kube.apply(quickstart("qs", steps=30, checkpoint_every=10))
+    kube.wait_for("2 running workers", lambda: len(running_workers(kube, "qs")) == 2, timeout=240, interval=1)
+    TIMINGS["quickstart: 2 workers running"] = time.monotonic() - t0
+    kube.wait_for("Succeeded", lambda: phase(kube, "qs") in ("Succeeded", "Failed"), timeout=900, interval=2)
+    TIMINGS["quickstart: to Succeeded"] = time.monotonic() - t0
+    status = kube.get("forgetraining", "qs")["status"]
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    model = runs / "qs" / "output"
+    assert (model / "config.json").exists() and list(model.glob("*.safetensors")), sorted(runs.rglob("*"))
+    assert status["progress"]["step"] == 30
+
+
+
+def _log(kube, pod: str) -> str:
+    return kube("logs", pod, check=False).stdout
+
+
+def _container_pid(node, pod: str) -> int:
+    """The host PID of a pod's worker container's first process (torchrun under forge_trainer.launch)."""
+    listed = json.loads(node.crictl("ps", "--label", f"io.kubernetes.pod.name={pod}", "-o", "json").stdout)
+    [container] = listed["containers"]
+    return json.loads(node.crictl("inspect", container["id"]).stdout)["info"]["pid"]
+
+
+def _attempt_pods(kube, name: str, attempt: int) -> list[dict]:
+    return [p for p in worker_pods(kube, name)
+            if p["metadata"].get("labels", {}).get("forge.dev/attempt") == str(attempt)]
+
+
+def _index(pod: dict) -> str | None:
+    return pod["metadata"].get("annotations", {}).get("batch.kubernetes.io/job-completion-index")
+
+
+def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(kube, runs, forge_operator, node):
+    kube.apply(quickstart("kill", steps=40, checkpoint_every=10))
+    kube.wait_for("2 running workers", lambda: len(running_workers(kube, "kill")) == 2, timeout=240, interval=1)
+    ckpts = runs / "kill" / "checkpoint"
+    kube.wait_for("a checkpoint", lambda: ckpts.exists() and any(ckpts.iterdir()), timeout=600, interval=2)
+    [victim] = [p for p in running_workers(kube, "kill") if _index(p) == "1"]
+    t = time.monotonic()
+    os.kill(_container_pid(node, victim["metadata"]["name"]), 9)
+    kube.wait_for("a restart", lambda: (kube.get("forgetraining", "kill").get("status", {}).get("restartCount") or 0) >= 1,
+                  timeout=120, interval=1)
+    status = kube.get("forgetraining", "kill")["status"]
+    restart = status["restarts"][-1]
+    assert restart["exitCode"] == 137, restart
+    kube.wait_for("the new attempt's workers", lambda: len([p for p in _attempt_pods(kube, "kill", 1)
+                                                            if p["status"].get("phase") == "Running"]) == 2,
+                  timeout=240, interval=1)
+    TIMINGS["restart after kill: new workers running"] = time.monotonic() - t
+    kube.wait_for("Succeeded", lambda: phase(kube, "kill") in ("Succeeded", "Failed"), timeout=900, interval=2)
+    assert phase(kube, "kill") == "Succeeded"
+    rank0 = [p["metadata"]["name"] for p in _attempt_pods(kube, "kill", 1) if _index(p) == "0"]
+    assert rank0 and "resumed from" in _log(kube, rank0[0]), [_log(kube, p) for p in rank0]
+
+
+def test_a_deleted_worker_checkpoints_in_its_grace_period_and_exits_75(kube, runs, forge_operator):
+    kube.apply(quickstart("evict", steps=400, checkpoint_every=1000))
+    kube.wait_for("2 running workers", lambda: len(running_workers(kube, "evict")) == 2, timeout=240, interval=1)
+    # wait until the workers train (past tokenizer, data preparation and the first step)
+    kube.wait_for("training steps", lambda: (kube.get("forgetraining", "evict").get("status", {})
+                                             .get("progress", {}).get("step") or 0) >= 5, timeout=600, interval=2)
+    victim = running_workers(kube, "evict")[0]["metadata"]["name"]
+    t = time.monotonic()
+    kube("delete", "pod", victim, "--wait=false")
+    exit_codes: list[int] = []
+
+    def terminated():
+        pod = kube("get", "pod", victim, "-o", "json", check=False)
+        if pod.returncode != 0:
+            return "gone"
+        for cs in json.loads(pod.stdout).get("status", {}).get("containerStatuses", []):
+            if "terminated" in cs.get("state", {}):
+                exit_codes.append(cs["state"]["terminated"]["exitCode"])
+                return cs["state"]["terminated"]
+        return None
+    state = kube.wait_for("the deleted worker's exit", terminated, timeout=180, interval=0.3)
+    TIMINGS["delete to exit with checkpoint"] = time.monotonic() - t
+    restarts = kube.wait_for("the restart record", lambda: kube.get("forgetraining", "evict").get("status", {})
+                             .get("restarts"), timeout=120, interval=1)
+    assert state == "gone" or state["exitCode"] == 75, state
+    assert restarts[-1].get("exitCode") == 75 or exit_codes == [75], restarts
+    ckpts = runs / "evict" / "checkpoint"
+    assert ckpts.exists() and any(ckpts.iterdir()), "no checkpoint saved in the grace period"

@@ -1,0 +1,487 @@
+"""OCI images for a real node, built without Docker or a registry.
+
+- the sandbox ("pause") image: the static binary built by ``scripts/realnode-build``;
+- the trainer image, laid out as ``trainer-image/Dockerfile`` describes it: a Debian
+  (bookworm) base from Debian's packages, extracted; CPython in ``/usr/local`` as the
+  ``python:3.11-slim`` images have it; the ``trainer`` extra at the torch of the
+  Dockerfile's base image (the pins of ``requirements/torch-floor.lock``); the forge
+  package itself; the Dockerfile's ENV, user 10001, directories, entrypoint and command.
+
+Each image is an OCI image layout (``oci-layout``, ``index.json``, ``blobs/``) with
+uncompressed layers, cached per machine under ``~/.cache/forge/images/<name>-<key>``
+(the key hashes every input), and imported into containerd with
+``ctr images import``. Only the standard library, ``uv`` (for the wheels, offline from
+its cache) and ``apt-get download``/``dpkg-deb`` (for the Debian packages) are used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("FORGE_IMAGE_CACHE") or
+             Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "forge" / "images")
+DOCKERFILE = ROOT / "trainer-image" / "Dockerfile"
+FLOOR_LOCK = ROOT / "requirements" / "torch-floor.lock"
+TRAINER_UID = 10001
+PYTHON_VERSION = "3.11"
+PAUSE_IMAGE = "forge.dev/pause"
+TRAINER_IMAGE = "forge.dev/forge-trainer"
+
+# The Debian packages under CPython, its extension modules and the wheels' native code
+# (libstdc++ for torch); /bin/sh from dash.
+DEBIAN_PACKAGES = (
+    "base-files", "netbase", "dash", "libc6", "libgcc-s1", "libstdc++6", "zlib1g", "libbz2-1.0",
+    "liblzma5", "libzstd1", "libffi8", "libssl3", "libsqlite3-0", "libncursesw6", "libtinfo6",
+    "libreadline8", "libuuid1", "libnsl2", "libtirpc3", "libtirpc-common", "libgssapi-krb5-2",
+    "libkrb5-3", "libk5crypto3", "libkrb5support0", "libcom-err2", "libkeyutils1", "libcrypt1",
+    "libgdbm6", "libgdbm-compat4", "libdb5.3", "libexpat1", "libbsd0", "libmd0",
+)
+# left out of /usr/local as python:3.11-slim leaves them out (or never needs them)
+PYTHON_EXCLUDES = re.compile(
+    r"^lib/python3\.\d+/(test|idlelib|tkinter|turtledemo|site-packages/(?!pip[-/]|$))|"
+    r"^lib/python3\.\d+/lib-dynload/_tkinter|^lib/python3\.\d+/config-[^/]*/.*\.a$|^lib/libpython.*\.a$|"
+    r"^share/|^include/")
+
+LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
+
+
+@dataclass
+class Image:
+    name: str          # e.g. forge.dev/forge-trainer:5f0c...
+    layout: Path       # the OCI image layout in the cache
+
+    def import_into(self, ctr: Path, address: str, namespace: str = "k8s.io") -> None:
+        """Stream the layout as an OCI archive into containerd and unpack it."""
+        tar = subprocess.Popen(["tar", "-C", str(self.layout), "-cf", "-", "."], stdout=subprocess.PIPE)
+        try:
+            subprocess.run([str(ctr), "--address", address, "--namespace", namespace, "images", "import",
+                            "--platform", "linux/amd64", "--no-unpack=false", "-"],
+                           stdin=tar.stdout, check=True, capture_output=True)
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(f"ctr images import {self.name} failed: {e.stderr.decode(errors='replace')}") from e
+        finally:
+            assert tar.stdout is not None
+            tar.stdout.close()
+            tar.wait()
+
+
+# -- layers --------------------------------------------------------------------------------------
+class LayerWriter:
+    """An uncompressed tar layer written once, hashed as it is written (digest = diff_id)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "wb")
+        self._sha = hashlib.sha256()
+        self._size = 0
+        self.tar = tarfile.open(fileobj=self, mode="w", format=tarfile.PAX_FORMAT)
+        self._dirs: set[str] = set()
+
+    def write(self, data: bytes) -> int:  # file protocol for tarfile
+        self._sha.update(data)
+        self._size += len(data)
+        return self._file.write(data)
+
+    def tell(self) -> int:
+        return self._size
+
+    def close(self) -> tuple[str, int]:
+        self.tar.close()
+        self._file.close()
+        return "sha256:" + self._sha.hexdigest(), self._size
+
+    def _parents(self, arcname: str) -> None:
+        parts = arcname.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in self._dirs:
+                self.directory(d)
+
+    def directory(self, arcname: str, mode: int = 0o755, uid: int = 0) -> None:
+        arcname = arcname.strip("/")
+        if arcname in self._dirs:
+            return
+        self._parents(arcname)
+        info = tarfile.TarInfo(arcname)
+        info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, mode, uid, uid
+        self.tar.addfile(info)
+        self._dirs.add(arcname)
+
+    def file(self, arcname: str, data: bytes, mode: int = 0o644) -> None:
+        arcname = arcname.strip("/")
+        self._parents(arcname)
+        info = tarfile.TarInfo(arcname)
+        info.size, info.mode = len(data), mode
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def symlink(self, arcname: str, target: str) -> None:
+        arcname = arcname.strip("/")
+        self._parents(arcname)
+        info = tarfile.TarInfo(arcname)
+        info.type, info.linkname, info.mode = tarfile.SYMTYPE, target, 0o777
+        self.tar.addfile(info)
+
+    def tree(self, src: Path, dest: str, exclude: re.Pattern | None = None,
+             rewrite=None) -> None:
+        """Add ``src`` under ``dest`` (owned by root), in a stable order; ``rewrite(rel, data)``
+        may change a regular file's content (None: keep it)."""
+        dest = dest.strip("/")
+        if dest:
+            self.directory(dest)
+        for dirpath, dirnames, filenames in os.walk(src):
+            dirnames.sort()
+            rel_dir = os.path.relpath(dirpath, src)
+            rel_dir = "" if rel_dir == "." else rel_dir
+            keep = []
+            for name in dirnames:
+                rel = f"{rel_dir}/{name}".lstrip("/")
+                if exclude is not None and exclude.search(rel + "/"):
+                    continue
+                full = Path(dirpath, name)
+                if full.is_symlink():
+                    self._add_path(full, f"{dest}/{rel}".lstrip("/"))
+                else:
+                    keep.append(name)
+                    st = full.stat()
+                    self.directory(f"{dest}/{rel}".lstrip("/"), mode=st.st_mode & 0o7777)
+            dirnames[:] = keep
+            for name in sorted(filenames):
+                rel = f"{rel_dir}/{name}".lstrip("/")
+                if exclude is not None and exclude.search(rel):
+                    continue
+                data = None
+                full = Path(dirpath, name)
+                if rewrite is not None and full.is_file() and not full.is_symlink():
+                    data = rewrite(rel, full)
+                if data is not None:
+                    self.file(f"{dest}/{rel}".lstrip("/"), data, mode=full.stat().st_mode & 0o7777)
+                else:
+                    self._add_path(full, f"{dest}/{rel}".lstrip("/"))
+
+    def _add_path(self, full: Path, arcname: str) -> None:
+        info = self.tar.gettarinfo(str(full), arcname)
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        if info.isreg():
+            with open(full, "rb") as f:
+                self.tar.addfile(info, f)
+        else:
+            self.tar.addfile(info)
+
+
+def write_layout(out: Path, name: str, layers: list[tuple[str, int, Path]], config: dict) -> Image:
+    """An OCI image layout from finished layers ((digest, size, path) each) and an image config."""
+    blobs = out / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    for digest, _, path in layers:
+        path.rename(blobs / digest.removeprefix("sha256:"))
+    config = {**config, "architecture": "amd64", "os": "linux",
+              "rootfs": {"type": "layers", "diff_ids": [d for d, _, _ in layers]}}
+
+    def blob(obj: dict) -> tuple[str, int]:
+        data = json.dumps(obj, sort_keys=True).encode()
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return "sha256:" + digest, len(data)
+
+    config_digest, config_size = blob(config)
+    manifest_digest, manifest_size = blob({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config_size},
+        "layers": [{"mediaType": LAYER_MEDIA_TYPE, "digest": d, "size": s} for d, s, _ in layers],
+    })
+    (out / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    (out / "index.json").write_text(json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest, "size": manifest_size,
+            "platform": {"architecture": "amd64", "os": "linux"},
+            "annotations": {"io.containerd.image.name": name,
+                            "org.opencontainers.image.ref.name": name.rsplit(":", 1)[1]},
+        }],
+    }))
+    return Image(name, out)
+
+
+def _cached(name: str, key: str, build) -> Image:
+    """The image ``name:key`` from the cache, or built into a temporary folder and moved there."""
+    final = CACHE / f"{name.rsplit('/', 1)[-1]}-{key}"
+    ref = f"{name}:{key}"
+    if (final / "index.json").exists():
+        return Image(ref, final)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=CACHE, prefix=".build-"))
+    try:
+        build(tmp, ref)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Image(ref, final)
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(hashlib.sha256(p).digest())
+    return h.hexdigest()[:16]
+
+
+# -- the pause image -----------------------------------------------------------------------------
+def pause_image(bin_dir: Path) -> Image:
+    binary = (bin_dir / "pause").read_bytes()
+
+    def build(tmp: Path, ref: str) -> None:
+        layer = LayerWriter(tmp / "layer.tar")
+        layer.file("pause", binary, mode=0o755)
+        digest, size = layer.close()
+        write_layout(tmp / "oci", ref, [(digest, size, tmp / "layer.tar")],
+                     {"config": {"Entrypoint": ["/pause"], "User": "65535:65535"}})
+        for p in (tmp / "oci").iterdir():
+            p.rename(tmp / p.name)
+
+    return _cached(PAUSE_IMAGE, _digest(binary), build)
+
+
+# -- the trainer image ---------------------------------------------------------------------------
+@dataclass
+class DockerfileSpec:
+    """What trainer-image/Dockerfile says about the image (the parts the built image must match)."""
+    torch_version: str
+    env: dict[str, str]
+    user: str
+    workdir: str
+    entrypoint: list[str]
+    cmd: list[str]
+    directories: list[str]
+    extra: str
+
+    @classmethod
+    def parse(cls, text: str = "") -> "DockerfileSpec":
+        text = text or DOCKERFILE.read_text()
+        flat = re.sub(r"\\\n\s*", " ", text)
+        lines = flat.splitlines()
+        instr = [(l.split(None, 1)[0].upper(), l.split(None, 1)[1].strip() if " " in l.strip() else "")
+                 for l in (x.strip() for x in lines) if l and not l.startswith("#")]
+        base = next(v for k, v in instr if k == "FROM")
+        torch = re.match(r"pytorch/pytorch:(\d+\.\d+\.\d+)", base)
+        if not torch:
+            raise ValueError(f"trainer-image/Dockerfile: base image {base!r} is not pytorch/pytorch:<torch version>-...")
+        env: dict[str, str] = {}
+        for k, v in instr:
+            if k == "ENV":
+                env.update(dict(re.findall(r"(\w+)=(\S+)", v)))
+        last = lambda key: [v for k, v in instr if k == key][-1]  # noqa: E731
+        extra = re.search(r'pip install "\.\[(\w+)\]"', text)
+        dirs = re.search(r"mkdir -p ([^&\n]+)", flat)
+        return cls(torch_version=torch.group(1), env=env, user=last("USER"), workdir=last("WORKDIR"),
+                   entrypoint=json.loads(last("ENTRYPOINT")), cmd=json.loads(last("CMD")),
+                   directories=dirs.group(1).split() if dirs else [],
+                   extra=extra.group(1) if extra else "trainer")
+
+
+def _venv() -> Path:
+    """The project's virtualenv (scripts/setup-dev): its Python and uv build the image."""
+    for candidate in (ROOT / ".venv", Path(sys.prefix)):
+        if (candidate / "pyvenv.cfg").exists():
+            return candidate
+    raise RuntimeError("no virtualenv: run scripts/setup-dev")
+
+
+def _uv() -> str:
+    for candidate in (_venv() / "bin" / "uv", Path(sys.executable).parent / "uv"):
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("uv")
+    if not found:
+        raise RuntimeError("uv not found: run scripts/setup-dev")
+    return found
+
+
+def base_python() -> Path:
+    """The CPython installation copied to /usr/local: the one the project's virtualenv comes from."""
+    cfg = dict(line.split(" = ", 1) for line in (_venv() / "pyvenv.cfg").read_text().splitlines() if " = " in line)
+    return Path(os.path.realpath(cfg["home"])).parent
+
+
+def _python_version(python: Path) -> str:
+    return subprocess.run([str(python / "bin" / "python3"), "-c", "import sys; print(sys.version)"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def trainer_requirements(spec: DockerfileSpec) -> str:
+    """The Dockerfile's `pip install ".[trainer]"` on its base's torch, pinned as the floor lock pins it."""
+    floor = FLOOR_LOCK.read_text()
+    if f"\ntorch=={spec.torch_version}\n" not in f"\n{floor}":
+        raise RuntimeError(f"requirements/torch-floor.lock does not pin torch=={spec.torch_version}, "
+                           f"the torch of trainer-image/Dockerfile's base image")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "requirements.txt"
+        subprocess.run(
+            [_uv(), "pip", "compile", "-q", str(ROOT / "pyproject.toml"), "--extra", spec.extra,
+             "-c", str(FLOOR_LOCK), "--python-version", PYTHON_VERSION, "--python-platform", "x86_64-manylinux_2_28",
+             "--no-header", "--no-annotate", "--offline", "-o", str(out)],
+            check=True, capture_output=True, text=True, cwd=ROOT)
+        requirements = out.read_text()
+    if f"\ntorch=={spec.torch_version}\n" not in f"\n{requirements}":
+        raise RuntimeError(f"the trainer extra did not resolve to torch=={spec.torch_version}:\n{requirements}")
+    return requirements
+
+
+def _source_digest() -> bytes:
+    h = hashlib.sha256()
+    for top in ("operator/forge_operator", "trainer-image/forge_trainer"):
+        for path in sorted((ROOT / top).rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts:
+                h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    for name in ("pyproject.toml", "README.md"):
+        h.update((ROOT / name).read_bytes())
+    return h.digest()
+
+
+def _debian_rootfs(dest: Path) -> None:
+    debs = dest / "debs"
+    debs.mkdir(parents=True)
+    subprocess.run(["apt-get", "download", *DEBIAN_PACKAGES], cwd=debs, check=True, capture_output=True)
+    root = dest / "rootfs"
+    for deb in sorted(debs.glob("*.deb")):
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    shutil.rmtree(debs)
+    for doc in ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/lintian"):
+        shutil.rmtree(root / doc, ignore_errors=True)
+
+
+def _python_ignore(python: Path):
+    def ignore(directory: str, names: list[str]) -> list[str]:
+        rel = os.path.relpath(directory, python)
+        rel = "" if rel == "." else rel + "/"
+        return [n for n in names if PYTHON_EXCLUDES.search(rel + n + ("/" if Path(directory, n).is_dir() else ""))]
+    return ignore
+
+
+def _shebang(rel: str, path: Path) -> bytes | None:
+    """Console scripts from uv name the build's interpreter: point them at the image's."""
+    data = path.read_bytes()
+    if data.startswith(b"#!") and b"python" in data.split(b"\n", 1)[0]:
+        return b"#!/usr/local/bin/python3\n" + data.split(b"\n", 1)[1]
+    return None
+
+
+def trainer_image(spec: DockerfileSpec | None = None) -> Image:
+    spec = spec or DockerfileSpec.parse()
+    requirements = trainer_requirements(spec)
+    python = base_python()
+    key = _digest(requirements.encode(), _source_digest(), " ".join(DEBIAN_PACKAGES).encode(),
+                  str(python).encode(), _python_version(python).encode(), json.dumps(spec.__dict__, sort_keys=True).encode(),
+                  Path(__file__).read_bytes())
+
+    def build(tmp: Path, ref: str) -> None:
+        _debian_rootfs(tmp)
+        site, app = tmp / "site", tmp / "app"
+        (tmp / "requirements.txt").write_text(requirements)
+        uv = [_uv(), "pip", "install", "-q", "--python", str(_venv() / "bin" / "python"), "--offline", "--no-deps",
+              "--link-mode", "hardlink"]
+        subprocess.run([*uv, "--target", str(site), "-r", str(tmp / "requirements.txt")], check=True)
+        subprocess.run([*uv, "--target", str(app), str(ROOT)], check=True, cwd=tmp)
+        pyver = f"python{PYTHON_VERSION}"
+        layers = []
+        # 1. Debian base, CPython in /usr/local (with the loader's cache), the user and the Dockerfile's directories
+        rootfs = tmp / "rootfs"
+        shutil.copytree(python, rootfs / "usr" / "local", symlinks=True, ignore=_python_ignore(python))
+        if not (rootfs / "usr" / "local" / "bin" / "python").exists():
+            (rootfs / "usr" / "local" / "bin" / "python").symlink_to("python3")
+        if not (rootfs / "bin" / "sh").exists():
+            (rootfs / "bin" / "sh").symlink_to("dash")
+        (rootfs / "etc" / "ld.so.conf").write_text("include /etc/ld.so.conf.d/*.conf\n")
+        (rootfs / "etc" / "ld.so.conf.d" / "usr-local.conf").write_text("/usr/local/lib\n")
+        subprocess.run(["ldconfig", "-r", str(rootfs)], check=True)
+        base = LayerWriter(tmp / "base.tar")
+        base.tree(rootfs, "")
+        base.directory("tmp", mode=0o1777)
+        base.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"
+                  b"forge:x:10001:10001::/home/forge:/usr/sbin/nologin\n")
+        base.file("etc/group", b"root:x:0:\nforge:x:10001:\n")
+        base.directory("home/forge", mode=0o755, uid=TRAINER_UID)
+        for d in spec.directories:
+            base.directory(d, mode=0o755, uid=TRAINER_UID)
+        layers.append((*base.close(), tmp / "base.tar"))
+        # 2. the trainer extra's wheels; 3. forge itself
+        for name, src in (("deps", site), ("forge", app)):
+            layer = LayerWriter(tmp / f"{name}.tar")
+            bin_dir = src / "bin"
+            layer.tree(src, f"usr/local/lib/{pyver}/site-packages", exclude=re.compile(r"^bin/"))
+            if bin_dir.exists():
+                layer.tree(bin_dir, "usr/local/bin", rewrite=_shebang)
+            layers.append((*layer.close(), tmp / f"{name}.tar"))
+        env = {"PATH": "/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", **spec.env}
+        write_layout(tmp / "oci", ref, layers, {
+            "config": {"Env": [f"{k}={v}" for k, v in env.items()], "User": spec.user,
+                       "WorkingDir": spec.workdir, "Entrypoint": spec.entrypoint, "Cmd": spec.cmd},
+        })
+        for p in (tmp / "oci").iterdir():
+            p.rename(tmp / p.name)
+        for p in ("rootfs", "site", "app", "requirements.txt"):
+            shutil.rmtree(tmp / p, ignore_errors=True) if (tmp / p).is_dir() else (tmp / p).unlink()
+
+    return _cached(TRAINER_IMAGE, key, build)
+
+
+# -- reading a built image back ------------------------------------------------------------------
+def image_config(image: Image) -> dict:
+    manifest = _manifest(image)
+    return json.loads(_blob(image, manifest["config"]["digest"]).read_text())
+
+
+def _manifest(image: Image) -> dict:
+    index = json.loads((image.layout / "index.json").read_text())
+    return json.loads(_blob(image, index["manifests"][0]["digest"]).read_text())
+
+
+def _blob(image: Image, digest: str) -> Path:
+    return image.layout / "blobs" / "sha256" / digest.removeprefix("sha256:")
+
+
+def installed_distributions(image: Image) -> dict[str, str]:
+    """{normalised name: version} of every *.dist-info in the image's site-packages."""
+    found: dict[str, str] = {}
+    for layer in _manifest(image)["layers"]:
+        with tarfile.open(_blob(image, layer["digest"])) as tar:
+            for member in tar:
+                m = re.search(r"site-packages/([^/]+)-([^-/]+)\.dist-info/METADATA$", member.name)
+                if m:
+                    found[normalise(m.group(1))] = m.group(2)
+    return found
+
+
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(description="Build the node images (OCI layouts, cached); print where.")
+    parser.add_argument("image", choices=["trainer", "pause"])
+    parser.add_argument("--bin-dir", help="scripts/realnode-build's folder (for pause)")
+    args = parser.parse_args(argv)
+    image = trainer_image() if args.image == "trainer" else pause_image(Path(args.bin_dir))
+    print(image.name)
+    print(image.layout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

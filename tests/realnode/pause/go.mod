@@ -1,0 +1,3 @@
+module forge.dev/tests/realnode/pause
+
+go 1.26.0
