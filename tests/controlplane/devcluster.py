@@ -168,6 +168,8 @@ class DevCluster:
 
     def add_gpu_nodes(self, count: int, start: int = 0) -> list[str]:
         names = [f"gpu-node-{i}" for i in range(start, start + count)]
+        if not names:
+            return []
         docs = [self.gpu_node_manifest(n) for n in names]
         self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
         return names
@@ -257,7 +259,9 @@ class DevCluster:
                 # blockOwnerDeletion needs update on the owner's finalizers
                 "--enable-admission-plugins",
                 "OwnerReferencesPermissionEnforcement" + (",NodeRestriction" if self.real_node_names else ""),
-                "--endpoint-reconciler-type", "none", "--v", "1"]
+                "--endpoint-reconciler-type", "none", "--v", "1",
+                # a real node's name does not resolve: reach its kubelet (logs, exec) by address
+                "--kubelet-preferred-address-types", "InternalIP,Hostname"]
 
     def _component_kubeconfig(self) -> str:
         assert self.state is not None

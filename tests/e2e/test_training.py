@@ -176,3 +176,31 @@ def test_a_deleted_worker_checkpoints_in_its_grace_period_and_exits_75(kube, run
     assert restarts[-1].get("exitCode") == 75 or exit_codes == [75], restarts
     ckpts = runs / "evict" / "checkpoint"
     assert ckpts.exists() and any(ckpts.iterdir()), "no checkpoint saved in the grace period"
+
+
+def test_the_second_worker_starts_90_s_late_and_the_group_still_trains(kube, runs, forge_operator, image):
+    """Worker 1 cannot be scheduled for 90 s (another pod holds the node's second CPU), as when the
+    second node of a real cluster comes up late; rank 0 waits for it at the rendezvous."""
+    kube.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "cpu-holder"},
+                "spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
+                         "securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
+                         "containers": [{"name": "hold", "image": image.name, "imagePullPolicy": "Never",
+                                         "command": ["python", "-c", "import time; time.sleep(3600)"],
+                                         "resources": {"requests": {"cpu": "1"}, "limits": {"cpu": "1"}}}]}})
+    kube.wait_for("the holder running", lambda: kube.get("pod", "cpu-holder")["status"].get("phase") == "Running",
+                  timeout=120, interval=1)
+    ft = quickstart("late", steps=10, checkpoint_every=10)
+    ft["spec"]["resources"]["cpu"] = "1"
+    ft["spec"].setdefault("failurePolicy", {})["rendezvousTimeoutSeconds"] = 300
+    kube.apply(ft)
+    kube.wait_for("worker 0 running", lambda: len(running_workers(kube, "late")) == 1, timeout=240, interval=1)
+    pending = [p for p in worker_pods(kube, "late") if p["status"].get("phase") == "Pending"]
+    assert len(pending) == 1, [p["status"] for p in worker_pods(kube, "late")]
+    time.sleep(90)
+    assert len(running_workers(kube, "late")) == 1  # still only rank 0, waiting at the rendezvous
+    kube("delete", "pod", "cpu-holder", "--wait=false")
+    t = time.monotonic()
+    kube.wait_for("Succeeded", lambda: phase(kube, "late") in ("Succeeded", "Failed"), timeout=900, interval=2)
+    TIMINGS["late worker: release to Succeeded"] = time.monotonic() - t
+    status = kube.get("forgetraining", "late")["status"]
+    assert status["phase"] == "Succeeded" and not status.get("restarts"), json.dumps(status, indent=1)

@@ -55,6 +55,7 @@ PYTHON_EXCLUDES = re.compile(
     r"^share/|^include/")
 
 LAYER_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar"
+SOURCE_DATE_EPOCH = 1704067200  # 2024-01-01
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Image:
         tar = subprocess.Popen(["tar", "-C", str(self.layout), "-cf", "-", "."], stdout=subprocess.PIPE)
         try:
             subprocess.run([str(ctr), "--address", address, "--namespace", namespace, "images", "import",
-                            "--platform", "linux/amd64", "--no-unpack=false", "-"],
+                            "--platform", "linux/amd64", "--local", "--discard-unpacked-layers", "-"],
                            stdin=tar.stdout, check=True, capture_output=True)
         except subprocess.CalledProcessError as e:
             raise RuntimeError(f"ctr images import {self.name} failed: {e.stderr.decode(errors='replace')}") from e
@@ -81,8 +82,9 @@ class Image:
 class LayerWriter:
     """An uncompressed tar layer written once, hashed as it is written (digest = diff_id)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, mtime: int | None = None):
         self.path = path
+        self.mtime = mtime  # set: every entry gets it, so that the same files make the same digest
         self._file = open(path, "wb")
         self._sha = hashlib.sha256()
         self._size = 0
@@ -116,6 +118,7 @@ class LayerWriter:
         self._parents(arcname)
         info = tarfile.TarInfo(arcname)
         info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, mode, uid, uid
+        info.mtime = self.mtime or 0
         self.tar.addfile(info)
         self._dirs.add(arcname)
 
@@ -124,6 +127,7 @@ class LayerWriter:
         self._parents(arcname)
         info = tarfile.TarInfo(arcname)
         info.size, info.mode = len(data), mode
+        info.mtime = self.mtime or 0
         self.tar.addfile(info, io.BytesIO(data))
 
     def symlink(self, arcname: str, target: str) -> None:
@@ -131,6 +135,7 @@ class LayerWriter:
         self._parents(arcname)
         info = tarfile.TarInfo(arcname)
         info.type, info.linkname, info.mode = tarfile.SYMTYPE, target, 0o777
+        info.mtime = self.mtime or 0
         self.tar.addfile(info)
 
     def tree(self, src: Path, dest: str, exclude: re.Pattern | None = None,
@@ -174,6 +179,8 @@ class LayerWriter:
         info = self.tar.gettarinfo(str(full), arcname)
         info.uid = info.gid = 0
         info.uname = info.gname = ""
+        if self.mtime is not None:
+            info.mtime = self.mtime
         if info.isreg():
             with open(full, "rb") as f:
                 self.tar.addfile(info, f)
@@ -229,6 +236,9 @@ def _cached(name: str, key: str, build) -> Image:
         build(tmp, ref)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        for old in CACHE.glob(f"{name.rsplit('/', 1)[-1]}-*"):  # the trainer image is 5 GB: keep one
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Image(ref, final)
@@ -421,7 +431,9 @@ def trainer_image(spec: DockerfileSpec | None = None) -> Image:
         layers.append((*base.close(), tmp / "base.tar"))
         # 2. the trainer extra's wheels; 3. forge itself
         for name, src in (("deps", site), ("forge", app)):
-            layer = LayerWriter(tmp / f"{name}.tar")
+            # fixed times (no byte code is shipped in these): the same wheels make the same layer, which
+            # a node that has it unpacked already does not unpack again
+            layer = LayerWriter(tmp / f"{name}.tar", mtime=SOURCE_DATE_EPOCH)
             bin_dir = src / "bin"
             layer.tree(src, f"usr/local/lib/{pyver}/site-packages", exclude=re.compile(r"^bin/"))
             if bin_dir.exists():

@@ -69,6 +69,11 @@ class RealNode:
         self._bin = bin_dir
         self.dir = Path(cluster.dir) / "nodes" / name
         self.socket = self.dir / "containerd" / "containerd.sock"
+        # containerd's root (images, unpacked layers) outlives the cluster: importing the 5 GB trainer
+        # image takes minutes on a busy machine, once. One real-node cluster per machine at a time.
+        self.containerd_root = Path(os.environ.get("FORGE_CONTAINERD_ROOT") or
+                                    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                                    / "forge" / "containerd" / f"node-{index}")
         self.timings: dict[str, float] = {}
 
     @property
@@ -91,10 +96,12 @@ class RealNode:
         self._write_containerd_config(pause.name)
         self._start("containerd", [str(self.bin / "containerd"), "--config", str(self.dir / "containerd" / "config.toml")])
         self._wait("containerd socket", lambda: self.ctr("version").returncode == 0, timeout)
+        present = set(self.ctr("images", "ls", "-q").stdout.split())
         for image in (pause, *images):
             t = time.monotonic()
-            image.import_into(self.bin / "ctr", str(self.socket))
-            self.timings[f"import {image.name}"] = time.monotonic() - t
+            if image.name not in present:
+                image.import_into(self.bin / "ctr", str(self.socket))
+            self.timings[f"import {image.name}" + (" (present)" if image.name in present else "")] = time.monotonic() - t
         self._start("coredns", [str(self.bin / "coredns"), "-conf", str(self._write_corefile())])
         api_port = self.cluster.state.server.rsplit(":", 1)[1]
         self._start("kubernetes-service-proxy", [sys.executable, str(HERE / "serviceproxy.py"), API_SERVICE_IP, "443",
@@ -104,7 +111,8 @@ class RealNode:
             str(self.bin / "kubelet"), "--config", str(self.dir / "kubelet" / "config.yaml"),
             "--kubeconfig", str(self.dir / "kubelet" / "kubeconfig"),
             "--root-dir", str(self.dir / "kubelet" / "root"), "--cert-dir", str(self.dir / "kubelet" / "pki"),
-            "--hostname-override", self.name, "--node-ip", "127.0.0.1",
+            # the kubelet refuses a loopback node IP: the node's address is its bridge's
+            "--hostname-override", self.name, "--node-ip", self.net.gateway,
             "--node-labels", f"{NODE_LABEL}=true", "--v", "1"])
         self._wait(f"node {self.name} Ready", self._ready, timeout)
         self.timings["node join"] = time.monotonic() - t0
@@ -114,6 +122,8 @@ class RealNode:
         CoreDNS; remove the mounts, network namespaces, cgroups, bridge and route they left."""
         pids = self._pids()
         _terminate(pids.pop("kubelet", 0))
+        if _alive(pids.get("containerd", 0)):  # its root is kept: leave no pod behind in it
+            self.crictl("rmp", "--all", "--force")
         _terminate(pids.pop("coredns", 0))
         _terminate(pids.pop("kubernetes-service-proxy", 0))
         for pid in self._shim_pids():
@@ -166,7 +176,7 @@ class RealNode:
     def _write_containerd_config(self, sandbox_image: str) -> None:
         d = self.dir / "containerd"
         (d / "config.toml").write_text(f"""version = 3
-root = "{d / 'root'}"
+root = "{self.containerd_root}"
 state = "{d / 'state'}"
 
 [grpc]
@@ -234,7 +244,7 @@ state = "{d / 'state'}"
         }, indent=2))
         (d / "config.yaml").write_text(json.dumps({
             "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
-            "address": "127.0.0.1", "port": free_port(), "readOnlyPort": 0,
+            "address": self.net.gateway, "port": free_port(), "readOnlyPort": 0,
             "healthzBindAddress": "127.0.0.1", "healthzPort": free_port(),
             # the API server reaches the kubelet (logs, exec) without credentials of its own
             "authentication": {"anonymous": {"enabled": True}, "webhook": {"enabled": False}},
