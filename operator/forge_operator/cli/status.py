@@ -1,28 +1,23 @@
 """`forge status`: trainings and their progress, the way `kubectl get` finds and shows them.
 
-The cluster and namespace come from kubectl's rules: ``--kubeconfig``, else ``$KUBECONFIG``, else
-``~/.kube/config``, else the pod's service account; the namespace from ``-n``, else the current
-context's, else ``default``; ``-A`` for all namespaces. Errors are one line on stderr and exit 1.
+The cluster and namespace follow kubectl's rules (``cli/cluster.py``); ``-A`` lists every namespace
+and ``-w`` goes on printing each change, as ``kubectl get -w`` does. Errors are one line on stderr
+and exit status 1.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
 from ..api.base import GROUP, VERSION
+from .cluster import CliError, api_errors, connect, refused
 
 PLURAL = "forgetrainings"
-IN_CLUSTER_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 COLUMNS = ["NAMESPACE", "NAME", "PHASE", "%", "STEP", "LOSS", "TOKENS/S", "ETA", "RESTARTS"]
-
-
-class StatusError(Exception):
-    """What `forge status` tells the user instead of a traceback."""
 
 
 def _row(o: dict) -> list[str]:
@@ -34,56 +29,56 @@ def _row(o: dict) -> list[str]:
             p.get("eta", ""), str(st.get("restartCount", 0))]
 
 
-def _client(kubeconfig: str | None, context: str | None) -> tuple[Any, str]:
-    """A CustomObjectsApi and the namespace kubectl would use by default."""
-    import kubernetes
-
-    try:
-        contexts, current = kubernetes.config.list_kube_config_contexts(config_file=kubeconfig)
-        if context:
-            current = next((c for c in contexts if c["name"] == context), None)
-            if current is None:
-                raise kubernetes.config.ConfigException(f"no context named {context!r}")
-        api = kubernetes.config.new_client_from_config(config_file=kubeconfig, context=context)
-        namespace = (current.get("context") or {}).get("namespace") or "default"
-        return kubernetes.client.CustomObjectsApi(api), namespace
-    except (kubernetes.config.ConfigException, OSError) as e:
-        if kubeconfig or context or not IN_CLUSTER_NAMESPACE.exists():
-            where = kubeconfig or "$KUBECONFIG or ~/.kube/config"
-            raise StatusError(f"no cluster to ask: {where}: {e}") from e
-    kubernetes.config.load_incluster_config()
-    return kubernetes.client.CustomObjectsApi(), IN_CLUSTER_NAMESPACE.read_text().strip()
-
-
-def _fetch(api, name: str | None, namespace: str, all_namespaces: bool) -> list[dict]:
+def _list(api, name: str | None, namespace: str, all_namespaces: bool) -> tuple[list[dict], str]:
+    """The trainings asked for, and the resourceVersion to watch from."""
     from kubernetes.client.rest import ApiException
-    from urllib3.exceptions import HTTPError
 
     try:
         if name:
-            return [api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)]
-        if all_namespaces:
-            return api.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]
-        return api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+            found = api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
+                                                      field_selector=f"metadata.name={name}")
+        elif all_namespaces:
+            found = api.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+        else:
+            found = api.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
     except ApiException as e:
-        if e.status == 404 and name:
-            raise StatusError(f'forgetraining "{name}" not found in namespace "{namespace}"') from e
         if e.status == 404:
-            raise StatusError(f"the cluster has no ForgeTraining API ({GROUP}/{VERSION}): is Forge installed?") from e
-        reason = (json.loads(e.body or "{}").get("message") if (e.body or "").startswith("{") else None) or e.reason
-        raise StatusError(f"the API server refused: {reason}") from e
-    except HTTPError as e:
-        raise StatusError(f"cannot reach the API server: {e}") from e
+            raise CliError(f"the cluster has no ForgeTraining API ({GROUP}/{VERSION}): is Forge installed?") from e
+        raise refused(e) from e
+    except api_errors() as e:
+        raise refused(e) from e
+    if name and not found["items"]:
+        raise CliError(f'forgetraining "{name}" not found in namespace "{namespace}"')
+    return found["items"], found["metadata"]["resourceVersion"]
 
 
-def _print_table(items: list[dict], detail: bool) -> None:
-    rows = [COLUMNS, *(_row(o) for o in items)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+def _changes(api, name: str | None, namespace: str, all_namespaces: bool, since: str) -> Iterator[dict]:
+    """Each training as it changes from resourceVersion ``since`` on (until interrupted)."""
+    import kubernetes
+
+    w = kubernetes.watch.Watch()
+    if all_namespaces:
+        stream = w.stream(api.list_cluster_custom_object, GROUP, VERSION, PLURAL, resource_version=since)
+    else:
+        selector = {"field_selector": f"metadata.name={name}"} if name else {}
+        stream = w.stream(api.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
+                          resource_version=since, **selector)
+    try:
+        for event in stream:
+            yield event["object"]
+    except api_errors() as e:
+        raise refused(e) from e
+
+
+def _print_rows(items: list[dict], header: bool) -> None:
+    rows = [COLUMNS, *(_row(o) for o in items)] if header else [_row(o) for o in items]
+    widths = [max(len(r[i]) for r in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    if not detail:
-        return
-    st = items[0].get("status") or {}
+
+
+def _print_detail(o: dict) -> None:
+    st = o.get("status") or {}
     for c in st.get("conditions") or []:
         print(f"  {c['type']}={c['status']} {c['reason']}: {c.get('message', '')}")
     for r in (st.get("restarts") or [])[-5:]:
@@ -93,25 +88,44 @@ def _print_table(items: list[dict], detail: bool) -> None:
         print(f"  last checkpoint: step {ck['step']} at {ck.get('path', '')}")
 
 
+def _print_doc(doc: dict, output: str, stream: bool = False) -> None:
+    """One object; in a stream (``-w``), YAML documents are separated by ``---``."""
+    text = json.dumps(doc, indent=2) if output == "json" else yaml.safe_dump(doc, sort_keys=False)
+    print(text + ("---" if stream and output == "yaml" else ""))
+
+
 def show_status(name: str | None, namespace: str | None, *, all_namespaces: bool = False, output: str = "table",
-                kubeconfig: str | None = None, context: str | None = None) -> int:
+                kubeconfig: str | None = None, context: str | None = None, watch: bool = False) -> int:
+    import kubernetes
+
     try:
         if name and all_namespaces:
-            raise StatusError("a NAME is looked up in one namespace: use -n, not -A")
-        api, default_namespace = _client(kubeconfig, context)
+            raise CliError("a NAME is looked up in one namespace: use -n, not -A")
+        client, default_namespace = connect(kubeconfig, context)
+        api = kubernetes.client.CustomObjectsApi(client)
         namespace = namespace or default_namespace
-        items = _fetch(api, name, namespace, all_namespaces)
-    except StatusError as e:
+        items, version = _list(api, name, namespace, all_namespaces)
+        if output == "table":
+            if items:
+                _print_rows(items, header=True)
+                if name and not watch:
+                    _print_detail(items[0])
+            elif not watch:
+                print("No ForgeTrainings found" + ("" if all_namespaces else f" in namespace {namespace}") + ".",
+                      file=sys.stderr)
+        elif watch:
+            for o in items:
+                _print_doc(o, output, stream=True)
+        else:
+            _print_doc(items[0] if name else {"apiVersion": "v1", "kind": "List", "items": items}, output)
+        sys.stdout.flush()
+        if watch:
+            for o in _changes(api, name, namespace, all_namespaces, version):
+                _print_rows([o], header=False) if output == "table" else _print_doc(o, output, stream=True)
+                sys.stdout.flush()
+    except CliError as e:
         print(f"forge status: {e}", file=sys.stderr)
         return 1
-    if output == "table":
-        if not items:
-            print("No ForgeTrainings found" + ("" if all_namespaces else f" in namespace {namespace}") + ".",
-                  file=sys.stderr)
-        else:
-            _print_table(items, detail=bool(name))
-    else:
-        doc = items[0] if name else {"apiVersion": "v1", "kind": "List", "items": items}
-        print(json.dumps(doc, indent=2) if output == "json" else yaml.safe_dump(doc, sort_keys=False), end="\n")
-    sys.stdout.flush()
+    except KeyboardInterrupt:
+        return 0
     return 0

@@ -17,12 +17,14 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
 from kubernetes.client.rest import ApiException
 
+from . import metrics
 from .clients import Clients
 from .objects import (
     ApplyOutcome, ChildConflict, ChildRef, ChildRejected, Key, Plan, Reader, Reconciler, event_body, not_ours, utcnow,
@@ -57,6 +59,7 @@ class Runtime:
         # per object, the uids of the children last applied (known to be ours): applied again with the uid
         # as a precondition, without reading them first
         self._ours: dict[Key, dict[ChildRef, str]] = {}
+        self._phases = metrics.PhaseCounts()
 
     # ------------------------------------------------------------------ triggers
     def on_event(self, key: Key, deleted: bool = False) -> None:
@@ -80,11 +83,15 @@ class Runtime:
             self._busy.add(key)
         try:
             while True:
+                started = time.monotonic()
                 try:
                     self.reconcile(key)
-                except Exception:
-                    log.exception("reconcile of %s failed; retrying in %.0fs", key, self.resync_seconds)
+                except Exception as e:
+                    metrics.finished(key.kind, started, e)
+                    log.exception("reconcile failed; retrying in %.0fs", self.resync_seconds, extra=_ref(key))
                     self.requeue(key, max(1.0, self.resync_seconds))
+                else:
+                    metrics.finished(key.kind, started)
                 with self._timers_lock:  # the check and the release under one lock: no trigger is lost
                     if key not in self._again:
                         self._busy.discard(key)
@@ -148,6 +155,10 @@ class Runtime:
         if not stored:  # what the outcome changed is planned again from a fresh read
             self.requeue(key, REPLAN_SECONDS)
             return False
+        old_phase, phase = old_status.get("phase"), plan.status.get("phase")
+        if phase != old_phase:
+            log.info("phase %s -> %s", old_phase or "(none)", phase, extra=_ref(key, decision="phase", phase=phase))
+        self._phases.set(key, key.kind, phase)
         kind.after_write(key, plan.status)
         return True
 
@@ -206,6 +217,8 @@ class Runtime:
         """Posted with the API client (not kopf.event) so reconciles started by a requeue timer, outside
         any kopf handler, report too. An event that cannot be posted is logged, never fatal."""
         meta = obj["metadata"]
+        log.log(logging.WARNING if event.type == "Warning" else logging.INFO, "%s: %s", event.reason, event.message,
+                extra=_ref(Key(obj["kind"], meta["namespace"], meta["name"]), decision="event", reason=event.reason))
         try:
             self.clients.create_event(meta["namespace"],
                                       event_body(obj, event, self.field_manager, self.instance, utcnow()))
@@ -220,6 +233,7 @@ class Runtime:
             with self._timers_lock:
                 if self._timers.get(key) is timer:
                     del self._timers[key]
+                metrics.REQUEUES_PENDING.set(len(self._timers))
             try:
                 if standing_by(self.clients, self.peering, key.namespace):
                     # a paused replica stands down; the active one has its own timers, and kopf replays
@@ -236,14 +250,17 @@ class Runtime:
             if old is not None:
                 old.cancel()
             self._timers[key] = timer
+            metrics.REQUEUES_PENDING.set(len(self._timers))
             timer.start()
 
     def forget(self, key: Key) -> None:
         """The object is gone: its timer and what is known of its children go (its lock is left, a
         reconcile may hold it)."""
         self._ours.pop(key, None)
+        self._phases.set(key, key.kind, None)
         with self._timers_lock:
             timer = self._timers.pop(key, None)
+            metrics.REQUEUES_PENDING.set(len(self._timers))
         if timer is not None:
             timer.cancel()
 
@@ -255,6 +272,12 @@ class Runtime:
     def close(self) -> None:
         for key in self.pending():
             self.forget(key)
+
+
+def _ref(key: Key, **fields: Any) -> dict[str, Any]:
+    """``extra`` of a log record about one object: kopf's JSON log format puts ``k8s_ref`` under
+    ``object``, and every other field at the top level (the decision, its reason)."""
+    return {"k8s_ref": {"kind": key.kind, "namespace": key.namespace, "name": key.name}, **fields}
 
 
 def _with_uid(child: dict[str, Any], uid: str) -> dict[str, Any]:

@@ -20,6 +20,9 @@ PROGRESS = Gauge("forge_training_progress_ratio", "Progress towards the budget, 
 ETA = Gauge("forge_training_eta_seconds", "Estimated seconds to the end of the budget", LABELS)
 RESTARTS = Gauge("forge_training_restarts", "Restarts of the worker group", LABELS)
 GPU_HOURS = Gauge("forge_training_gpu_hours", "GPU-hours consumed", LABELS)
+GPU_HOURS_LIMIT = Gauge("forge_training_gpu_hours_limit", "The training's spec.budget.maxGpuHours (absent when unset)",
+                        LABELS)
+MFU = Gauge("forge_training_mfu", "Model FLOPs utilisation reported by rank 0, 0-1", LABELS)
 
 
 def observe_training(namespace: str, name: str, status: dict[str, Any]) -> None:
@@ -31,17 +34,31 @@ def observe_training(namespace: str, name: str, status: dict[str, Any]) -> None:
     progress = status.get("progress") or {}
     for gauge, value in ((STEP, progress.get("step")), (TOKENS, progress.get("tokensSeen")),
                          (LOSS, progress.get("loss")), (TOKENS_PER_SECOND, progress.get("tokensPerSecond")),
+                         (MFU, progress.get("mfu")),
                          (ETA, progress.get("etaSeconds")), (RESTARTS, status.get("restartCount", 0)),
                          (GPU_HOURS, (status.get("budget") or {}).get("gpuHours"))):
         if value is not None:
             gauge.labels(*key).set(float(value))
-        elif gauge in (TOKENS_PER_SECOND, ETA):  # no worker runs: no throughput, no estimate (not the last one)
-            try:
-                gauge.remove(*key)
-            except KeyError:
-                pass
+        elif gauge in (TOKENS_PER_SECOND, MFU, ETA):  # no worker runs: no throughput, no estimate (not the last one)
+            _remove(gauge, key)
     if progress.get("percent") is not None:
         PROGRESS.labels(*key).set(float(progress["percent"]) / 100)
+
+
+def observe_budget(namespace: str, name: str, spec: dict[str, Any]) -> None:
+    """Mirror the training's GPU-hours limit (what the budget alert compares ``forge_training_gpu_hours`` to)."""
+    limit = ((spec or {}).get("training") or {}).get("budget", {}).get("maxGpuHours")
+    if limit is not None:
+        GPU_HOURS_LIMIT.labels(namespace, name).set(float(limit))
+    else:
+        _remove(GPU_HOURS_LIMIT, (namespace, name))
+
+
+def _remove(gauge: Gauge, key: tuple[str, str]) -> None:
+    try:
+        gauge.remove(*key)
+    except KeyError:
+        pass
 
 
 def serve(port: int) -> None:

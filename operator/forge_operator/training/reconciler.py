@@ -9,7 +9,7 @@ from ..api.base import API_VERSION
 from ..k8s.objects import ApplyOutcome, Key, Plan, Reader
 from .draft import Settings
 from .lifecycle import record_apply_outcome
-from .metrics import observe_training
+from .metrics import observe_budget, observe_training
 from .observe import read
 from .planner import plan_training
 
@@ -28,6 +28,8 @@ class TrainingReconciler:
         self.settings = settings
 
     def plan(self, obj: dict[str, Any], reader: Reader, now: datetime) -> Plan:
+        meta = obj["metadata"]
+        observe_budget(meta["namespace"], meta["name"], obj.get("spec") or {})
         return plan_training(obj, read(reader, obj, now), self.settings)
 
     def after_apply(self, plan: Plan, old_status: dict[str, Any], outcome: ApplyOutcome, now: datetime) -> None:
