@@ -68,29 +68,31 @@ def test_json_logs_operator_metrics_and_the_cli_tell_the_story(kube, json_operat
     kube.wait_for("Running", phase_is(kube, "llm", "Running"))
 
     # every line is one JSON object; the operator's own lines name the object and the decision
-    records = [json.loads(line) for line in json_operator.log().splitlines() if line.strip()]
-    ours = [r for r in records if (r.get("object") or {}).get("name") == "llm"]
-    transitions = [r["phase"] for r in ours if r.get("decision") == "phase"]
-    assert "Running" in transitions, ours
+    def ours() -> list[dict]:
+        records = [json.loads(line) for line in json_operator.log().splitlines() if line.strip()]
+        return [r for r in records if (r.get("object") or {}).get("name") == "llm"]
+
+    ours = kube.wait_for("the transition to Running logged", lambda: (
+        o := ours()) and any(r.get("decision") == "phase" and r["phase"] == "Running" for r in o) and o)
     assert all(r["object"]["namespace"] == kube.namespace and r["object"]["kind"] == "ForgeTraining" for r in ours)
     assert any(r.get("decision") == "event" and r.get("reason") for r in ours)
 
     # the operator's metrics beside the training's
-    m = kube.wait_for("the training's loss exported",
+    m = kube.wait_for("the training's loss and phase exported",
                       lambda: (m := scrape(json_operator.metrics_port))
-                      .get(f'forge_training_loss{{name="llm",namespace="{kube.namespace}"}}') == 2.5 and m)
+                      .get(f'forge_training_loss{{name="llm",namespace="{kube.namespace}"}}') == 2.5
+                      and m.get('forge_operator_resources{kind="ForgeTraining",phase="Running"}') == 1 and m)
     assert m['forge_operator_reconcile_duration_seconds_count{kind="ForgeTraining"}'] > 0
-    assert m['forge_operator_resources{kind="ForgeTraining",phase="Running"}'] == 1
     assert m['forge_operator_last_reconcile_timestamp_seconds{kind="ForgeTraining"}'] > 0
     assert "forge_operator_requeues_pending" in m
 
     # `forge events`: the training's events and its children's, oldest first, kubectl's columns
+    posted = {e["reason"] for e in kube.events() if e["involvedObject"]["name"] == "llm"}
     events = forge("events", "llm", "-n", kube.namespace, kubeconfig=kube.kubeconfig)
     assert events.returncode == 0, events.stderr
     header, *rows = events.stdout.splitlines()
     assert header.split()[:4] == ["LAST", "SEEN", "TYPE", "REASON"]
     assert any("forgetraining/llm" in r for r in rows), events.stdout
-    posted = {e["reason"] for e in kube.events() if e["involvedObject"]["name"] == "llm"}
     assert posted and all(any(reason in r for r in rows) for reason in posted)
 
     # `forge logs`: rank 0 of the newest attempt is asked for its log (kwok runs no kubelet to serve it)
