@@ -149,6 +149,20 @@ TRAINING_CASES = {
         training({"phase": "Pending", "observedGeneration": 1, "conditions": [
             cond("PodsReady", "False", reason="PVCNotFound", message="PersistentVolumeClaim ckpt does not exist")]}),
         "Progressing", "PersistentVolumeClaim ckpt does not exist"),
+    "unbound claim": (
+        training({"phase": "Pending", "observedGeneration": 1, "conditions": [
+            cond("PodsReady", "False", reason="PVCNotBound", message="PersistentVolumeClaim ckpt is not bound")]}),
+        "Progressing", "PersistentVolumeClaim ckpt is not bound"),
+    "no LocalQueue": (
+        training({"phase": "Queued", "observedGeneration": 1, "conditions": [
+            cond("Queued", reason="LocalQueueNotFound", message="LocalQueue team-a does not exist"),
+            cond("PodsReady", "False", reason="LocalQueueNotFound", message="LocalQueue team-a does not exist")]}),
+        "Progressing", "LocalQueue team-a does not exist"),
+    "no Kueue": (
+        training({"phase": "Queued", "observedGeneration": 1, "conditions": [
+            cond("Queued", reason="KueueNotInstalled", message="Kueue is not installed"),
+            cond("PodsReady", "False", reason="KueueNotInstalled", message="Kueue is not installed")]}),
+        "Degraded", "Kueue is not installed"),
     "pods starting is plain progress": (
         training({"phase": "Initializing", "observedGeneration": 1, "conditions": [
             cond("PodsReady", "False", reason="PodsStarting", message="1/4 ranks running")]}),

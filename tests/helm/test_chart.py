@@ -46,6 +46,8 @@ NAMESPACE_GRANTS = {
     ("rbac.authorization.k8s.io", "rolebindings"): CHILD_VERBS,
     ("", "pods"): {"get", "list", "watch", "patch", "delete"},
     ("", "events"): {"create", "patch", "list"},  # list: a Job's FailedCreate, only while it lacks pods
+    ("", "persistentvolumeclaims"): {"get"},  # the claims of workers the scheduler cannot place
+    ("kueue.x-k8s.io", "localqueues"): {"get"},  # the LocalQueue of a queued training
 }
 NODE_GRANTS = {("", "nodes"): {"get", "list", "watch"}}
 

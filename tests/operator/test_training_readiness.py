@@ -109,3 +109,75 @@ def test_the_cause_goes_with_the_workers():
     o["status"] = first.status
     c = pods_ready(plan_training(o, Observed(now=NOW, jobs=[job("llm-r0")])))
     assert (c["status"], c["reason"], c["message"]) == ("False", "PodsStarting", "0/4 ranks running")
+
+
+# --------------------------------------------------------------------------- claims and queues
+UNBOUND = ("0/4 nodes are available: pod has unbound immediate PersistentVolumeClaims. preemption: 0/4 nodes are "
+           "available: 4 Preemption is not helpful for scheduling.")
+
+
+def claim(name: str, claim_phase: str = "Bound") -> dict:
+    return {"metadata": {"name": name}, "status": {"phase": claim_phase}}
+
+
+def test_an_unbound_claim_is_named_though_the_scheduler_does_not_name_it():
+    pods = [unscheduled(f"llm-r0-{i}-x", i, UNBOUND) for i in range(4)]
+    claims = {"ckpt": claim("ckpt"), "corpus": claim("corpus", "Pending"), "models": claim("models")}
+    plan = plan_training(pending(), Observed(now=NOW, jobs=[job("llm-r0")], pods=pods, claims=claims))
+    c = pods_ready(plan)
+    assert (c["status"], c["reason"], plan.status["phase"]) == ("False", "PVCNotBound", "Pending")
+    assert c["message"].startswith("PersistentVolumeClaim corpus is not bound to a volume (phase Pending): "
+                                   "the workers mount it; 4 of 4 worker pods cannot be scheduled")
+    assert c["message"].endswith(UNBOUND)
+    assert ("Warning", "PVCNotBound") in [(e.type, e.reason) for e in plan.events]
+    # a claim read as absent is missing, whatever the scheduler's words
+    claims["corpus"] = None
+    assert pods_ready(plan_training(pending(), Observed(now=NOW, jobs=[job("llm-r0")], pods=pods,
+                                                        claims=claims)))["reason"] == "PVCNotFound"
+    # every claim bound: the scheduler's reason stands
+    claims["corpus"] = claim("corpus")
+    assert pods_ready(plan_training(pending(), Observed(now=NOW, jobs=[job("llm-r0")], pods=pods,
+                                                        claims=claims)))["reason"] == "Unschedulable"
+
+
+def queued(queue_seen) -> tuple[dict, object]:
+    o = obj(scheduling={"queueName": "team-a"})
+    plan = plan_training(o, Observed(now=NOW, queue=queue_seen))
+    o["status"] = plan.status
+    suspended = job("llm-r0")
+    suspended["spec"]["suspend"] = True
+    return o, plan_training(o, Observed(now=NOW, jobs=[suspended], queue=queue_seen))
+
+
+def test_a_queue_that_can_never_admit_says_why_and_clears_when_it_can():
+    from forge_operator.training.observe import QueueSeen
+
+    for seen, reason, words in (
+        (QueueSeen("team-a", kueue_installed=False), "KueueNotInstalled", "Kueue is not installed"),
+        (QueueSeen("team-a", True, None), "LocalQueueNotFound", "LocalQueue team-a does not exist in namespace ns"),
+        (QueueSeen("team-a", True, {"status": {"conditions": [{"type": "Active", "status": "False",
+                                                                "reason": "ClusterQueueDoesNotExist",
+                                                                "message": "Can't submit new workloads to "
+                                                                           "clusterQueue"}]}}),
+         "LocalQueueInactive", "LocalQueue team-a is not active, Kueue says: ClusterQueueDoesNotExist"),
+    ):
+        o, plan = queued(seen)
+        c = pods_ready(plan)
+        assert (plan.status["phase"], c["status"], c["reason"]) == ("Queued", "False", reason), c
+        assert words in c["message"]
+        assert C.find(plan.status["conditions"], "Queued")["reason"] == reason
+        o["status"] = plan.status
+        # the cause goes (Kueue installed, the LocalQueue created and active): waiting for admission is all
+        suspended = job("llm-r0")
+        suspended["spec"]["suspend"] = True
+        fine = plan_training(o, Observed(now=NOW, jobs=[suspended], queue=QueueSeen("team-a", True, {"status": {}})))
+        c = pods_ready(fine)
+        assert (fine.status["phase"], c["reason"]) == ("Queued", "NotRunning")
+        assert C.find(fine.status["conditions"], "Queued")["reason"] == "WaitingForAdmission"
+    # one warning when the cause appears, none while it stays
+    from forge_operator.training.observe import QueueSeen as Q
+    o = obj(scheduling={"queueName": "team-a"})
+    first = plan_training(o, Observed(now=NOW, queue=Q("team-a", True, None)))
+    assert [(e.type, e.reason) for e in first.events] == [("Warning", "LocalQueueNotFound")]
+    o, plan = queued(Q("team-a", True, None))
+    assert plan.events == []

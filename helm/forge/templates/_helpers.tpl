@@ -86,6 +86,14 @@ subset of these, as RBAC's escalation check requires.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch", "patch", "delete"]
+# why workers or a queued training wait: the claims of unschedulable workers, the LocalQueue of
+# scheduling.queueName (read only)
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get"]
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["localqueues"]
+  verbs: ["get"]
 # events: posted on the trainings; a Job's FailedCreate events read while it lacks pods
 - apiGroups: [""]
   resources: ["events"]

@@ -83,6 +83,11 @@ class Reason(StrEnum):
     # PodsReady False: what holds up the workers of the attempt
     UNSCHEDULABLE = "Unschedulable"  # the scheduler cannot place a worker (GPUs, taints, an unbound claim)
     PVC_NOT_FOUND = "PVCNotFound"  # ... because a claim the spec names does not exist
+    PVC_NOT_BOUND = "PVCNotBound"  # ... because a claim the spec names exists but is not bound to a volume
+    # PodsReady False while Queued: what keeps Kueue from ever admitting the workers
+    LOCAL_QUEUE_NOT_FOUND = "LocalQueueNotFound"  # scheduling.queueName names no LocalQueue in the namespace
+    LOCAL_QUEUE_INACTIVE = "LocalQueueInactive"  # the LocalQueue exists but Kueue says it is not active
+    KUEUE_NOT_INSTALLED = "KueueNotInstalled"  # scheduling.queueName is set and the API serves no LocalQueue
     IMAGE_PULL_FAILED = "ImagePullFailed"  # the kubelet cannot pull the image (ErrImagePull, ImagePullBackOff)
     PODS_REFUSED = "PodsRefused"  # admission (PodSecurity, a quota, a webhook) refused the Job's worker pods
     GPU_HOUR_BUDGET_EXHAUSTED = "GpuHourBudgetExhausted"

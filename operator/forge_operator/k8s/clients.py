@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import kubernetes
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
-from .objects import Delete, NotAllowed, Patch
+from .objects import Delete, NotAllowed, NotServed, Patch
 
 MERGE_PATCH = "application/merge-patch+json"
+# A kind the API server did not serve is looked up again (a discovery refresh) after this long, so that
+# installing a CRD (Kueue's) is noticed without rediscovering everything at each reconcile.
+NOT_SERVED_RECHECK_SECONDS = 10.0
 
 
 class Clients:
@@ -29,11 +34,21 @@ class Clients:
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
         self.dynamic = DynamicClient(self.api)
         self._resources: dict[tuple[str, str], Any] = {}
+        self._not_served: dict[tuple[str, str], float] = {}  # kind -> when discovery last missed it
 
     def resource(self, api_version: str, kind: str):
+        """The kind's API resource; raises NotServed when discovery does not list it."""
         key = (api_version, kind)
         if key not in self._resources:
-            self._resources[key] = self.dynamic.resources.get(api_version=api_version, kind=kind)
+            missed = self._not_served.get(key)
+            if missed is not None and time.monotonic() - missed < NOT_SERVED_RECHECK_SECONDS:
+                raise NotServed(f"the API server does not serve {kind} ({api_version})")
+            try:
+                self._resources[key] = self.dynamic.resources.get(api_version=api_version, kind=kind)
+            except ResourceNotFoundError as e:
+                self._not_served[key] = time.monotonic()
+                raise NotServed(f"the API server does not serve {kind} ({api_version})") from e
+            self._not_served.pop(key, None)
         return self._resources[key]
 
     # ------------------------------------------------------------------ reads (the Reader protocol)

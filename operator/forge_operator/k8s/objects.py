@@ -138,6 +138,10 @@ class ApplyOutcome:
         return any(c.kind == kind for c in self.accepted)
 
 
+class NotServed(Exception):
+    """The API server does not serve this kind (its CRD is not installed, e.g. Kueue's)."""
+
+
 class NotAllowed(Exception):
     """The operator may not read this object (RBAC answered 403)."""
 
@@ -146,7 +150,8 @@ class Reader(Protocol):
     """Reading objects of any kind, as plain dicts (what ``kubectl get -o json`` shows)."""
 
     def get(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
-        """The object, or None if it does not exist; raises NotAllowed without RBAC to read it."""
+        """The object, or None if it does not exist; raises NotAllowed without RBAC to read it and
+        NotServed when the API server does not serve the kind."""
         ...
 
     def list(self, api_version: str, kind: str, namespace: str, label_selector: str = "",

@@ -19,6 +19,7 @@ from .children import WorkerState, desired_children
 from .draft import Draft, Settings
 from .failure import NOT_A_FAILURE, backoff_seconds, node_lost, stuck_terminating
 from .observe import Attempt, Observed, active, attempt_label, job_condition, phase
+from .readiness import Stuck, why_queued
 
 STOPPING_RECHECK_SECONDS = 5.0
 
@@ -153,6 +154,7 @@ class Workers:
     waiting: float = 0.0  # seconds of backoff left before the next Job
     stopping: list[dict[str, Any]] = field(default_factory=list)  # the last workers, still stopping
     queued: bool = False  # created suspended, for Kueue to admit
+    queue_stuck: Stuck | None = None  # ... which it never will as things are (no Kueue, no LocalQueue)
 
 
 def start_workers(d: Draft, ft: ForgeTraining, attempt: Attempt, obs: Observed, trainer_yaml: str,
@@ -165,6 +167,7 @@ def start_workers(d: Draft, ft: ForgeTraining, attempt: Attempt, obs: Observed, 
     w = Workers(waiting=backoff_left(d, ft, attempt))
     # Kueue owns `suspend` of a queued Job: created suspended, unsuspended by Kueue on admission.
     w.queued = bool(sched.queue_name) and (attempt.job is None or attempt.suspended) and not sched.suspend
+    w.queue_stuck = why_queued(obs.queue, ft.metadata.namespace) if w.queued else None
     last = (d.status.get("restarts") or [{}])[-1] if attempt.number else {}
     state = WorkerState(restart_count=attempt.number, suspend=sched.suspend or w.queued,
                         restart_reason=last.get("reason", ""))
@@ -251,6 +254,8 @@ def phase_from_workers(d: Draft, ft: ForgeTraining, attempt: Attempt, w: Workers
         d.transition(Phase.RESTARTING if earlier else Phase.PENDING, Reason.WORKERS_STOPPING,
                      f"waiting for {len(w.stopping)} worker(s) of the last run to stop (they write a "
                      f"checkpoint first) before starting {n} new ones")
+    elif w.queue_stuck is not None:  # PodsReady says it too, with a warning event per new cause
+        d.set_phase(Phase.QUEUED, w.queue_stuck.reason, w.queue_stuck.message)
     elif w.queued:
         d.transition(Phase.QUEUED, Reason.QUEUED_BY_KUEUE,
                      f"waiting for Kueue to admit the workers from queue {ft.spec.scheduling.queue_name}")

@@ -14,11 +14,22 @@ from pydantic import BaseModel, ValidationError
 
 from ..api.names import LABEL_ATTEMPT, LABEL_MANAGED_BY, LABEL_TRAINING, MANAGED_BY
 from ..k8s import conditions as C
-from ..k8s.objects import NotAllowed, Reader, annotations_of, deleting, labels_of, owned_by, parse_ts
+from ..k8s.objects import NotAllowed, NotServed, Reader, annotations_of, deleting, labels_of, owned_by, parse_ts
 
 JOB_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
 FAILED_CREATE = "FailedCreate"  # the Job controller's event reason when the API server refuses a pod
+# Kueue's LocalQueue, newest version first (Kueue 0.15+ serves v1beta2; older ones v1beta1 only)
+KUEUE_VERSIONS = ("kueue.x-k8s.io/v1beta2", "kueue.x-k8s.io/v1beta1")
+
+
+@dataclass(frozen=True)
+class QueueSeen:
+    """What the API server said of the LocalQueue that scheduling.queueName names."""
+
+    name: str
+    kueue_installed: bool
+    local_queue: dict[str, Any] | None = None  # None: no LocalQueue of that name in the namespace
 
 
 @dataclass
@@ -31,6 +42,11 @@ class Observed:
     # Job name -> the newest refusal of one of its pods at admission (its FailedCreate event's message);
     # read only for a Job short of pods
     refusals: dict[str, str] = field(default_factory=dict)
+    # the LocalQueue of scheduling.queueName; None without one, or when it could not be read
+    queue: QueueSeen | None = None
+    # claim name -> PersistentVolumeClaim (None: it does not exist), for the claims of the worker pods the
+    # scheduler cannot place; read only then
+    claims: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
 
 def read(reader: Reader, obj: dict[str, Any], now: datetime) -> Observed:
@@ -50,7 +66,45 @@ def read(reader: Reader, obj: dict[str, Any], now: datetime) -> Observed:
     for job in jobs:
         if short_of_pods(job, pods) and (message := newest_refusal(reader, job)):
             refusals[job["metadata"]["name"]] = message
-    return Observed(now=now, jobs=jobs, pods=pods, nodes=nodes, refusals=refusals)
+    queue_name = ((obj.get("spec") or {}).get("scheduling") or {}).get("queueName")
+    return Observed(now=now, jobs=jobs, pods=pods, nodes=nodes, refusals=refusals,
+                    queue=read_queue(reader, meta["namespace"], queue_name) if queue_name else None,
+                    claims=read_claims(reader, meta["namespace"], pods))
+
+
+def read_queue(reader: Reader, namespace: str, name: str) -> QueueSeen | None:
+    """The LocalQueue named ``name``, or that there is none, or that Kueue is not installed at all (the
+    API serves no LocalQueue kind); None when the operator may not read LocalQueues."""
+    for api_version in KUEUE_VERSIONS:
+        try:
+            return QueueSeen(name, True, reader.get(api_version, "LocalQueue", name, namespace))
+        except NotServed:
+            continue
+        except NotAllowed:
+            return None
+    return QueueSeen(name, False)
+
+
+def read_claims(reader: Reader, namespace: str, pods: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
+    """The PersistentVolumeClaims of the worker pods that the scheduler cannot place (a claim that is
+    missing or unbound holds them up; the scheduler's message does not always name it)."""
+    claims: dict[str, dict[str, Any] | None] = {}
+    for pod in pods:
+        if not unschedulable(pod):
+            continue
+        for v in (pod.get("spec") or {}).get("volumes") or []:
+            name = (v.get("persistentVolumeClaim") or {}).get("claimName")
+            if name and name not in claims:
+                try:
+                    claims[name] = reader.get("v1", "PersistentVolumeClaim", name, namespace)
+                except NotAllowed:
+                    return {}
+    return claims
+
+
+def unschedulable(pod: dict[str, Any]) -> bool:
+    c = C.find((pod.get("status") or {}).get("conditions"), "PodScheduled")
+    return c is not None and c.get("status") == "False" and c.get("reason") == "Unschedulable"
 
 
 def short_of_pods(job: dict[str, Any], pods: list[dict[str, Any]]) -> bool:

@@ -71,6 +71,6 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
     # 5. the children this attempt should have, and the phase from what runs now
     workers = start_workers(d, ft, attempt, obs, trainer_yaml, settings)
     phase_from_workers(d, ft, attempt, workers, settings)
-    report_pods_ready(d, ft, attempt)
+    report_pods_ready(d, ft, attempt, obs)
     check_stall(d, ft.spec.failure_policy.stall_timeout_seconds)
     return d.plan

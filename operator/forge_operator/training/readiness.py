@@ -16,7 +16,7 @@ from ..api.enums import ConditionType as T, Phase, Reason
 from ..api.training import ForgeTraining
 from ..k8s import conditions as C
 from .draft import Draft
-from .observe import Attempt, active, phase, pod_index
+from .observe import Attempt, Observed, QueueSeen, active, phase, pod_index, unschedulable
 
 WORKER_PHASES = (Phase.PENDING, Phase.INITIALIZING, Phase.RUNNING)
 # the kubelet's waiting reasons of a container whose image cannot be pulled
@@ -31,10 +31,10 @@ class Stuck:
     message: str
 
 
-def why_not_ready(ft: ForgeTraining, attempt: Attempt) -> Stuck:
+def why_not_ready(ft: ForgeTraining, attempt: Attempt, claims: dict[str, dict[str, Any] | None]) -> Stuck:
     """What holds up the workers that do not run yet: an image that cannot be pulled (the kubelet), a pod
-    the scheduler cannot place (a missing claim named as such), or nothing but time. The first stuck
-    rank speaks for the others."""
+    the scheduler cannot place (a missing or unbound claim named as such, from ``claims``, the claims
+    read), or nothing but time. The first stuck rank speaks for the others."""
     n = ft.spec.resources.num_nodes
     pods = sorted((p for p in attempt.pods if phase(p) == "Pending"), key=lambda p: int(pod_index(p) or 0))
     for pod in pods:
@@ -44,29 +44,71 @@ def why_not_ready(ft: ForgeTraining, attempt: Attempt) -> Stuck:
     if unschedulable:
         pod, said = unschedulable[0]
         count = f"{len(unschedulable)} of {n} worker pods cannot be scheduled"
-        missing = [c for c in MISSING_CLAIM.findall(said) if c in claims_of(pod)]
-        if missing:
-            return Stuck(Reason.PVC_NOT_FOUND,
-                         f"PersistentVolumeClaim {missing[0]} does not exist: the workers mount it (the spec names "
-                         f"it); {count}, the scheduler says of {who(pod)}: {said}")
-        return Stuck(Reason.UNSCHEDULABLE, f"{count}; the scheduler says of {who(pod)}: {said}")
+        return claim_problem(pod, said, count, claims) or \
+            Stuck(Reason.UNSCHEDULABLE, f"{count}; the scheduler says of {who(pod)}: {said}")
     return Stuck(Reason.PODS_STARTING, f"{len(attempt.running)}/{n} ranks running")
 
 
-def report_pods_ready(d: Draft, ft: ForgeTraining, attempt: Attempt) -> None:
+def claim_problem(pod: dict[str, Any], said: str, count: str,
+                  claims: dict[str, dict[str, Any] | None]) -> Stuck | None:
+    """A claim of an unschedulable pod that does not exist (the scheduler's words, or the claim read) or is
+    not bound to a volume (the scheduler says only "unbound immediate PersistentVolumeClaims")."""
+    mounted = sorted(claims_of(pod))
+    missing = [c for c in MISSING_CLAIM.findall(said) if c in mounted] or \
+        [c for c in mounted if c in claims and claims[c] is None]
+    if missing:
+        return Stuck(Reason.PVC_NOT_FOUND,
+                     f"PersistentVolumeClaim {missing[0]} does not exist: the workers mount it (the spec names "
+                     f"it); {count}, the scheduler says of {who(pod)}: {said}")
+    unbound = [(c, (claims[c].get("status") or {}).get("phase") or "Pending") for c in mounted
+               if claims.get(c) is not None and (claims[c].get("status") or {}).get("phase") != "Bound"]
+    if unbound:
+        name, claim_phase = unbound[0]
+        return Stuck(Reason.PVC_NOT_BOUND,
+                     f"PersistentVolumeClaim {name} is not bound to a volume (phase {claim_phase}): the workers "
+                     f"mount it; {count}, the scheduler says of {who(pod)}: {said}")
+    return None
+
+
+def why_queued(queue: QueueSeen | None, namespace: str) -> Stuck | None:
+    """What keeps Kueue from ever admitting a queued training: Kueue not installed, no LocalQueue of the
+    name, or a LocalQueue Kueue calls inactive (its ClusterQueue missing or stopped). None: waiting is all."""
+    if queue is None:
+        return None
+    if not queue.kueue_installed:
+        return Stuck(Reason.KUEUE_NOT_INSTALLED,
+                     f"scheduling.queueName is {queue.name}, but Kueue is not installed (the API server serves no "
+                     "LocalQueue): install Kueue, or remove scheduling.queueName to start without a queue")
+    if queue.local_queue is None:
+        return Stuck(Reason.LOCAL_QUEUE_NOT_FOUND,
+                     f"LocalQueue {queue.name} does not exist in namespace {namespace} (scheduling.queueName): "
+                     "Kueue admits nothing from it; create it, or name an existing one")
+    active_ = C.find((queue.local_queue.get("status") or {}).get("conditions"), "Active")
+    if active_ is not None and active_.get("status") == "False":
+        return Stuck(Reason.LOCAL_QUEUE_INACTIVE,
+                     f"LocalQueue {queue.name} is not active, Kueue says: {active_.get('reason', '')}: "
+                     f"{active_.get('message', '')}")
+    return None
+
+
+def report_pods_ready(d: Draft, ft: ForgeTraining, attempt: Attempt, obs: Observed) -> None:
     """PodsReady after the phase is known. While the attempt's workers should run (its Job active and
     not suspended, the phase Pending, Initializing or Running), True when all ranks run, else False
     with what holds them up; in any other state False with reason NotRunning (the cause, if any, went
     with the workers). Absent until the first workers are wanted."""
     p = d.status.get("phase")
     wanted = p in WORKER_PHASES and active(attempt.job) and not attempt.suspended
-    if not wanted:
+    queue_stuck = why_queued(obs.queue, ft.metadata.namespace) if p == Phase.QUEUED else None
+    if queue_stuck is not None:
+        stuck = queue_stuck
+    elif not wanted:
         d.pods_not_running(p)
         return
-    if len(attempt.running) == ft.spec.resources.num_nodes and p == Phase.RUNNING:
+    elif len(attempt.running) == ft.spec.resources.num_nodes and p == Phase.RUNNING:
         d.set_condition(T.PODS_READY, True, Reason.ALL_RANKS_RUNNING, f"all {len(attempt.running)} ranks running")
         return
-    stuck = why_not_ready(ft, attempt)
+    else:
+        stuck = why_not_ready(ft, attempt, obs.claims)
     was = C.find(d.old_status.get("conditions"), T.PODS_READY) or {}
     d.set_condition(T.PODS_READY, False, stuck.reason, stuck.message)
     if stuck.reason != Reason.PODS_STARTING and was.get("reason") != stuck.reason:  # one event per new cause
@@ -86,10 +128,9 @@ def image_pull_failure(pod: dict[str, Any]) -> str | None:
 
 def unschedulable_message(pod: dict[str, Any]) -> str | None:
     """The scheduler's message on a pod it could not place (PodScheduled False, reason Unschedulable)."""
-    c = C.find((pod.get("status") or {}).get("conditions"), "PodScheduled")
-    if c is None or c.get("status") != "False" or c.get("reason") != "Unschedulable":
+    if not unschedulable(pod):
         return None
-    return c.get("message") or "no message from the scheduler"
+    return C.find(pod["status"]["conditions"], "PodScheduled").get("message") or "no message from the scheduler"
 
 
 def claims_of(pod: dict[str, Any]) -> set[str]:

@@ -101,17 +101,21 @@ if is_true(status, "Stalled") then
   return hs
 end
 
--- Workers held up (PodsReady False). An image that cannot be pulled needs a fix (Degraded, as Argo CD
--- rates such a pod); a worker the scheduler cannot place yet may be placed later (GPUs freed, a node
--- added, the claim created), like a Pending pod (Progressing). Either way the message says why.
+-- Workers held up (PodsReady False). An image that cannot be pulled, or a queue with no Kueue to
+-- admit from it, needs a fix (Degraded, as Argo CD rates such a pod); a worker the scheduler cannot
+-- place yet may be placed later (GPUs freed, a node added, the claim created or bound), and a missing
+-- or inactive LocalQueue may be created later, like a Pending pod (Progressing). Either way the
+-- message says why.
+local waits = { Unschedulable = true, PVCNotFound = true, PVCNotBound = true, LocalQueueNotFound = true,
+  LocalQueueInactive = true }
 local pods = condition(status, "PodsReady")
 if pods ~= nil and pods.status == "False" and pods.message ~= nil and pods.message ~= "" then
-  if pods.reason == "ImagePullFailed" then
+  if pods.reason == "ImagePullFailed" or pods.reason == "KueueNotInstalled" then
     hs.status = "Degraded"
     hs.message = pods.message
     return hs
   end
-  if pods.reason == "Unschedulable" or pods.reason == "PVCNotFound" then
+  if waits[pods.reason] then
     hs.status = "Progressing"
     hs.message = pods.message
     return hs
