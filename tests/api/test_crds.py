@@ -21,7 +21,7 @@ KINDS = {k.kind: k for k in crdgen.KINDS}
 # discriminator, const, nullable...) means the generator let a pydantic-ism through.
 ALLOWED_KEYWORDS = {
     "type", "description", "properties", "required", "items", "additionalProperties", "enum", "format",
-    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems", "maxProperties",
     "pattern", "x-kubernetes-validations", "x-kubernetes-int-or-string", "x-kubernetes-preserve-unknown-fields",
     "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
 }
@@ -102,7 +102,7 @@ def test_schema_is_structural(kind: str):
 @pytest.mark.parametrize("kind", KINDS)
 def test_int_or_string_is_the_only_union(kind: str):
     quantities = [p for p, n in _nodes(_schema(kind)) if n.get("x-kubernetes-int-or-string")]
-    assert quantities and all(p.rsplit(".", 1)[-1] in {"cpu", "memory", "shmSize"} for p in quantities)
+    assert quantities and all(p.rsplit(".", 1)[-1] in {"cpu", "memory", "shmSize", "extendedResources{}"} for p in quantities)
 
 
 @pytest.mark.parametrize("kind", KINDS)

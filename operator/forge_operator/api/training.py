@@ -368,6 +368,62 @@ class ResourcesSpec(ApiModel):
     """Time a worker gets after SIGTERM to write its checkpoint before it is killed."""
 
 
+# Labels and annotations on worker pods that the operator sets and reads (its children are found by them):
+# a podTemplate may not set these.
+RESERVED_POD_KEYS = ("app.kubernetes.io/managed-by", "app.kubernetes.io/name")
+RESERVED_POD_PREFIXES = ("forge.dev/", "batch.kubernetes.io/")
+_CEL_RESERVED = " && ".join([*(f"k != '{k}'" for k in RESERVED_POD_KEYS),
+                             *(f"!k.startsWith('{p}')" for p in RESERVED_POD_PREFIXES)])
+_RESERVED_WORDS = (f"{', '.join(RESERVED_POD_KEYS)} and keys under {', '.join(RESERVED_POD_PREFIXES)} "
+                   "are the operator's")
+
+
+def _not_reserved(keys) -> bool:
+    return not any(k in RESERVED_POD_KEYS or k.startswith(RESERVED_POD_PREFIXES) for k in keys)
+
+
+class PodTemplateMetadata(ApiModel):
+    """Labels and annotations added to every worker pod."""
+
+    labels: Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_length=64)] | None = None
+    """Labels added to the worker pods (e.g. for a NetworkPolicy or a cost report)."""
+    annotations: Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=64)] | None = None
+    """Annotations added to the worker pods (e.g. a CNI's extra networks: k8s.v1.cni.cncf.io/networks)."""
+
+    cel_rules = (
+        Cel(f"!has(self.labels) || self.labels.all(k, {_CEL_RESERVED})", _RESERVED_WORDS,
+            lambda s: _not_reserved(s.labels or {}), field_path=".labels"),
+        Cel(f"!has(self.annotations) || self.annotations.all(k, {_CEL_RESERVED})",
+            _RESERVED_WORDS, lambda s: _not_reserved(s.annotations or {}),
+            field_path=".annotations"),
+    )
+
+
+class PodTemplateSpec(ApiModel):
+    """What the worker pods get on top of what the operator builds (docs/operator.md, "Pod template")."""
+
+    metadata: PodTemplateMetadata | None = None
+    """Labels and annotations added to the worker pods."""
+    security_context: FreeForm | None = None
+    """Pod securityContext (core/v1 PodSecurityContext), merged field by field over the operator's restricted
+    default (runAsNonRoot, runAsUser/runAsGroup/fsGroup 10001, seccompProfile RuntimeDefault): a field set
+    here wins (e.g. the uid your storage expects, supplementalGroups)."""
+    container_security_context: FreeForm | None = None
+    """The trainer container's securityContext (core/v1 SecurityContext), merged field by field over the
+    default (allowPrivilegeEscalation false, capabilities drop ALL): a field set here wins, e.g.
+    capabilities {add: [IPC_LOCK], drop: [ALL]} for RDMA."""
+    extended_resources: Annotated[dict[str, Quantity], Field(max_length=16)] | None = None
+    """Extended resources each worker requests and is limited to besides its GPUs, e.g.
+    {rdma/hca_shared_devices_a: 1} for an RDMA device plugin. Not cpu, memory or the GPU resource
+    (resources.cpu, resources.memory, resources.gpusPerNode say those)."""
+
+    cel_rules = (
+        Cel("!has(self.extendedResources) || self.extendedResources.all(k, k != 'cpu' && k != 'memory')",
+            "cpu and memory are set by resources.cpu and resources.memory",
+            lambda s: not ({"cpu", "memory"} & set(s.extended_resources or {})), field_path=".extendedResources"),
+    )
+
+
 class SchedulingSpec(ApiModel):
     """Queueing and suspension."""
 
@@ -469,6 +525,8 @@ class ForgeTrainingSpec(ApiModel):
     """Hyperparameters and budget."""
     resources: ResourcesSpec = ResourcesSpec()
     """Nodes, GPUs and pod settings."""
+    pod_template: PodTemplateSpec | None = None
+    """Labels, annotations, security contexts and extended resources added to the worker pods."""
     scheduling: SchedulingSpec = SchedulingSpec()
     """Queueing and suspension."""
     checkpoint: CheckpointSpec
@@ -483,6 +541,12 @@ class ForgeTrainingSpec(ApiModel):
     """Delete the workers (never this resource) this long after it finished."""
 
     cel_rules = (
+        Cel("!has(self.podTemplate) || !has(self.podTemplate.extendedResources) || !((has(self.resources) && "
+            f"has(self.resources.gpuResourceName) ? self.resources.gpuResourceName : '{defaults.GPU_RESOURCE_NAME}')"
+            " in self.podTemplate.extendedResources)",
+            "the GPU resource is set by resources.gpusPerNode",
+            lambda s: s.pod_template is None or s.resources.gpu_resource_name not in (s.pod_template.extended_resources or {}),
+            field_path=".podTemplate.extendedResources"),
         Cel("self.method == 'pretrain' ? has(self.model.architecture) : has(self.model.base)",
             "method pretrain needs model.architecture; continued-pretrain, sft and dpo need model.base",
             lambda s: (s.model.architecture is not None) if s.method == "pretrain" else (s.model.base is not None),

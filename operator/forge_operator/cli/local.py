@@ -3,7 +3,8 @@
 The file is validated with the same models as the API server and translated
 by the same function the operator uses; PersistentVolumeClaims become local
 folders (``--volume CLAIM=DIR``, default ``./volumes/<claim>``). One process
-trains; ``resources`` (nodes, GPUs) are ignored.
+trains; ``resources`` (nodes, GPUs) and ``podTemplate`` (what the worker pods get) are validated as
+the API server would and then ignored, with a line saying so for ``podTemplate``: there is no pod.
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ def train_local(path: str, volumes: list[str], prompt: str | None = None) -> int
     from forge_trainer.contract import TrainerError
 
     print(f"forge: training {ft.metadata.name} ({ft.spec.method}) -> {config.output.dir}", file=sys.stderr)
+    if ft.spec.pod_template:
+        print("forge: spec.podTemplate is for the worker pods of a cluster; ignored here", file=sys.stderr)
     bar = ProgressBar()
     try:
         summary = forge_trainer.run(config, on_progress=bar)

@@ -21,7 +21,7 @@ from ..api.names import (
     RENDEZVOUS_PORT, SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_ACCOUNT_PREFIX, TRAINER_GID,
     TRAINER_UID,
 )
-from ..api.training import ForgeTraining
+from ..api.training import ForgeTraining, PodTemplateMetadata, PodTemplateSpec
 from ..k8s.objects import object_meta
 from ..k8s.objects import owner_reference as controller_reference
 
@@ -147,6 +147,8 @@ def _container_resources(ft: ForgeTraining) -> dict[str, Any]:
         amounts["memory"] = str(r.memory)
     if r.gpus_per_node > 0:
         amounts[r.gpu_resource_name] = str(r.gpus_per_node)
+    for name, amount in ((ft.spec.pod_template and ft.spec.pod_template.extended_resources) or {}).items():
+        amounts.setdefault(name, str(amount))  # the spec's own fields win (admission refuses these anyway)
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
 
@@ -229,12 +231,14 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
     container["lifecycle"] = {"preStop": {"exec": {"command": list(PRESTOP_COMMAND)}}}
     if r.image_pull_policy:
         container["imagePullPolicy"] = r.image_pull_policy
+    pt = ft.spec.pod_template or PodTemplateSpec()
+    container["securityContext"] |= copy.deepcopy(pt.container_security_context or {})
     resources = _container_resources(ft)
     if resources:
         container["resources"] = resources
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
+        "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT) | copy.deepcopy(pt.security_context or {}),
         "subdomain": service_name(ft),
         "serviceAccountName": service_account_name(ft),
         "terminationGracePeriodSeconds": r.termination_grace_period_seconds,
@@ -250,9 +254,11 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
             pod_spec[key] = value
     if r.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": n} for n in r.image_pull_secrets]
+    meta = pt.metadata or PodTemplateMetadata()
     return {
-        "metadata": {"labels": labels(ft) | {LABEL_ATTEMPT: str(state.restart_count)},
-                     "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT)}},
+        "metadata": {"labels": (meta.labels or {}) | labels(ft) | {LABEL_ATTEMPT: str(state.restart_count)},
+                     "annotations": (meta.annotations or {}) | {"prometheus.io/scrape": "true",
+                                                                "prometheus.io/port": str(METRICS_PORT)}},
         "spec": pod_spec,
     }
 
