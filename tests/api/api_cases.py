@@ -81,6 +81,18 @@ def dpo() -> dict[str, Any]:
     return finetune("dpo")
 
 
+def grpo(method: str = "grpo") -> dict[str, Any]:
+    """A minimal grpo (or online-dpo): prompt records and one built-in reward."""
+    m = finetune(method)
+    m["spec"]["data"]["sources"][0]["promptField"] = "prompt"
+    m["spec"]["rewards"] = [{"name": "format", "regex": {"mustMatch": ["^<answer>"]}}]
+    return m
+
+
+def online_dpo() -> dict[str, Any]:
+    return grpo("online-dpo")
+
+
 def evaluation() -> dict[str, Any]:
     """A minimal ForgeEval: a multiple-choice suite (format left out: jsonl), a perplexity suite, a gate."""
     return {
@@ -301,15 +313,15 @@ BAD_CASES: tuple[Case, ...] = (
                put(f"{SRC0}.format", "text")),
          "spec.data.sources", "method sft needs instruction data"),
     Case("sft-with-a-trained-tokenizer", sft, put("spec.tokenizer", {"train": {}}),
-         "spec.tokenizer", "methods sft and dpo fine-tune model.base with its own tokenizer"),
+         "spec.tokenizer", "methods sft, dpo, grpo and online-dpo fine-tune model.base with its own tokenizer"),
     Case("dpo-with-a-trained-tokenizer", dpo, put("spec.tokenizer", {"train": {}}),
-         "spec.tokenizer", "methods sft and dpo fine-tune model.base with its own tokenizer"),
+         "spec.tokenizer", "methods sft, dpo, grpo and online-dpo fine-tune model.base with its own tokenizer"),
     Case("dpo-with-a-messages-field", dpo, put(f"{SRC0}.messagesField", "messages"),
          "spec.data.sources", "no completionField or messagesField"),
     Case("sft-with-a-chosen-field", sft, put(f"{SRC0}.chosenField", "chosen"),
          "spec.data.sources", "no chosenField or rejectedField"),
     Case("dpo-loss-type-on-sft", sft, put("spec.training.dpoLossType", "ipo"),
-         "spec.training.dpoLossType", "only for method dpo"),
+         "spec.training.dpoLossType", "only for methods dpo and online-dpo"),
     Case("dpo-loss-type-unknown", dpo, put("spec.training.dpoLossType", "hinge"),
          "spec.training.dpoLossType", "sigmoid"),
     Case("sft-validation-source-of-documents", sft,
@@ -320,7 +332,7 @@ BAD_CASES: tuple[Case, ...] = (
                                                  "promptField": "p", "chosenField": "c"}}),
          "spec.data.validation.source", "promptField, chosenField and rejectedField"),
     Case("dpo-beta-on-sft", sft, put("spec.training.dpoBeta", 0.1),
-         "spec.training.dpoBeta", "only for method dpo"),
+         "spec.training.dpoBeta", "only for methods dpo and online-dpo"),
     Case("dpo-beta-zero", dpo, put("spec.training.dpoBeta", 0), "spec.training.dpoBeta", "greater than 0"),
     Case("lora-on-pretrain", pretrain, put("spec.training.lora", {"r": 8}),
          "spec.training.lora", "training.lora is only for methods sft and dpo"),
@@ -335,6 +347,36 @@ BAD_CASES: tuple[Case, ...] = (
          "spec.training.lora.export", "merged"),
     Case("lora-no-target-modules", sft, put("spec.training.lora", {"targetModules": []}),
          "spec.training.lora.targetModules", "at least 1"),
+    # --- grpo, online-dpo and their rewards
+    Case("grpo-without-rewards", grpo, drop("spec.rewards"), "spec.rewards", "methods grpo and online-dpo need rewards"),
+    Case("grpo-with-no-rewards", grpo, put("spec.rewards", []), "spec.rewards", "methods grpo and online-dpo need rewards"),
+    Case("rewards-on-sft", sft, put("spec.rewards", [{"name": "r", "length": {"maxChars": 9}}]),
+         "spec.rewards", "the other methods take none"),
+    Case("grpo-with-a-completion-field", grpo, put(f"{SRC0}.completionField", "response"),
+         "spec.data.sources", "method grpo needs prompt records"),
+    Case("online-dpo-on-text", online_dpo, put(f"{SRC0}.format", "text"),
+         "spec.data.sources", "method online-dpo needs prompt records"),
+    Case("reward-of-two-kinds", grpo, put("spec.rewards[0].length", {"maxChars": 9}),
+         "spec.rewards[0]", "set exactly one of python, exactMatch, regex, jsonSchema, length or http"),
+    Case("reward-of-no-kind", grpo, put("spec.rewards[0]", {"name": "r"}),
+         "spec.rewards[0]", "set exactly one of python, exactMatch, regex, jsonSchema, length or http"),
+    Case("reward-names-twice", grpo, lambda m: m["spec"]["rewards"].append({"name": "format", "length": {"maxChars": 9}}),
+         "spec.rewards", "reward names must be unique"),
+    Case("python-reward-in-two-places", grpo,
+         put("spec.rewards[0]", {"name": "r", "python": {"configMap": {"name": "cm", "key": "r.py"},
+                                                         "pvc": {"claimName": "d", "path": "r.py"}, "function": "f"}}),
+         "spec.rewards[0].python", "set exactly one of configMap or pvc"),
+    Case("python-reward-not-a-py-key", grpo,
+         put("spec.rewards[0]", {"name": "r", "python": {"configMap": {"name": "cm", "key": "r.txt"}, "function": "f"}}),
+         "spec.rewards[0].python.configMap.key", "should match"),
+    Case("http-reward-without-scheme", grpo, put("spec.rewards[0]", {"name": "r", "http": {"url": "scorer:80"}}),
+         "spec.rewards[0].http.url", "should match"),
+    Case("grpo-settings-on-online-dpo", online_dpo, put("spec.training.grpo", {"beta": 0.1}),
+         "spec.training.grpo", "training.grpo is only for method grpo"),
+    Case("sampling-on-dpo", dpo, put("spec.training.sampling", {"groupSize": 4}),
+         "spec.training.sampling", "only for methods grpo and online-dpo"),
+    Case("group-of-one", grpo, put("spec.training.sampling", {"groupSize": 1}),
+         "spec.training.sampling.groupSize", "greater than or equal to 2"),
     # --- tokenizer
     Case("from-base-without-base", pretrain, put("spec.tokenizer", {"fromBase": True}),
          "spec.tokenizer", "tokenizer.fromBase needs model.base"),
@@ -419,6 +461,21 @@ GOOD_CASES: tuple[Case, ...] = (
     Case("minimal-dpo", dpo),
     Case("dpo-ipo-on-parquet", dpo, chain(put("spec.training.dpoLossType", "ipo"), put("spec.training.dpoBeta", 0.5),
                                           put(f"{SRC0}.format", "parquet"))),
+    Case("minimal-grpo", grpo),
+    Case("minimal-online-dpo", online_dpo),
+    Case("grpo-every-reward-kind", grpo, chain(
+        put("spec.rewards", [
+            {"name": "py", "python": {"configMap": {"name": "rw", "key": "rewards.py"}, "function": "f"}, "weight": 2},
+            {"name": "py-pvc", "python": {"pvc": {"claimName": "data", "path": "rw/r.py"}, "function": "g"}},
+            {"name": "exact", "exactMatch": {"column": "answer", "extract": "<a>(.*)</a>"}},
+            {"name": "json", "jsonSchema": {"schema": {"type": "object", "required": ["x"]}}},
+            {"name": "len", "length": {"minChars": 1, "maxChars": 200}},
+            {"name": "svc", "http": {"url": "http://scorer.team.svc:8080/score", "timeoutSeconds": 5, "retries": 1}},
+        ]),
+        put("spec.training.sampling", {"groupSize": 4, "maxNewTokens": 64, "temperature": 0.7, "topP": 0.9}),
+        put("spec.training.grpo", {"beta": 0, "epsilon": 0.1, "scaleRewards": False, "updatesPerGeneration": 2}))),
+    Case("online-dpo-with-dpo-settings", online_dpo, chain(put("spec.training.dpoBeta", 0.2),
+                                                           put("spec.training.dpoLossType", "ipo"))),
     Case("minimal-eval", evaluation),
     Case("minimal-eval-of-checkpoint", evaluation, put("spec.model", {"checkpoint": _pvc("models", "m")})),
     Case("gated-training", with_evaluation),

@@ -261,3 +261,39 @@ def test_a_rendezvous_that_timed_out_names_the_node_ranks_whose_pods_had_not_sta
     # exit code 69 without the trainer's message is a crash like any other
     rank0["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = "boom"
     assert pod_failure(rank0).reason == "PodFailed"
+
+
+def test_grpo_translates_its_rewards_and_the_workers_mount_the_reward_configmap():
+    """examples/grpo.yaml: the Python rewards are read where the ConfigMap is mounted, the built-in one and
+    the sampling and objective settings pass through; the data volume's reward file is mounted too."""
+    import yaml
+
+    from pathlib import Path
+
+    from forge_operator.api.names import REWARDS_MOUNT_ROOT
+
+    manifest = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "grpo.yaml").read_text())
+    manifest["metadata"]["namespace"] = "team"
+    manifest["spec"]["rewards"].append({"name": "on-pvc", "python": {"pvc": {"claimName": "reward-code",
+                                                                              "path": "r/score.py"},
+                                                                      "function": "score"}})
+    ft = ForgeTraining.model_validate(manifest)
+    m = trainer_config(ft).method
+    assert (m.kind, m.group_size, m.max_new_tokens, m.beta, m.epsilon, m.scale_rewards) == ("grpo", 8, 16, 0.04, 0.2, True)
+    functions = {r.name: r.function for r in m.rewards}
+    assert functions["digits"] == f"{REWARDS_MOUNT_ROOT}/arithmetic-rewards/arithmetic_reward.py:digits"
+    assert functions["on-pvc"] == "/mnt/pvc/reward-code/r/score.py:score"
+    assert m.rewards[2].length.max_chars == 8 and m.rewards[0].weight == 0.5
+    spec = build_pod_template(ft, WorkerState(), "img")["spec"]
+    assert {"name": "rewards-arithmetic-rewards", "configMap": {"name": "arithmetic-rewards"}} in spec["volumes"]
+    mounts = spec["containers"][0]["volumeMounts"]
+    assert {"name": "rewards-arithmetic-rewards", "mountPath": f"{REWARDS_MOUNT_ROOT}/arithmetic-rewards",
+            "readOnly": True} in mounts
+    assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "reward-code" for v in spec["volumes"])
+
+    online = copy.deepcopy(manifest)
+    online["spec"]["method"] = "online-dpo"
+    del online["spec"]["training"]["grpo"]
+    online["spec"]["training"]["dpoBeta"] = 0.3
+    o = trainer_config(ForgeTraining.model_validate(online)).method
+    assert (o.kind, o.beta, o.group_size, o.loss_type) == ("online-dpo", 0.3, 8, "sigmoid")

@@ -25,6 +25,9 @@ from forge_trainer.defaults import (  # noqa: F401  (re-exported: the API's shar
     # spec.training
     COMPILE, DECAY_FRACTION, EVAL_INTERVAL_STEPS, GLOBAL_BATCH_SEQUENCES, GRADIENT_CLIPPING, LEARNING_RATE,
     MICRO_BATCH_SIZE, PRECISION, SCHEDULE, SEED, SEQUENCE_LENGTH, WARMUP_STEPS, WEIGHT_DECAY, min_learning_rate,
+    # spec.training.sampling, spec.training.grpo, spec.rewards[].http
+    GRPO_BETA, GRPO_EPSILON, GRPO_GROUP_SIZE, GRPO_MAX_NEW_TOKENS, GRPO_TEMPERATURE, GRPO_TOP_P,
+    REWARD_HTTP_RETRIES, REWARD_HTTP_TIMEOUT_SECONDS,
     # spec.training.lora
     LORA_ALPHA, LORA_DROPOUT, LORA_EXPORT, LORA_R,
     # spec.checkpoint

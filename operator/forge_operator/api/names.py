@@ -28,6 +28,8 @@ CONTAINER_NAME = "trainer"
 CONFIG_MOUNT = "/etc/forge"
 CONFIG_FILE = "trainer.yaml"
 PVC_MOUNT_ROOT = "/mnt/pvc"
+REWARDS_MOUNT_ROOT = "/mnt/rewards"
+"""A reward ConfigMap named in spec.rewards[].python.configMap is mounted at <root>/<its name>."""
 SHM_MOUNT = "/dev/shm"
 RENDEZVOUS_PORT = 29400
 METRICS_PORT = trainer_defaults.METRICS_PORT  # the trainer's default: the config leaves it out

@@ -10,20 +10,22 @@ from pydantic import Field
 
 from .base import (
     Timestamp,
-    ApiModel, Cel, Condition, DnsLabel, FreeForm, ObjectMeta, PathStr,
+    ApiModel, Cel, Condition, DnsLabel, FreeForm, ObjectMeta, PathStr, PvcLocation,
     Quantity, ShortStr, StorageLocation, VolumeLocation, API_VERSION,
 )
 from . import defaults
 from .enums import TRAINING_PHASES
 from .eval import SUITES_AND_GATES_RULES, EvalGate, EvalSuite
 
-Method = Literal["pretrain", "continued-pretrain", "sft", "dpo"]
+Method = Literal["pretrain", "continued-pretrain", "sft", "dpo", "grpo", "online-dpo"]
 # Upper bounds of counts that have no natural one: far beyond any training, well inside int64.
 MAX_STEPS = 10**9
 MAX_TOKENS = 10**15  # a quadrillion tokens: some 30 times the largest public pretraining runs
 MAX_BATCH_TOKENS = 2**30
 MAX_SECONDS = 10**9  # some 30 years
-METHODS_FROM_BASE = ("continued-pretrain", "sft", "dpo")
+METHODS_FROM_BASE = ("continued-pretrain", "sft", "dpo", "grpo", "online-dpo")
+ONLINE_METHODS = ("grpo", "online-dpo")
+"""The methods that sample completions and score them with spec.rewards."""
 
 
 # --------------------------------------------------------------------------- model
@@ -143,7 +145,9 @@ class DataSource(ApiModel):
     """For jsonl/parquet pre-training data: the field holding the text (default: text)."""
     prompt_field: ShortStr | None = None
     """For sft and dpo: the field holding the prompt. For dpo it is text, or a conversation (a list of messages
-    {role, content}) that the chosen and rejected answers continue as the next assistant turn."""
+    {role, content}) that the chosen and rejected answers continue as the next assistant turn. For grpo and
+    online-dpo, alone: the prompt to sample completions for (text or a conversation); the record's other
+    fields reach the reward functions as columns."""
     completion_field: ShortStr | None = None
     """For sft: the field holding the answer to learn."""
     messages_field: ShortStr | None = None
@@ -191,6 +195,15 @@ _INSTRUCTION = (f"{_RECORDS} && !has(s.chosenField) && !has(s.rejectedField) && 
                 "!has(s.promptField) && !has(s.completionField) : has(s.promptField) && has(s.completionField))")
 
 
+def _is_prompt_set(s: DataSource) -> bool:
+    return s.format != "text" and s.prompt_field is not None and s.completion_field is None \
+        and s.messages_field is None and s.chosen_field is None and s.rejected_field is None
+
+
+_PROMPTS = " && ".join([_RECORDS, "has(s.promptField)", "!has(s.completionField)", "!has(s.messagesField)",
+                        "!has(s.chosenField)", "!has(s.rejectedField)"])
+
+
 def _method_data_rules(method: str, what: str, pred: str, names: str, check) -> tuple[Cel, Cel]:
     """sft and dpo read records, not documents: every source, and a separate validation source, must
     be jsonl or parquet and name the fields of a record (``pred``, a CEL predicate of a source ``s``)."""
@@ -220,6 +233,139 @@ class DataSpec(ApiModel):
             "source names must be unique",
             lambda s: len({x.name for x in s.sources}) == len(s.sources), field_path=".sources"),
     )
+
+
+# --------------------------------------------------------------------------- rewards
+class ConfigMapKey(ApiModel):
+    """A key of a ConfigMap in the resource's namespace, mounted read-only into the workers."""
+
+    name: DnsLabel
+    """Name of the ConfigMap."""
+    key: Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]+\.py$", max_length=253)]
+    """The key holding the Python file, e.g. rewards.py."""
+
+
+class PythonRewardSpec(ApiModel):
+    """A Python function f(prompts, completions, **columns) -> list[float] (TRL's reward signature), from a file
+    in a ConfigMap or on a PersistentVolumeClaim. Set exactly one of configMap or pvc."""
+
+    config_map: ConfigMapKey | None = None
+    """The file is this key of a ConfigMap (the ConfigMap's other keys are beside it, importable)."""
+    pvc: PvcLocation | None = None
+    """The file is at this path on a PersistentVolumeClaim (e.g. the data volume)."""
+    function: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=253)]
+    """The function's name in the file."""
+
+    cel_rules = (
+        Cel("has(self.configMap) != has(self.pvc)", "set exactly one of configMap or pvc",
+            lambda s: (s.config_map is None) != (s.pvc is None)),
+    )
+
+
+class ExactMatchRewardSpec(ApiModel):
+    """1.0 where the completion equals the reference in a column of the prompt record, else 0.0."""
+
+    column: ShortStr
+    """The prompt record's field holding the reference answer."""
+    normalize: bool = True
+    """Compare case-folded, whitespace collapsed, final punctuation removed."""
+    extract: ShortStr | None = None
+    """A regular expression with one group: compare what it captures in the completion (no match: 0.0)."""
+
+
+class RegexRewardSpec(ApiModel):
+    """1.0 where every mustMatch pattern is found in the completion and no mustNotMatch one (Python regular
+    expressions), else 0.0."""
+
+    must_match: Annotated[list[ShortStr], Field(max_length=32)] = []
+    """Patterns the completion must contain."""
+    must_not_match: Annotated[list[ShortStr], Field(max_length=32)] = []
+    """Patterns the completion must not contain."""
+
+
+class JsonSchemaRewardSpec(ApiModel):
+    """1.0 where the completion is JSON valid against the schema, else 0.0."""
+
+    json_schema: FreeForm = Field(alias="schema")
+    """The JSON Schema."""
+
+
+class LengthRewardSpec(ApiModel):
+    """1.0 where the completion's length in characters is within the limits, else 0.0."""
+
+    min_chars: Annotated[int, Field(ge=0, le=MAX_TOKENS)] | None = None
+    """The shortest completion that scores 1.0."""
+    max_chars: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = None
+    """The longest completion that scores 1.0."""
+
+
+class HttpRewardSpec(ApiModel):
+    """A scoring service in the cluster: each batch is POSTed as JSON ({prompts, completions, <column>: [...]}),
+    the answer is a JSON list of numbers (or {scores: [...]}), one per completion."""
+
+    url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)]
+    """The endpoint, e.g. http://scorer.team.svc:8080/score."""
+    timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = defaults.REWARD_HTTP_TIMEOUT_SECONDS
+    """How long one request may take."""
+    retries: Annotated[int, Field(ge=0, le=10)] = defaults.REWARD_HTTP_RETRIES
+    """Further attempts after a refused, timed-out or 5xx request, with a backoff; then the training fails."""
+
+
+class RewardSpec(ApiModel):
+    """One reward function and its weight (grpo, online-dpo). Set exactly one of python, exactMatch, regex,
+    jsonSchema, length or http. A completion's reward is the weighted sum over spec.rewards."""
+
+    name: DnsLabel
+    """Name of the reward, unique in the list (metrics: reward_<name>_mean)."""
+    weight: Annotated[float, Field(ge=-1000, le=1000)] = 1.0
+    """Its weight in the sum."""
+    python: PythonRewardSpec | None = None
+    """A Python function (TRL's reward signature) from a ConfigMap or a PersistentVolumeClaim."""
+    exact_match: ExactMatchRewardSpec | None = None
+    """Built in: the completion equals a column of the prompt record."""
+    regex: RegexRewardSpec | None = None
+    """Built in: the completion matches (or does not match) regular expressions."""
+    json_schema: JsonSchemaRewardSpec | None = None
+    """Built in: the completion is JSON valid against a schema."""
+    length: LengthRewardSpec | None = None
+    """Built in: the completion's length is within limits."""
+    http: HttpRewardSpec | None = None
+    """A scoring service in the cluster."""
+
+    cel_rules = (
+        Cel("[has(self.python), has(self.exactMatch), has(self.regex), has(self.jsonSchema), has(self.length), "
+            "has(self.http)].filter(x, x).size() == 1",
+            "set exactly one of python, exactMatch, regex, jsonSchema, length or http",
+            lambda s: sum(x is not None for x in (s.python, s.exact_match, s.regex, s.json_schema, s.length,
+                                                  s.http)) == 1),
+    )
+
+
+class SamplingSpec(ApiModel):
+    """How grpo and online-dpo sample completions from the policy (in the trainer, with its current weights)."""
+
+    group_size: Annotated[int, Field(ge=2, le=256)] = defaults.GRPO_GROUP_SIZE
+    """Completions per prompt. grpo: globalBatch counts completions (a multiple of groupSize x GPUs);
+    online-dpo: it counts the pairs' sequences, two per prompt."""
+    max_new_tokens: Annotated[int, Field(ge=1, le=1048576)] = defaults.GRPO_MAX_NEW_TOKENS
+    """The longest completion; the prompt and it must fit in sequenceLength."""
+    temperature: Annotated[float, Field(gt=0, le=10)] = defaults.GRPO_TEMPERATURE
+    """Sampling temperature."""
+    top_p: Annotated[float, Field(gt=0, le=1)] = defaults.GRPO_TOP_P
+    """Nucleus sampling (1: off)."""
+
+
+class GrpoSpec(ApiModel):
+    """GRPO's objective."""
+
+    beta: Annotated[float, Field(ge=0, le=10)] = defaults.GRPO_BETA
+    """Weight of the KL penalty to the reference (the starting model); 0: no reference is kept."""
+    epsilon: Annotated[float, Field(gt=0, lt=1)] = defaults.GRPO_EPSILON
+    """Clip range of the probability ratio."""
+    scale_rewards: bool = True
+    """Divide each advantage by its group's reward standard deviation; false: only subtract the group mean."""
+    updates_per_generation: Annotated[int, Field(ge=1, le=64)] = 1
+    """Optimizer steps on each batch of sampled completions."""
 
 
 # --------------------------------------------------------------------------- training
@@ -313,6 +459,10 @@ class TrainingSpec(ApiModel):
     dpo_loss_type: Literal["sigmoid", "ipo"] | None = None
     """For dpo: sigmoid (standard DPO, on summed log-probabilities) or ipo (squared loss on per-token mean
     log-probabilities), default sigmoid."""
+    sampling: SamplingSpec | None = None
+    """For grpo and online-dpo: how completions are sampled (default: groupSize 8, maxNewTokens 256)."""
+    grpo: GrpoSpec | None = None
+    """For grpo: the objective's settings."""
     lora: LoraSpec | None = None
     """For sft and dpo: train LoRA adapters instead of every weight; left out: full fine-tuning."""
 
@@ -514,7 +664,8 @@ class ForgeTrainingSpec(ApiModel):
     """Desired state of a ForgeTraining."""
 
     method: Method
-    """pretrain (from scratch), continued-pretrain, sft (supervised fine-tuning) or dpo (preference alignment)."""
+    """pretrain (from scratch), continued-pretrain, sft (supervised fine-tuning), dpo (preference alignment), grpo
+    or online-dpo (reinforcement learning against spec.rewards)."""
     model: ModelSpec
     """The architecture to build, or the base checkpoint to start from."""
     tokenizer: TokenizerSpec
@@ -537,6 +688,8 @@ class ForgeTrainingSpec(ApiModel):
     """Where the final model is exported."""
     evaluation: TrainingEvaluationSpec | None = None
     """Evaluate the final model and gate on the result."""
+    rewards: Annotated[list[RewardSpec], Field(max_length=16)] | None = None
+    """For grpo and online-dpo (required): the reward functions that score the sampled completions."""
     ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=MAX_SECONDS)] | None = None
     """Delete the workers (never this resource) this long after it finished."""
 
@@ -567,14 +720,31 @@ class ForgeTrainingSpec(ApiModel):
         *_method_data_rules("sft", "instruction data", _INSTRUCTION,
                             "promptField and completionField, or messagesField alone (no chosenField or rejectedField)",
                             _is_instruction),
-        Cel("(self.method != 'sft' && self.method != 'dpo') || !has(self.tokenizer.train)",
-            "methods sft and dpo fine-tune model.base with its own tokenizer: set tokenizer.fromBase (or "
-            "tokenizer.source)",
-            lambda s: s.method not in ("sft", "dpo") or s.tokenizer.train is None, field_path=".tokenizer"),
-        Cel("self.method == 'dpo' || !has(self.training.dpoBeta)", "training.dpoBeta is only for method dpo",
-            lambda s: s.method == "dpo" or s.training.dpo_beta is None, field_path=".training.dpoBeta"),
-        Cel("self.method == 'dpo' || !has(self.training.dpoLossType)", "training.dpoLossType is only for method dpo",
-            lambda s: s.method == "dpo" or s.training.dpo_loss_type is None, field_path=".training.dpoLossType"),
+        Cel("self.method == 'pretrain' || self.method == 'continued-pretrain' || !has(self.tokenizer.train)",
+            "methods sft, dpo, grpo and online-dpo fine-tune model.base with its own tokenizer: set "
+            "tokenizer.fromBase (or tokenizer.source)",
+            lambda s: s.method in ("pretrain", "continued-pretrain") or s.tokenizer.train is None,
+            field_path=".tokenizer"),
+        Cel("self.method == 'dpo' || self.method == 'online-dpo' || !has(self.training.dpoBeta)",
+            "training.dpoBeta is only for methods dpo and online-dpo",
+            lambda s: s.method in ("dpo", "online-dpo") or s.training.dpo_beta is None, field_path=".training.dpoBeta"),
+        Cel("self.method == 'dpo' || self.method == 'online-dpo' || !has(self.training.dpoLossType)",
+            "training.dpoLossType is only for methods dpo and online-dpo",
+            lambda s: s.method in ("dpo", "online-dpo") or s.training.dpo_loss_type is None,
+            field_path=".training.dpoLossType"),
+        *_method_data_rules("grpo", "prompt records", _PROMPTS, "promptField alone", _is_prompt_set),
+        *_method_data_rules("online-dpo", "prompt records", _PROMPTS, "promptField alone", _is_prompt_set),
+        Cel("(self.method == 'grpo' || self.method == 'online-dpo') == (has(self.rewards) && size(self.rewards) > 0)",
+            "methods grpo and online-dpo need rewards; the other methods take none",
+            lambda s: (s.method in ONLINE_METHODS) == bool(s.rewards), field_path=".rewards"),
+        Cel("!has(self.rewards) || self.rewards.all(a, self.rewards.exists_one(b, b.name == a.name))",
+            "reward names must be unique",
+            lambda s: not s.rewards or len({r.name for r in s.rewards}) == len(s.rewards), field_path=".rewards"),
+        Cel("self.method == 'grpo' || self.method == 'online-dpo' || !has(self.training.sampling)",
+            "training.sampling is only for methods grpo and online-dpo",
+            lambda s: s.method in ONLINE_METHODS or s.training.sampling is None, field_path=".training.sampling"),
+        Cel("self.method == 'grpo' || !has(self.training.grpo)", "training.grpo is only for method grpo",
+            lambda s: s.method == "grpo" or s.training.grpo is None, field_path=".training.grpo"),
         Cel("self.method == 'sft' || self.method == 'dpo' || !has(self.training.lora)",
             "training.lora is only for methods sft and dpo",
             lambda s: s.method in ("sft", "dpo") or s.training.lora is None, field_path=".training.lora"),

@@ -69,6 +69,8 @@ class ProgressBar:
             post["tok/s"] = f"{p.tokens_per_second:,.0f}"
         if (p.method_metrics or {}).get("reward_accuracy") is not None:  # dpo
             post["reward acc"] = f"{p.method_metrics['reward_accuracy']:.2f}"
+        if (p.method_metrics or {}).get("reward_mean") is not None:  # grpo, online-dpo
+            post["reward"] = f"{p.method_metrics['reward_mean']:.3f}"
         if p.eta_seconds is not None:
             post["eta"] = f"{p.eta_seconds // 60}m{p.eta_seconds % 60:02d}s"
         self.bar.set_postfix(post, refresh=False)

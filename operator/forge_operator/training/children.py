@@ -18,6 +18,7 @@ from ..api.names import (
     ANNOTATION_RESTART_REASON, CONFIG_FILE, CONFIG_MOUNT, CONTAINER_NAME, ENV_POD_NAME, ENV_POD_NAMESPACE,
     ENV_RESTART_COUNT, ENV_TORCHRUN_SHUTDOWN_TIMEOUT, ENV_TRAINING_NAME, LABEL_ATTEMPT, LAUNCH_COMMAND, LABEL_KUEUE_QUEUE,
     LABEL_MANAGED_BY, LABEL_NAME, LABEL_TRAINING, MANAGED_BY, METRICS_PORT, PRESTOP_COMMAND, PVC_MOUNT_ROOT,
+    REWARDS_MOUNT_ROOT,
     RENDEZVOUS_PORT, SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_ACCOUNT_PREFIX, TRAINER_GID,
     TRAINER_UID,
 )
@@ -122,6 +123,7 @@ def _claims(ft: ForgeTraining) -> dict[str, bool]:
         inputs.append(spec.model.base.pvc)
     if spec.tokenizer.source and spec.tokenizer.source.pvc:
         inputs.append(spec.tokenizer.source.pvc)
+    inputs += [r.python.pvc for r in spec.rewards or [] if r.python and r.python.pvc]
     claims: dict[str, bool] = {}
     for loc in inputs:
         claims[loc.claim_name] = claims.get(loc.claim_name, False) or loc.read_only is False
@@ -206,6 +208,9 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
         volumes.append({"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim,
                                                                          "readOnly": not writable}})
         mounts.append({"name": f"pvc-{claim}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": not writable})
+    for cm in sorted({r.python.config_map.name for r in ft.spec.rewards or [] if r.python and r.python.config_map}):
+        volumes.append({"name": f"rewards-{cm}", "configMap": {"name": cm}})
+        mounts.append({"name": f"rewards-{cm}", "mountPath": f"{REWARDS_MOUNT_ROOT}/{cm}", "readOnly": True})
     env: list[dict[str, Any]] = [
         {"name": ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": ENV_POD_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},

@@ -16,14 +16,15 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from forge_trainer.config import (
-    ArchitectureConfig, BudgetConfig, CheckpointConfig, DataConfig, DataSourceConfig, DpoMethod, LoraConfig,
-    MetricsConfig, ModelConfig, OutputConfig, TokenizerConfig, TokenizerTrainConfig, TrainerConfig, TrainingConfig,
+    ArchitectureConfig, BudgetConfig, CheckpointConfig, DataConfig, DataSourceConfig, DpoMethod, ExactMatchReward,
+    GrpoMethod, HttpReward, JsonSchemaReward, LengthReward, LoraConfig, MetricsConfig, ModelConfig, OnlineDpoMethod,
+    OutputConfig, RegexReward, RewardConfig, TokenizerConfig, TokenizerTrainConfig, TrainerConfig, TrainingConfig,
     ValidationConfig,
 )
 
 from ..api.base import PvcLocation, StorageLocation
-from ..api.names import PVC_MOUNT_ROOT
-from ..api.training import ArchitectureSpec, DataSource, ForgeTraining
+from ..api.names import PVC_MOUNT_ROOT, REWARDS_MOUNT_ROOT
+from ..api.training import ONLINE_METHODS, ArchitectureSpec, DataSource, ForgeTraining, ForgeTrainingSpec, RewardSpec
 
 Resolve = Callable[[PvcLocation], str]
 
@@ -70,6 +71,40 @@ def _source(s: DataSource, field: str, resolve: Resolve, records: bool) -> DataS
                             weight=s.weight, **_given(include=s.include, text_field=s.text_field), **fields)
 
 
+def _method(spec: ForgeTrainingSpec, resolve: Resolve):
+    """The trainer's method and its settings (those the spec leaves out: the trainer's defaults)."""
+    t = spec.training
+    if spec.method == "dpo":
+        return DpoMethod(**_given(beta=t.dpo_beta, loss_type=t.dpo_loss_type))
+    if spec.method not in ONLINE_METHODS:
+        return spec.method
+    sampling = t.sampling.model_dump(exclude_unset=True, by_alias=False) if t.sampling else {}
+    rewards = [_reward(r, f"spec.rewards[{i}]", resolve) for i, r in enumerate(spec.rewards or [])]
+    if spec.method == "grpo":
+        return GrpoMethod(rewards=rewards, **sampling, **(t.grpo.model_dump(exclude_unset=True, by_alias=False) if t.grpo else {}))
+    return OnlineDpoMethod(rewards=rewards, **sampling, **_given(beta=t.dpo_beta, loss_type=t.dpo_loss_type))
+
+
+def _reward(r: RewardSpec, field: str, resolve: Resolve) -> RewardConfig:
+    """A reward as the trainer reads it; a Python file is where the worker pods mount it."""
+    common = {"name": r.name, "weight": r.weight}
+    if r.python is not None:
+        p = r.python
+        path = f"{REWARDS_MOUNT_ROOT}/{p.config_map.name}/{p.config_map.key}" if p.config_map else resolve(p.pvc)
+        if not path.endswith(".py"):
+            raise TranslationError(f"{field}.python.pvc.path: {p.pvc.path!r} is not a .py file")
+        return RewardConfig(**common, function=f"{path}:{p.function}")
+    if r.exact_match is not None:
+        return RewardConfig(**common, exact_match=ExactMatchReward(**r.exact_match.model_dump(exclude_none=True, by_alias=False)))
+    if r.regex is not None:
+        return RewardConfig(**common, regex=RegexReward(**r.regex.model_dump(by_alias=False)))
+    if r.json_schema is not None:
+        return RewardConfig(**common, json_schema=JsonSchemaReward(schema=r.json_schema.json_schema))
+    if r.length is not None:
+        return RewardConfig(**common, length=LengthReward(**r.length.model_dump(by_alias=False)))
+    return RewardConfig(**common, http=HttpReward(**r.http.model_dump(by_alias=False)))
+
+
 def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir: str | None = None,
                    metrics: MetricsConfig | None = None, world_size: int | None = None,
                    termination_message_path: str | None = None) -> TrainerConfig:
@@ -81,8 +116,8 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
     """
     spec = ft.spec
     t = spec.training
-    records = spec.method in ("sft", "dpo")
-    method = DpoMethod(**_given(beta=t.dpo_beta, loss_type=t.dpo_loss_type)) if spec.method == "dpo" else spec.method
+    records = spec.method in ("sft", "dpo", *ONLINE_METHODS)
+    method = _method(spec, resolve)
 
     if spec.model.architecture is not None:
         model = ModelConfig(architecture=_architecture(spec.model.architecture))
