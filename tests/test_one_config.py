@@ -19,8 +19,8 @@ from forge_operator.api.base import format_error
 from forge_operator.api.enums import ConditionType
 from forge_operator.api.names import CONFIG_FILE, PVC_MOUNT_ROOT, TERMINATION_MESSAGE_PATH
 from forge_operator.api.training import (
-    ArchitectureSpec, CheckpointSpec, DataSource, DataSpec, ForgeTraining, LoraSpec, MoeSpec, TokenizerTrainSpec,
-    TrainingSpec,
+    ArchitectureSpec, CheckpointSpec, DataSource, DataSpec, ForgeTraining, GrpoSpec, HttpRewardSpec, LoraSpec, MoeSpec,
+    SamplingSpec, TokenizerTrainSpec, TrainingSpec,
 )
 from forge_operator.cli.local import LOCAL_METRICS, SUMMARY_FILE, local_config
 from forge_operator.training.children import config_map_name
@@ -29,8 +29,8 @@ from forge_operator.training.planner import plan_training
 from forge_operator.training.translate import trainer_config
 from forge_trainer import defaults as shared
 from forge_trainer.config import (
-    ArchitectureConfig, CheckpointConfig, DataSourceConfig, DpoMethod, LoraConfig, TokenizerTrainConfig,
-    TrainerConfig, TrainingConfig,
+    ArchitectureConfig, CheckpointConfig, DataSourceConfig, DpoMethod, GrpoMethod, HttpReward, LoraConfig,
+    TokenizerTrainConfig, TrainerConfig, TrainingConfig,
     load_config,
 )
 
@@ -189,6 +189,16 @@ SHARED_FIELDS = [
     (LoraSpec, "dropout", LoraConfig, "dropout"),
     (LoraSpec, "target_modules", LoraConfig, "target_modules"),
     (LoraSpec, "export", LoraConfig, "export"),
+    (SamplingSpec, "group_size", GrpoMethod, "group_size"),
+    (SamplingSpec, "max_new_tokens", GrpoMethod, "max_new_tokens"),
+    (SamplingSpec, "temperature", GrpoMethod, "temperature"),
+    (SamplingSpec, "top_p", GrpoMethod, "top_p"),
+    (GrpoSpec, "beta", GrpoMethod, "beta"),
+    (GrpoSpec, "epsilon", GrpoMethod, "epsilon"),
+    (GrpoSpec, "scale_rewards", GrpoMethod, "scale_rewards"),
+    (GrpoSpec, "updates_per_generation", GrpoMethod, "updates_per_generation"),
+    (HttpRewardSpec, "timeout_seconds", HttpReward, "timeout_seconds"),
+    (HttpRewardSpec, "retries", HttpReward, "retries"),
     (CheckpointSpec, "interval_steps", CheckpointConfig, "interval_steps"),
     (CheckpointSpec, "interval_minutes", CheckpointConfig, "interval_minutes"),
     (CheckpointSpec, "keep_last", CheckpointConfig, "keep_last"),
@@ -197,6 +207,7 @@ SHARED_FIELDS = [
 # (or translates them into another shape, checked by the next test)
 API_ONLY = {
     (ArchitectureSpec, "experts"), (TrainingSpec, "global_batch"), (CheckpointSpec, "resume_from"),
+    (TrainingSpec, "sampling"), (TrainingSpec, "grpo"),  # grpo's and online-dpo's settings: in the trainer's method
 }
 
 
