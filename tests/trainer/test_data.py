@@ -224,3 +224,26 @@ def test_include_and_exclude_patterns(tmp_path):
     assert sorted(f.rel for f in discover(source, 0)) == ["a.py", "pkg/b.py"]
     top = DataSourceConfig(name="s", path=str(tmp_path), include=["*.py"])
     assert [f.rel for f in discover(top, 0)] == ["a.py"]
+
+
+def test_data_preparation_shows_files_bytes_and_tokens(tmp_path, caplog):
+    """A bar on a terminal, a log line now and then in a pod: files, bytes and tokens done of the total."""
+    import io
+    import logging
+
+    from forge_trainer.data.meter import PrepareMeter
+
+    out = io.StringIO()
+    bar = PrepareMeter("preparing data", files=3, total_bytes=3000, stream=out, bar=True)
+    for _ in range(3):
+        bar.add(files=1, size=1000, tokens=250)
+    bar._bar.refresh()
+    shown = out.getvalue()
+    bar.close()
+    assert "preparing data" in shown and "files=3/3" in shown and "tokens=750" in shown
+
+    with caplog.at_level(logging.INFO, logger="forge.trainer"):
+        logged = PrepareMeter("preparing records", files=2, total_bytes=2_000_000, stream=io.StringIO(), bar=False,
+                              log_seconds=0.0)
+        logged.add(files=1, size=1_000_000, tokens=12345)
+    assert "preparing records: 1/2 files, 1.0 of 2.0 MB (50%), 12,345 tokens" in caplog.text

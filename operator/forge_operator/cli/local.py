@@ -22,6 +22,7 @@ from forge_trainer.contract import ExitCode, Progress
 
 from ..api.base import PvcLocation, format_error
 from ..api.training import ForgeTraining
+from ..training.fieldnames import in_spec_terms
 from ..training.translate import TranslationError, trainer_config
 
 DEFAULT_PROMPT = "def __init__(self"
@@ -56,7 +57,9 @@ class ProgressBar:
     def __init__(self) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(unit="step", dynamic_ncols=True, file=sys.stderr)
+        # one ETA: the trainer's (from its budget and measured throughput), not tqdm's own estimate
+        self.bar = tqdm(unit="step", dynamic_ncols=True, file=sys.stderr,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
     def __call__(self, p: Progress) -> None:
         if p.total_steps and self.bar.total != p.total_steps:
@@ -114,7 +117,7 @@ def train_local(path: str, volumes: list[str], prompt: str | None = None) -> int
         summary = forge_trainer.run(config, on_progress=bar)
     except TrainerError as err:
         bar.close()
-        print(f"forge: {err}", file=sys.stderr)
+        print(f"forge: {in_spec_terms(str(err))}", file=sys.stderr)
         return err.exit_code
     bar.close()
     if summary.status != "completed":

@@ -16,6 +16,7 @@ from ..k8s.objects import annotations_of, parse_ts, truncate, ts
 from .budget import deadline, deadline_reached
 from .children import ANNOTATION_SPEC_HASH, spec_hash
 from .draft import Draft
+from .fieldnames import in_spec_terms
 from .observe import (
     Attempt, Observed, job_condition, last_line, node_ready, phase, pod_index, read_last_line, started, terminated,
     waiting_reason,
@@ -71,7 +72,7 @@ def pod_failure(pod: dict[str, Any]) -> Failure | None:
                                          f"(exit code {code})", code, from_trainer)
     if code == ExitCode.RENDEZVOUS_TIMEOUT and from_trainer:
         return Failure(Reason.RENDEZVOUS_TIMEOUT, f"pod {name} on node {node}: {message.message}", code, True)
-    detail = message.message or last_line(term.get("message"))
+    detail = in_spec_terms(message.message or last_line(term.get("message")) or "")
     suffix = f": {detail[:300]}" if detail else ""
     return Failure(Reason.POD_FAILED, f"pod {name} on node {node} failed with exit code {code}{suffix}", code,
                    from_trainer)

@@ -29,6 +29,7 @@ from ..config import TrainerConfig
 from ..contract import DataError, StoppedBeforeTraining
 from ..runtime.dist import Dist, hostname
 from ..runtime.signals import SigtermFlag, on_every_rank
+from .meter import PrepareMeter, meter_for
 from .sources import data_digest, iter_documents, read_bytes, source_label
 from .tokenizer import TextTokenizer, check_vocab, iter_limited, train_bpe
 
@@ -168,8 +169,13 @@ def prepare_dataset(config: TrainerConfig, tokenizer: TextTokenizer, digest: str
         sample = _verification_sample(config, listing)
         tokenizer.verify(sample)
         sources = []
-        for i, src in enumerate(config.data.sources):
-            sources.append(_prepare_source(i, src, listing[src.name], tokenizer, dtype, tmp / f"{src.name}.bin", stop))
+        meter = meter_for("preparing data", listing, config.data.sources)
+        try:
+            for i, src in enumerate(config.data.sources):
+                sources.append(_prepare_source(i, src, listing[src.name], tokenizer, dtype, tmp / f"{src.name}.bin",
+                                               stop, meter))
+        finally:
+            meter.close()
         total_bytes = sum(s["bytes"] for s in sources)
         manifest = {
             "version": MANIFEST_VERSION,
@@ -216,7 +222,8 @@ def _verification_sample(config: TrainerConfig, listing, max_bytes: int = 256 <<
     return texts
 
 
-def _prepare_source(index, src, files, tokenizer: TextTokenizer, dtype, shard: Path, stop=None) -> dict:
+def _prepare_source(index, src, files, tokenizer: TextTokenizer, dtype, shard: Path, stop=None,
+                    meter: PrepareMeter | None = None) -> dict:
     where = source_label(index, src)
     records = []
     eos = np.array([tokenizer.eos_id], dtype=dtype)
@@ -236,6 +243,8 @@ def _prepare_source(index, src, files, tokenizer: TextTokenizer, dtype, shard: P
                 records[fi]["documents"] += 1
                 n_tokens += len(doc_ids) + 1
                 n_docs += 1
+            if meter is not None:
+                meter.add(tokens=sum(len(x) + 1 for x in ids))
             batch, batch_bytes = [], 0
 
         for f, digest in files:
@@ -251,6 +260,8 @@ def _prepare_source(index, src, files, tokenizer: TextTokenizer, dtype, shard: P
                 batch_bytes += len(doc)
                 if batch_bytes >= _BATCH_BYTES:
                     flush()
+            if meter is not None:
+                meter.add(files=1, size=len(raw))
         if batch:
             flush()
     if n_tokens == 0:

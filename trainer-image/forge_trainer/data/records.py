@@ -34,6 +34,7 @@ import numpy as np
 
 from ..config import DataSourceConfig, TrainerConfig
 from ..contract import ConfigError, DataError, StoppedBeforeTraining
+from .meter import PrepareMeter, meter_for
 from .prepare import read_manifest, token_dtype
 from .sources import iter_records, read_bytes, source_label
 from .tokenizer import TextTokenizer
@@ -233,8 +234,12 @@ def prepare_records(config: TrainerConfig, tokenizer: TextTokenizer, digest: str
     try:
         dtype = token_dtype(tokenizer.vocab_size)
         encoder = ExampleEncoder(tokenizer, renderer)
-        sources = [_prepare_source(i, src, listing[src.name], encoder, dtype, tmp, stop)
-                   for i, src in enumerate(config.data.sources)]
+        meter = meter_for("preparing records", listing, config.data.sources)
+        try:
+            sources = [_prepare_source(i, src, listing[src.name], encoder, dtype, tmp, stop, meter)
+                       for i, src in enumerate(config.data.sources)]
+        finally:
+            meter.close()
         manifest = {
             "version": MANIFEST_VERSION, "data_digest": digest, "tokenizer_digest": tokenizer.digest,
             "eos_id": tokenizer.eos_id, "end_of_turn_id": renderer.end_of_turn(), "dtype": dtype.name,
@@ -257,7 +262,8 @@ def prepare_records(config: TrainerConfig, tokenizer: TextTokenizer, digest: str
     return out
 
 
-def _prepare_source(index: int, src: DataSourceConfig, files, encoder: ExampleEncoder, dtype, out: Path, stop) -> dict:
+def _prepare_source(index: int, src: DataSourceConfig, files, encoder: ExampleEncoder, dtype, out: Path, stop,
+                    meter: PrepareMeter) -> dict:
     label = source_label(index, src)
     records, index_rows = [], []
     offset = learned = 0
@@ -282,6 +288,7 @@ def _prepare_source(index: int, src: DataSourceConfig, files, encoder: ExampleEn
                     rec["tokens"] += len(ids)
                 rec["examples"] += 1
             records.append(rec)
+            meter.add(files=1, size=len(raw), tokens=rec["tokens"])
     if not index_rows:
         raise DataError(f"{label}: the matching files hold no records")
     np.save(out / f"{src.name}.index.npy", np.asarray(index_rows, dtype=np.int64).reshape(-1, 4))
