@@ -67,6 +67,7 @@ class Reason(StrEnum):
     POD_FAILED = "PodFailed"
     OOM_KILLED = "OOMKilled"
     EVICTED = "Evicted"
+    POD_REJECTED = "PodRejected"  # the kubelet refused the pod at admission (UnexpectedAdmissionError, OutOf<resource>)
     PREEMPTED = "Preempted"
     NODE_LOST = "NodeLost"
     STUCK_TERMINATING = "StuckTerminating"

@@ -806,6 +806,21 @@ class ProgressStatus(ApiModel):
     """When the step last advanced (the Stalled condition compares it with stallTimeoutSeconds)."""
 
 
+class FailedPod(ApiModel):
+    """One worker pod that had failed when the group was restarted."""
+
+    name: ShortStr
+    """The pod."""
+    rank: int | None = None
+    """Its node rank (the Job completion index)."""
+    node: ShortStr | None = None
+    """The node it ran on."""
+    reason: ShortStr
+    """PodFailed, OOMKilled, Evicted, PodRejected (the kubelet refused it: UnexpectedAdmissionError, ...), Preempted, ..."""
+    exit_code: int | None = None
+    """Exit code of its container (the trainer's own when it reported one)."""
+
+
 class RestartRecord(ApiModel):
     """One restart of the worker group."""
 
@@ -819,6 +834,11 @@ class RestartRecord(ApiModel):
     """Exit code of the failed worker, when known."""
     step: int | None = None
     """Checkpoint step the restart resumes from."""
+    node: ShortStr | None = None
+    """The node blamed for the failure (lost, stuck, evicted or refused a pod, or its worker died of a signal);
+    a node blamed twice is kept out of the next attempts (node affinity NotIn)."""
+    failed_pods: Annotated[list[FailedPod], Field(max_length=8)] | None = None
+    """The attempt's failed pods (at most 8), each with its reason."""
 
 
 class BudgetStatus(ApiModel):

@@ -37,6 +37,7 @@ class WorkerState:
     restart_count: int = 0
     suspend: bool = False
     restart_reason: str = ""
+    avoid_nodes: tuple[str, ...] = ()  # nodes blamed twice: kept out by node affinity
 
 
 def labels(ft: ForgeTraining) -> dict[str, str]:
@@ -154,6 +155,20 @@ def _container_resources(ft: ForgeTraining) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
 
 
+def avoiding(affinity: dict[str, Any] | None, nodes: tuple[str, ...]) -> dict[str, Any] | None:
+    """The spec's affinity, with the nodes kept out: `kubernetes.io/hostname NotIn nodes` added to every
+    required node selector term (terms are ORed, so each must exclude them), or as the only term."""
+    if not nodes:
+        return affinity
+    out = copy.deepcopy(affinity or {})
+    required = out.setdefault("nodeAffinity", {}).setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
+    terms = required.get("nodeSelectorTerms") or [{}]
+    keep_off = {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": list(nodes)}
+    required["nodeSelectorTerms"] = [{**t, "matchExpressions": [*(t.get("matchExpressions") or []), keep_off]}
+                                     for t in terms]
+    return out
+
+
 def torchrun_command(ft: ForgeTraining, restart_count: int) -> list[str]:
     """torchrun (through ``forge_trainer.launch``, which makes a rendezvous timeout recognisable) with
     the static rendezvous: the node rank is the Job's completion index, node rank 0 hosts the store
@@ -253,7 +268,8 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
     tolerations = _tolerations(ft)
     if tolerations:
         pod_spec["tolerations"] = tolerations
-    for key, value in (("nodeSelector", r.node_selector), ("affinity", r.affinity),
+    affinity = avoiding(r.affinity, state.avoid_nodes)
+    for key, value in (("nodeSelector", r.node_selector), ("affinity", affinity),
                        ("priorityClassName", r.priority_class_name)):
         if value:
             pod_spec[key] = value

@@ -3,6 +3,7 @@ give up (a non-retryable exit code, restarts used up, the deadline passed)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,6 +24,11 @@ from .observe import (
 )
 
 MAX_RESTART_RECORDS = 20
+MAX_FAILED_PODS = 8  # failed pods listed in one restart record
+# a node blamed for this many restarts (of those recorded) is kept out of the next attempts
+AVOID_AFTER_BLAMES = 2
+# a worker that died of a signal (exit code 128+N) it did not report itself: the node may be at fault
+SIGNALLED = 128
 # exit codes that no restart can fix, whatever failurePolicy.nonRetryableExitCodes says
 ALWAYS_NON_RETRYABLE = (int(ExitCode.DATA_ERROR), int(ExitCode.CONFIG_ERROR))
 # restarts the user asked for (an edit) do not use up failurePolicy.maxRestarts
@@ -36,6 +42,8 @@ class Failure:
     exit_code: int | None = None
     # the exit code is the trainer's own (from its termination message), not torchrun's or the kubelet's
     from_trainer: bool = False
+    # the node at fault, when the failure says the node is (see blamed_node)
+    node: str | None = None
 
 
 # --------------------------------------------------------------------------- detection
@@ -48,7 +56,11 @@ def pod_failure(pod: dict[str, Any]) -> Failure | None:
     if st.get("phase") != "Failed":
         return None
     if st.get("reason") == "Evicted":
-        return Failure(Reason.EVICTED, f"pod {name} on node {node} was evicted: {st.get('message', '')}".strip())
+        return Failure(Reason.EVICTED, f"pod {name} on node {node} was evicted: {st.get('message', '')}".strip(),
+                       node=node)
+    if st.get("reason") and terminated(pod) is None:  # refused by the kubelet before any container ran
+        return Failure(Reason.POD_REJECTED, f"pod {name} was rejected by node {node}: {st['reason']}: "
+                                            f"{st.get('message', '')}".strip(), node=node)
     if disruption and disruption.get("status") == "True" and "Preempt" in disruption.get("reason", ""):
         return Failure(Reason.PREEMPTED, f"pod {name} on node {node} was preempted")
     term = terminated(pod) or {}
@@ -74,8 +86,9 @@ def pod_failure(pod: dict[str, Any]) -> Failure | None:
         return Failure(Reason.RENDEZVOUS_TIMEOUT, f"pod {name} on node {node}: {message.message}", code, True)
     detail = in_spec_terms(message.message or last_line(term.get("message")) or "")
     suffix = f": {detail[:300]}" if detail else ""
+    signalled = not from_trainer and code is not None and code > SIGNALLED
     return Failure(Reason.POD_FAILED, f"pod {name} on node {node} failed with exit code {code}{suffix}", code,
-                   from_trainer)
+                   from_trainer, node if signalled else None)
 
 
 def group_failure(ft: ForgeTraining, job: dict[str, Any] | None, pods: list[dict[str, Any]],
@@ -94,8 +107,10 @@ def group_failure(ft: ForgeTraining, job: dict[str, Any] | None, pods: list[dict
         return first, []
     stuck = [pod["metadata"]["name"] for pod in pods if stuck_terminating(pod, obs.now, timeout)]
     if stuck:
+        first = next(p for p in pods if p["metadata"]["name"] == sorted(stuck)[0])
         return Failure(Reason.STUCK_TERMINATING, f"pods {', '.join(sorted(stuck))} stuck terminating for more than "
-                                                 f"{fp.node_failure_timeout_seconds}s"), stuck
+                                                 f"{fp.node_failure_timeout_seconds}s",
+                       node=first.get("spec", {}).get("nodeName")), stuck
     for pod in pods:
         node_name = pod.get("spec", {}).get("nodeName")
         if not node_name or phase(pod) not in ("Running", "Pending"):
@@ -104,7 +119,7 @@ def group_failure(ft: ForgeTraining, job: dict[str, Any] | None, pods: list[dict
             continue  # not observed (no RBAC to read nodes): unknown is not lost
         if node_lost(obs.nodes[node_name], obs.now, timeout):
             return Failure(Reason.NODE_LOST, f"node {node_name} of pod {pod['metadata']['name']} is not Ready for "
-                                             f"more than {fp.node_failure_timeout_seconds}s"), []
+                                             f"more than {fp.node_failure_timeout_seconds}s", node=node_name), []
     if job is not None and (c := job_condition(job, "Failed")):
         return Failure(Reason.POD_FAILED, f"job {job['metadata']['name']} failed: {c.get('reason')}: "
                                           f"{c.get('message', '')}".strip()), []
@@ -196,6 +211,11 @@ def restart(d: Draft, attempt: Attempt, failure: Failure, counts: bool, next_job
         record["exitCode"] = failure.exit_code
     if resume is not None:
         record["step"] = resume
+    if failure.node:
+        record["node"] = failure.node
+    failed = failed_pods(attempt.pods)
+    if failed:
+        record["failedPods"] = failed
     status["restarts"] = [{**r, "message": truncate(r.get("message", ""))}
                           for r in [*(status.get("restarts") or []), record][-MAX_RESTART_RECORDS:]]
     status["restartCount"] = number
@@ -203,8 +223,39 @@ def restart(d: Draft, attempt: Attempt, failure: Failure, counts: bool, next_job
     d.delete_job(attempt.job_name)
     where = f"checkpoint step {resume}" if resume is not None else "the start (no checkpoint yet)"
     d.set_condition(T.RESTARTING, True, failure.reason, f"{failure.message}; restart {number} resumes from {where}")
+    also = [f"{p['name']} ({p['reason']}{_exit(p)}, node {p.get('node', '?')})" for p in failed]
     d.event(failure.reason, f"restarting all {workers} workers (restart {number}): {failure.message}; "
-                            f"resuming from {where}", warning=True)
+                            f"resuming from {where}" + (f"; failed pods: {', '.join(also)}" if len(also) > 1 else ""),
+            warning=True)
     # the pods labelled with the old attempt are still the ones a suspension waits for
     return Attempt(number, failures, next_job_name, None, attempt.all_pods, [])
 
+
+
+def _exit(p: dict[str, Any]) -> str:
+    return f", exit code {p['exitCode']}" if p.get("exitCode") is not None else ""
+
+
+def failed_pods(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each failed pod of an attempt with its reason, in rank order, at most MAX_FAILED_PODS."""
+    out = []
+    for pod in sorted(pods, key=lambda p: int(pod_index(p) or 0)):
+        f = pod_failure(pod)
+        if f is None:
+            continue
+        entry: dict[str, Any] = {"name": pod["metadata"]["name"], "reason": str(f.reason)}
+        if (rank := pod_index(pod)) is not None and rank.isdigit():
+            entry["rank"] = int(rank)
+        if node := pod.get("spec", {}).get("nodeName"):
+            entry["node"] = node
+        if f.exit_code is not None:
+            entry["exitCode"] = f.exit_code
+        out.append(entry)
+    return out[:MAX_FAILED_PODS]
+
+
+def avoided_nodes(status: dict[str, Any]) -> tuple[str, ...]:
+    """The nodes blamed for at least AVOID_AFTER_BLAMES of the recorded restarts: the next attempts keep
+    off them (a GPU or a link that keeps failing is the node's, not the training's)."""
+    blamed = Counter(r["node"] for r in status.get("restarts") or [] if r.get("node"))
+    return tuple(sorted(n for n, count in blamed.items() if count >= AVOID_AFTER_BLAMES))

@@ -17,7 +17,7 @@ from ..k8s import conditions as C
 from ..k8s.objects import ApplyOutcome, Event, EventType, Plan, deleting, owned_by, parse_ts, ts
 from .children import WorkerState, desired_children
 from .draft import Draft, Settings
-from .failure import NOT_A_FAILURE, backoff_seconds, node_lost, stuck_terminating
+from .failure import NOT_A_FAILURE, avoided_nodes, backoff_seconds, node_lost, stuck_terminating
 from .observe import Attempt, Observed, active, attempt_label, job_condition, phase
 from .readiness import Stuck, why_queued
 
@@ -170,7 +170,7 @@ def start_workers(d: Draft, ft: ForgeTraining, attempt: Attempt, obs: Observed, 
     w.queue_stuck = why_queued(obs.queue, ft.metadata.namespace) if w.queued else None
     last = (d.status.get("restarts") or [{}])[-1] if attempt.number else {}
     state = WorkerState(restart_count=attempt.number, suspend=sched.suspend or w.queued,
-                        restart_reason=last.get("reason", ""))
+                        restart_reason=last.get("reason", ""), avoid_nodes=avoided_nodes(d.status))
     w.stopping = wait_for_stopped_workers(d, ft, attempt, obs)
     start = attempt.job is None and w.waiting <= 0 and not (sched.suspend and sched.queue_name) and not w.stopping
     d.plan.apply = desired_children(ft, trainer_yaml, state, image=settings.trainer_image, include_job=start)
