@@ -10,7 +10,7 @@ with fake 8-GPU nodes; binaries cached in ~/.cache/forge), then in one run:
 
 It prints the time until everything runs, the API server's requests (``apiserver_request_total``) per
 training per minute while starting and in the steady window (all clients, and the operator's alone), the
-operator's reconcile p50/p99 (its ``forge_reconcile_duration_seconds`` histogram) and its RSS, with
+operator's reconcile p50/p99 (its ``forge_operator_reconcile_duration_seconds`` histogram) and its RSS, with
 ratios against the floor.
 
     .venv/bin/python benchmarks/operator_scale.py                        # 10 trainings, 20 nodes (minutes)
@@ -140,9 +140,9 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float:
 
 def reconcile_quantiles(port: int) -> tuple[float, float, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    buckets = sorted((float(l["le"]), v) for l, v in metrics(text, "forge_reconcile_duration_seconds_bucket")
+    buckets = sorted((float(l["le"]), v) for l, v in metrics(text, "forge_operator_reconcile_duration_seconds_bucket")
                      if l.get("kind") == "ForgeTraining")
-    count = sum(v for l, v in metrics(text, "forge_reconcile_duration_seconds_count")
+    count = sum(v for l, v in metrics(text, "forge_operator_reconcile_duration_seconds_count")
                 if l.get("kind") == "ForgeTraining")
     return quantile(buckets, 0.5), quantile(buckets, 0.99), count
 

@@ -23,7 +23,6 @@ from datetime import datetime
 from typing import Any
 
 from kubernetes.client.rest import ApiException
-from prometheus_client import Histogram
 
 from . import metrics
 from .clients import Clients
@@ -35,9 +34,6 @@ from .peering import Peering, standing_by
 log = logging.getLogger("forge.operator")
 
 REPLAN_SECONDS = 0.2  # after a 409 on the status: plan again from a fresh read
-
-RECONCILE_SECONDS = Histogram("forge_reconcile_duration_seconds", "Duration of one reconcile of one object",
-                              ["kind"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
 
 
 class Runtime:
@@ -110,7 +106,7 @@ class Runtime:
     def reconcile(self, key: Key) -> Plan | None:
         """Converge one object; safe to call any number of times, from any trigger."""
         kind = self.kinds[key.kind]
-        with self.lock(key), RECONCILE_SECONDS.labels(key.kind).time():
+        with self.lock(key):
             c = self.clients
             obj = c.get_custom(kind.api_version, kind.plural, key.namespace, key.name)
             if obj is None:
