@@ -8,6 +8,8 @@ GPU quota of 32 (four 8-GPU nodes) and a LocalQueue.
 - A higher-priority training preempts a lower one: Kueue suspends the lower one's Job (its workers stop,
   writing their checkpoint in their grace period), the operator leaves `suspend` to Kueue, and the lower
   one is admitted again when the quota frees.
+- A user's suspension of an admitted training deletes its Job (and so its workload); resuming queues a
+  new Job, which Kueue admits.
 """
 
 from __future__ import annotations
@@ -157,6 +159,20 @@ def test_a_higher_priority_training_preempts_a_lower_one_which_requeues(queue):
     kube.wait_for("low running again", running_workers(kube, "low", 4, 0), timeout=120)
     o = kube.wait_for("low Running again", phase_is(kube, "low", "Running"), timeout=60)
     assert not o["status"].get("failureCount")
+
+    # the user suspends the admitted training: its Job goes (Kueue would unsuspend an admitted Job), and
+    # with it the workload and its hold on the quota; resuming queues a new Job that Kueue admits
+    uid = kube.get("job", "low-r0")["metadata"]["uid"]
+    kube("patch", "forgetraining", "low", "--type=merge", "-p", '{"spec":{"scheduling":{"suspend":true}}}')
+    kube.wait_for("Suspended", phase_is(kube, "low", "Suspended"), timeout=60)
+    kube.wait_for("Job and workload gone", lambda: not kube.get("jobs")["items"] and not workloads(kube),
+                  timeout=90)
+    kube("patch", "forgetraining", "low", "--type=merge", "-p", '{"spec":{"scheduling":{"suspend":false}}}')
+    kube.wait_for("a new Job admitted", lambda: (j := next(iter(kube.get("jobs")["items"]), None)) and
+                  j["metadata"]["uid"] != uid and admitted(kube, "low-r0"), timeout=90)
+    kube.wait_for("low running after the resume", running_workers(kube, "low", 4, 0), timeout=120)
+    o = kube.wait_for("Running", phase_is(kube, "low", "Running"), timeout=60)
+    assert not o["status"].get("restartCount"), "a suspension is not a restart"
 
 
 def _json(items: list[dict]) -> str:

@@ -1,4 +1,4 @@
-"""Operating trainings: suspend/resume, Kueue, edits, lost nodes, TTL, deletion, operator crashes, many tenants."""
+"""Operating trainings: suspend/resume, edits, lost nodes, TTL, deletion, operator crashes, many tenants."""
 
 from __future__ import annotations
 
@@ -39,40 +39,6 @@ def test_suspend_stops_workers_and_resume_brings_them_back(kube, operator):
     # the trainer resumes from the newest complete checkpoint in the same location
     config = kube.get("configmap", "llm-config")["data"]["trainer.yaml"]
     assert "resume: auto" in config and "dir: /mnt/pvc/ckpt/llm" in config
-
-
-def test_kueue_admits_by_unsuspending(kube, operator):
-    kube.apply(training("llm", resources={"numNodes": 2}, scheduling={"queueName": "team-a"}))
-    o = kube.wait_for("Queued", phase_is(kube, "llm", "Queued"))
-    job = kube.get("job", "llm-r0")
-    assert job["spec"]["suspend"] is True
-    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
-    assert "team-a" in next(c for c in o["status"]["conditions"] if c["type"] == "Queued")["message"]
-    time.sleep(2)
-    assert not worker_pods(kube, "llm"), "nothing runs before admission"
-
-    # what Kueue does when it admits the workload
-    kube("patch", "job", "llm-r0", "--type=merge", "-p", '{"spec":{"suspend":false}}')
-    kube.wait_for("admitted workers running", running_workers(kube, "llm", 2, 0))
-    kube.wait_for("Running", phase_is(kube, "llm", "Running"))
-    time.sleep(3)  # several resyncs: the operator must not suspend the Job again
-    assert kube.get("job", "llm-r0")["spec"]["suspend"] is False
-
-    # the user suspends a queued training: its Job goes (Kueue would unsuspend an admitted Job)
-    uid = kube.get("job", "llm-r0")["metadata"]["uid"]
-    kube("patch", "forgetraining", "llm", "--type=merge", "-p", '{"spec":{"scheduling":{"suspend":true}}}')
-    kube.wait_for("Suspended", phase_is(kube, "llm", "Suspended"))
-    kube.wait_for("workers gone", lambda: not worker_pods(kube, "llm"), timeout=60)
-    kube.wait_for("Job gone", lambda: not kube.get("jobs")["items"])
-    # resumed: queued again, as a new Job of the same attempt, for Kueue to admit
-    kube("patch", "forgetraining", "llm", "--type=merge", "-p", '{"spec":{"scheduling":{"suspend":false}}}')
-    kube.wait_for("Queued again", phase_is(kube, "llm", "Queued"))
-    job = kube.wait_for("a new Job", lambda: next(iter(kube.get("jobs")["items"]), None))
-    assert job["metadata"]["uid"] != uid and job["spec"]["suspend"] is True
-    kube("patch", "job", "llm-r0", "--type=merge", "-p", '{"spec":{"suspend":false}}')
-    kube.wait_for("admitted again", running_workers(kube, "llm", 2, 0))
-    o = kube.wait_for("Running", phase_is(kube, "llm", "Running"))
-    assert not o["status"].get("restartCount"), "a suspension is not a failure"
 
 
 def test_resource_edit_restarts_from_checkpoint_without_using_up_restarts(kube, operator):
