@@ -15,8 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("trainer, user", [
     ("data.sources[0].path /mnt/pvc/corpus/x: does not exist",
      "spec.data.sources[0].location /mnt/pvc/corpus/x: does not exist"),
-    ("the prompt is 90 tokens; it does not fit in training.seq_len 64",
-     "the prompt is 90 tokens; it does not fit in spec.training.sequenceLength 64"),
+    ("the prompt is 90 tokens; with method.max_new_tokens 32 it does not fit in training.seq_len 64",
+     "the prompt is 90 tokens; with spec.training.sampling.maxNewTokens 32 it does not fit in "
+     "spec.training.sequenceLength 64"),
+    ("method.rewards names must be unique", "spec.rewards names must be unique"),
     ("model.base_path /m: no config.json (a local Hugging Face model directory is needed)",
      "spec.model.base /m: no config.json (a local Hugging Face model directory is needed)"),
     ("set at least one of training.budget.max_steps, max_tokens or deadline",
