@@ -184,3 +184,46 @@ def test_forge_train_aligns_a_model_like_the_dpo_example(tmp_path):
     assert provenance["method"] == "dpo" and provenance["config"]["method"] == {
         "kind": "dpo", "beta": 0.1, "loss_type": "sigmoid"}
     assert provenance["data"]["sources"][0]["records"] == "preference"
+
+
+@pytest.mark.slow
+def test_the_examples_chain_continued_pretraining_sft_and_dpo(tmp_path):
+    """examples/continued-pretrain.yaml -> sft.yaml -> dpo.yaml, cut to a few steps each, in one
+    forge-models volume: each starts from the model the one before exported (the paths the examples
+    name), and dpo trains LoRA adapters (the example's training.lora) and exports them merged."""
+    import json
+
+    from sft_helpers import make_base, write_preferences, write_records
+
+    models = tmp_path / "models"
+    (models / "base").mkdir(parents=True)
+    make_base(tmp_path, "llama").rename(models / "base" / "model-1b")
+    volumes = {"forge-models": models, "legal-corpus": write_corpus(tmp_path / "corpus", files=8),
+               "sft-data": tmp_path / "sft-data", "preference-data": tmp_path / "preference-data",
+               "forge-checkpoints": tmp_path / "ckpt"}
+    for part, n, seed in (("train", 48, 0), ("validation", 8, 1)):
+        records = [json.loads(x) for x in write_records(tmp_path / f"{part}.jsonl", "pairs", n, seed).read_text().splitlines()]
+        (volumes["sft-data"] / part).mkdir(parents=True)
+        (volumes["sft-data"] / part / "records.jsonl").write_text(
+            "".join(json.dumps({"prompt": r["prompt"], "response": r["completion"]}) + "\n" for r in records))
+    write_preferences(volumes["preference-data"] / "pairs.jsonl", 48)
+    tiny = {"sequenceLength": 128, "globalBatch": {"sequences": 4}, "microBatchSize": 4, "warmupSteps": 1,
+            "evalIntervalSteps": 3, "budget": {"maxSteps": 3}}
+    chain = [("continued-pretrain", "base/model-1b", "legal-continued-1b"),
+             ("sft", "legal-continued-1b", "sft-assistant-1b"), ("dpo", "sft-assistant-1b", "dpo-assistant-1b")]
+    for name, base, output in chain:
+        spec = yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text())
+        assert (spec["spec"]["model"]["base"]["pvc"]["path"], spec["spec"]["output"]["location"]["pvc"]["path"]) == \
+            (base, output)
+        spec["spec"]["training"] = {k: v for k, v in spec["spec"]["training"].items()
+                                    if k in ("learningRate", "schedule", "dpoBeta", "dpoLossType", "lora")} | tiny
+        if name == "continued-pretrain":
+            spec["spec"]["training"]["learningRate"] = 0.003
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+        out = forge("train", f"{name}.yaml", *[a for c, d in volumes.items() for a in ("--volume", f"{c}={d}")],
+                    cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        provenance = json.loads((models / output / "provenance.json").read_text())
+        assert provenance["method"] == name and provenance["config"]["model"]["base_path"].endswith("/" + base)
+    assert provenance["config"]["training"]["lora"]["export"] == "merged"
+    assert (models / "dpo-assistant-1b" / "model.safetensors").exists()

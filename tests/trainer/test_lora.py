@@ -149,7 +149,7 @@ def test_two_workers_under_torchrun_train_adapters_like_one_process(bases, tmp_p
     trainable parameters together): the loss curve is the single process's and the merged export loads."""
     data = write_records(tmp_path / "data" / "chat.jsonl", "chat", 120)
     over = dict(training__budget={"max_steps": 3}, training__eval_interval_steps=None, training__lr=1e-2,
-                training__lora=LORA)
+                training__lora={**LORA, "dropout": 0.0})  # dropout draws other masks on two ranks
     single = forge_trainer.run(sft_config(tmp_path / "one", bases["qwen3"], data.parent, cache=tmp_path / "cache",
                                           **over))
     cfg = sft_config(tmp_path / "two", bases["qwen3"], data.parent, cache=tmp_path / "cache2", **over)
@@ -162,8 +162,8 @@ def test_two_workers_under_torchrun_train_adapters_like_one_process(bases, tmp_p
     assert "2 worker(s) on cpu" in log and "LoRA: training" in log
     curve = {int(m[1]): float(m[2]) for m in re.finditer(r"\[rank 0\] step (\d+)/3 \| loss ([\d.]+)", log)}
     assert sorted(curve) == list(range(1, 4))
-    for h in single.history:  # the log line rounds to 4 decimals
-        assert curve[h["step"]] == pytest.approx(h["loss"], abs=1e-3), h["step"]
+    for h in single.history:
+        assert curve[h["step"]] == pytest.approx(h["loss"], abs=2e-4), h["step"]
     merged, one = _tensors(cfg.output.dir), _tensors(Path(tmp_path / "one" / "out"))
     for key in one:
         assert torch.allclose(merged[key], one[key], atol=1e-3), key
