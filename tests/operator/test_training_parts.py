@@ -80,6 +80,13 @@ def test_translation_maps_the_spec_onto_the_trainer_config():
     assert cfg.training.global_batch_sequences == 64 and cfg.training.min_lr == pytest.approx(3e-5)
 
 
+def test_the_egress_lock_is_on_unless_the_spec_opts_out():
+    assert trainer_config(ForgeTraining.model_validate(obj())).egress.lock
+    assert not trainer_config(ForgeTraining.model_validate(obj(network={"egress": "Unrestricted"}))).egress.lock
+    with pytest.raises(ValueError, match="network.egress"):
+        ForgeTraining.model_validate(obj(network={"egress": "Open"}))
+
+
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
                       "projected", "secret"}
 

@@ -354,6 +354,16 @@ class MetricsConfig(_Model):
     """Peak FLOP/s of one device for MFU; default: looked up by GPU name (none on CPU)."""
 
 
+class EgressConfig(_Model):
+    """The trainer's own egress lock (``runtime/egress.py``), the second line behind a NetworkPolicy."""
+
+    lock: bool = True
+    """While the run lasts, refuse outbound connections from Python code except to loopback, the
+    Kubernetes API server, the HTTP reward services of the method, and ``allow``."""
+    allow: list[str] = []
+    """More destinations: ``host`` (any port) or ``host:port``; names are resolved when the run starts."""
+
+
 class PretrainMethod(_Model):
     """Next-token prediction on packed text, from a new model (model.architecture)."""
 
@@ -593,6 +603,7 @@ class TrainerConfig(_Model):
     cache_dir: str = "/cache"
     """Where prepared token shards and trained tokenizers are cached (keyed by data and tokenizer digests)."""
     metrics: MetricsConfig = MetricsConfig()
+    egress: EgressConfig = EgressConfig()
     termination_message_path: str = DEFAULT_TERMINATION_MESSAGE_PATH
     """A one-line JSON summary is written here at exit (when its directory is writable)."""
 

@@ -30,6 +30,7 @@ from .runtime import checkpoint
 from .runtime.budget import Timings, budget_reached, total_steps
 from .runtime.checkpoint import TrainState, choose_resume
 from .runtime.dist import Dist, init_distributed, shutdown
+from .runtime.egress import egress_locked, policy_of
 from .runtime.export import export
 from .runtime.optim import build_optimizer, lr_at, set_lr
 from .runtime.progress import Reporter, build_progress
@@ -97,7 +98,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
     installed, when SIGTERM must stay caught after ``run`` returns (the worker process still writes
     its termination message); by default ``run`` catches SIGTERM only while it runs."""
     started = datetime.now(timezone.utc)
-    with sigterm_caught(stop) as stop:
+    with sigterm_caught(stop) as stop, egress_locked(policy_of(config)):
         d = init_distributed()
         reporter = None
         try:

@@ -45,6 +45,7 @@ TRAINER_IMAGE = "ghcr.io/forge-dev/forge-trainer:0.1.0"
 
 # spec.scheduling
 SUSPEND = False
+EGRESS = "Restricted"  # spec.network.egress: the trainer's egress lock is on
 
 # spec.failurePolicy
 MAX_RESTARTS = 3

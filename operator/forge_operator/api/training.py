@@ -583,6 +583,15 @@ class SchedulingSpec(ApiModel):
     """Stop the workers (they write a checkpoint first); unset to resume from it."""
 
 
+class NetworkSpec(ApiModel):
+    """What the workers may reach."""
+
+    egress: Literal["Restricted", "Unrestricted"] = defaults.EGRESS
+    """Restricted: the trainer refuses every outbound connection made by Python code (a library
+    fetching a model, telemetry, a reward function) except to loopback, the Kubernetes API server
+    and the HTTP reward services of spec.rewards. Unrestricted: no such lock."""
+
+
 class CheckpointSpec(ApiModel):
     """Periodic checkpoints, from which restarts and resumes continue."""
 
@@ -680,6 +689,8 @@ class ForgeTrainingSpec(ApiModel):
     """Labels, annotations, security contexts and extended resources added to the worker pods."""
     scheduling: SchedulingSpec = SchedulingSpec()
     """Queueing and suspension."""
+    network: NetworkSpec = NetworkSpec()
+    """What the workers may reach (an egress lock in the trainer)."""
     checkpoint: CheckpointSpec
     """Checkpoint storage and frequency."""
     failure_policy: FailurePolicySpec = FailurePolicySpec()

@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from forge_trainer.config import (
-    ArchitectureConfig, BudgetConfig, CheckpointConfig, DataConfig, DataSourceConfig, DpoMethod, ExactMatchReward,
+    ArchitectureConfig, BudgetConfig, CheckpointConfig, DataConfig, DataSourceConfig, DpoMethod, EgressConfig,
+    ExactMatchReward,
     GrpoMethod, HttpReward, JsonSchemaReward, LengthReward, LoraConfig, MetricsConfig, ModelConfig, OnlineDpoMethod,
     OutputConfig, RegexReward, RewardConfig, TokenizerConfig, TokenizerTrainConfig, TrainerConfig, TrainingConfig,
     ValidationConfig,
@@ -172,5 +173,6 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
         output=OutputConfig(dir=resolve(spec.output.location.pvc)),
         # shared by all nodes: rank 0 prepares the token shards once, the others read them
         cache_dir=cache_dir or f"{checkpoint_dir}/.forge-cache",
+        egress=EgressConfig(lock=spec.network.egress == "Restricted"),
         **_given(metrics=metrics, termination_message_path=termination_message_path),
     )
