@@ -90,3 +90,16 @@ def test_a_node_that_never_comes_fails_the_group_within_the_limit_and_says_so(tm
     assert message == {"status": "failed", "exitCode": 69, "message": "rendezvous timed out: node rank 0 waited 20 s "
                                                                       "for the other nodes of 2: 1 of 2 nodes joined"}
     assert "forge-trainer: rendezvous timed out: node rank 0 waited 20 s" in output
+
+
+@pytest.mark.parametrize("worker_exit, node_exit", [(75, 75), (3, 1)])
+def test_the_node_exits_75_when_its_workers_stopped_after_a_checkpoint(tmp_path, worker_exit, node_exit):
+    """Found on a real node (tests/e2e): a deleted pod's worker saved its checkpoint and exited 75, but
+    torchrun ended with exit code 1, so the container's exit code said crash. Other failures stay 1."""
+    script = tmp_path / "worker.py"
+    script.write_text(f"raise SystemExit({worker_exit})\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "forge_trainer.launch", "--nnodes=1", "--nproc-per-node=1", "--rdzv-backend=static",
+         f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--max-restarts=0", str(script)],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert out.returncode == node_exit, out.stderr[-2000:]

@@ -9,6 +9,11 @@ message `{"status":"failed","exitCode":69,"message":"rendezvous timed out: ..."}
 (`ExitCode.RENDEZVOUS_TIMEOUT`), saying how long it waited and, on node rank 0 (the store's host),
 how many of the nodes had joined. Which ranks were missing torch does not say (the store counts its
 clients, it does not name them): the operator names them from the pods it sees.
+
+And when the workers stopped after saving a checkpoint (exit code 75, `ExitCode.PREEMPTED`: the preStop
+hook or SIGTERM on eviction), torchrun ends with a ChildFailedError and exit code 1; the launcher exits
+75 instead, so that the container's exit code says what the workers' do (Job pod failure policies and
+the operator read it).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import re
 import sys
 
-from .contract import DEFAULT_TERMINATION_MESSAGE_PATH, RendezvousTimeout, TerminationMessage
+from .contract import DEFAULT_TERMINATION_MESSAGE_PATH, ExitCode, RendezvousTimeout, TerminationMessage
 
 PREFIX = "forge-trainer"
 # TCPStore's host: "Timed out after 20 seconds waiting for clients. 1/2 clients joined."
@@ -48,6 +53,7 @@ def _termination_path(script_args: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed import DistError
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun, parse_args
 
     argv = sys.argv[1:] if argv is None else argv
@@ -62,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
 
         write_termination_message(_termination_path(args.training_script_args), TerminationMessage.failed(error))
         return int(error.exit_code)
+    except ChildFailedError as e:
+        if {f.exitcode for f in e.failures.values()} == {int(ExitCode.PREEMPTED)}:
+            print(f"{PREFIX}: the workers stopped after saving a checkpoint (exit code {int(ExitCode.PREEMPTED)})",
+                  file=sys.stderr, flush=True)
+            return int(ExitCode.PREEMPTED)
+        raise
     return 0
 
 
