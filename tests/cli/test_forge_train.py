@@ -227,3 +227,13 @@ def test_the_examples_chain_continued_pretraining_sft_and_dpo(tmp_path):
         assert provenance["method"] == name and provenance["config"]["model"]["base_path"].endswith("/" + base)
     assert provenance["config"]["training"]["lora"]["export"] == "merged"
     assert (models / "dpo-assistant-1b" / "model.safetensors").exists()
+
+
+def test_a_reward_configmap_is_read_from_the_volume_folder_of_its_name(tmp_path):
+    """forge train runs examples/grpo.yaml with the reward ConfigMap as a local folder (--volume NAME=DIR)."""
+    _, cfg = local_config(str(ROOT / "examples" / "grpo.yaml"),
+                          [f"arithmetic-rewards={ROOT / 'examples' / 'grpo'}", f"rl-data={tmp_path}"])
+    assert cfg.method.kind == "grpo"
+    digits = next(r for r in cfg.method.rewards if r.name == "digits")
+    assert digits.function == f"{ROOT / 'examples' / 'grpo' / 'arithmetic_reward.py'}:digits"
+    assert Path(digits.function.rpartition(":")[0]).is_file()

@@ -298,6 +298,9 @@ def test_grpo_translates_its_rewards_and_the_workers_mount_the_reward_configmap(
             "readOnly": True} in mounts
     assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "reward-code" for v in spec["volumes"])
 
+    here = trainer_config(ft, config_map=lambda name: f"/home/me/{name}").method
+    assert here.rewards[0].function == "/home/me/arithmetic-rewards/arithmetic_reward.py:digits"
+
     online = copy.deepcopy(manifest)
     online["spec"]["method"] = "online-dpo"
     del online["spec"]["training"]["grpo"]

@@ -72,7 +72,12 @@ def _source(s: DataSource, field: str, resolve: Resolve, records: bool) -> DataS
                             weight=s.weight, **_given(include=s.include, text_field=s.text_field), **fields)
 
 
-def _method(spec: ForgeTrainingSpec, resolve: Resolve):
+def config_map_path(name: str) -> str:
+    """Where a reward ConfigMap is inside a worker pod."""
+    return f"{REWARDS_MOUNT_ROOT}/{name}"
+
+
+def _method(spec: ForgeTrainingSpec, resolve: Resolve, config_map: Callable[[str], str]):
     """The trainer's method and its settings (those the spec leaves out: the trainer's defaults)."""
     t = spec.training
     if spec.method == "dpo":
@@ -80,18 +85,18 @@ def _method(spec: ForgeTrainingSpec, resolve: Resolve):
     if spec.method not in ONLINE_METHODS:
         return spec.method
     sampling = t.sampling.model_dump(exclude_unset=True, by_alias=False) if t.sampling else {}
-    rewards = [_reward(r, f"spec.rewards[{i}]", resolve) for i, r in enumerate(spec.rewards or [])]
+    rewards = [_reward(r, f"spec.rewards[{i}]", resolve, config_map) for i, r in enumerate(spec.rewards or [])]
     if spec.method == "grpo":
         return GrpoMethod(rewards=rewards, **sampling, **(t.grpo.model_dump(exclude_unset=True, by_alias=False) if t.grpo else {}))
     return OnlineDpoMethod(rewards=rewards, **sampling, **_given(beta=t.dpo_beta, loss_type=t.dpo_loss_type))
 
 
-def _reward(r: RewardSpec, field: str, resolve: Resolve) -> RewardConfig:
+def _reward(r: RewardSpec, field: str, resolve: Resolve, config_map: Callable[[str], str]) -> RewardConfig:
     """A reward as the trainer reads it; a Python file is where the worker pods mount it."""
     common = {"name": r.name, "weight": r.weight}
     if r.python is not None:
         p = r.python
-        path = f"{REWARDS_MOUNT_ROOT}/{p.config_map.name}/{p.config_map.key}" if p.config_map else resolve(p.pvc)
+        path = f"{config_map(p.config_map.name)}/{p.config_map.key}" if p.config_map else resolve(p.pvc)
         if not path.endswith(".py"):
             raise TranslationError(f"{field}.python.pvc.path: {p.pvc.path!r} is not a .py file")
         return RewardConfig(**common, function=f"{path}:{p.function}")
@@ -108,17 +113,19 @@ def _reward(r: RewardSpec, field: str, resolve: Resolve) -> RewardConfig:
 
 def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir: str | None = None,
                    metrics: MetricsConfig | None = None, world_size: int | None = None,
-                   termination_message_path: str | None = None) -> TrainerConfig:
+                   termination_message_path: str | None = None,
+                   config_map: Callable[[str], str] = config_map_path) -> TrainerConfig:
     """Build the trainer's configuration. Raises TranslationError (or pydantic's ValueError) naming the field.
 
     What depends on where it runs, not on the spec, is the caller's: ``resolve``, ``cache_dir`` (default:
     beside the checkpoints), ``metrics`` and ``termination_message_path`` (default: the trainer's, which
-    are the worker pods'), ``world_size`` (default: numNodes x gpusPerNode; one process locally).
+    are the worker pods'), ``world_size`` (default: numNodes x gpusPerNode; one process locally), ``config_map``
+    (the folder of a reward ConfigMap; default: where the worker pods mount it).
     """
     spec = ft.spec
     t = spec.training
     records = spec.method in ("sft", "dpo", *ONLINE_METHODS)
-    method = _method(spec, resolve)
+    method = _method(spec, resolve, config_map)
 
     if spec.model.architecture is not None:
         model = ModelConfig(architecture=_architecture(spec.model.architecture))
