@@ -20,7 +20,7 @@ import kopf
 
 from .api.base import GROUP, VERSION
 from .api.defaults import RESYNC_SECONDS
-from .api.names import FIELD_MANAGER, LABEL_MANAGED_BY, LABEL_TRAINING, MANAGED_BY
+from .api.names import FIELD_MANAGER, LABEL_EVAL, LABEL_MANAGED_BY, LABEL_TRAINING, MANAGED_BY
 from .evaluation.reconciler import KIND as EVAL, PLURAL as EVALS, EvalReconciler
 from .k8s.cache import CachedReader, IndexedKind, NodeInformer, slim
 from .k8s.clients import Clients
@@ -39,8 +39,9 @@ ENV_METRICS_PORT = "FORGE_METRICS_PORT"
 _runtime: Runtime | None = None
 # the training's children, kept in kopf's indices keyed by (namespace, training name)
 PODS, JOBS = IndexedKind(LABEL_TRAINING), IndexedKind(LABEL_TRAINING)
-# the server-side selector of the Pod and Job watches: only what this operator made
-CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_TRAINING}"
+# the server-side selector of the Pod and Job watches: only what this operator made (a training's workers
+# and Jobs, an evaluation's pod and Job)
+CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
 
 
 def runtime() -> Runtime:
@@ -74,7 +75,8 @@ def operator_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     clients = Clients()
     nodes = NodeInformer(clients.core.list_node).start()
     reader = CachedReader(clients, {("v1", "Pod"): PODS, ("batch/v1", "Job"): JOBS}, nodes)
-    _runtime = Runtime(clients, [trainings, EvalReconciler()], field_manager=FIELD_MANAGER,
+    evals = EvalReconciler(image=os.environ.get(ENV_TRAINER_IMAGE) or None)
+    _runtime = Runtime(clients, [trainings, evals], field_manager=FIELD_MANAGER,
                        resync_seconds=resync, peering=peering, reader=reader)
 
 
@@ -122,3 +124,19 @@ def job_event(labels: dict[str, str], namespace: str, **kwargs: Any) -> None:
 def pod_event(labels: dict[str, str], namespace: str, **kwargs: Any) -> None:
     attach(kwargs)
     runtime().reconcile_or_retry(Key(TRAINING, namespace, labels[LABEL_TRAINING]))
+
+
+# An evaluation's Job and pod carry its name in a label; their events reconcile the ForgeEval.
+EVAL_CHILDREN = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_EVAL: kopf.PRESENT}
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=EVAL_CHILDREN)
+def eval_job_event(labels: dict[str, str], namespace: str, **kwargs: Any) -> None:
+    attach(kwargs)
+    runtime().reconcile_or_retry(Key(EVAL, namespace, labels[LABEL_EVAL]))
+
+
+@kopf.on.event("", "v1", "pods", labels=EVAL_CHILDREN)
+def eval_pod_event(labels: dict[str, str], namespace: str, **kwargs: Any) -> None:
+    attach(kwargs)
+    runtime().reconcile_or_retry(Key(EVAL, namespace, labels[LABEL_EVAL]))

@@ -180,11 +180,11 @@ EVAL_CASES = {
                              "Waiting for the operator to observe generation 3 (it has seen 1)"),
     "gate passed": (
         ev({"phase": "Succeeded", "observedGeneration": 1, "mainMetric": "heldout.perplexity=21.4",
-            "conditions": [cond("GatePassed", message="1 of 1 gates passed")]}, gates=GATE),
+            "conditions": [cond("GatesPassed", message="1 of 1 gates passed")]}, gates=GATE),
         "Healthy", "1 of 1 gates passed (heldout.perplexity=21.4)"),
     "gate failed": (
         ev({"phase": "Succeeded", "observedGeneration": 1, "conditions": [
-            cond("GatePassed", "False", reason="GateFailed", message="heldout.perplexity 41.2, needs < 30")]},
+            cond("GatesPassed", "False", reason="GateFailed", message="heldout.perplexity 41.2, needs < 30")]},
            gates=GATE),
         "Degraded", "heldout.perplexity 41.2, needs < 30"),
     "failed": (

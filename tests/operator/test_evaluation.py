@@ -1,38 +1,140 @@
-"""The ForgeEval planner, pure: stored, validated, and plainly not evaluated yet."""
+"""The ForgeEval planner, pure: waiting for the model, the evaluation Job, Running, and the results,
+gates and GatesPassed read from the pod's termination message (as the kubelet stores it)."""
 
 from __future__ import annotations
 
-from forge_operator.evaluation.planner import NOT_EVALUATED, plan_eval
+import yaml
+
+from forge_operator.evaluation.observe import ObservedEval
+from forge_operator.evaluation.planner import plan_eval
 from forge_operator.k8s import conditions as C
+from forge_trainer.contract import EvalTerminationMessage, GateOutcome, SuiteOutcome
 from operator_support import NOW, forge_eval
+
+IMAGE = "forge-trainer:test"
+MODEL = {"pvc": {"claimName": "models", "path": "run-1"}}
 
 
 def obj(**spec) -> dict:
     o = forge_eval()
-    o["metadata"].update(namespace="ns", generation=3)
+    o["metadata"].update(namespace="ns", generation=3, uid="uid-e")
     o["spec"].update(spec)
     return o
 
 
-def test_a_forgeeval_is_pending_and_says_it_is_not_evaluated():
-    plan = plan_eval(obj(), NOW)
-    assert plan.status["phase"] == "Pending" and plan.status["observedGeneration"] == 3
-    supported = C.find(plan.status["conditions"], "Supported")
-    assert (supported["status"], supported["reason"], supported["message"]) == ("False", "NotImplemented",
-                                                                                NOT_EVALUATED)
-    assert "not evaluated yet" in supported["message"] and supported["observedGeneration"] == 3
-    assert [(e.type, e.reason) for e in plan.events] == [("Warning", "NotImplemented")]
-    assert not plan.apply and not plan.delete and plan.requeue_after is None
-    # level-based: planned again from its own status, nothing changes and nothing is said twice
-    again = plan_eval(obj() | {"status": plan.status}, NOW)
-    assert again.status == plan.status and not again.events
+def trained(phase: str = "Succeeded") -> dict:
+    status = {"phase": phase} | ({"modelRef": {"location": MODEL}} if phase == "Succeeded" else {})
+    return {"metadata": {"name": "llm"}, "status": status}
+
+
+def job() -> dict:
+    return {"metadata": {"name": "llm-eval", "uid": "uid-j"}, "status": {}}
+
+
+def pod(phase: str = "Running", exit_code: int | None = None, message: str | None = None) -> dict:
+    p = {"metadata": {"name": "llm-eval-abc"}, "status": {"phase": phase}}
+    if exit_code is not None:
+        p["status"]["containerStatuses"] = [{"name": "evaluator", "state": {"terminated": {
+            "exitCode": exit_code, **({"message": message} if message is not None else {})}}}]
+    return p
+
+
+def plan(o: dict, **observed):
+    return plan_eval(o, ObservedEval(now=NOW, **observed), IMAGE)
+
+
+def cond(p, type_: str) -> dict | None:
+    return C.find(p.status.get("conditions"), type_)
+
+
+def test_it_waits_for_its_training_and_says_so_once():
+    p = plan(obj(), trainings={"llm": trained("Running")})
+    assert p.status["phase"] == "Pending" and not p.apply and p.requeue_after
+    running = cond(p, "Running")
+    assert (running["status"], running["reason"]) == ("False", "WaitingForModel")
+    assert "ForgeTraining llm is Running; evaluated once it has Succeeded" in running["message"]
+    assert [(e.type, e.reason) for e in p.events] == [("Normal", "WaitingForModel")]
+    again = plan(obj() | {"status": p.status}, trainings={"llm": trained("Running")})
+    assert again.status == p.status and not again.events
+    missing = plan(obj(), trainings={"llm": None})
+    assert "ForgeTraining llm does not exist" in cond(missing, "Running")["message"]
+
+
+def test_a_failed_training_fails_the_evaluation():
+    p = plan(obj(), trainings={"llm": trained("Failed")})
+    assert p.status["phase"] == "Failed" and cond(p, "Failed")["reason"] == "ModelUnavailable"
+    assert p.status["completionTime"] and not p.apply
+
+
+def test_once_the_training_succeeded_its_export_is_evaluated_by_one_job():
+    o = obj(baseline={"checkpoint": {"pvc": {"claimName": "old-models", "path": "v1"}}},
+            gates=[{"metric": "heldout.loss", "maxDrop": 0.05}])
+    p = plan(o, trainings={"llm": trained()})
+    assert p.status["phase"] == "Pending" and [c["kind"] for c in p.apply] == ["ConfigMap", "Job"]
+    config_map, job_ = p.apply
+    config = yaml.safe_load(config_map["data"]["eval.yaml"])
+    assert config["model_path"] == "/mnt/pvc/models/run-1" and config["baseline_path"] == "/mnt/pvc/old-models/v1"
+    assert config["output_dir"] == "/mnt/pvc/models/run-1/evaluations/llm"
+    assert config["suites"][0]["path"] == "/mnt/pvc/corpus" and config["gates"][0]["max_drop"] == 0.05
+    spec = job_["spec"]
+    assert spec["backoffLimit"] == 0 and job_["metadata"]["ownerReferences"][0]["uid"] == "uid-e"
+    pod_spec = spec["template"]["spec"]
+    container = pod_spec["containers"][0]
+    assert container["command"] == ["python", "-m", "forge_trainer.eval", "--config", "/etc/forge/eval.yaml"]
+    assert container["image"] == IMAGE and container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    claims = {v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
+              for v in pod_spec["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {"models": False, "old-models": True, "corpus": True}  # results are written next to the model
+    assert pod_spec["securityContext"]["runAsNonRoot"] and spec["template"]["metadata"]["labels"]["forge.dev/eval"] == "llm"
+
+
+def test_a_model_folder_needs_no_training():
+    p = plan(obj(model={"checkpoint": MODEL}))
+    assert [c["kind"] for c in p.apply] == ["ConfigMap", "Job"]
+
+
+def test_the_pod_runs_then_its_results_and_gates_go_into_status():
+    running = plan(obj(), trainings={"llm": trained()}, job=job(), pods=[pod()])
+    assert running.status["phase"] == "Running" and running.status["startTime"] and not running.apply
+    message = EvalTerminationMessage(
+        status="completed", exit_code=0, gates_passed=False, results="/mnt/pvc/models/run-1/evaluations/llm/results.json",
+        suites=[SuiteOutcome(suite="heldout", type="perplexity", samples=12,
+                             metrics={"loss": 3.5, "perplexity": 33.1, "bits_per_byte": 1.2})],
+        gates=[GateOutcome(metric="heldout.perplexity", passed=False, value=33.1, comparator="<", threshold=30,
+                           message="heldout.perplexity = 33.1, needs < 30: failed")])
+    done = plan(obj() | {"status": running.status}, trainings={"llm": trained()}, job=job(),
+                pods=[pod("Succeeded", 0, message.to_json())])
+    s = done.status
+    assert s["phase"] == "Succeeded" and s["completionTime"] and cond(done, "Succeeded")["reason"] == "EvaluationCompleted"
+    assert s["results"] == [{"suite": "heldout", "type": "perplexity", "samples": 12,
+                             "metrics": {"loss": 3.5, "perplexity": 33.1, "bits_per_byte": 1.2}}]
+    assert s["gates"][0] | {} == {"metric": "heldout.perplexity", "passed": False, "value": 33.1, "comparator": "<",
+                                  "threshold": 30.0, "message": "heldout.perplexity = 33.1, needs < 30: failed"}
+    gates = cond(done, "GatesPassed")
+    assert (gates["status"], gates["reason"]) == ("False", "GateFailed")
+    assert gates["message"] == "1 of 1 gates failed: heldout.perplexity = 33.1, needs < 30: failed"
+    assert s["mainMetric"] == "heldout.perplexity=33.1" and cond(done, "Running")["status"] == "False"
+    assert {(e.type, e.reason) for e in done.events} == {("Warning", "GateFailed"), ("Normal", "EvaluationCompleted")}
+    # finished: nothing more happens, whatever is observed
+    later = plan(obj() | {"status": s}, trainings={"llm": trained("Running")})
+    assert later.status == s and not later.apply and not later.events
+
+
+def test_a_failed_evaluator_fails_the_evaluation_with_its_message():
+    failed = EvalTerminationMessage(status="failed", exit_code=78, message="config error: model /mnt/pvc/models/run-1: "
+                                    "no config.json (a Hugging Face model folder is needed)")
+    p = plan(obj(), trainings={"llm": trained()}, job=job(), pods=[pod("Failed", 78, failed.to_json())])
+    assert p.status["phase"] == "Failed"
+    assert cond(p, "Failed")["message"] == f"exit code 78: {failed.message}"
+    garbled = plan(obj(), trainings={"llm": trained()}, job=job(), pods=[pod("Succeeded", 0, "Traceback ...")])
+    assert garbled.status["phase"] == "Failed" and "without results" in cond(garbled, "Failed")["message"]
 
 
 def test_an_invalid_forgeeval_says_why_until_it_is_fixed():
     bad = obj(gates=[{"metric": "nosuchsuite.loss", "comparator": "<", "threshold": 3.0}])
-    plan = plan_eval(bad, NOW)
-    invalid = C.find(plan.status["conditions"], "Invalid")
+    p = plan(bad, trainings={"llm": trained()})
+    invalid = cond(p, "Invalid")
     assert invalid["status"] == "True" and invalid["reason"] == "InvalidSpec" and "gate" in invalid["message"]
-    assert {e.reason for e in plan.events} == {"InvalidSpec", "NotImplemented"}
-    fixed = plan_eval(obj() | {"status": plan.status}, NOW)
-    assert C.find(fixed.status["conditions"], "Invalid") is None and not fixed.events
+    assert not p.apply and [e.reason for e in p.events] == ["InvalidSpec"]
+    fixed = plan(obj() | {"status": p.status}, trainings={"llm": trained()})
+    assert cond(fixed, "Invalid") is None and fixed.apply

@@ -173,9 +173,10 @@ def test_a_reconcile_goes_to_its_kinds_planner_and_writes_only_its_status(make_r
     assert "status" not in api.objects[other]
     assert {e["involvedObject"]["kind"] for e in api.events} == {written}
     if written == "ForgeEval":
-        assert plan.status["phase"] == "Pending" and not plan.apply and plan.requeue_after is None
-        supported = next(c for c in plan.status["conditions"] if c["type"] == "Supported")
-        assert (supported["status"], supported["reason"]) == ("False", "NotImplemented")
+        # its model is the training of the same name, not finished: it waits, and looks again later
+        assert plan.status["phase"] == "Pending" and not plan.apply and plan.requeue_after is not None
+        running = next(c for c in plan.status["conditions"] if c["type"] == "Running")
+        assert (running["status"], running["reason"]) == ("False", "WaitingForModel")
     else:
         assert plan.status["phase"] == "Pending" and ("Job", "llm-r0") in api.applied
         assert rt.pending() == [T]  # resync timer of the training only

@@ -33,10 +33,10 @@ def test_same_name_different_kinds_keep_their_own_keys_timers_and_status(kube, c
         assert rt.reconcile(t).status["phase"] == "Pending"
         assert rt.reconcile(e).status["phase"] == "Pending"
         trained, evaluated = kube.get("forgetraining", "llm"), kube.get("forgeeval", "llm")
-        assert condition(evaluated, "Supported")["reason"] == "NotImplemented"
-        assert condition(trained, "Supported") is None and condition(evaluated, "Running") is None
-        assert rt.pending() == [t]  # the training's resync; the eval has nothing to wait for
+        assert condition(evaluated, "Running")["reason"] == "WaitingForModel"  # its training has not finished
+        assert condition(trained, "GatesPassed") is None
         rt.requeue(e, 3600)
+        assert rt.pending() == sorted([t, e])
 
         # changing the eval re-plans the eval only
         kube("patch", "forgeeval", "llm", "--type=merge", "-p", '{"spec":{"batchSize":16}}')
@@ -67,11 +67,11 @@ def test_the_operator_reconciles_both_kinds_of_one_name_independently(kube, oper
     kube.apply(forge_eval("llm"))
     pods = kube.wait_for("training running", running_workers(kube, "llm", 1, 0))
     kube.wait_for("Running", phase_is(kube, "llm", "Running"))
-    evaluated = kube.wait_for("eval reconciled", lambda: condition(o := kube.get("forgeeval", "llm"), "Supported")
+    evaluated = kube.wait_for("eval reconciled", lambda: condition(o := kube.get("forgeeval", "llm"), "Running")
                               and o)
     assert evaluated["status"]["phase"] == "Pending" and evaluated["status"]["observedGeneration"] == 1
-    not_evaluated = [e for e in kube.events("involvedObject.kind=ForgeEval") if e["reason"] == "NotImplemented"]
-    assert len(not_evaluated) == 1 and not_evaluated[0]["type"] == "Warning"
+    waiting = [e for e in kube.events("involvedObject.kind=ForgeEval") if e["reason"] == "WaitingForModel"]
+    assert waiting and waiting[0]["type"] == "Normal" and "ForgeTraining llm is" in waiting[0]["message"]
 
     # the eval changes: only the eval is re-planned
     kube("patch", "forgeeval", "llm", "--type=merge", "-p", '{"spec":{"batchSize":16}}')
@@ -85,7 +85,7 @@ def test_the_operator_reconciles_both_kinds_of_one_name_independently(kube, oper
 
     # the training goes: an eval of the same name is still reconciled
     kube.apply(forge_eval("llm"))
-    kube.wait_for("new eval reconciled", lambda: condition(kube.get("forgeeval", "llm"), "Supported"))
+    kube.wait_for("new eval reconciled", lambda: condition(kube.get("forgeeval", "llm"), "Running"))
     kube("delete", "forgetraining", "llm")
     kube("patch", "forgeeval", "llm", "--type=merge", "-p", '{"spec":{"batchSize":32}}')
     kube.wait_for("eval generation 2 after the training went",

@@ -11,18 +11,10 @@ import threading
 
 from pydantic import ValidationError
 
-from .config import load_config
+from .config import load_config, validation_message
 from .contract import DEFAULT_TERMINATION_MESSAGE_PATH, ConfigError, TerminationMessage, TrainerError
 
 PREFIX = "forge-trainer"
-
-
-def _validation_message(e: ValidationError) -> str:
-    first = e.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-    message = first["msg"].removeprefix("Value error, ")
-    return f"{where}: {message}{more}" if where else f"{message}{more}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             raise ConfigError(f"cannot read {args.config}: {e.strerror or e}") from e
         except ValidationError as e:
-            raise ConfigError(_validation_message(e)) from e
+            raise ConfigError(validation_message(e)) from e
         except ValueError as e:  # YAML/JSON syntax
             raise ConfigError(f"{args.config}: {e}") from e
         termination_path = config.termination_message_path

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import defaults as D
 from .contract import DEFAULT_TERMINATION_MESSAGE_PATH
@@ -694,3 +694,12 @@ def load_config(path: str | Path) -> TrainerConfig:
     text = Path(path).read_text()
     data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
     return TrainerConfig.model_validate(data)
+
+
+def validation_message(e: ValidationError) -> str:
+    """A configuration's first validation error in one line: `where: what (and N more)`."""
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}{more}" if where else f"{message}{more}"

@@ -193,3 +193,51 @@ class TerminationMessage(_Wire):
 
     def to_wire(self) -> dict:
         return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+EVAL_RESULTS_FILE = "results.json"
+"""The evaluator's full results, in its output folder (beside report.md)."""
+
+
+class SuiteOutcome(_Wire):
+    """One suite's metrics on the model (and on the baseline, when there is one)."""
+
+    suite: str
+    type: str | None = None
+    samples: int | None = None
+    metrics: dict[str, float] = {}
+    baseline: dict[str, float] | None = None
+
+
+class GateOutcome(_Wire):
+    """One gate: what was compared and whether it passed; `message` says it in words."""
+
+    metric: str
+    passed: bool
+    value: float | None = None
+    comparator: str | None = None
+    threshold: float | None = None
+    baseline: float | None = None
+    max_drop: float | None = None
+    drop: float | None = None
+    """How much worse than the baseline (a fall of acc, a rise of loss); negative: better."""
+    p_value: float | None = None
+    """McNemar's exact one-sided p-value that the model is worse than the baseline (per-item metrics)."""
+    message: str | None = None
+
+
+class EvalTerminationMessage(_Wire):
+    """The one line `python -m forge_trainer.eval` writes at exit: per-suite metrics and gate outcomes
+    (the full results are in `results`), or the error with its exit code."""
+
+    status: Literal["completed", "failed"] | None = None
+    exit_code: int | None = None
+    message: str | None = None
+    suites: list[SuiteOutcome] | None = None
+    gates: list[GateOutcome] | None = None
+    gates_passed: bool | None = None
+    results: str | None = None
+    """Where results.json is."""
+
+    def to_wire(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -85,3 +85,9 @@ CHECKPOINT_KEEP_LAST = 3
 # metrics (set by the operator's pods, not by the API)
 METRICS_PORT = 9090  # rank 0 serves Prometheus metrics here; the worker pods expose this port
 PROGRESS_INTERVAL_SECONDS = 15.0  # how often rank 0 reports progress (on its pod, or to a callback)
+
+# evaluation (API ForgeEval, trainer eval.config)
+EVAL_FORMAT = "jsonl"
+EVAL_MAX_NEW_TOKENS = 64
+EVAL_BATCH_SIZE = 8
+EVAL_SIGNIFICANCE = 0.05  # relative gates: McNemar's p-value below which a drop is not noise

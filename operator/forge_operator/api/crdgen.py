@@ -56,7 +56,7 @@ KINDS = (
     Kind(ForgeEval, "ForgeEval", "forgeevals", ("fe",), (
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Metric", "type": "string", "jsonPath": ".status.mainMetric"},
-        {"name": "Gate", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"GatePassed\")].status"},
+        {"name": "Gates", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"GatesPassed\")].status"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     )),
 )

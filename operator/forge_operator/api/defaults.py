@@ -32,6 +32,8 @@ from forge_trainer.defaults import (  # noqa: F401  (re-exported: the API's shar
     LORA_ALPHA, LORA_DROPOUT, LORA_EXPORT, LORA_R,
     # spec.checkpoint
     CHECKPOINT_INTERVAL_MINUTES, CHECKPOINT_INTERVAL_STEPS, CHECKPOINT_KEEP_LAST,
+    # ForgeEval
+    EVAL_BATCH_SIZE, EVAL_FORMAT, EVAL_MAX_NEW_TOKENS, EVAL_SIGNIFICANCE,
 )
 
 # spec.resources
@@ -59,9 +61,6 @@ RENDEZVOUS_TIMEOUT_SECONDS = 1800  # pods of one attempt may start this far apar
 PROVENANCE_FILE = "provenance.json"
 
 # ForgeEval
-EVAL_FORMAT = "jsonl"
-EVAL_MAX_NEW_TOKENS = 64
-EVAL_BATCH_SIZE = 8
 EVAL_GPUS = 1
 
 # The operator process (the Helm chart may override it through its environment)

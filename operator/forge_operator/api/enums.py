@@ -41,9 +41,8 @@ class ConditionType(StrEnum):
     STALLED = "Stalled"
     INVALID = "Invalid"
     PODS_READY = "PodsReady"  # as Kueue's Workload: every rank runs; False says what holds the workers up
-    # ForgeEval
-    SUPPORTED = "Supported"  # False while this operator stores ForgeEvals without evaluating them
-    GATE_PASSED = "GatePassed"
+    # ForgeEval: Running, Succeeded and Failed as above, and whether every gate passed
+    GATES_PASSED = "GatesPassed"
 
 
 # The condition that is True in each phase (Pending has none).
@@ -98,5 +97,11 @@ class Reason(StrEnum):
     PROGRESSING = "Progressing"
     NOT_RUNNING = "NotRunning"
     # ForgeEval
-    NOT_IMPLEMENTED = "NotImplemented"
+    WAITING_FOR_MODEL = "WaitingForModel"  # its trainingRef has not Succeeded (yet)
+    MODEL_UNAVAILABLE = "ModelUnavailable"  # its trainingRef Failed: there is no model to evaluate
+    EVALUATING = "Evaluating"
+    EVALUATION_COMPLETED = "EvaluationCompleted"
+    EVALUATION_FAILED = "EvaluationFailed"
+    ALL_GATES_PASSED = "AllGatesPassed"
+    GATE_FAILED = "GateFailed"
 

@@ -12,23 +12,27 @@ from .base import (
 )
 from .enums import EVAL_PHASES
 
-SuiteType = Literal["perplexity", "multiple-choice", "exact-match"]
+from forge_trainer.eval.config import SUITE_METRICS, SuiteType
+
 Comparator = Literal["<", "<=", ">", ">="]
-# The metrics each suite type reports; a gate names one of them as "<suite>.<metric>".
-SUITE_METRICS: dict[str, tuple[str, ...]] = {
-    "perplexity": ("loss", "perplexity", "bits_per_byte"),
-    "multiple-choice": ("acc", "acc_norm"),
-    "exact-match": ("exact_match",),
-}
+
+
+GATE_KIND = "set comparator and threshold (an absolute gate) or maxDrop (a relative gate), not both"
+BASELINE_NEEDED = "a gate with maxDrop compares with the baseline: set baseline"
+NO_BASELINE_IN_TRAINING = ("a training's evaluation has no baseline to compare with: use comparator and threshold "
+                           "(maxDrop is for a ForgeEval with spec.baseline)")
 
 
 class EvalSuite(ApiModel):
     """One evaluation task over a file set.
 
-    perplexity: documents (text files, or jsonl/parquet with textField).
-    multiple-choice: JSONL lines {question, choices: [...], answer: index}; scored by the sum of log-probs
-    of each choice (acc) and per-character normalised (acc_norm), as lm-evaluation-harness does.
-    exact-match: JSONL lines {question, answer}; greedy decoding, normalised string comparison.
+    perplexity: documents (text files, or jsonl/parquet with textField), each followed by end-of-text,
+    scored in windows of seqLen tokens as the trainer's validation is; reports loss, perplexity and
+    bits_per_byte.
+    multiple-choice: JSONL lines {question, choices: [...], answer: index or text}; scored by the sum of
+    log-probs of each choice (acc) and per character of the choice (acc_norm), as lm-evaluation-harness does.
+    exact-match: JSONL lines {question, answer: string or list}; greedy decoding cut at the first stop
+    sequence, compared after SQuAD's normalisation (case, punctuation, articles, spaces).
     """
 
     name: DnsLabel
@@ -53,6 +57,13 @@ class EvalSuite(ApiModel):
     """Evaluate at most this many samples (documents for perplexity)."""
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = defaults.EVAL_MAX_NEW_TOKENS
     """exact-match: tokens generated per answer."""
+    stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=8)] | None = None
+    """exact-match: the answer ends before the first of these strings (and always at end-of-text)."""
+    seq_len: Annotated[int, Field(ge=16, le=131072)] | None = None
+    """perplexity: tokens per scored window (default: the model's context, at most 2048); the trainer's
+    training.sequenceLength gives the trainer's validation loss."""
+    chat: bool = False
+    """multiple-choice and exact-match: put the question in the tokenizer's chat template as a user turn."""
 
     cel_rules = (
         Cel("self.type == 'perplexity' || !has(self.format) || self.format != 'text'",
@@ -62,19 +73,35 @@ class EvalSuite(ApiModel):
 
 
 class EvalGate(ApiModel):
-    """A threshold a model must meet, e.g. heldout.perplexity < 20."""
+    """A threshold a model must meet: absolute (e.g. heldout.perplexity < 20) or relative to the baseline
+    (maxDrop: e.g. mc.acc at most 0.02 below the baseline's).
+
+    A relative gate on a per-item metric (acc, acc_norm, exact_match) fails only when the drop beyond
+    maxDrop is significant: McNemar's exact test on the items the two models disagree on gives a
+    p-value below `significance`. A drop of a loss, perplexity or bits_per_byte (the same held-out text,
+    measured exactly) fails as soon as it exceeds maxDrop.
+    """
 
     metric: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\.[a-z_]+$", max_length=128)]
     """<suite name>.<metric>: perplexity suites report loss, perplexity, bits_per_byte;
     multiple-choice acc, acc_norm; exact-match exact_match."""
-    comparator: Comparator
-    """How the metric compares with the threshold to pass."""
-    threshold: float
-    """The value to compare with."""
+    comparator: Comparator | None = None
+    """Absolute gate: how the metric compares with the threshold to pass."""
+    threshold: float | None = None
+    """Absolute gate: the value to compare with."""
+    max_drop: Annotated[float, Field(ge=0)] | None = None
+    """Relative gate: how much worse than the baseline the metric may be (a fall of acc, acc_norm and
+    exact_match; a rise of loss, perplexity and bits_per_byte). Needs spec.baseline."""
+    significance: Annotated[float, Field(gt=0, lt=1)] = defaults.EVAL_SIGNIFICANCE
+    """Relative gate on a per-item metric: the p-value below which a drop beyond maxDrop is not noise."""
 
-    def passes(self, value: float) -> bool:
-        return {"<": value < self.threshold, "<=": value <= self.threshold,
-                ">": value > self.threshold, ">=": value >= self.threshold}[self.comparator]
+    cel_rules = (
+        Cel("has(self.maxDrop) ? !has(self.comparator) && !has(self.threshold) "
+            ": has(self.comparator) && has(self.threshold)",
+            GATE_KIND,
+            lambda g: (g.comparator is None and g.threshold is None) if g.max_drop is not None
+            else (g.comparator is not None and g.threshold is not None)),
+    )
 
 
 def _metrics(suite: EvalSuite) -> list[str]:
@@ -140,16 +167,21 @@ class ForgeEvalSpec(ApiModel):
 
     model: ModelSourceSpec
     """What to evaluate."""
+    baseline: ModelSourceSpec | None = None
+    """A model to compare with: every suite runs on it too, status shows both, and gates may use maxDrop."""
     suites: Annotated[list[EvalSuite], Field(min_length=1, max_length=32)]
     """Evaluation suites."""
     batch_size: Annotated[int, Field(ge=1, le=4096)] = defaults.EVAL_BATCH_SIZE
     """Sequences per forward pass."""
     gates: Annotated[list[EvalGate], Field(max_length=32)] | None = None
-    """Thresholds; the GatePassed condition says whether all were met."""
+    """Thresholds; the GatesPassed condition says whether all were met."""
     resources: EvalResourcesSpec = EvalResourcesSpec()
     """The evaluation pod."""
 
-    cel_rules = SUITES_AND_GATES_RULES
+    cel_rules = SUITES_AND_GATES_RULES + (
+        Cel("!has(self.gates) || has(self.baseline) || self.gates.all(g, !has(g.maxDrop))", BASELINE_NEEDED,
+            lambda s: s.baseline is not None or all(g.max_drop is None for g in s.gates or []), field_path=".gates"),
+    )
 
 
 class SuiteResult(ApiModel):
@@ -157,10 +189,14 @@ class SuiteResult(ApiModel):
 
     suite: str
     """Suite name."""
+    type: str | None = None
+    """The suite's type."""
     metrics: dict[str, float]
     """metric -> value."""
+    baseline: dict[str, float] | None = None
+    """metric -> the baseline's value."""
     samples: int | None = None
-    """Samples evaluated."""
+    """Items evaluated (windows for perplexity)."""
 
 
 class GateResult(ApiModel):
@@ -169,9 +205,23 @@ class GateResult(ApiModel):
     metric: str
     """The gated metric."""
     value: float | None = None
-    """Its value (absent if the metric was not produced)."""
+    """Its value."""
     passed: bool
     """Whether the gate passed."""
+    comparator: str | None = None
+    """Absolute gate: the comparator."""
+    threshold: float | None = None
+    """Absolute gate: the threshold."""
+    baseline: float | None = None
+    """Relative gate: the baseline's value."""
+    max_drop: float | None = None
+    """Relative gate: the drop allowed."""
+    drop: float | None = None
+    """Relative gate: how much worse than the baseline (negative: better)."""
+    p_value: float | None = None
+    """Relative gate on a per-item metric: McNemar's exact one-sided p-value."""
+    message: str | None = None
+    """The outcome in words, with the metric, its value and the threshold."""
 
 
 class ForgeEvalStatus(ApiModel):
@@ -180,7 +230,7 @@ class ForgeEvalStatus(ApiModel):
     phase: Literal[tuple(p.value for p in EVAL_PHASES)] | None = None  # type: ignore[valid-type]
     """Pending, Running, Succeeded or Failed."""
     conditions: Annotated[list[Condition], Field(max_length=32)] | None = None
-    """Latest observations, including GatePassed."""
+    """Latest observations, including GatesPassed."""
     observed_generation: int | None = None
     """The .metadata.generation last acted on."""
     results: Annotated[list[SuiteResult], Field(max_length=32)] | None = None

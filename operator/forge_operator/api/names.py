@@ -15,6 +15,7 @@ MANAGED_BY = "forge-operator"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_TRAINING = f"{GROUP}/training"
+LABEL_EVAL = f"{GROUP}/eval"
 LABEL_ATTEMPT = f"{GROUP}/attempt"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 
@@ -27,6 +28,10 @@ ANNOTATION_RESTART_REASON = f"{GROUP}/restart-reason"
 CONTAINER_NAME = "trainer"
 CONFIG_MOUNT = "/etc/forge"
 CONFIG_FILE = "trainer.yaml"
+EVAL_CONFIG_FILE = "eval.yaml"
+EVAL_CONTAINER_NAME = "evaluator"
+# the evaluation pod's command, followed by --config
+EVAL_COMMAND = ["python", "-m", "forge_trainer.eval"]
 PVC_MOUNT_ROOT = "/mnt/pvc"
 REWARDS_MOUNT_ROOT = "/mnt/rewards"
 """A reward ConfigMap named in spec.rewards[].python.configMap is mounted at <root>/<its name>."""

@@ -15,7 +15,7 @@ from .base import (
 )
 from . import defaults
 from .enums import TRAINING_PHASES
-from .eval import SUITES_AND_GATES_RULES, EvalGate, EvalSuite
+from .eval import NO_BASELINE_IN_TRAINING, SUITES_AND_GATES_RULES, EvalGate, EvalSuite
 
 Method = Literal["pretrain", "continued-pretrain", "sft", "dpo", "grpo", "online-dpo"]
 # Upper bounds of counts that have no natural one: far beyond any training, well inside int64.
@@ -657,7 +657,10 @@ class TrainingEvaluationSpec(ApiModel):
     gates: Annotated[list[EvalGate], Field(max_length=32)] | None = None
     """Thresholds the model must meet; a failed gate fails the training with reason EvaluationGateFailed."""
 
-    cel_rules = SUITES_AND_GATES_RULES
+    cel_rules = SUITES_AND_GATES_RULES + (
+        Cel("!has(self.gates) || self.gates.all(g, !has(g.maxDrop))", NO_BASELINE_IN_TRAINING,
+            lambda s: all(g.max_drop is None for g in s.gates or []), field_path=".gates"),
+    )
 
 
 def _cel_dir(pvc: str) -> str:

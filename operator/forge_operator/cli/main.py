@@ -3,6 +3,7 @@
     forge operator [--namespace NS ...] [--log-format json|text] [--log-level LEVEL]
                                               run the operator (what the Helm chart's Deployment runs)
     forge train FILE.yaml [--volume CLAIM=DIR ...]   run a ForgeTraining on this machine
+    forge eval FILE.yaml [--volume CLAIM=DIR ...]    run a ForgeEval's suites on this machine
     forge status [NAME] [-n NS | -A] [-o table|json|yaml] [-w]   progress of trainings, found as kubectl would
     forge logs NAME [--rank N] [-f] [--tail N] [--previous]      a worker's log (rank 0 by default)
     forge events NAME                                         what happened to a training and its workers
@@ -45,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
                             "default: ./volumes/<claim>")
     train.add_argument("--prompt", default=None, help="prompt for the sample completion printed at the end")
 
+    ev = sub.add_parser("eval", help="run a ForgeEval file locally (no cluster needed)", allow_abbrev=False)
+    ev.add_argument("file", help="a ForgeEval YAML file (a model.trainingRef names a ForgeTraining in the same file)")
+    ev.add_argument("--volume", "-v", action="append", default=[], metavar="CLAIM=DIR",
+                    help="where a PersistentVolumeClaim of the spec is on this machine (repeatable); "
+                         "default: ./volumes/<claim>")
+
     st = sub.add_parser("status", help="show trainings and their progress", allow_abbrev=False)
     st.add_argument("name", nargs="?", help="one training, with its conditions, restarts and last checkpoint")
     _cluster_options(st, all_namespaces=True)
@@ -73,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from .local import train_local
         return train_local(args.file, args.volume, prompt=args.prompt)
+    if args.command == "eval":
+        from .eval_local import eval_local
+        return eval_local(args.file, args.volume)
     cluster = {"kubeconfig": args.kubeconfig, "context": args.context}
     if args.command == "status":
         from .status import show_status

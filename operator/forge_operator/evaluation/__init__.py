@@ -1,6 +1,2 @@
-"""ForgeEval, the same shape as ``training/``: a pure planner and the kind as the runtime drives it.
-
-ForgeEval is accepted and stored, not evaluated yet: the planner validates the spec and says so
-in a condition (``Supported=False``, reason ``NotImplemented``). The evaluator itself will add
-observe/children/status modules here, as ``training/`` has.
-"""
+"""ForgeEval, the same shape as ``training/``: observe (the model's training, the Job, its pod), a pure
+planner, child builders, the translation to the evaluator's configuration, the results in status."""

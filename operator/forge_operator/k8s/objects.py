@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any, Protocol
 
-from ..api.names import LABEL_MANAGED_BY
+from ..api.names import LABEL_MANAGED_BY, TRAINER_GID, TRAINER_UID
 
 
 # The longest message the operator writes into a status (a condition, a restart record) or an event; the
@@ -180,6 +180,20 @@ class Reconciler(Protocol):
 
 
 # --------------------------------------------------------------------------- builders
+# Forge's pods (training workers, evaluators) pass the Pod Security Standard `restricted` (docs/install.md,
+# "Pod Security"). They run as the trainer image's user (uid/gid 10001) whatever image the spec names; volumes are group-writable
+# by it, their ownership changed only when a volume's root does not match, not file by file on every
+# mount. The root filesystem stays writable: torchrun and torch.compile write under /tmp and $HOME.
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True, "runAsUser": TRAINER_UID, "runAsGroup": TRAINER_GID,
+    "fsGroup": TRAINER_GID, "fsGroupChangePolicy": "OnRootMismatch",
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+}
+
+
 def owner_reference(api_version: str, kind: str, name: str, uid: str) -> dict[str, Any]:
     """The controller reference of a child: the garbage collector removes it with its owner."""
     return {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid, "controller": True,

@@ -19,11 +19,10 @@ from ..api.names import (
     ENV_RESTART_COUNT, ENV_TORCHRUN_SHUTDOWN_TIMEOUT, ENV_TRAINING_NAME, LABEL_ATTEMPT, LAUNCH_COMMAND, LABEL_KUEUE_QUEUE,
     LABEL_MANAGED_BY, LABEL_NAME, LABEL_TRAINING, MANAGED_BY, METRICS_PORT, PRESTOP_COMMAND, PVC_MOUNT_ROOT,
     REWARDS_MOUNT_ROOT,
-    RENDEZVOUS_PORT, SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_ACCOUNT_PREFIX, TRAINER_GID,
-    TRAINER_UID,
+    RENDEZVOUS_PORT, SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_ACCOUNT_PREFIX,
 )
 from ..api.training import ForgeTraining, PodTemplateMetadata, PodTemplateSpec
-from ..k8s.objects import object_meta
+from ..k8s.objects import CONTAINER_SECURITY_CONTEXT, POD_SECURITY_CONTEXT, object_meta
 from ..k8s.objects import owner_reference as controller_reference
 
 ANNOTATION_SPEC_HASH = "forge.dev/spec-digest"  # a Job without it (made by an older operator) is not compared
@@ -191,20 +190,6 @@ def torchrun_shutdown_timeout(grace_period_seconds: int) -> int:
     """How long torchrun (torch >= 2.12) waits for its workers after forwarding SIGTERM: most of the
     pod's grace period, leaving 30 s for torchrun itself; never less than its own default of 30 s."""
     return max(30, grace_period_seconds - 30)
-
-
-# The workers pass the Pod Security Standard `restricted` (docs/install.md, "Pod Security"). They run
-# as the trainer image's user (uid/gid 10001) whatever image the spec names; volumes are group-writable
-# by it, their ownership changed only when a volume's root does not match, not file by file on every
-# mount. The root filesystem stays writable: torchrun and torch.compile write under /tmp and $HOME.
-POD_SECURITY_CONTEXT: dict[str, Any] = {
-    "runAsNonRoot": True, "runAsUser": TRAINER_UID, "runAsGroup": TRAINER_GID,
-    "fsGroup": TRAINER_GID, "fsGroupChangePolicy": "OnRootMismatch",
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
-CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
-    "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-}
 
 
 def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dict[str, Any]:

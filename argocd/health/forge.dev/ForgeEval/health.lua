@@ -38,7 +38,7 @@ if generation ~= nil and status.observedGeneration ~= nil and status.observedGen
   return hs
 end
 
-local gate = condition(status, "GatePassed")
+local gate = condition(status, "GatesPassed")
 
 if status.phase == "Failed" then
   hs.status = "Degraded"

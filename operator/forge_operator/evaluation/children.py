@@ -1,0 +1,79 @@
+"""Pure builders of a ForgeEval's children: the ConfigMap with the evaluator's configuration and the
+Job of one pod that runs ``python -m forge_trainer.eval``."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from ..api.base import PvcLocation
+from ..api.eval import ForgeEval
+from ..api.names import (
+    CONFIG_MOUNT, EVAL_COMMAND, EVAL_CONFIG_FILE, EVAL_CONTAINER_NAME, LABEL_EVAL, LABEL_MANAGED_BY, LABEL_NAME,
+    MANAGED_BY, PVC_MOUNT_ROOT, TERMINATION_MESSAGE_PATH,
+)
+from ..k8s.objects import CONTAINER_SECURITY_CONTEXT, POD_SECURITY_CONTEXT, object_meta, owner_reference
+
+
+def job_name(fe: ForgeEval) -> str:
+    """The evaluation's Job and ConfigMap (a training's are <name>-rN and <name>-config: no clash)."""
+    return f"{fe.metadata.name}-eval"
+
+
+def labels(fe: ForgeEval) -> dict[str, str]:
+    return {LABEL_MANAGED_BY: MANAGED_BY, LABEL_NAME: "forge-eval", LABEL_EVAL: fe.metadata.name}
+
+
+def pod_path(loc: PvcLocation) -> str:
+    """Where a PVC path is inside the evaluation pod."""
+    return "/".join(p for p in (PVC_MOUNT_ROOT, loc.claim_name, loc.path.strip("/")) if p)
+
+
+def _meta(fe: ForgeEval) -> dict[str, Any]:
+    return object_meta(job_name(fe), fe.metadata.namespace, labels(fe),
+                       owner_reference(fe.api_version, fe.kind, fe.metadata.name, fe.metadata.uid))
+
+
+def _claims(fe: ForgeEval, model: PvcLocation, baseline: PvcLocation | None) -> dict[str, bool]:
+    """Every claim the pod mounts -> writable (the model's: the results go next to it)."""
+    claims = {s.data.pvc.claim_name: False for s in fe.spec.suites if s.data.pvc}
+    if baseline is not None:
+        claims[baseline.claim_name] = claims.get(baseline.claim_name, False)
+    claims[model.claim_name] = True
+    return claims
+
+
+def build_children(fe: ForgeEval, eval_yaml: str, model: PvcLocation, baseline: PvcLocation | None,
+                   image: str) -> list[dict[str, Any]]:
+    r = fe.spec.resources
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(fe), "data": {EVAL_CONFIG_FILE: eval_yaml}}
+    volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": job_name(fe)}}]
+    mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}]
+    for claim, writable in sorted(_claims(fe, model, baseline).items()):
+        volumes.append({"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
+        mounts.append({"name": f"pvc-{claim}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": not writable})
+    amounts = {k: str(v) for k, v in (("cpu", r.cpu), ("memory", r.memory)) if v is not None}
+    if r.gpus:
+        amounts[r.gpu_resource_name] = str(r.gpus)
+    container: dict[str, Any] = {
+        "name": EVAL_CONTAINER_NAME, "image": r.image or image,
+        "command": [*EVAL_COMMAND, "--config", f"{CONFIG_MOUNT}/{EVAL_CONFIG_FILE}"],
+        "volumeMounts": mounts, "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError", "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
+    }
+    if amounts:
+        container["resources"] = {"requests": dict(amounts), "limits": dict(amounts)}
+    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
+                                "containers": [container], "volumes": volumes}
+    tolerations = list(r.tolerations or [])
+    if r.gpus and not any(t.get("key") == r.gpu_resource_name for t in tolerations):
+        tolerations.append({"key": r.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"})
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if r.node_selector:
+        pod_spec["nodeSelector"] = dict(r.node_selector)
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(fe),
+           # one try: an evaluation that failed says why in its termination message; running it again cannot help
+           "spec": {"backoffLimit": 0, "completions": 1, "parallelism": 1,
+                    "template": {"metadata": {"labels": labels(fe)}, "spec": pod_spec}}}
+    return [config_map, job]

@@ -1,0 +1,92 @@
+"""`forge eval FILE.yaml` on this machine: the same validation as the API server, the operator's
+translation, the evaluator; a table of the metrics against the baseline and the gates, and an exit
+code that says whether every gate passed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from forge_operator.cli.main import main as forge
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "trainer"))
+from eval_helpers import write_heldout, write_tasks  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory) -> Path:
+    """A random-weight 2-layer Llama with a tokenizer trained on the toy text (an HF model folder), and task files."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from forge_trainer.data.tokenizer import TextTokenizer, train_bpe
+
+    root = tmp_path_factory.mktemp("volumes")
+    heldout = write_heldout(root / "data" / "heldout")
+    write_tasks(root / "data", n=12)
+    texts = [p.read_text() for p in heldout.glob("*.txt")]
+    tok = TextTokenizer(train_bpe(texts, vocab_size=300, check=False), "<|endoftext|>")
+    model_dir = root / "models" / "tiny"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=128, eos_token_id=tok.eos_id,
+                                 bos_token_id=tok.eos_id)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return root
+
+
+def manifest(**spec) -> dict:
+    pvc = lambda claim, path: {"pvc": {"claimName": claim, "path": path}}  # noqa: E731
+    return {"apiVersion": "forge.dev/v1alpha1", "kind": "ForgeEval", "metadata": {"name": "tiny-eval"},
+            "spec": {"model": {"checkpoint": pvc("models", "tiny")}, "baseline": {"checkpoint": pvc("models", "tiny")},
+                     "suites": [{"name": "heldout", "type": "perplexity", "format": "text", "seqLen": 32,
+                                 "data": pvc("data", "heldout")},
+                                {"name": "mc", "type": "multiple-choice", "data": pvc("data", "mc")}],
+                     "gates": [{"metric": "mc.acc", "maxDrop": 0.0},
+                               {"metric": "heldout.perplexity", "comparator": "<", "threshold": 2}]} | spec}
+
+
+def run(tmp_path: Path, volumes: Path, doc: dict) -> int:
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return forge(["eval", str(path), "--volume", f"models={volumes / 'models'}", "--volume", f"data={volumes / 'data'}"])
+
+
+def test_forge_eval_prints_the_table_and_fails_on_a_failed_gate(tmp_path, volumes, capsys):
+    assert run(tmp_path, volumes, manifest()) == 1  # the perplexity gate fails: a random model is far above 2
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert lines[0].split() == ["suite", "metric", "model", "baseline", "difference"]
+    assert any(line.split()[:2] == ["mc", "acc_norm"] and line.split()[-1] == "+0.0000" for line in lines)
+    assert "gate PASSED: mc.acc" in out.out and "gate FAILED: heldout.perplexity" in out.out
+    assert "mc (model)" in out.err  # the progress bar
+    results = json.loads((volumes / "models" / "tiny" / "evaluations" / "tiny-eval" / "results.json").read_text())
+    assert results["gatesPassed"] is False and results["suites"][1]["samples"] == 12
+
+
+def test_forge_eval_refuses_what_the_api_server_refuses_with_the_same_message(tmp_path, volumes, capsys):
+    doc = manifest(gates=[{"metric": "mc.exact_match", "comparator": ">", "threshold": 0.5}])
+    assert run(tmp_path, volumes, doc) == 78
+    assert "every gate metric must be <suite>.<metric> for one of the suites and a metric its type reports" \
+        in capsys.readouterr().err
+    doc = manifest(baseline=None)
+    doc["spec"].pop("baseline")
+    assert run(tmp_path, volumes, doc) == 78
+    assert "a gate with maxDrop compares with the baseline: set baseline" in capsys.readouterr().err
+
+
+def test_forge_eval_names_a_model_or_data_it_cannot_use(tmp_path, volumes, capsys):
+    doc = manifest()
+    doc["spec"]["model"] = {"checkpoint": {"pvc": {"claimName": "models", "path": "nope"}}}
+    assert run(tmp_path, volumes, doc) == 78
+    assert "model " in (err := capsys.readouterr().err) and "nope: no such model folder" in err
+    doc = manifest()
+    doc["spec"]["suites"][1]["data"]["pvc"]["path"] = "empty"
+    (volumes / "data" / "empty").mkdir(exist_ok=True)
+    assert run(tmp_path, volumes, doc) == 65
+    assert "suite mc" in capsys.readouterr().err

@@ -1,0 +1,72 @@
+"""ForgeEval on the real control plane with the operator process: its Job runs one evaluator pod (kwok
+plays the kubelet and writes the pod's termination message, as a kubelet reads it from
+terminationMessagePath); the results, the gates and GatesPassed land in status; a failed evaluator
+fails it with the evaluator's own words."""
+
+from __future__ import annotations
+
+import pytest
+
+from forge_trainer.contract import EvalTerminationMessage, GateOutcome, SuiteOutcome
+from operator_support import forge_eval
+from test_lifecycle import EXIT
+
+pytestmark = pytest.mark.cluster
+MESSAGE = "kwok.forge.dev/termination-message"
+
+
+def condition(obj: dict, type_: str) -> dict | None:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), None)
+
+
+def of_checkpoint(name: str) -> dict:
+    fe = forge_eval(name)
+    fe["spec"]["model"] = {"checkpoint": {"pvc": {"claimName": "models", "path": f"{name}/model"}}}
+    fe["spec"]["resources"] = {"gpus": 0}
+    fe["spec"]["gates"] = [{"metric": "heldout.perplexity", "comparator": "<", "threshold": 30}]
+    return fe
+
+
+def running_pod(kube, name: str) -> dict:
+    def check():
+        pods = kube.get("pods", selector=f"forge.dev/eval={name}")["items"]
+        return pods[0] if pods and pods[0]["status"].get("phase") == "Running" else None
+    return kube.wait_for(f"{name}'s evaluator running", check, timeout=180)
+
+
+def end_pod(kube, pod: dict, code: int, message: EvalTerminationMessage) -> None:
+    kube("annotate", "--overwrite", "pod", pod["metadata"]["name"], f"{MESSAGE}={message.to_json()}", f"{EXIT}={code}")
+
+
+def test_a_forgeeval_runs_to_succeeded_with_results_and_a_failed_gate_in_status(kube, operator):
+    kube.apply(of_checkpoint("ev"))
+    pod = running_pod(kube, "ev")
+    assert pod["spec"]["containers"][0]["command"][:3] == ["python", "-m", "forge_trainer.eval"]
+    kube.wait_for("Running", lambda: kube.get("forgeeval", "ev")["status"].get("phase") == "Running")
+    results = EvalTerminationMessage(
+        status="completed", exit_code=0, gates_passed=False, results="/mnt/pvc/models/ev/model/evaluations/ev/results.json",
+        suites=[SuiteOutcome(suite="heldout", type="perplexity", samples=7,
+                             metrics={"loss": 3.5, "perplexity": 33.12, "bits_per_byte": 1.25})],
+        gates=[GateOutcome(metric="heldout.perplexity", passed=False, value=33.12, comparator="<", threshold=30,
+                           message="heldout.perplexity = 33.12, needs < 30: failed")])
+    end_pod(kube, pod, 0, results)
+    fe = kube.wait_for("Succeeded", lambda: (o := kube.get("forgeeval", "ev"))["status"].get("phase") == "Succeeded" and o)
+    s = fe["status"]
+    assert s["results"][0]["metrics"] == {"loss": 3.5, "perplexity": 33.12, "bits_per_byte": 1.25}
+    assert s["gates"][0]["passed"] is False and s["gates"][0]["threshold"] == 30 and s["mainMetric"] == "heldout.perplexity=33.12"
+    gates = condition(fe, "GatesPassed")
+    assert gates["status"] == "False" and "heldout.perplexity = 33.12, needs < 30: failed" in gates["message"]
+    table = kube("get", "forgeeval", "ev").stdout
+    assert "Succeeded" in table and "heldout.perplexity=33.12" in table and "False" in table
+    assert any(e["reason"] == "GateFailed" for e in kube.events("involvedObject.kind=ForgeEval"))
+
+
+def test_a_failed_evaluator_fails_the_forgeeval_with_its_message(kube, operator):
+    kube.apply(of_checkpoint("broken"))
+    pod = running_pod(kube, "broken")
+    error = EvalTerminationMessage(status="failed", exit_code=78,
+                                   message="config error: model /mnt/pvc/models/broken/model: no such model folder")
+    end_pod(kube, pod, 78, error)
+    fe = kube.wait_for("Failed", lambda: (o := kube.get("forgeeval", "broken"))["status"].get("phase") == "Failed" and o)
+    assert condition(fe, "Failed")["message"] == f"exit code 78: {error.message}"
+    assert condition(fe, "GatesPassed") is None

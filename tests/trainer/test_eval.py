@@ -1,0 +1,204 @@
+"""The evaluator on real tiny models trained here: perplexity agrees with the trainer's validation loss,
+multiple-choice and exact-match score as lm-evaluation-harness and SQuAD define them, gates (absolute,
+and relative with McNemar's test), results.json, the report and the termination message."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from eval_helpers import train_pair, write_tasks
+from pydantic import ValidationError
+
+from forge_trainer.contract import ConfigError, DataError
+from forge_trainer.eval.__main__ import main as eval_main
+from forge_trainer.eval.config import EvalConfig, GateConfig, SuiteConfig
+from forge_trainer.eval.gates import judge, mcnemar_p
+from forge_trainer.eval.model import load_model
+from forge_trainer.eval.run import compact, evaluate
+from forge_trainer.eval.suites import (choose, cut_at_stop, encode_pair, is_exact_match, loglikelihoods,
+                                       normalize_answer, score_multiple_choice, score_perplexity)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, corpus, shared_cache):
+    work = tmp_path_factory.mktemp("eval-models")
+    heldout, strong, weak = train_pair(work, corpus, shared_cache)
+    mc, em = write_tasks(work / "tasks")
+    return {"heldout": heldout, "strong": strong, "weak": weak, "mc": mc, "em": em, "work": work}
+
+
+def ppl_suite(path: Path, **kw) -> SuiteConfig:
+    return SuiteConfig(name="heldout", type="perplexity", path=str(path), format="text", seq_len=64, **kw)
+
+
+def test_perplexity_equals_exp_of_the_trainers_validation_loss(models):
+    for summary in (models["strong"], models["weak"]):
+        lm = load_model(summary.output_dir, "model")
+        score = score_perplexity(lm, ppl_suite(models["heldout"]), batch_size=5, tick=lambda n: None)
+        assert score.metrics["loss"] == pytest.approx(summary.val_loss, rel=1e-5)
+        assert score.metrics["perplexity"] == pytest.approx(math.exp(summary.val_loss), rel=1e-5)
+        # bits per byte: the same nats over the bytes the predicted tokens spell (ASCII text: one per character)
+        text_bytes = sum(len(p.read_bytes()) for p in models["heldout"].glob("*.txt"))
+        assert score.metrics["bits_per_byte"] * math.log(2) * text_bytes == pytest.approx(
+            score.metrics["loss"] * score.samples * 64, rel=0.05)
+    assert models["strong"].val_loss < models["weak"].val_loss
+
+
+def test_acc_and_acc_norm_on_known_log_likelihoods():
+    # acc: the highest summed log-prob; acc_norm: the highest per character of the choice
+    assert choose([-4.0, -6.0, -5.5], ("a", "bbbbbb", "ccccc")) == (0, 1)
+    assert choose([-3.0, -2.0], ("xx", "y")) == (1, 0)  # -1.5 per character against -2
+
+
+def test_batched_log_likelihoods_equal_one_sequence_at_a_time(models):
+    lm = load_model(models["strong"].output_dir, "model")
+    pairs = [encode_pair(lm.tokenizer, "alice has 3 apples. alice eats one. now alice has", " " + c)
+             for c in ("2 apples.", "2 figs.", "bob bob bob bob bob")] + [encode_pair(lm.tokenizer, "", "erin")]
+    batched = loglikelihoods(lm, pairs, batch_size=4)
+    with torch.no_grad():
+        for (ctx, cont), got in zip(pairs, batched):
+            ids = torch.tensor([(ctx or [lm.eos_id]) + cont])
+            logp = lm.model(input_ids=ids).logits.log_softmax(-1)[0, :-1]
+            want = logp[-len(cont):].gather(-1, ids[0, -len(cont):, None]).sum().item()
+            assert got == pytest.approx(want, abs=1e-4)
+    # lm-evaluation-harness's split: the context's trailing space goes to the continuation
+    ctx, cont = encode_pair(lm.tokenizer, "now alice has ", "2")
+    assert lm.tokenizer.decode(ctx) == "now alice has" and lm.tokenizer.decode(cont) == " 2"
+
+
+def test_the_trained_model_beats_the_weak_one_on_multiple_choice(models):
+    suite = SuiteConfig(name="mc", type="multiple-choice", path=str(models["mc"]))
+    strong = score_multiple_choice(load_model(models["strong"].output_dir, "model"), suite, 8, lambda n: None)
+    weak = score_multiple_choice(load_model(models["weak"].output_dir, "model"), suite, 8, lambda n: None)
+    assert strong.samples == 40 and len(strong.per_item["acc"]) == 40
+    assert strong.metrics["acc"] > weak.metrics["acc"] and strong.metrics["acc"] > 0.4  # chance: 1/3
+
+
+@pytest.mark.parametrize("prediction, answers, right", [
+    ("The Answer!", ("answer",), True),
+    ("  2   apples. ", ("2 apples",), True),
+    ("an apple", ("apple", "pear"), True),
+    ("2 apple", ("2 apples",), False),
+    ("", ("0",), False),
+])
+def test_exact_match_normalisation(prediction, answers, right):
+    assert is_exact_match(prediction, answers) is right
+
+
+def test_answers_stop_at_the_first_stop_sequence():
+    assert cut_at_stop("2 figs.\nbob has", ["\n", "bob"]) == "2 figs."
+    assert cut_at_stop("2 figs", ["\n"]) == "2 figs"
+    assert normalize_answer("A  Tale of the City.") == "tale of city"
+
+
+def test_mcnemar_exact_p_values():
+    assert mcnemar_p(3, 1) == pytest.approx(5 / 16)
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(0, 4) == 1.0
+    assert mcnemar_p(10, 0) == pytest.approx(1 / 1024)
+
+
+def _pairs(both: int, worse: int, better: int, neither: int):
+    model = [True] * both + [False] * worse + [True] * better + [False] * neither
+    base = [True] * both + [True] * worse + [False] * better + [False] * neither
+    return model, base
+
+
+def test_a_relative_gate_passes_on_noise_and_fails_on_a_real_drop():
+    gate = GateConfig(metric="mc.acc", max_drop=0.01)
+    noise = _pairs(78, 3, 1, 18)  # 0.79 against 0.81: two items net, p = 0.31
+    out = judge(gate, sum(noise[0]) / 100, sum(noise[1]) / 100, noise)
+    assert out.passed and out.drop == pytest.approx(0.02) and out.p_value == pytest.approx(5 / 16)
+    assert "not significant" in out.message
+    real = _pairs(60, 20, 2, 18)  # 0.62 against 0.80
+    out = judge(gate, sum(real[0]) / 100, sum(real[1]) / 100, real)
+    assert not out.passed and out.p_value < 1e-4 and "failed" in out.message
+    # a loss may rise by maxDrop (no per-item test for it)
+    loss_gate = GateConfig(metric="heldout.loss", max_drop=0.1)
+    assert judge(loss_gate, 2.05, 2.0).passed and not judge(loss_gate, 2.2, 2.0).passed
+    absolute = judge(GateConfig(metric="heldout.perplexity", comparator="<", threshold=20), 25.0)
+    assert not absolute.passed and absolute.message == "heldout.perplexity = 25, needs < 20: failed"
+
+
+def test_bad_configs_are_refused_naming_the_field(tmp_path):
+    suite = {"name": "mc", "type": "multiple-choice", "path": str(tmp_path)}
+    base = {"model_path": str(tmp_path), "output_dir": str(tmp_path), "suites": [suite]}
+    with pytest.raises(ValidationError, match="gate mc.exact_match: no suite reports this metric"):
+        EvalConfig.model_validate(base | {"gates": [{"metric": "mc.exact_match", "comparator": ">", "threshold": 0.5}]})
+    with pytest.raises(ValidationError, match="maxDrop compares with a baseline"):
+        EvalConfig.model_validate(base | {"gates": [{"metric": "mc.acc", "max_drop": 0.1}]})
+    with pytest.raises(ValidationError, match="set comparator and threshold"):
+        EvalConfig.model_validate(base | {"gates": [{"metric": "mc.acc", "comparator": ">"}]})
+    with pytest.raises(ValidationError, match="read jsonl or parquet"):
+        SuiteConfig(name="mc", type="multiple-choice", path=".", format="text")
+    with pytest.raises(ValidationError, match="at least 1"):
+        EvalConfig.model_validate(base | {"suites": []})
+
+
+def test_bad_inputs_are_errors_naming_what_is_wrong(models, tmp_path):
+    with pytest.raises(ConfigError, match=r"model .*/nope: no such model folder"):
+        load_model(str(tmp_path / "nope"), "model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="baseline .*no config.json"):
+        load_model(str(tmp_path / "empty"), "baseline")
+    lm = load_model(models["strong"].output_dir, "model")
+    (tmp_path / "e" / "x.jsonl").parent.mkdir()
+    (tmp_path / "e" / "x.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="suite mc .* the files hold no items"):
+        score_multiple_choice(lm, SuiteConfig(name="mc", type="multiple-choice", path=str(tmp_path / "e")), 4, print)
+    (tmp_path / "e" / "x.jsonl").write_text('{"question": "q", "choices": ["a", "b"], "answer": 1}\n{"question": "q", "answer": 0}\n')
+    with pytest.raises(DataError, match=r"x.jsonl line 2: field 'choices' \(choicesField\) must be a list"):
+        score_multiple_choice(lm, SuiteConfig(name="mc", type="multiple-choice", path=str(tmp_path / "e")), 4, print)
+    with pytest.raises(DataError, match="suite heldout .*does not exist"):
+        score_perplexity(lm, ppl_suite(tmp_path / "missing"), 4, print)
+
+
+def test_the_eval_command_writes_results_report_and_termination_message(models, tmp_path):
+    out = tmp_path / "results"
+    cfg = EvalConfig(
+        name="toy-eval", model_path=models["strong"].output_dir, baseline_path=models["weak"].output_dir,
+        output_dir=str(out), termination_message_path=str(tmp_path / "termination-log"), batch_size=8,
+        suites=[ppl_suite(models["heldout"], max_samples=2),
+                SuiteConfig(name="mc", type="multiple-choice", path=str(models["mc"])),
+                SuiteConfig(name="qa", type="exact-match", path=str(models["em"]), max_new_tokens=6, stop=["."],
+                            max_samples=16)],
+        gates=[GateConfig(metric="mc.acc", max_drop=0.0), GateConfig(metric="heldout.perplexity", comparator="<", threshold=1.5)])
+    (tmp_path / "eval.yaml").write_text(cfg.to_yaml())
+    assert eval_main(["--config", str(tmp_path / "eval.yaml")]) == 0  # python -m forge_trainer.eval
+    message = json.loads((tmp_path / "termination-log").read_text())
+    assert message["status"] == "completed" and message["gatesPassed"] is False
+    assert [s["suite"] for s in message["suites"]] == ["heldout", "mc", "qa"]
+    mc_gate, ppl_gate = message["gates"]
+    assert mc_gate["passed"] and mc_gate["drop"] < 0  # better than the weak baseline
+    assert not ppl_gate["passed"] and ppl_gate["threshold"] == 1.5 and "needs < 1.5: failed" in ppl_gate["message"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["suites"] == message["suites"] and len(results["perItem"]["qa"]["model"]["exact_match"]) == 16
+    assert 0 <= results["suites"][2]["metrics"]["exact_match"] <= 1
+    report = (out / "report.md").read_text()
+    assert "| mc | acc |" in report and "![qa](qa.png)" in report and "FAILED" in report
+    assert (out / "qa.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_failed_evaluation_writes_the_error_and_its_exit_code(tmp_path, capsys):
+    cfg = EvalConfig(model_path=str(tmp_path / "none"), output_dir=str(tmp_path), termination_message_path=str(tmp_path / "t"),
+                     suites=[ppl_suite(tmp_path)])
+    (tmp_path / "eval.yaml").write_text(cfg.to_yaml())
+    assert eval_main(["--config", str(tmp_path / "eval.yaml")]) == 78
+    assert "no such model folder" in capsys.readouterr().err
+    message = json.loads((tmp_path / "t").read_text())
+    assert message["status"] == "failed" and message["exitCode"] == 78 and "model " in message["message"]
+
+
+def test_a_long_summary_is_cut_to_the_kubelets_limit(models, tmp_path):
+    from forge_trainer.contract import EvalTerminationMessage, GateOutcome, SuiteOutcome
+
+    big = EvalTerminationMessage(status="completed", exit_code=0, gates_passed=True,
+                                 suites=[SuiteOutcome(suite=f"s{i}", metrics={"acc": 0.5, "acc_norm": 0.5}, baseline={"acc": 0.4})
+                                         for i in range(32)],
+                                 gates=[GateOutcome(metric=f"s{i}.acc", passed=True, value=0.5, message="x" * 200)
+                                        for i in range(32)])
+    small = compact(big)
+    assert len(small.to_json()) <= 4096 and small.gates_passed and len(small.gates) == 32

@@ -1,0 +1,125 @@
+"""The evaluator's configuration (what the operator and `forge eval` give `python -m forge_trainer.eval`).
+
+Imports neither torch nor transformers: the operator builds it from a ForgeEval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .. import defaults as D
+from ..contract import DEFAULT_TERMINATION_MESSAGE_PATH
+
+SuiteType = Literal["perplexity", "multiple-choice", "exact-match"]
+# The metrics each suite type reports; a gate names one of them as "<suite>.<metric>".
+SUITE_METRICS: dict[str, tuple[str, ...]] = {
+    "perplexity": ("loss", "perplexity", "bits_per_byte"),
+    "multiple-choice": ("acc", "acc_norm"),
+    "exact-match": ("exact_match",),
+}
+# Metrics where a larger value is better (a drop is a fall); for the others a drop is a rise.
+HIGHER_IS_BETTER = frozenset({"acc", "acc_norm", "exact_match"})
+# Metrics with a per-item outcome (right or wrong), so that a paired test (McNemar) applies.
+PER_ITEM = frozenset({"acc", "acc_norm", "exact_match"})
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class SuiteConfig(_Model):
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    """Unique in the list; metrics are reported as <name>.<metric>."""
+    type: SuiteType
+    path: str
+    """A local folder or a single file."""
+    format: Literal["text", "jsonl", "parquet"] = D.EVAL_FORMAT
+    include: list[str] | None = None
+    """Glob patterns under path; default by format."""
+    text_field: str = "text"
+    question_field: str = "question"
+    choices_field: str = "choices"
+    answer_field: str = "answer"
+    max_samples: PositiveInt | None = None
+    """At most this many items (documents for perplexity), in file order."""
+    max_new_tokens: PositiveInt = D.EVAL_MAX_NEW_TOKENS
+    """exact-match: tokens generated per answer."""
+    stop: list[str] | None = None
+    """exact-match: the answer ends before the first of these strings (and at end-of-text)."""
+    seq_len: PositiveInt | None = None
+    """perplexity: tokens per scored window; default the model's context (at most 2048)."""
+    chat: bool = False
+    """multiple-choice and exact-match: wrap the question in the tokenizer's chat template as a user turn."""
+
+    @model_validator(mode="after")
+    def _format(self) -> SuiteConfig:
+        if self.type != "perplexity" and self.format == "text":
+            raise ValueError(f"suite {self.name!r}: multiple-choice and exact-match suites read jsonl or parquet, not text")
+        return self
+
+
+class GateConfig(_Model):
+    metric: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\.[a-z_]+$")
+    """<suite>.<metric>."""
+    comparator: Literal["<", "<=", ">", ">="] | None = None
+    threshold: float | None = None
+    max_drop: Annotated[float, Field(ge=0)] | None = None
+    """Relative gate: how much worse than the baseline the metric may be (a fall of acc, a rise of loss)."""
+    significance: Annotated[float, Field(gt=0, lt=1)] = D.EVAL_SIGNIFICANCE
+    """Relative gate on a per-item metric: a drop beyond max_drop fails only if McNemar's test gives a
+    p-value below this (the drop is not noise)."""
+
+    @model_validator(mode="after")
+    def _kind(self) -> GateConfig:
+        absolute = self.comparator is not None and self.threshold is not None
+        if absolute == (self.max_drop is not None) or (self.comparator is None) != (self.threshold is None):
+            raise ValueError(f"gate {self.metric}: set comparator and threshold (absolute) or maxDrop (relative)")
+        return self
+
+    def passes(self, value: float) -> bool:
+        t = self.threshold
+        return {"<": value < t, "<=": value <= t, ">": value > t, ">=": value >= t}[self.comparator]
+
+
+class EvalConfig(_Model):
+    name: str = "eval"
+    model_path: str
+    """The model folder: a Forge export or any Hugging Face causal LM folder (config.json, weights, tokenizer)."""
+    baseline_path: str | None = None
+    """Another model folder; every suite runs on it too and relative gates compare with it."""
+    suites: list[SuiteConfig] = Field(min_length=1)
+    gates: list[GateConfig] = []
+    batch_size: PositiveInt = D.EVAL_BATCH_SIZE
+    output_dir: str
+    """results.json, report.md and its charts are written here."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    termination_message_path: str = DEFAULT_TERMINATION_MESSAGE_PATH
+
+    @model_validator(mode="after")
+    def _names(self) -> EvalConfig:
+        names = [s.name for s in self.suites]
+        if len(set(names)) != len(names):
+            raise ValueError("suite names must be unique")
+        known = {f"{s.name}.{m}" for s in self.suites for m in SUITE_METRICS[s.type]}
+        for g in self.gates:
+            if g.metric not in known:
+                raise ValueError(f"gate {g.metric}: no suite reports this metric (reported: {', '.join(sorted(known))})")
+            if g.max_drop is not None and self.baseline_path is None:
+                raise ValueError(f"gate {g.metric}: maxDrop compares with a baseline; set the baseline")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_eval_config(path: str | Path) -> EvalConfig:
+    text = Path(path).read_text()
+    data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    return EvalConfig.model_validate(data)
