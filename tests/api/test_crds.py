@@ -171,7 +171,7 @@ def _column_target(schema: dict[str, Any], json_path: str) -> dict[str, Any] | N
 
 EXPECTED_COLUMNS = {
     "ForgeTraining": ["Phase", "Pods", "Progress", "Loss", "Tokens/s", "ETA", "Restarts", "Age"],
-    "ForgeEval": ["Phase", "Metric", "Gate", "Age"],
+    "ForgeEval": ["Phase", "Metric", "Gates", "Age"],
 }
 
 
