@@ -95,9 +95,11 @@ def forgetraining_event(event: dict[str, Any], name: str, namespace: str, **kwar
 
 
 @kopf.on.event(GROUP, VERSION, EVALS)
-def forgeeval_event(event: dict[str, Any], name: str, namespace: str, **kwargs: Any) -> None:
+def forgeeval_event(event: dict[str, Any], name: str, namespace: str, labels: dict[str, str], **kwargs: Any) -> None:
     attach(kwargs)
     runtime().on_event(Key(EVAL, namespace, name), deleted=event.get("type") == "DELETED")
+    if training := labels.get(LABEL_TRAINING):  # a training's evaluation: the training mirrors its outcome
+        runtime().reconcile_or_retry(Key(TRAINING, namespace, training))
 
 
 # A training's children carry its name in a label; their events reconcile the training.

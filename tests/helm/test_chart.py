@@ -34,10 +34,11 @@ GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSc
 CHILD_VERBS = {"create", "get", "list", "watch", "patch", "delete"}
 NAMESPACE_GRANTS = {
     ("forge.dev", "forgetrainings"): {"get", "list", "watch"},
-    ("forge.dev", "forgeevals"): {"get", "list", "watch"},
+    ("forge.dev", "forgeevals"): {"create", "get", "list", "watch", "patch"},  # a training's evaluation
     ("forge.dev", "forgetrainings/status"): {"update", "patch"},
     ("forge.dev", "forgeevals/status"): {"update", "patch"},
     ("forge.dev", "forgetrainings/finalizers"): {"update"},  # blockOwnerDeletion on the children
+    ("forge.dev", "forgeevals/finalizers"): {"update"},
     ("batch", "jobs"): CHILD_VERBS,
     ("", "configmaps"): CHILD_VERBS,
     ("", "services"): CHILD_VERBS,

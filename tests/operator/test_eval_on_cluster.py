@@ -70,3 +70,30 @@ def test_a_failed_evaluator_fails_the_forgeeval_with_its_message(kube, operator)
     fe = kube.wait_for("Failed", lambda: (o := kube.get("forgeeval", "broken"))["status"].get("phase") == "Failed" and o)
     assert condition(fe, "Failed")["message"] == f"exit code 78: {error.message}"
     assert condition(fe, "GatesPassed") is None
+
+
+def test_a_training_with_evaluation_gets_its_forgeeval_and_a_failed_gate_fails_it(kube, operator):
+    from operator_support import training
+    from test_lifecycle import exit_pod, phase_is, running_workers
+
+    kube.apply(training("gated", resources={"numNodes": 1, "gpusPerNode": 1}, evaluation={
+        "suites": [{"name": "heldout", "type": "perplexity", "format": "text", "data": {"pvc": {"claimName": "corpus"}}}],
+        "gates": [{"metric": "heldout.perplexity", "comparator": "<", "threshold": 30}]}))
+    (worker,) = kube.wait_for("the worker running", running_workers(kube, "gated", 1, 0), timeout=180)
+    exit_pod(kube, worker["metadata"]["name"], 0)
+    kube.wait_for("Succeeded", phase_is(kube, "gated", "Succeeded"), timeout=120)
+    fe = kube.wait_for("its ForgeEval", lambda: kube("get", "forgeeval", "gated", "-o", "json", check=False).returncode == 0
+                       and kube.get("forgeeval", "gated"))
+    assert fe["metadata"]["ownerReferences"][0]["kind"] == "ForgeTraining" and fe["spec"]["model"] == {"trainingRef": "gated"}
+    pod = running_pod(kube, "gated")
+    end_pod(kube, pod, 0, EvalTerminationMessage(
+        status="completed", exit_code=0, gates_passed=False,
+        suites=[SuiteOutcome(suite="heldout", type="perplexity", samples=3, metrics={"loss": 3.6, "perplexity": 36.6})],
+        gates=[GateOutcome(metric="heldout.perplexity", passed=False, value=36.6, comparator="<", threshold=30,
+                           message="heldout.perplexity = 36.6, needs < 30: failed")]))
+    failed = kube.wait_for("Failed by its gate", phase_is(kube, "gated", "Failed"), timeout=120)
+    reason = condition(failed, "Failed")
+    assert reason["reason"] == "EvaluationGateFailed" and "heldout.perplexity = 36.6, needs < 30: failed" in reason["message"]
+    assert failed["status"]["evaluation"] == {"name": "gated", "phase": "Succeeded", "gatesPassed": False,
+                                             "metrics": {"heldout.loss": 3.6, "heldout.perplexity": 36.6}}
+    assert failed["status"]["modelRef"]["location"]["pvc"]["claimName"] == "models"  # the model stays

@@ -59,18 +59,20 @@ namespace. The trainer's Role the operator creates (pods get/patch) is a
 subset of these, as RBAC's escalation check requires.
 */}}
 {{- define "forge.namespacedRules" -}}
-# the Forge resources: read them, write only their status
+# the Forge resources: read them, write only their status; a training with spec.evaluation makes its ForgeEval
 - apiGroups: ["forge.dev"]
-  resources: ["forgetrainings", "forgeevals"]
+  resources: ["forgetrainings"]
   verbs: ["get", "list", "watch"]
+- apiGroups: ["forge.dev"]
+  resources: ["forgeevals"]
+  verbs: ["create", "get", "list", "watch", "patch"]
 - apiGroups: ["forge.dev"]
   resources: ["forgetrainings/status", "forgeevals/status"]
   verbs: ["update", "patch"]
 # the children's owner references set blockOwnerDeletion: where the API server enforces it
 # (OwnerReferencesPermissionEnforcement, e.g. OpenShift) that needs update on the owner's finalizers.
-# ForgeEvals own no children yet.
 - apiGroups: ["forge.dev"]
-  resources: ["forgetrainings/finalizers"]
+  resources: ["forgetrainings/finalizers", "forgeevals/finalizers"]
   verbs: ["update"]
 # the children of a training (server-side apply: create + patch)
 - apiGroups: ["batch"]

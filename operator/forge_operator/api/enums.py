@@ -96,6 +96,7 @@ class Reason(StrEnum):
     NO_PROGRESS = "NoProgress"
     PROGRESSING = "Progressing"
     NOT_RUNNING = "NotRunning"
+    EVALUATION_GATE_FAILED = "EvaluationGateFailed"  # a training's evaluation failed a gate (its model stays)
     # ForgeEval
     WAITING_FOR_MODEL = "WaitingForModel"  # its trainingRef has not Succeeded (yet)
     MODEL_UNAVAILABLE = "ModelUnavailable"  # its trainingRef Failed: there is no model to evaluate

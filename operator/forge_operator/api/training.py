@@ -870,11 +870,11 @@ class EvaluationSummary(ApiModel):
     """Result of the evaluation run when training completed."""
 
     name: str
-    """The ForgeEval that evaluated the model."""
+    """The ForgeEval that evaluates the model (a child of the training, of the same name)."""
     phase: str = ""
     """Its phase."""
-    gate_passed: bool | None = None
-    """Whether every gate passed."""
+    gates_passed: bool | None = None
+    """Whether every gate passed (once it has Succeeded)."""
     metrics: dict[str, float] | None = None
     """suite.metric -> value."""
 

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from ..api.base import API_VERSION
 from ..api.names import LABEL_ATTEMPT, LABEL_MANAGED_BY, LABEL_TRAINING, MANAGED_BY
 from ..k8s import conditions as C
 from ..k8s.objects import NotAllowed, NotServed, Reader, annotations_of, deleting, labels_of, owned_by, parse_ts
@@ -47,6 +48,8 @@ class Observed:
     # claim name -> PersistentVolumeClaim (None: it does not exist), for the claims of the worker pods the
     # scheduler cannot place; read only then
     claims: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    # the training's ForgeEval (spec.evaluation), read only for a training that has one
+    evaluation: dict[str, Any] | None = None
 
 
 def read(reader: Reader, obj: dict[str, Any], now: datetime) -> Observed:
@@ -67,9 +70,12 @@ def read(reader: Reader, obj: dict[str, Any], now: datetime) -> Observed:
         if short_of_pods(job, pods) and (message := newest_refusal(reader, job)):
             refusals[job["metadata"]["name"]] = message
     queue_name = ((obj.get("spec") or {}).get("scheduling") or {}).get("queueName")
+    evaluation = None
+    if (obj.get("spec") or {}).get("evaluation"):
+        evaluation = reader.get(API_VERSION, "ForgeEval", meta["name"], meta["namespace"])
     return Observed(now=now, jobs=jobs, pods=pods, nodes=nodes, refusals=refusals,
                     queue=read_queue(reader, meta["namespace"], queue_name) if queue_name else None,
-                    claims=read_claims(reader, meta["namespace"], pods))
+                    claims=read_claims(reader, meta["namespace"], pods), evaluation=evaluation)
 
 
 def read_queue(reader: Reader, namespace: str, name: str) -> QueueSeen | None:

@@ -7,7 +7,7 @@ plan, which is what makes the operator level-based and safe to kill at any point
 
 The decisions live in named helpers: ``failure`` (why a group failed; restart or give up),
 ``budget`` (deadline, GPU-hours), ``lifecycle`` (phases, suspend and Kueue, starting and stopping
-workers), ``status`` (progress, Stalled). This function only says in which order they are asked.
+workers), ``status`` (progress, Stalled), ``evaluation`` (spec.evaluation: its ForgeEval and gate). This function only says in which order they are asked.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ..k8s.objects import Plan
 from .budget import account_gpu_hours, stop_at_deadline, stop_for_gpu_hours
 from .children import job_name
 from .draft import Draft, Settings
+from .evaluation import evaluate_model
 from .failure import restart_or_fail, why_restart
 from .lifecycle import (
     age_out, clear_invalid_spec, completed, leave_queue, phase_from_workers, report_invalid_spec,
@@ -54,14 +55,16 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
 
     # 3. finished trainings only age out; budgets end running ones
     if d.old_phase in TERMINAL_PHASES:
-        return age_out(d, ft, attempt, trainer_yaml, settings)
+        age_out(d, ft, attempt, trainer_yaml, settings)
+        return evaluate_model(d, ft, obj, obs.evaluation)
     if stop_for_gpu_hours(d, ft, attempt) or stop_at_deadline(d, ft, attempt):
         return d.plan
     attempt = leave_queue(d, ft, attempt)
 
     # 4. success, or a reason to replace the group (a failure, an edit): restart it or give up
     if completed(attempt):
-        return succeed(d, ft, attempt, trainer_yaml, settings)
+        succeed(d, ft, attempt, trainer_yaml, settings)
+        return evaluate_model(d, ft, obj, obs.evaluation)
     failure = why_restart(d, ft, attempt, obs)
     if failure is not None:
         attempt = restart_or_fail(d, ft, attempt, failure, job_name(ft, attempt.number + 1))
