@@ -14,7 +14,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from sft_helpers import DONT_KNOW, dpo_config, make_base, preference, write_preferences
-from trainer_helpers import run_trainer, write_config
+from trainer_helpers import run_trainer, write_config, run_two_workers
 
 import forge_trainer
 from forge_trainer.contract import DataError, ExitCode
@@ -242,25 +242,14 @@ def test_dpo_configuration_is_checked(bases, tmp_path):
 def test_two_workers_under_torchrun_train_like_one_process(bases, tmp_path):
     """FSDP2 over two CPU workers (gloo): each computes the reference of its share of the pairs, and the
     loss and reward curves are the single process's."""
-    import os
     import re
-    import subprocess
-    import sys
-
-    from trainer_helpers import REPO
 
     data = write_preferences(tmp_path / "data" / "p.jsonl", 120)
     single = forge_trainer.run(dpo_config(tmp_path / "one", bases["llama"], data.parent, cache=tmp_path / "cache",
                                           training__budget={"max_steps": 6}))
     cfg = dpo_config(tmp_path / "two", bases["llama"], data.parent, cache=tmp_path / "cache2",
                      training__budget={"max_steps": 6})
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "forge_trainer", "--config", str(write_config(cfg, tmp_path / "config.yaml"))],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
-    assert "2 worker(s) on cpu" in log
+    log = run_two_workers(cfg, tmp_path)
     pattern = r"\[rank 0\] step (\d+)/6 \| loss ([\d.]+) .* reward accuracy ([\d.]+) \| reward margin (-?[\d.]+)"
     curve = {int(m[1]): (float(m[2]), float(m[4])) for m in re.finditer(pattern, log)}
     assert sorted(curve) == list(range(1, 7))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from sft_helpers import LIKES, NAMES, make_base, question
-from trainer_helpers import tiny_config
+from trainer_helpers import tiny_config, run_two_workers
 
 import forge_trainer
 from forge_trainer.contract import ConfigError, DataError, RewardError
@@ -200,22 +200,11 @@ def test_a_few_online_dpo_steps(base, tmp_path):
 def test_two_workers_each_sample_their_share_of_the_prompts(base, tmp_path):
     """FSDP2 over two CPU workers (gloo): each rank generates for half of the step's prompts (the decoding
     steps kept in lockstep), scores them, and the figures are combined over both."""
-    import os
     import re
-    import subprocess
-    import sys
-
-    from trainer_helpers import REPO, write_config
 
     data = write_prompts(tmp_path / "data" / "p.jsonl")
     cfg = grpo_config(tmp_path, base, data, {"max_new_tokens": 4}, training__budget={"max_steps": 1})
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "forge_trainer", "--config", str(write_config(cfg, tmp_path / "config.yaml"))],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
-    assert "2 worker(s) on cpu" in log
+    log = run_two_workers(cfg, tmp_path)
     steps = re.findall(r"\[rank 0\] step (\d+)/1 \| loss (-?[\d.]+) .* reward mean ([\d.]+) .* completion length ([\d.]+)", log)
     assert [int(s[0]) for s in steps] == [1]
     assert all(0 < float(s[3]) <= 4 for s in steps)

@@ -5,10 +5,7 @@ run resumes exactly, the adapter export loads with peft on the base and the merg
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from sft_helpers import dpo_config, make_base, sft_config, write_preferences, write_records
-from trainer_helpers import REPO, write_config
+from trainer_helpers import run_two_workers
 
 import forge_trainer
 from forge_trainer.contract import ConfigError
@@ -153,13 +150,8 @@ def test_two_workers_under_torchrun_train_adapters_like_one_process(bases, tmp_p
     single = forge_trainer.run(sft_config(tmp_path / "one", bases["qwen3"], data.parent, cache=tmp_path / "cache",
                                           **over))
     cfg = sft_config(tmp_path / "two", bases["qwen3"], data.parent, cache=tmp_path / "cache2", **over)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "forge_trainer", "--config", str(write_config(cfg, tmp_path / "config.yaml"))],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
-    assert "2 worker(s) on cpu" in log and "LoRA: training" in log
+    log = run_two_workers(cfg, tmp_path)
+    assert "LoRA: training" in log
     curve = {int(m[1]): float(m[2]) for m in re.finditer(r"\[rank 0\] step (\d+)/3 \| loss ([\d.]+)", log)}
     assert sorted(curve) == list(range(1, 4))
     for h in single.history:

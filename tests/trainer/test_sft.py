@@ -12,7 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from sft_helpers import CHATML, LIKES, conversation, make_base, sft_config, write_records
-from trainer_helpers import run_trainer, write_config
+from trainer_helpers import run_trainer, write_config, run_two_workers
 
 import forge_trainer
 from forge_trainer.contract import DataError, ExitCode
@@ -288,25 +288,14 @@ def test_sft_configuration_is_checked(bases, tmp_path):
 def test_two_workers_under_torchrun_fine_tune_like_one_process(bases, tmp_path):
     """FSDP2 over two CPU workers (gloo): rank 0 prepares the records for both, each packs and takes its
     half of every step, and the loss curve is the single process's."""
-    import os
     import re
-    import subprocess
-    import sys
-
-    from trainer_helpers import REPO
 
     data = write_records(tmp_path / "data" / "chat.jsonl", "chat", 120)
     single = forge_trainer.run(sft_config(tmp_path / "one", bases["qwen3"], data.parent, cache=tmp_path / "cache",
                                           training__budget={"max_steps": 6}))
     cfg = sft_config(tmp_path / "two", bases["qwen3"], data.parent, cache=tmp_path / "cache2",
                      training__budget={"max_steps": 6})
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "forge_trainer", "--config", str(write_config(cfg, tmp_path / "config.yaml"))],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
-    assert "2 worker(s) on cpu" in log
+    log = run_two_workers(cfg, tmp_path)
     curve = {int(m[1]): float(m[2]) for m in re.finditer(r"\[rank 0\] step (\d+)/6 \| loss ([\d.]+)", log)}
     assert sorted(curve) == list(range(1, 7))
     for h in single.history:

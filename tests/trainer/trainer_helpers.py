@@ -61,6 +61,19 @@ def write_config(cfg: TrainerConfig, path: Path) -> Path:
     return path
 
 
+def run_two_workers(cfg: TrainerConfig, work: Path) -> str:
+    """Train ``cfg`` with two worker processes on this machine (torchrun, gloo); the log, after checking that
+    both workers ran and the run succeeded."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "forge_trainer", "--config", str(write_config(cfg, work / "config.yaml"))],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "2 worker(s) on cpu" in log
+    return log
+
+
 def trainer_cmd(config_path: Path) -> list[str]:
     return [sys.executable, "-m", "forge_trainer", "--config", str(config_path)]
 
