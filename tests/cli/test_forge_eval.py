@@ -90,3 +90,58 @@ def test_forge_eval_names_a_model_or_data_it_cannot_use(tmp_path, volumes, capsy
     (volumes / "data" / "empty").mkdir(exist_ok=True)
     assert run(tmp_path, volumes, doc) == 65
     assert "suite mc" in capsys.readouterr().err
+
+
+REWARDS_PY = '''
+def chars(prompts, completions, id, **columns):
+    """A KPI in the organisation's own words: a tenth of the completion's length, none for item 0."""
+    return [None if i == 0 else len(c) / 10 for c, i in zip(completions, id)]
+'''
+
+
+def generation(volumes: Path, **suite) -> dict:
+    gen = volumes / "data" / "gen"
+    gen.mkdir(exist_ok=True)
+    lines = [json.loads(x) for x in (volumes / "data" / "em" / "tasks.jsonl").read_text().splitlines()]
+    (gen / "prompts.jsonl").write_text("".join(json.dumps({"prompt": x["question"], "id": i}) + "\n" for i, x in enumerate(lines)))
+    (volumes / "kpi").mkdir(exist_ok=True)
+    (volumes / "kpi" / "kpi.py").write_text(REWARDS_PY)
+    rewards = [{"name": "chars", "weight": 2, "python": {"configMap": {"name": "kpi", "key": "kpi.py"}, "function": "chars"}},
+               {"name": "no-digit", "regex": {"mustNotMatch": [r"\d"]}}]
+    doc = manifest(suites=[{"name": "gen", "type": "generation", "maxNewTokens": 5, "rewards": rewards,
+                            "data": {"pvc": {"claimName": "data", "path": "gen"}}} | suite],
+                   gates=[{"metric": "gen.reward_chars", "maxDrop": 0.0}, {"metric": "gen.reward", "comparator": ">=", "threshold": 0}])
+    return doc
+
+
+def run_with_kpi(tmp_path: Path, volumes: Path, doc: dict) -> int:
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return forge(["eval", str(path), "--volume", f"models={volumes / 'models'}", "--volume", f"data={volumes / 'data'}",
+                  "--volume", f"kpi={volumes / 'kpi'}"])
+
+
+def test_forge_eval_scores_a_generation_suite_with_the_rewards_a_training_declares(tmp_path, volumes, capsys):
+    assert run_with_kpi(tmp_path, volumes, generation(volumes)) == 0
+    out = capsys.readouterr().out
+    assert "gate PASSED: gen.reward_chars" in out and "sign test p = 1" in out
+    results = json.loads((volumes / "models" / "tiny" / "evaluations" / "tiny-eval" / "results.json").read_text())
+    metrics, per_item = results["suites"][0]["metrics"], results["perItem"]["gen"]["model"]
+    assert set(metrics) == {"reward", "reward_chars", "reward_no-digit"} and results["suites"][0]["samples"] == 12
+    chars, no_digit = per_item["reward_chars"], per_item["reward_no-digit"]
+    assert chars[0] is None and all(c is not None for c in chars[1:])
+    assert per_item["reward"] == pytest.approx([2 * (c or 0) + d for c, d in zip(chars, no_digit)])
+    assert metrics["reward_chars"] == pytest.approx(sum(chars[1:]) / 11)
+    assert metrics["reward"] == pytest.approx(sum(per_item["reward"]) / 12)
+
+
+def test_forge_eval_refuses_a_generation_suite_without_rewards_and_names_a_bad_reward(tmp_path, volumes, capsys):
+    doc = generation(volumes)
+    doc["spec"]["suites"][0].pop("rewards")
+    doc["spec"]["gates"] = []
+    assert run_with_kpi(tmp_path, volumes, doc) == 78
+    assert "a generation suite needs rewards; the other suite types take none" in capsys.readouterr().err
+    doc = generation(volumes)
+    doc["spec"]["suites"][0]["rewards"][0]["python"]["function"] = "missing"
+    assert run_with_kpi(tmp_path, volumes, doc) == 78
+    assert "reward 'chars': module" in (err := capsys.readouterr().err) and "has no 'missing'" in err

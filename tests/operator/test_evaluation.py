@@ -88,6 +88,27 @@ def test_once_the_training_succeeded_its_export_is_evaluated_by_one_job():
     assert pod_spec["securityContext"]["runAsNonRoot"] and spec["template"]["metadata"]["labels"]["forge.dev/eval"] == "llm"
 
 
+def test_a_generation_suite_gets_its_rewards_mounted_and_translated_as_a_trainings():
+    rewards = [{"name": "kpi", "weight": 2, "python": {"configMap": {"name": "team-kpis", "key": "kpi.py"}, "function": "score"}},
+               {"name": "from-pvc", "python": {"pvc": {"claimName": "scripts", "path": "r/reward.py"}, "function": "f"}},
+               {"name": "judge", "http": {"url": "http://judge.team.svc:8080/score"}}]
+    o = obj(model={"checkpoint": MODEL}, gates=[{"metric": "gen.reward_kpi", "comparator": ">", "threshold": 0.5}],
+            suites=[{"name": "gen", "type": "generation", "data": {"pvc": {"claimName": "corpus", "path": "prompts"}},
+                     "temperature": 0.7, "seed": 3, "rewards": rewards}])
+    config_map, job_ = plan(o).apply
+    suite = yaml.safe_load(config_map["data"]["eval.yaml"])["suites"][0]
+    assert [r.get("function") for r in suite["rewards"]] == [
+        "/mnt/rewards/team-kpis/kpi.py:score", "/mnt/pvc/scripts/r/reward.py:f", None]  # where the pod mounts them
+    assert suite["rewards"][2]["http"]["url"] == "http://judge.team.svc:8080/score" and suite["temperature"] == 0.7
+    pod_spec = job_["spec"]["template"]["spec"]
+    assert {"name": "rewards-team-kpis", "configMap": {"name": "team-kpis"}} in pod_spec["volumes"]
+    assert {"name": "rewards-team-kpis", "mountPath": "/mnt/rewards/team-kpis", "readOnly": True} \
+        in pod_spec["containers"][0]["volumeMounts"]
+    claims = {v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
+              for v in pod_spec["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {"models": False, "corpus": True, "scripts": True}
+
+
 def test_a_model_folder_needs_no_training():
     p = plan(obj(model={"checkpoint": MODEL}))
     assert [c["kind"] for c in p.apply] == ["ConfigMap", "Job"]

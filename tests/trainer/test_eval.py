@@ -202,3 +202,97 @@ def test_a_long_summary_is_cut_to_the_kubelets_limit(models, tmp_path):
                                         for i in range(32)])
     small = compact(big)
     assert len(small.to_json()) <= 4096 and small.gates_passed and len(small.gates) == 32
+
+
+# ---- generation ----------------------------------------------------------------------------------
+
+REWARD_FILE = '''
+def fruit_count(prompts, completions, answer, **columns):
+    """1 when the completion starts with the right count; None (does not apply) for a record without one."""
+    return [None if a is None else float(c.strip().startswith(a.split()[0])) for c, a in zip(completions, answer)]
+
+
+def broken(prompts, completions, **columns):
+    raise ZeroDivisionError("division by zero")
+
+
+def short(prompts, completions, **columns):
+    return [1.0]
+'''
+
+
+def generation_suite(models, tmp_path: Path, rewards: list[dict], **kw) -> SuiteConfig:
+    """The exact-match questions as prompts, their answers a column (one record without it)."""
+    from forge_trainer.config import RewardConfig
+
+    (tmp_path / "rewards.py").write_text(REWARD_FILE)
+    lines = [json.loads(x) for x in (models["em"] / "tasks.jsonl").read_text().splitlines()][:12]
+    data = tmp_path / "gen"
+    data.mkdir(exist_ok=True)
+    records = [{"prompt": x["question"], "answer": x["answer"], "id": i} for i, x in enumerate(lines)]
+    del records[5]["answer"]
+    (data / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    configs = [RewardConfig(**{**r, "function": f"{tmp_path}/rewards.py:{r['function']}"} if "function" in r else r)
+               for r in rewards]
+    return SuiteConfig(name="gen", type="generation", path=str(data), rewards=configs, max_new_tokens=6, stop=["."], **kw)
+
+
+def test_generation_metrics_are_the_reward_functions_on_the_generated_completions(models, tmp_path):
+    from forge_trainer.eval.suites import generate, score_generation
+    from forge_trainer.rewards import build_rewards
+
+    suite = generation_suite(models, tmp_path, [{"name": "digit", "regex": {"must_match": [r"\d"]}, "weight": 0.5},
+                                                {"name": "fruit-count", "function": "fruit_count"}])
+    lm = load_model(models["strong"].output_dir, "model")
+    completions: list[str] = []
+    score = score_generation(lm, suite, 5, lambda n: None, completions)
+    prompts = [json.loads(x)["prompt"] for x in (tmp_path / "gen" / "prompts.jsonl").read_text().splitlines()]
+    # greedy, batched with left padding and the KV cache: the same as one prompt at a time
+    assert completions == [cut_at_stop(generate(lm, [p], 6)[0], ["."]) for p in prompts]
+    answers = [json.loads(x).get("answer") for x in (tmp_path / "gen" / "prompts.jsonl").read_text().splitlines()]
+    expected = build_rewards(suite.rewards).score(prompts, completions, {"answer": answers, "id": list(range(12))})
+    digit, fruit = expected.by_function["digit"], expected.by_function["fruit-count"]
+    assert fruit[5] is None and score.per_item["reward_fruit-count"] == fruit and score.per_item["reward"] == expected.total
+    assert score.metrics == pytest.approx({"reward": sum(expected.total) / 12, "reward_digit": sum(digit) / 12,
+                                           "reward_fruit-count": sum(f for f in fruit if f is not None) / 11})
+    assert 0 < score.metrics["reward_fruit-count"] and 0 < score.metrics["reward_digit"]
+    sampled = generation_suite(models, tmp_path, [{"name": "digit", "regex": {"must_match": [r"\d"]}}], temperature=1.5, seed=7)
+    first, again = [], []
+    score_generation(lm, sampled, 5, lambda n: None, first)
+    score_generation(lm, sampled, 5, lambda n: None, again)
+    assert first == again and first != completions  # seeded sampling: the same completions each run
+
+
+def test_a_relative_gate_on_a_reward_uses_the_sign_test():
+    gate = GateConfig(metric="gen.reward", max_drop=0.0, significance=0.05)
+    model, base = [0.5] * 6 + [1.0] * 4, [1.0] * 6 + [0.5] * 4  # 6 items worse, 4 better: noise
+    out = judge(gate, sum(model) / 10, sum(base) / 10, (model, base))
+    assert out.passed and out.p_value == pytest.approx(mcnemar_p(6, 4)) and "sign test p" in out.message
+    out = judge(gate, 0.5, 1.0, ([0.5] * 10 + [None], [1.0] * 10 + [0.0]))  # the None item is left out
+    assert not out.passed and out.p_value == pytest.approx(2 ** -10)
+
+
+@pytest.mark.parametrize("function, error", [
+    ("broken", "reward 'bad' raised ZeroDivisionError: division by zero"),
+    ("short", "reward 'bad' returned 1 scores for 5 completions"),
+])
+def test_a_failing_reward_function_is_an_error_naming_it(models, tmp_path, function, error):
+    from forge_trainer.contract import RewardError
+    from forge_trainer.eval.suites import score_generation
+
+    suite = generation_suite(models, tmp_path, [{"name": "bad", "function": function}])
+    lm = load_model(models["strong"].output_dir, "model")
+    with pytest.raises(RewardError, match=error.replace("(", r"\(")):
+        score_generation(lm, suite, 5, lambda n: None)
+
+
+def test_generation_configs_are_refused_naming_what_is_wrong(tmp_path):
+    with pytest.raises(ValidationError, match="a generation suite needs rewards"):
+        SuiteConfig(name="gen", type="generation", path=str(tmp_path))
+    with pytest.raises(ValidationError, match="temperature is for generation suites"):
+        SuiteConfig(name="qa", type="exact-match", path=str(tmp_path), temperature=1.0)
+    with pytest.raises(ValidationError, match=r"gate gen.reward_other: no suite reports this metric \(reported: "
+                                              r"gen.reward, gen.reward_digit\)"):
+        EvalConfig(model_path="m", output_dir="o", gates=[GateConfig(metric="gen.reward_other", comparator=">", threshold=0)],
+                   suites=[SuiteConfig(name="gen", type="generation", path="p",
+                                       rewards=[{"name": "digit", "regex": {"must_match": ["1"]}}])])

@@ -11,8 +11,9 @@ from .base import (
     API_VERSION, ApiModel, Cel, Condition, DnsLabel, FreeForm, ObjectMeta, Quantity, ShortStr, StorageLocation, Timestamp,
 )
 from .enums import EVAL_PHASES
+from .rewards import RewardSpec
 
-from forge_trainer.eval.config import SUITE_METRICS, SuiteType
+from forge_trainer.eval.config import REWARD_METRIC, SUITE_METRICS, SuiteType
 
 Comparator = Literal["<", "<=", ">", ">="]
 
@@ -33,16 +34,21 @@ class EvalSuite(ApiModel):
     log-probs of each choice (acc) and per character of the choice (acc_norm), as lm-evaluation-harness does.
     exact-match: JSONL lines {question, answer: string or list}; greedy decoding cut at the first stop
     sequence, compared after SQuAD's normalisation (case, punctuation, articles, spaces).
+    generation: JSONL lines {prompt: string or [{role, content}...], <any other fields>}; the model
+    generates a completion (greedy, or sampled at temperature with seed; cut at the first stop
+    sequence), scored by the suite's rewards exactly as a ForgeTraining's spec.rewards score GRPO's
+    completions (the other fields are the functions' columns); reports reward (the weighted sum, mean
+    over the items) and reward_<name> (each function's mean over the items it applies to).
     """
 
     name: DnsLabel
     """Name of the suite, unique in the list; metrics are reported as <name>.<metric>."""
     type: SuiteType
-    """perplexity, multiple-choice or exact-match."""
+    """perplexity, multiple-choice, exact-match or generation."""
     data: StorageLocation
     """Where the evaluation files are."""
     format: Literal["text", "jsonl", "parquet"] = defaults.EVAL_FORMAT
-    """File format (multiple-choice and exact-match read jsonl)."""
+    """File format (multiple-choice, exact-match and generation read jsonl or parquet)."""
     include: Annotated[list[ShortStr], Field(max_length=32)] | None = None
     """Glob patterns of files to read (default by format)."""
     text_field: ShortStr | None = None
@@ -56,19 +62,38 @@ class EvalSuite(ApiModel):
     max_samples: Annotated[int, Field(ge=1, le=10**9)] | None = None
     """Evaluate at most this many samples (documents for perplexity)."""
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = defaults.EVAL_MAX_NEW_TOKENS
-    """exact-match: tokens generated per answer."""
+    """exact-match and generation: tokens generated per answer."""
     stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=8)] | None = None
-    """exact-match: the answer ends before the first of these strings (and always at end-of-text)."""
+    """exact-match and generation: the answer ends before the first of these strings (and always at end-of-text)."""
     seq_len: Annotated[int, Field(ge=16, le=131072)] | None = None
     """perplexity: tokens per scored window (default: the model's context, at most 2048); the trainer's
     training.sequenceLength gives the trainer's validation loss."""
     chat: bool = False
-    """multiple-choice and exact-match: put the question in the tokenizer's chat template as a user turn."""
+    """multiple-choice, exact-match and generation: put a plain-text question or prompt in the tokenizer's
+    chat template as a user turn (a prompt given as messages always is)."""
+    prompt_field: ShortStr | None = None
+    """generation: the prompt field (default: prompt)."""
+    rewards: Annotated[list[RewardSpec], Field(max_length=16)] | None = None
+    """generation (required): the reward functions that score the completions, declared as a
+    ForgeTraining's spec.rewards (metrics: reward and reward_<name>)."""
+    temperature: Annotated[float, Field(gt=0, le=100)] | None = None
+    """generation: sample at this temperature (default: greedy)."""
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    """generation: the sampling seed (the same seed, model and batch size give the same completions)."""
 
     cel_rules = (
         Cel("self.type == 'perplexity' || !has(self.format) || self.format != 'text'",
-            "multiple-choice and exact-match suites read jsonl or parquet, not text",
+            "multiple-choice, exact-match and generation suites read jsonl or parquet, not text",
             lambda s: s.type == "perplexity" or s.format != "text", field_path=".format"),
+        Cel("(self.type == 'generation') == (has(self.rewards) && size(self.rewards) > 0)",
+            "a generation suite needs rewards; the other suite types take none",
+            lambda s: (s.type == "generation") == bool(s.rewards), field_path=".rewards"),
+        Cel("self.type == 'generation' || (!has(self.temperature) && !has(self.promptField))",
+            "temperature and promptField are for generation suites",
+            lambda s: s.type == "generation" or (s.temperature is None and s.prompt_field is None)),
+        Cel("!has(self.rewards) || self.rewards.all(a, self.rewards.exists_one(b, b.name == a.name))",
+            "reward names must be unique", lambda s: len({r.name for r in s.rewards or []}) == len(s.rewards or []),
+            field_path=".rewards"),
     )
 
 
@@ -78,20 +103,21 @@ class EvalGate(ApiModel):
 
     A relative gate on a per-item metric (acc, acc_norm, exact_match) fails only when the drop beyond
     maxDrop is significant: McNemar's exact test on the items the two models disagree on gives a
-    p-value below `significance`. A drop of a loss, perplexity or bits_per_byte (the same held-out text,
+    p-value below `significance`; on a generation suite's reward metrics the same one-sided exact sign
+    test on the items whose rewards differ (items a function does not apply to left out). A drop of a loss, perplexity or bits_per_byte (the same held-out text,
     measured exactly) fails as soon as it exceeds maxDrop.
     """
 
-    metric: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\.[a-z_]+$", max_length=128)]
+    metric: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\.[a-z_][-a-z0-9_]*$", max_length=128)]
     """<suite name>.<metric>: perplexity suites report loss, perplexity, bits_per_byte;
-    multiple-choice acc, acc_norm; exact-match exact_match."""
+    multiple-choice acc, acc_norm; exact-match exact_match; generation reward and reward_<reward name>."""
     comparator: Comparator | None = None
     """Absolute gate: how the metric compares with the threshold to pass."""
     threshold: float | None = None
     """Absolute gate: the value to compare with."""
     max_drop: Annotated[float, Field(ge=0)] | None = None
-    """Relative gate: how much worse than the baseline the metric may be (a fall of acc, acc_norm and
-    exact_match; a rise of loss, perplexity and bits_per_byte). Needs spec.baseline."""
+    """Relative gate: how much worse than the baseline the metric may be (a fall of acc, acc_norm,
+    exact_match and the rewards; a rise of loss, perplexity and bits_per_byte). Needs spec.baseline."""
     significance: Annotated[float, Field(gt=0, lt=1)] = defaults.EVAL_SIGNIFICANCE
     """Relative gate on a per-item metric: the p-value below which a drop beyond maxDrop is not noise."""
 
@@ -104,8 +130,10 @@ class EvalGate(ApiModel):
     )
 
 
-def _metrics(suite: EvalSuite) -> list[str]:
-    return [f"{suite.name}.{m}" for m in SUITE_METRICS[suite.type]]
+def _names_a_metric_of(metric: str, suite: EvalSuite) -> bool:
+    """As the CEL rule: one of the type's metrics, or reward_<anything> on a generation suite."""
+    return metric in [f"{suite.name}.{m}" for m in SUITE_METRICS[suite.type]] or (
+        suite.type == "generation" and metric.startswith(f"{suite.name}.{REWARD_METRIC}_"))
 
 
 def _cel_metric_of_suite() -> str:
@@ -113,7 +141,10 @@ def _cel_metric_of_suite() -> str:
     branches = []
     for type_, metrics in SUITE_METRICS.items():
         names = ", ".join("s.name + '." + m + "'" for m in metrics)
-        branches.append(f"s.type == '{type_}' ? g.metric in [{names}]")
+        # reward_<name>: the prefix only (a check per reward is over the API server's cost budget); the
+        # evaluator refuses a name that is not one of the suite's rewards before it loads the model
+        rewards = f" || g.metric.startsWith(s.name + '.{REWARD_METRIC}_')" if type_ == "generation" else ""
+        branches.append(f"s.type == '{type_}' ? (g.metric in [{names}]{rewards})")
     return " : ".join(branches) + " : false"
 
 
@@ -123,8 +154,8 @@ SUITES_AND_GATES_RULES = (
         lambda s: len({x.name for x in s.suites}) == len(s.suites), field_path=".suites"),
     Cel("!has(self.gates) || self.gates.all(g, self.suites.exists(s, " + _cel_metric_of_suite() + "))",
         "every gate metric must be <suite>.<metric> for one of the suites and a metric its type reports ("
-        + "; ".join(f"{t}: {', '.join(m)}" for t, m in SUITE_METRICS.items()) + ")",
-        lambda s: all(any(g.metric in _metrics(x) for x in s.suites) for g in s.gates or []),
+        + "; ".join(f"{t}: {', '.join(m)}" for t, m in SUITE_METRICS.items()) + ", reward_<reward name>)",
+        lambda s: all(any(_names_a_metric_of(g.metric, x) for x in s.suites) for g in s.gates or []),
         field_path=".gates"),
 )
 
@@ -219,7 +250,7 @@ class GateResult(ApiModel):
     drop: float | None = None
     """Relative gate: how much worse than the baseline (negative: better)."""
     p_value: float | None = None
-    """Relative gate on a per-item metric: McNemar's exact one-sided p-value."""
+    """Relative gate on a per-item metric: McNemar's exact one-sided p-value (the sign test's for rewards)."""
     message: str | None = None
     """The outcome in words, with the metric, its value and the threshold."""
 

@@ -15,6 +15,10 @@ from .base import (
 )
 from . import defaults
 from .enums import TRAINING_PHASES
+from .rewards import (  # noqa: F401  (the reward models are part of this API)
+    ConfigMapKey, ExactMatchRewardSpec, HttpRewardSpec, JsonSchemaRewardSpec, LengthRewardSpec, PythonRewardSpec,
+    RegexRewardSpec, RewardSpec,
+)
 from .eval import NO_BASELINE_IN_TRAINING, SUITES_AND_GATES_RULES, EvalGate, EvalSuite
 
 Method = Literal["pretrain", "continued-pretrain", "sft", "dpo", "grpo", "online-dpo"]
@@ -232,112 +236,6 @@ class DataSpec(ApiModel):
         Cel("self.sources.all(a, self.sources.exists_one(b, b.name == a.name))",
             "source names must be unique",
             lambda s: len({x.name for x in s.sources}) == len(s.sources), field_path=".sources"),
-    )
-
-
-# --------------------------------------------------------------------------- rewards
-class ConfigMapKey(ApiModel):
-    """A key of a ConfigMap in the resource's namespace, mounted read-only into the workers."""
-
-    name: DnsLabel
-    """Name of the ConfigMap."""
-    key: Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]+\.py$", max_length=253)]
-    """The key holding the Python file, e.g. rewards.py."""
-
-
-class PythonRewardSpec(ApiModel):
-    """A Python function f(prompts, completions, **columns) -> list[float] (TRL's reward signature), from a file
-    in a ConfigMap or on a PersistentVolumeClaim. Set exactly one of configMap or pvc."""
-
-    config_map: ConfigMapKey | None = None
-    """The file is this key of a ConfigMap (the ConfigMap's other keys are beside it, importable)."""
-    pvc: PvcLocation | None = None
-    """The file is at this path on a PersistentVolumeClaim (e.g. the data volume)."""
-    function: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=253)]
-    """The function's name in the file."""
-
-    cel_rules = (
-        Cel("has(self.configMap) != has(self.pvc)", "set exactly one of configMap or pvc",
-            lambda s: (s.config_map is None) != (s.pvc is None)),
-    )
-
-
-class ExactMatchRewardSpec(ApiModel):
-    """1.0 where the completion equals the reference in a column of the prompt record, else 0.0."""
-
-    column: ShortStr
-    """The prompt record's field holding the reference answer."""
-    normalize: bool = True
-    """Compare case-folded, whitespace collapsed, final punctuation removed."""
-    extract: ShortStr | None = None
-    """A regular expression with one group: compare what it captures in the completion (no match: 0.0)."""
-
-
-class RegexRewardSpec(ApiModel):
-    """1.0 where every mustMatch pattern is found in the completion and no mustNotMatch one (Python regular
-    expressions), else 0.0."""
-
-    must_match: Annotated[list[ShortStr], Field(max_length=32)] = []
-    """Patterns the completion must contain."""
-    must_not_match: Annotated[list[ShortStr], Field(max_length=32)] = []
-    """Patterns the completion must not contain."""
-
-
-class JsonSchemaRewardSpec(ApiModel):
-    """1.0 where the completion is JSON valid against the schema, else 0.0."""
-
-    json_schema: FreeForm = Field(alias="schema")
-    """The JSON Schema."""
-
-
-class LengthRewardSpec(ApiModel):
-    """1.0 where the completion's length in characters is within the limits, else 0.0."""
-
-    min_chars: Annotated[int, Field(ge=0, le=MAX_TOKENS)] | None = None
-    """The shortest completion that scores 1.0."""
-    max_chars: Annotated[int, Field(ge=1, le=MAX_TOKENS)] | None = None
-    """The longest completion that scores 1.0."""
-
-
-class HttpRewardSpec(ApiModel):
-    """A scoring service in the cluster: each batch is POSTed as JSON ({prompts, completions, <column>: [...]}),
-    the answer is a JSON list of numbers (or {scores: [...]}), one per completion."""
-
-    url: Annotated[str, Field(pattern=r"^https?://", max_length=2048)]
-    """The endpoint, e.g. http://scorer.team.svc:8080/score."""
-    timeout_seconds: Annotated[float, Field(gt=0, le=3600)] = defaults.REWARD_HTTP_TIMEOUT_SECONDS
-    """How long one request may take."""
-    retries: Annotated[int, Field(ge=0, le=10)] = defaults.REWARD_HTTP_RETRIES
-    """Further attempts after a refused, timed-out or 5xx request, with a backoff; then the training fails."""
-
-
-class RewardSpec(ApiModel):
-    """One reward function and its weight (grpo, online-dpo). Set exactly one of python, exactMatch, regex,
-    jsonSchema, length or http. A completion's reward is the weighted sum over spec.rewards."""
-
-    name: DnsLabel
-    """Name of the reward, unique in the list (metrics: reward_<name>_mean)."""
-    weight: Annotated[float, Field(ge=-1000, le=1000)] = 1.0
-    """Its weight in the sum."""
-    python: PythonRewardSpec | None = None
-    """A Python function (TRL's reward signature) from a ConfigMap or a PersistentVolumeClaim."""
-    exact_match: ExactMatchRewardSpec | None = None
-    """Built in: the completion equals a column of the prompt record."""
-    regex: RegexRewardSpec | None = None
-    """Built in: the completion matches (or does not match) regular expressions."""
-    json_schema: JsonSchemaRewardSpec | None = None
-    """Built in: the completion is JSON valid against a schema."""
-    length: LengthRewardSpec | None = None
-    """Built in: the completion's length is within limits."""
-    http: HttpRewardSpec | None = None
-    """A scoring service in the cluster."""
-
-    cel_rules = (
-        Cel("[has(self.python), has(self.exactMatch), has(self.regex), has(self.jsonSchema), has(self.length), "
-            "has(self.http)].filter(x, x).size() == 1",
-            "set exactly one of python, exactMatch, regex, jsonSchema, length or http",
-            lambda s: sum(x is not None for x in (s.python, s.exact_match, s.regex, s.json_schema, s.length,
-                                                  s.http)) == 1),
     )
 
 

@@ -2,7 +2,7 @@
 
 The file is validated with the same models as the API server and translated by the same function
 the operator uses; PersistentVolumeClaims become local folders (``--volume CLAIM=DIR``, default
-``./volumes/<claim>``). A ``model.trainingRef`` names a ForgeTraining in the same file: its
+``./volumes/<claim>``), and so do the ConfigMaps of reward functions (by name). A ``model.trainingRef`` names a ForgeTraining in the same file: its
 ``spec.output`` is the model. Prints a table of the metrics (against the baseline) and the gates;
 exit code 0 when every gate passed, 1 when one failed, the trainer's codes for bad input.
 """
@@ -62,7 +62,8 @@ def local_eval_config(path: str, volumes: list[str]):
     model = model_location(s.model, "spec.model", _training_output(s.model.training_ref, trainings, "spec.model"))
     baseline = (model_location(s.baseline, "spec.baseline", _training_output(s.baseline.training_ref, trainings, "spec.baseline"))
                 if s.baseline else None)
-    config = eval_config(fe, model, baseline, resolve)
+    config = eval_config(fe, model, baseline, resolve,
+                         config_map=lambda name: str(mounts.get(name, Path("volumes", name).resolve())))
     return fe, config.model_copy(update={"device": "auto"})
 
 

@@ -10,8 +10,9 @@ from ..api.base import PvcLocation
 from ..api.eval import ForgeEval
 from ..api.names import (
     CONFIG_MOUNT, EVAL_COMMAND, EVAL_CONFIG_FILE, EVAL_CONTAINER_NAME, LABEL_EVAL, LABEL_MANAGED_BY, LABEL_NAME,
-    MANAGED_BY, PVC_MOUNT_ROOT, TERMINATION_MESSAGE_PATH,
+    MANAGED_BY, PVC_MOUNT_ROOT, REWARDS_MOUNT_ROOT, TERMINATION_MESSAGE_PATH,
 )
+from ..api.rewards import reward_config_maps
 from ..k8s.objects import CONTAINER_SECURITY_CONTEXT, POD_SECURITY_CONTEXT, object_meta, owner_reference
 
 
@@ -37,6 +38,7 @@ def _meta(fe: ForgeEval) -> dict[str, Any]:
 def _claims(fe: ForgeEval, model: PvcLocation, baseline: PvcLocation | None) -> dict[str, bool]:
     """Every claim the pod mounts -> writable (the model's: the results go next to it)."""
     claims = {s.data.pvc.claim_name: False for s in fe.spec.suites if s.data.pvc}
+    claims |= {r.python.pvc.claim_name: False for s in fe.spec.suites for r in s.rewards or [] if r.python and r.python.pvc}
     if baseline is not None:
         claims[baseline.claim_name] = claims.get(baseline.claim_name, False)
     claims[model.claim_name] = True
@@ -52,6 +54,10 @@ def build_children(fe: ForgeEval, eval_yaml: str, model: PvcLocation, baseline: 
     for claim, writable in sorted(_claims(fe, model, baseline).items()):
         volumes.append({"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
         mounts.append({"name": f"pvc-{claim}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": not writable})
+    # a reward ConfigMap is mounted as the training workers mount it (where the translation points)
+    for cm in reward_config_maps([r for s in fe.spec.suites for r in s.rewards or []]):
+        volumes.append({"name": f"rewards-{cm}", "configMap": {"name": cm}})
+        mounts.append({"name": f"rewards-{cm}", "mountPath": f"{REWARDS_MOUNT_ROOT}/{cm}", "readOnly": True})
     amounts = {k: str(v) for k, v in (("cpu", r.cpu), ("memory", r.memory)) if v is not None}
     if r.gpus:
         amounts[r.gpu_resource_name] = str(r.gpus)

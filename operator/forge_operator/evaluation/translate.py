@@ -15,8 +15,10 @@ from forge_trainer.eval.config import EvalConfig, GateConfig, SuiteConfig
 
 from ..api.base import PvcLocation
 from ..api.eval import EvalGate, EvalSuite, ForgeEval, ModelSourceSpec
+from ..api.rewards import config_map_path, reward_config
 
 Resolve = Callable[[PvcLocation], str]
+ConfigMapPath = Callable[[str], str]
 RESULTS_FOLDER = "evaluations"
 """Results go next to the model: <model folder>/evaluations/<ForgeEval name>/ (results.json, report.md)."""
 
@@ -37,13 +39,18 @@ def model_location(source: ModelSourceSpec, field: str, training_output: PvcLoca
     return training_output
 
 
-def _suite(s: EvalSuite, resolve: Resolve) -> SuiteConfig:
+def _suite(s: EvalSuite, i: int, resolve: Resolve, config_map: ConfigMapPath) -> SuiteConfig:
     if s.data.pvc is None:
         raise TranslationError(f"suites[{s.name}].data.s3: S3 locations are not supported by the evaluator yet; "
                                "copy the files to a PersistentVolumeClaim and use pvc")
     given = {k: v for k, v in dict(include=s.include, text_field=s.text_field, question_field=s.question_field,
                                    choices_field=s.choices_field, answer_field=s.answer_field, max_samples=s.max_samples,
-                                   stop=s.stop, seq_len=s.seq_len).items() if v is not None}
+                                   stop=s.stop, seq_len=s.seq_len, prompt_field=s.prompt_field,
+                                   temperature=s.temperature).items() if v is not None}
+    if s.rewards:
+        given["rewards"] = [reward_config(r, f"spec.suites[{i}].rewards[{j}]", resolve, config_map, TranslationError)
+                            for j, r in enumerate(s.rewards)]
+        given["seed"] = s.seed
     return SuiteConfig(name=s.name, type=s.type, path=resolve(s.data.pvc), format=s.format,
                        max_new_tokens=s.max_new_tokens, chat=s.chat, **given)
 
@@ -54,12 +61,15 @@ def _gate(g: EvalGate) -> GateConfig:
 
 
 def eval_config(fe: ForgeEval, model: PvcLocation, baseline: PvcLocation | None, resolve: Resolve,
-                termination_message_path: str = DEFAULT_TERMINATION_MESSAGE_PATH) -> EvalConfig:
+                termination_message_path: str = DEFAULT_TERMINATION_MESSAGE_PATH,
+                config_map: ConfigMapPath = config_map_path) -> EvalConfig:
+    """``config_map``: the folder of a reward ConfigMap (default: where the evaluation pod mounts it). The
+    evaluator runs under the trainer's egress lock (the suites' HTTP reward services allowed)."""
     s = fe.spec
     model_dir = resolve(model)
     return EvalConfig(
         name=fe.metadata.name or "eval", model_path=model_dir, baseline_path=resolve(baseline) if baseline else None,
-        suites=[_suite(x, resolve) for x in s.suites], gates=[_gate(g) for g in s.gates or []], batch_size=s.batch_size,
+        suites=[_suite(x, i, resolve, config_map) for i, x in enumerate(s.suites)], gates=[_gate(g) for g in s.gates or []], batch_size=s.batch_size,
         output_dir=f"{model_dir.rstrip('/')}/{RESULTS_FOLDER}/{fe.metadata.name or 'eval'}",
         device="cuda" if s.resources.gpus else "cpu", termination_message_path=termination_message_path,
     )

@@ -17,14 +17,14 @@ from typing import Any, Callable
 
 from forge_trainer.config import (
     ArchitectureConfig, BudgetConfig, CheckpointConfig, DataConfig, DataSourceConfig, DpoMethod, EgressConfig,
-    ExactMatchReward,
-    GrpoMethod, HttpReward, JsonSchemaReward, LengthReward, LoraConfig, MetricsConfig, ModelConfig, OnlineDpoMethod,
-    OutputConfig, RegexReward, RewardConfig, TokenizerConfig, TokenizerTrainConfig, TrainerConfig, TrainingConfig,
+    GrpoMethod, LoraConfig, MetricsConfig, ModelConfig, OnlineDpoMethod,
+    OutputConfig, RewardConfig, TokenizerConfig, TokenizerTrainConfig, TrainerConfig, TrainingConfig,
     ValidationConfig,
 )
 
 from ..api.base import PvcLocation, StorageLocation
-from ..api.names import PVC_MOUNT_ROOT, REWARDS_MOUNT_ROOT
+from ..api.names import PVC_MOUNT_ROOT
+from ..api.rewards import config_map_path, reward_config
 from ..api.training import ONLINE_METHODS, ArchitectureSpec, DataSource, ForgeTraining, ForgeTrainingSpec, RewardSpec
 
 Resolve = Callable[[PvcLocation], str]
@@ -72,11 +72,6 @@ def _source(s: DataSource, field: str, resolve: Resolve, records: bool) -> DataS
                             weight=s.weight, **_given(include=s.include, text_field=s.text_field), **fields)
 
 
-def config_map_path(name: str) -> str:
-    """Where a reward ConfigMap is inside a worker pod."""
-    return f"{REWARDS_MOUNT_ROOT}/{name}"
-
-
 def _method(spec: ForgeTrainingSpec, resolve: Resolve, config_map: Callable[[str], str]):
     """The trainer's method and its settings (those the spec leaves out: the trainer's defaults)."""
     t = spec.training
@@ -92,23 +87,7 @@ def _method(spec: ForgeTrainingSpec, resolve: Resolve, config_map: Callable[[str
 
 
 def _reward(r: RewardSpec, field: str, resolve: Resolve, config_map: Callable[[str], str]) -> RewardConfig:
-    """A reward as the trainer reads it; a Python file is where the worker pods mount it."""
-    common = {"name": r.name, "weight": r.weight}
-    if r.python is not None:
-        p = r.python
-        path = f"{config_map(p.config_map.name)}/{p.config_map.key}" if p.config_map else resolve(p.pvc)
-        if not path.endswith(".py"):
-            raise TranslationError(f"{field}.python.pvc.path: {p.pvc.path!r} is not a .py file")
-        return RewardConfig(**common, function=f"{path}:{p.function}")
-    if r.exact_match is not None:
-        return RewardConfig(**common, exact_match=ExactMatchReward(**r.exact_match.model_dump(exclude_none=True, by_alias=False)))
-    if r.regex is not None:
-        return RewardConfig(**common, regex=RegexReward(**r.regex.model_dump(by_alias=False)))
-    if r.json_schema is not None:
-        return RewardConfig(**common, json_schema=JsonSchemaReward(schema=r.json_schema.json_schema))
-    if r.length is not None:
-        return RewardConfig(**common, length=LengthReward(**r.length.model_dump(by_alias=False)))
-    return RewardConfig(**common, http=HttpReward(**r.http.model_dump(by_alias=False)))
+    return reward_config(r, field, resolve, config_map, TranslationError)
 
 
 def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir: str | None = None,

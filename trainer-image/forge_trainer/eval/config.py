@@ -12,19 +12,36 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import defaults as D
+from ..config import EgressConfig, RewardConfig
 from ..contract import DEFAULT_TERMINATION_MESSAGE_PATH
 
-SuiteType = Literal["perplexity", "multiple-choice", "exact-match"]
+SuiteType = Literal["perplexity", "multiple-choice", "exact-match", "generation"]
 # The metrics each suite type reports; a gate names one of them as "<suite>.<metric>".
 SUITE_METRICS: dict[str, tuple[str, ...]] = {
     "perplexity": ("loss", "perplexity", "bits_per_byte"),
     "multiple-choice": ("acc", "acc_norm"),
     "exact-match": ("exact_match",),
+    "generation": ("reward",),  # and reward_<name> for each of the suite's reward functions
 }
+REWARD_METRIC = "reward"
 # Metrics where a larger value is better (a drop is a fall); for the others a drop is a rise.
 HIGHER_IS_BETTER = frozenset({"acc", "acc_norm", "exact_match"})
 # Metrics with a per-item outcome (right or wrong), so that a paired test (McNemar) applies.
 PER_ITEM = frozenset({"acc", "acc_norm", "exact_match"})
+
+
+def is_reward_metric(metric: str) -> bool:
+    return metric == REWARD_METRIC or metric.startswith(REWARD_METRIC + "_")
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric in HIGHER_IS_BETTER or is_reward_metric(metric)
+
+
+def has_per_item(metric: str) -> bool:
+    """A per-item score exists, so that a paired test applies: McNemar's for right-or-wrong metrics, the
+    sign test for a generation suite's per-item rewards."""
+    return metric in PER_ITEM or is_reward_metric(metric)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -55,17 +72,40 @@ class SuiteConfig(_Model):
     seq_len: PositiveInt | None = None
     """perplexity: tokens per scored window; default the model's context (at most 2048)."""
     chat: bool = False
-    """multiple-choice and exact-match: wrap the question in the tokenizer's chat template as a user turn."""
+    """multiple-choice, exact-match and generation: wrap a plain-text question or prompt in the tokenizer's
+    chat template as a user turn."""
+    prompt_field: str = "prompt"
+    """generation: the prompt (a string, or a list of {role, content} messages); the record's other fields
+    reach the reward functions as columns."""
+    rewards: list[RewardConfig] | None = None
+    """generation: the reward functions that score the completions (as a GRPO method's rewards)."""
+    temperature: Annotated[float, Field(gt=0)] | None = None
+    """generation: sample at this temperature (seeded with `seed`); default greedy."""
+    seed: int = 0
+    """generation: the sampling seed."""
 
     @model_validator(mode="after")
     def _format(self) -> SuiteConfig:
         if self.type != "perplexity" and self.format == "text":
-            raise ValueError(f"suite {self.name!r}: multiple-choice and exact-match suites read jsonl or parquet, not text")
+            raise ValueError(f"suite {self.name!r}: multiple-choice, exact-match and generation suites read jsonl or "
+                             "parquet, not text")
+        if (self.type == "generation") != bool(self.rewards):
+            raise ValueError(f"suite {self.name!r}: a generation suite needs rewards; the other suite types take none")
+        if self.type != "generation" and self.temperature is not None:
+            raise ValueError(f"suite {self.name!r}: temperature is for generation suites")
+        names = [r.name for r in self.rewards or []]
+        if len(set(names)) != len(names):
+            raise ValueError(f"suite {self.name!r}: reward names must be unique")
         return self
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics the suite reports."""
+        return SUITE_METRICS[self.type] + tuple(f"{REWARD_METRIC}_{r.name}" for r in self.rewards or [])
 
 
 class GateConfig(_Model):
-    metric: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\.[a-z_]+$")
+    metric: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\.[a-z_][-a-z0-9_.]*$")
     """<suite>.<metric>."""
     comparator: Literal["<", "<=", ">", ">="] | None = None
     threshold: float | None = None
@@ -101,13 +141,15 @@ class EvalConfig(_Model):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
     termination_message_path: str = DEFAULT_TERMINATION_MESSAGE_PATH
+    egress: EgressConfig = EgressConfig()
+    """The trainer's egress lock while the evaluation runs (the suites' HTTP reward services are allowed)."""
 
     @model_validator(mode="after")
     def _names(self) -> EvalConfig:
         names = [s.name for s in self.suites]
         if len(set(names)) != len(names):
             raise ValueError("suite names must be unique")
-        known = {f"{s.name}.{m}" for s in self.suites for m in SUITE_METRICS[s.type]}
+        known = {f"{s.name}.{m}" for s in self.suites for m in s.metrics}
         for g in self.gates:
             if g.metric not in known:
                 raise ValueError(f"gate {g.metric}: no suite reports this metric (reported: {', '.join(sorted(known))})")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from math import comb
 
 from ..contract import GateOutcome
-from .config import HIGHER_IS_BETTER, PER_ITEM, GateConfig
+from .config import PER_ITEM, GateConfig, has_per_item, higher_is_better
 
 
 def mcnemar_p(worse: int, better: int) -> float:
@@ -23,7 +23,7 @@ def mcnemar_p(worse: int, better: int) -> float:
 
 def drop_of(metric: str, value: float, baseline: float) -> float:
     """How much worse the model is than the baseline: a fall of an accuracy, a rise of a loss."""
-    return baseline - value if metric in HIGHER_IS_BETTER else value - baseline
+    return baseline - value if higher_is_better(metric) else value - baseline
 
 
 def _fmt(x: float | None) -> str:
@@ -43,15 +43,17 @@ def judge(gate: GateConfig, value: float, baseline: float | None = None,
     name = gate.metric.split(".", 1)[1]
     drop = drop_of(name, value, baseline)
     p = None
-    if name in PER_ITEM and pairs is not None:
-        model, base = pairs
-        p = mcnemar_p(sum(b and not m for m, b in zip(model, base)), sum(m and not b for m, b in zip(model, base)))
+    if has_per_item(name) and pairs is not None:
+        # McNemar's exact test on right-or-wrong items is the sign test on the pairs that differ: the same
+        # binomial on (worse, better), which also serves a per-item reward (items without a score left out).
+        both = [(m, b) for m, b in zip(*pairs) if m is not None and b is not None]
+        p = mcnemar_p(sum(m < b for m, b in both), sum(m > b for m, b in both))
     within = drop <= gate.max_drop
     passed = within or (p is not None and p >= gate.significance)
     words = (f"{gate.metric} = {_fmt(value)} against baseline {_fmt(baseline)}: drop {_fmt(drop)}, "
              f"maxDrop {_fmt(gate.max_drop)}")
     if p is not None:
-        words += f", McNemar p = {p:.3g}"
+        words += f", {'McNemar' if name in PER_ITEM else 'sign test'} p = {p:.3g}"
     if passed and not within:
         words += f" (not significant at {gate.significance:g}): passed"
     else:

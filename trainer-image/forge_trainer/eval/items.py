@@ -86,6 +86,42 @@ def _item(suite: SuiteConfig, record: dict, at: str) -> Item:
     return Item(question=q, choices=tuple(choices), label=answer)
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """A generation suite's item: the prompt (text, or a list of {role, content} messages) and the record's
+    other fields (the reward functions' columns)."""
+
+    prompt: str | list[dict]
+    columns: dict
+
+
+def generation_items(suite: SuiteConfig) -> list[Prompt]:
+    """The prompts of a generation suite; a record without a usable prompt is an error naming its line."""
+    src, where = _source(suite), _where(suite)
+    out: list[Prompt] = []
+    for f in _files(src, where):
+        for at, record in iter_records(src, f, read_bytes(f, where), where):
+            p = record.get(suite.prompt_field)
+            chat = isinstance(p, list) and p and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                     and isinstance(m.get("content"), str) for m in p)
+            if not (isinstance(p, str) or chat):
+                raise DataError(f"{where}: {f.rel} {at}: field {suite.prompt_field!r} (promptField) must be a string or "
+                                "a list of {role, content} messages")
+            out.append(Prompt(prompt=p, columns={k: v for k, v in record.items() if k != suite.prompt_field}))
+            if suite.max_samples and len(out) >= suite.max_samples:
+                return out
+    if not out:
+        raise DataError(f"{where}: the files hold no items")
+    return out
+
+
+def columns_of(items: list[Prompt]) -> dict[str, list]:
+    """The records' other fields as the reward functions take them: one list per field (None where a record
+    lacks it)."""
+    names = list(dict.fromkeys(k for it in items for k in it.columns))
+    return {k: [it.columns.get(k) for it in items] for k in names}
+
+
 def iter_batches(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i:i + size]

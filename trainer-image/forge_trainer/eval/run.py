@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..contract import EVAL_RESULTS_FILE, EvalTerminationMessage, GateOutcome, SuiteOutcome
+from ..runtime.egress import egress_locked, policy_for
 from .config import EvalConfig, SuiteConfig
 from .gates import judge
 from .model import LoadedModel, load_model
@@ -39,8 +40,23 @@ def _score(lm: LoadedModel, suite: SuiteConfig, who: str, batch_size: int, on_pr
     return score
 
 
+def egress_policy(config: EvalConfig):
+    """The trainer's egress lock for an evaluation: loopback, the API server, egress.allow and the suites'
+    HTTP reward services (None: no lock)."""
+    if not config.egress.lock:
+        return None
+    urls = [r.http.url for s in config.suites for r in s.rewards or [] if r.http is not None]
+    return policy_for(config.egress.allow, urls)
+
+
 def evaluate(config: EvalConfig, on_progress: OnProgress | None = None) -> EvalTerminationMessage:
-    """Raises ConfigError (a model or baseline that cannot be loaded) or DataError (a suite's files)."""
+    """Raises ConfigError (a model or baseline that cannot be loaded, a reward function that cannot be
+    loaded), DataError (a suite's files) or RewardError (a reward function that fails), under the egress lock."""
+    with egress_locked(egress_policy(config)):
+        return _evaluate(config, on_progress)
+
+
+def _evaluate(config: EvalConfig, on_progress: OnProgress | None) -> EvalTerminationMessage:
     model = load_model(config.model_path, "model", config.device, config.dtype)
     baseline = load_model(config.baseline_path, "baseline", config.device, config.dtype) if config.baseline_path else None
     scores: dict[str, tuple[SuiteScore, SuiteScore | None]] = {}

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ..contract import DataError
-from .config import SuiteConfig
-from .items import documents, iter_batches, task_items
+from .config import REWARD_METRIC, SuiteConfig
+from .items import Prompt, columns_of, documents, generation_items, iter_batches, task_items
 from .model import LoadedModel
 
 Tick = Callable[[int], None]
@@ -25,8 +25,9 @@ Tick = Callable[[int], None]
 class SuiteScore:
     samples: int
     metrics: dict[str, float]
-    per_item: dict[str, list[bool]] = field(default_factory=dict)
-    """metric -> right or wrong per item (multiple-choice, exact-match)."""
+    per_item: dict[str, list] = field(default_factory=dict)
+    """metric -> right or wrong per item (multiple-choice, exact-match), or the reward per item (generation;
+    None where a function does not apply)."""
 
 
 # ---- perplexity ----------------------------------------------------------------------------------
@@ -178,12 +179,14 @@ def is_exact_match(prediction: str, answers: tuple[str, ...]) -> bool:
 
 
 @torch.no_grad()
-def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuations of the prompts (left-padded batch), without the prompts."""
+def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, temperature: float | None = None) -> list[str]:
+    """Continuations of the prompts (left-padded batch, with the KV cache), without the prompts: greedy, or
+    sampled at ``temperature`` from torch's generator (the caller seeds it)."""
     tok = lm.tokenizer
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
-    out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature else {"do_sample": False}
+    out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, use_cache=True, **sampling)
     return tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
 
 
@@ -202,5 +205,60 @@ def score_exact_match(lm: LoadedModel, suite: SuiteConfig, batch_size: int, tick
     return SuiteScore(samples=len(items), metrics={"exact_match": sum(right) / len(right)}, per_item={"exact_match": right})
 
 
-SCORERS = {"perplexity": score_perplexity, "multiple-choice": score_multiple_choice, "exact-match": score_exact_match}
+# ---- generation ----------------------------------------------------------------------------------
+
+def _conversational(suite: SuiteConfig, it: Prompt) -> bool:
+    return isinstance(it.prompt, list) or suite.chat
+
+
+def generation_prompt(lm: LoadedModel, suite: SuiteConfig, it: Prompt) -> str:
+    """The text the model continues: a plain prompt as it is, messages (or a plain prompt with chat set) in
+    the tokenizer's chat template with the assistant's turn opened."""
+    if isinstance(it.prompt, str):
+        return prompt_of(lm, suite, it.prompt)
+    if not getattr(lm.tokenizer, "chat_template", None):
+        raise DataError(f"suite {suite.name}: a prompt is a list of messages but the model's tokenizer has no chat template")
+    return lm.tokenizer.apply_chat_template(it.prompt, tokenize=False, add_generation_prompt=True)
+
+
+def score_generation(lm: LoadedModel, suite: SuiteConfig, batch_size: int, tick: Tick,
+                     completions: list[str] | None = None) -> SuiteScore:
+    """Generate a completion per prompt and score it with the suite's reward functions, called as GRPO calls
+    them (TRL's signature: chat prompts and completions as messages, the record's other fields as columns).
+    Raises ConfigError (a function that cannot be loaded or called with these columns) or RewardError."""
+    from ..rewards import build_rewards
+
+    rewards = build_rewards(suite.rewards or [])
+    items = generation_items(suite)
+    rewards.check_columns(list(columns_of(items)))
+    torch.manual_seed(suite.seed)
+    total: list[float] = []
+    by_function: dict[str, list[float | None]] = {n: [] for n in rewards.names}
+    for chunk in iter_batches(items, batch_size):
+        texts = [cut_at_stop(t, suite.stop or []) for t in
+                 generate(lm, [generation_prompt(lm, suite, it) for it in chunk], suite.max_new_tokens, suite.temperature)]
+        chat = [_conversational(suite, it) for it in chunk]
+        prompts = [(it.prompt if isinstance(it.prompt, list) else [{"role": "user", "content": it.prompt}]) if c
+                   else it.prompt for it, c in zip(chunk, chat)]
+        outs = [[{"role": "assistant", "content": t}] if c else t for t, c in zip(texts, chat)]
+        scores = rewards.score(prompts, outs, columns_of(chunk))
+        total += scores.total
+        for n in rewards.names:
+            by_function[n] += scores.by_function[n]
+        if completions is not None:
+            completions += texts
+        tick(len(chunk))
+    metrics = {REWARD_METRIC: sum(total) / len(total)}
+    per_item: dict[str, list] = {REWARD_METRIC: total}
+    for n, values in by_function.items():
+        applied = [v for v in values if v is not None]
+        if not applied:
+            raise DataError(f"suite {suite.name}: reward {n!r} returned None (does not apply) for every item")
+        metrics[f"{REWARD_METRIC}_{n}"] = sum(applied) / len(applied)
+        per_item[f"{REWARD_METRIC}_{n}"] = values
+    return SuiteScore(samples=len(items), metrics=metrics, per_item=per_item)
+
+
+SCORERS = {"perplexity": score_perplexity, "multiple-choice": score_multiple_choice, "exact-match": score_exact_match,
+           "generation": score_generation}
 
