@@ -17,7 +17,7 @@ import yaml
 from forge_operator.api import defaults as api_defaults
 from forge_operator.api.base import format_error
 from forge_operator.api.enums import ConditionType
-from forge_operator.api.names import CONFIG_FILE, PVC_MOUNT_ROOT, TERMINATION_MESSAGE_PATH
+from forge_operator.api.names import CONFIG_FILE, PVC_MOUNT_ROOT, REWARDS_MOUNT_ROOT, TERMINATION_MESSAGE_PATH
 from forge_operator.api.training import (
     ArchitectureSpec, CheckpointSpec, DataSource, DataSpec, ForgeTraining, GrpoSpec, HttpRewardSpec, LoraSpec, MoeSpec,
     SamplingSpec, TokenizerTrainSpec, TrainingSpec,
@@ -86,9 +86,17 @@ def _by_the_operator(manifest: dict[str, Any], tmp_path: Path) -> TrainerConfig 
     return load_config(tmp_path / CONFIG_FILE)
 
 
+def _config_maps(manifest: dict[str, Any]) -> set[str]:
+    """The ConfigMaps holding the spec's Python rewards."""
+    rewards = manifest["spec"].get("rewards") or []
+    return {r["python"]["configMap"]["name"] for r in rewards if (r.get("python") or {}).get("configMap")}
+
+
 def _by_forge_train(path: Path, manifest: dict[str, Any]) -> TrainerConfig | str:
-    """`forge train FILE --volume CLAIM=DIR ...` with every claim where the worker pods mount it."""
+    """`forge train FILE --volume CLAIM=DIR ...` with every claim, and every reward ConfigMap, where the worker
+    pods mount it."""
     volumes = [f"{claim}={PVC_MOUNT_ROOT}/{claim}" for claim in sorted(set(_claims(manifest)))]
+    volumes += [f"{name}={REWARDS_MOUNT_ROOT}/{name}" for name in sorted(_config_maps(manifest))]
     try:
         return local_config(str(path), volumes)[1]
     except ValueError as err:  # TranslationError and pydantic's ValidationError too
