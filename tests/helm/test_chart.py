@@ -45,12 +45,15 @@ NAMESPACE_GRANTS = {
     ("", "serviceaccounts"): CHILD_VERBS,
     ("rbac.authorization.k8s.io", "roles"): CHILD_VERBS,
     ("rbac.authorization.k8s.io", "rolebindings"): CHILD_VERBS,
+    ("networking.k8s.io", "networkpolicies"): {"create", "get", "patch", "delete"},  # network.egress Restricted
     ("", "pods"): {"get", "list", "watch", "patch", "delete"},
     ("", "events"): {"create", "patch", "list"},  # list: a Job's FailedCreate, only while it lacks pods
     ("", "persistentvolumeclaims"): {"get"},  # the claims of workers the scheduler cannot place
     ("kueue.x-k8s.io", "localqueues"): {"get"},  # the LocalQueue of a queued training
 }
 NODE_GRANTS = {("", "nodes"): {"get", "list", "watch"}}
+# in `default` only, both modes: the `kubernetes` Service's EndpointSlices (the trainings' NetworkPolicies)
+API_SERVER_GRANTS = {("discovery.k8s.io", "endpointslices"): {"get", "list"}}
 
 
 def grants(rules: list[dict]) -> dict[tuple[str, str], set[str]]:
@@ -87,6 +90,16 @@ def example_training(namespace: str) -> ForgeTraining:
     return ForgeTraining.model_validate(o)
 
 
+def api_server_role(docs: list[dict], namespace: str) -> None:
+    """The Role in `default` that reads the API server's EndpointSlices, bound to the operator."""
+    [role] = [r for r in of_kind(docs, "Role") if r["metadata"]["namespace"] == "default"]
+    [binding] = [b for b in of_kind(docs, "RoleBinding") if b["metadata"]["namespace"] == "default"]
+    assert grants(role["rules"]) == API_SERVER_GRANTS
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    sa = one(docs, "ServiceAccount")["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": namespace}]
+
+
 # --------------------------------------------------------------------------- lint and render
 @pytest.mark.parametrize("values", [{}, NAMESPACED, {"peering": {"enabled": False}, "replicas": 1},
                                     {"metrics": {"serviceMonitor": {"enabled": True}}}],
@@ -99,7 +112,8 @@ def test_cluster_wide_by_default(helm):
     docs = helm.template(release="forge", namespace="forge-system")
     assert sorted(d["kind"] for d in docs) == sorted([
         "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment", "ClusterKopfPeering",
-        "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"])
+        "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "Role", "RoleBinding"])
+    api_server_role(docs, "forge-system")
     assert "matchResources" not in one(docs, "ValidatingAdmissionPolicyBinding")["spec"]  # every namespace
     role = one(docs, "ClusterRole")
     assert grants(role["rules"]) == NAMESPACE_GRANTS | NODE_GRANTS | {
@@ -120,8 +134,10 @@ def test_namespaced_mode_grants_nothing_cluster_wide(helm):
     docs = helm.template(NAMESPACED | {"rbac": {"readNodes": False}}, namespace="forge-system")
     assert not of_kind(docs, "ClusterRole") and not of_kind(docs, "ClusterRoleBinding")
     assert not of_kind(docs, "ClusterKopfPeering")
-    roles = {r["metadata"]["namespace"]: r for r in of_kind(docs, "Role")}
-    bindings = {b["metadata"]["namespace"]: b for b in of_kind(docs, "RoleBinding")}
+    api_server_role(docs, "forge-system")
+    roles = {r["metadata"]["namespace"]: r for r in of_kind(docs, "Role") if r["metadata"]["namespace"] != "default"}
+    bindings = {b["metadata"]["namespace"]: b for b in of_kind(docs, "RoleBinding")
+                if b["metadata"]["namespace"] != "default"}
     assert set(roles) == set(bindings) == {"team-a", "team-b"}
     for ns, role in roles.items():
         assert grants(role["rules"]) == NAMESPACE_GRANTS | {
@@ -152,7 +168,7 @@ def test_the_operator_may_apply_every_child_it_builds(helm, values):
     ft = example_training("team-a")
     for child in desired_children(ft, trainer_config(ft).to_yaml(), WorkerState(), image="trainer:1"):
         group = child["apiVersion"].rpartition("/")[0]
-        resource = child["kind"].lower() + "s"
+        resource = {"NetworkPolicy": "networkpolicies"}.get(child["kind"], child["kind"].lower() + "s")
         assert {"create", "patch", "get"} <= held[(group, resource)], child["kind"]
     [trainer_role] = [c for c in build_rbac(ft) if c["kind"] == "Role"]
     for (group, resource), verbs in grants(trainer_role["rules"]).items():
@@ -373,6 +389,7 @@ def test_cluster_wide_operator_may_do_its_work_everywhere(installs, cluster):
     assert can_i(cluster, wide.sa, "list", "jobs.batch", None)
     assert can_i(cluster, wide.sa, "get", "nodes", None)
     assert can_i(cluster, wide.sa, "watch", "nodes", None)
+    assert can_i(cluster, wide.sa, "list", "endpointslices.discovery.k8s.io", "default")
     assert not can_i(cluster, wide.sa, "create", "clusterroles.rbac.authorization.k8s.io", None)
 
 
@@ -388,6 +405,8 @@ def test_namespaced_operator_is_confined_to_its_namespaces(installs, cluster):
         assert not can_i(cluster, narrow.sa, "list", "forgetrainings.forge.dev", ns)
     assert not can_i(cluster, narrow.sa, "list", "jobs.batch", None)
     assert not can_i(cluster, narrow.sa, "get", "nodes", None)
+    assert can_i(cluster, narrow.sa, "list", "endpointslices.discovery.k8s.io", "default")  # that alone there
+    assert not can_i(cluster, narrow.sa, "list", "endpointslices.discovery.k8s.io", narrow.watch[0])
 
 
 @pytest.mark.cluster
@@ -426,7 +445,7 @@ def test_the_api_server_lets_the_operator_apply_a_trainings_children(installs, c
     assert out.returncode == 0, out.stderr
     assert {line.split()[0].split("/")[0] for line in out.stdout.splitlines()} >= {
         "configmap", "service", "serviceaccount", "role.rbac.authorization.k8s.io",
-        "rolebinding.rbac.authorization.k8s.io", "job.batch"}
+        "rolebinding.rbac.authorization.k8s.io", "networkpolicy.networking.k8s.io", "job.batch"}
     if release.watch:  # and nowhere else
         out = cluster.kubectl("apply", "--server-side", "--dry-run=server", f"--as={release.sa}",
                               "-n", "default", "-f", "-", input=manifest.replace(f'"{ns}"', '"default"'),

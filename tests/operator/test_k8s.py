@@ -201,7 +201,8 @@ def test_a_refused_child_reaches_the_kind_as_a_value(make_runtime):
     rt.reconcile(T)
     assert seen[0].rejected == ChildRejected("Job", "llm-r0", "spec.template.spec.containers[0].env[0].name: "
                                                               "Required value")
-    assert [c.kind for c in seen[0].accepted] == ["ConfigMap", "Service", "ServiceAccount", "Role", "RoleBinding"]
+    assert [c.kind for c in seen[0].accepted] == ["ConfigMap", "Service", "ServiceAccount", "Role", "RoleBinding",
+                                                  "NetworkPolicy"]
     invalid = next(c for c in api.objects[("forgetrainings", NS, "llm")]["status"]["conditions"]
                    if c["type"] == "Invalid")
     assert invalid["reason"] == "ChildRejected" and "Job llm-r0" in invalid["message"]
@@ -261,7 +262,7 @@ def test_children_known_to_be_ours_are_applied_without_reading_them_and_a_replac
     api = FakeApiServer(stored(training("llm"), "uid-t"))
     rt = make_runtime(api)
     rt.reconcile(T)
-    assert len(api.reads) == len(api.applied) == 6  # read once (absent), then created
+    assert len(api.reads) == len(api.applied) == 7  # read once (absent), then created
     api.reads.clear()
     rt.reconcile(T)
     assert api.reads == []  # applied with their uids as preconditions: one request each

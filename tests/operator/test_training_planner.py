@@ -19,7 +19,7 @@ from operator_support import NOW, READY, job, obj, pod, running_plan
 def test_fresh_training_creates_children_with_owner_references():
     plan = plan_training(obj(), Observed(now=NOW))
     kinds = [c["kind"] for c in plan.apply]
-    assert kinds == ["ConfigMap", "Service", "ServiceAccount", "Role", "RoleBinding", "Job"]
+    assert kinds == ["ConfigMap", "Service", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy", "Job"]
     assert all(c["metadata"]["ownerReferences"][0]["uid"] == "uid-1" for c in plan.apply)
     assert plan.status["phase"] == "Pending" and plan.events[0].reason == "Created"
 

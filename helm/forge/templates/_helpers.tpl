@@ -84,6 +84,10 @@ subset of these, as RBAC's escalation check requires.
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["create", "get", "list", "watch", "patch", "delete"]
+# the NetworkPolicy of network.egress Restricted (deleted when the spec turns Unrestricted)
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create", "get", "patch", "delete"]
 # worker pods: watched for failures, force-deleted when stuck on a lost node
 - apiGroups: [""]
   resources: ["pods"]

@@ -487,7 +487,9 @@ class NetworkSpec(ApiModel):
     egress: Literal["Restricted", "Unrestricted"] = defaults.EGRESS
     """Restricted: the trainer refuses every outbound connection made by Python code (a library
     fetching a model, telemetry, a reward function) except to loopback, the Kubernetes API server
-    and the HTTP reward services of spec.rewards. Unrestricted: no such lock."""
+    and the HTTP reward services of spec.rewards, and the operator applies a NetworkPolicy that
+    allows only the group itself, DNS, the API server and those services (enforced where the
+    cluster's network plugin enforces NetworkPolicies). Unrestricted: neither."""
 
 
 class CheckpointSpec(ApiModel):
@@ -591,7 +593,7 @@ class ForgeTrainingSpec(ApiModel):
     scheduling: SchedulingSpec = SchedulingSpec()
     """Queueing and suspension."""
     network: NetworkSpec = NetworkSpec()
-    """What the workers may reach (an egress lock in the trainer)."""
+    """What the workers may reach (an egress lock in the trainer and a NetworkPolicy)."""
     checkpoint: CheckpointSpec
     """Checkpoint storage and frequency."""
     failure_policy: FailurePolicySpec = FailurePolicySpec()

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import ipaddress
 import json
-from dataclasses import dataclass
-from typing import Any
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+from urllib.parse import urlsplit
 
 from ..api import defaults
 from ..api.base import PvcLocation
@@ -37,6 +40,16 @@ class WorkerState:
     suspend: bool = False
     restart_reason: str = ""
     avoid_nodes: tuple[str, ...] = ()  # nodes blamed twice: kept out by node affinity
+
+
+@dataclass(frozen=True)
+class NetworkSeen:
+    """What the training's NetworkPolicy needs from outside the spec, as read from the API server."""
+
+    # the EndpointSlices of the `kubernetes` Service in `default`; None: they could not be read
+    api_server: tuple[dict[str, Any], ...] | None = None
+    # (namespace, name) -> the Service of an in-cluster HTTP reward URL; None: absent or not readable
+    services: dict[tuple[str, str], dict[str, Any] | None] = field(default_factory=dict)
 
 
 def labels(ft: ForgeTraining) -> dict[str, str]:
@@ -309,15 +322,114 @@ def build_job(ft: ForgeTraining, state: WorkerState, image: str, hash_: str) -> 
     }
 
 
+def network_policy_name(ft: ForgeTraining) -> str:
+    return ft.metadata.name
+
+
+API_SERVER_FALLBACK_PORTS = (443, 6443)  # when the API server's EndpointSlices cannot be read
+# <service>.<namespace>.svc[.<cluster domain>]
+SERVICE_HOST = re.compile(r"^(?P<svc>[a-z0-9]([-a-z0-9]*[a-z0-9])?)\.(?P<ns>[a-z0-9]([-a-z0-9]*[a-z0-9])?)\.svc(\..*)?$")
+
+
+def reward_services(urls: Iterable[str]) -> list[tuple[str, str]]:
+    """(namespace, name) of the in-cluster Services that HTTP reward URLs name (``<svc>.<ns>.svc[...]``)."""
+    out: list[tuple[str, str]] = []
+    for url in urls:
+        try:
+            m = SERVICE_HOST.match((urlsplit(url).hostname or "").lower())
+        except ValueError:
+            continue
+        if m and (m["ns"], m["svc"]) not in out:
+            out.append((m["ns"], m["svc"]))
+    return out
+
+
+def _url_port(url: str) -> int:
+    u = urlsplit(url)
+    return u.port or (443 if u.scheme == "https" else 80)
+
+
+def _ip_block(address: str) -> dict[str, Any]:
+    ip = ipaddress.ip_address(address)
+    return {"ipBlock": {"cidr": f"{ip}/{ip.max_prefixlen}"}}
+
+
+def _api_server_rules(seen: NetworkSeen) -> list[dict[str, Any]]:
+    """To the addresses and ports of the `kubernetes` Service's endpoints; unread: TCP 443 and 6443 anywhere."""
+    if seen.api_server is None:
+        return [{"ports": [{"protocol": "TCP", "port": p} for p in API_SERVER_FALLBACK_PORTS]}]
+    rules: list[dict[str, Any]] = []
+    for s in seen.api_server:
+        addresses = sorted({a for e in s.get("endpoints") or [] for a in e.get("addresses") or []})
+        ports = [{"protocol": p.get("protocol", "TCP"), "port": p["port"]} for p in s.get("ports") or [] if p.get("port")]
+        if addresses and ports:
+            rules.append({"to": [_ip_block(a) for a in addresses], "ports": ports})
+    return rules
+
+
+def _service_rule(namespace: str, name: str, port: int, service: dict[str, Any] | None) -> dict[str, Any]:
+    """To a reward Service's pods (its selector, the target port of the URL's port); the Service unread (or
+    without a selector): to the URL's port of any pod in its namespace."""
+    peer: dict[str, Any] = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}
+    target: int | str = port
+    spec = (service or {}).get("spec") or {}
+    if spec.get("selector"):
+        peer["podSelector"] = {"matchLabels": dict(spec["selector"])}
+        for p in spec.get("ports") or []:
+            if p.get("port") == port and p.get("protocol", "TCP") == "TCP":
+                target = p.get("targetPort") or port
+    return {"to": [peer], "ports": [{"protocol": "TCP", "port": target}]}
+
+
+def _reward_rules(ft: ForgeTraining, seen: NetworkSeen) -> list[dict[str, Any]]:
+    rules: list[dict[str, Any]] = []
+    for r in ft.spec.rewards or []:
+        if not r.http:
+            continue
+        try:
+            host, port = (urlsplit(r.http.url).hostname or "").lower(), _url_port(r.http.url)
+        except ValueError:
+            continue  # no port to allow; the trainer's lock refuses it too
+        if m := SERVICE_HOST.match(host):
+            rule = _service_rule(m["ns"], m["svc"], port, seen.services.get((m["ns"], m["svc"])))
+        else:
+            try:
+                rule = {"to": [_ip_block(host)], "ports": [{"protocol": "TCP", "port": port}]}
+            except ValueError:
+                continue  # a name outside the cluster: a NetworkPolicy cannot name it (see docs/api.md)
+        if rule not in rules:
+            rules.append(rule)
+    return rules
+
+
+def build_network_policy(ft: ForgeTraining, seen: NetworkSeen) -> dict[str, Any]:
+    """The cluster's side of ``network.egress: Restricted``: the workers talk to each other, DNS, the
+    API server and the spec's HTTP reward services, and Prometheus scrapes their metrics port."""
+    own = {"podSelector": {"matchLabels": labels(ft)}}  # the worker pods of every attempt
+    dns = {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _meta(ft, network_policy_name(ft)),
+        "spec": {
+            "podSelector": copy.deepcopy(own["podSelector"]),
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [copy.deepcopy(own)]}, {"ports": [{"protocol": "TCP", "port": METRICS_PORT}]}],
+            "egress": [{"to": [copy.deepcopy(own)]}, dns, *_api_server_rules(seen), *_reward_rules(ft, seen)],
+        },
+    }
+
+
 def desired_children(ft: ForgeTraining, trainer_yaml: str, state: WorkerState, *, image: str | None = None,
-                     include_job: bool = True) -> list[dict[str, Any]]:
+                     include_job: bool = True, network: NetworkSeen = NetworkSeen()) -> list[dict[str, Any]]:
     """Every object the training needs, in apply order.
 
     The trainer configuration is written with the Job only, when an attempt starts: the workers of
     an attempt read the configuration it started with, also when they start later (a resume, Kueue's
-    admission) under an operator that translates the spec differently. An edit is a new attempt."""
+    admission) under an operator that translates the spec differently. An edit is a new attempt.
+    With ``network.egress: Restricted`` a NetworkPolicy locks the workers in at the cluster level too."""
     image = ft.spec.resources.image or image or defaults.TRAINER_IMAGE
     children = [build_service(ft), *build_rbac(ft)]
+    if ft.spec.network.egress == "Restricted":
+        children.append(build_network_policy(ft, network))
     if include_job:
         children = [build_config_map(ft, trainer_yaml), *children, build_job(ft, state, image, spec_hash(ft))]
     return children

@@ -12,6 +12,7 @@ from ..api import defaults
 from ..api.enums import PHASE_CONDITION, TERMINAL_PHASES, ConditionType as T, Phase, Reason
 from ..k8s import conditions as C
 from ..k8s.objects import Delete, Event, EventType, Patch, Plan, ts
+from .children import NetworkSeen
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,8 @@ class Settings:
 
 
 class Draft:
-    def __init__(self, obj: dict[str, Any], now: datetime) -> None:
+    def __init__(self, obj: dict[str, Any], now: datetime, network: NetworkSeen = NetworkSeen()) -> None:
+        self.network = network  # what the training's NetworkPolicy allows besides the spec
         self.old_status: dict[str, Any] = obj.get("status") or {}
         self.status: dict[str, Any] = copy.deepcopy(self.old_status)
         self.generation: int | None = obj.get("metadata", {}).get("generation")
@@ -85,6 +87,9 @@ class Draft:
     def delete_job(self, name: str) -> None:
         if name not in self.plan.deleted("Job"):
             self.plan.delete.append(Delete("batch/v1", "Job", name, propagation_policy="Background"))
+
+    def delete_network_policy(self, name: str) -> None:
+        self.plan.delete.append(Delete("networking.k8s.io/v1", "NetworkPolicy", name))
 
     def delete_pod(self, name: str, force: bool = False) -> None:
         if name not in self.plan.deleted("Pod", force=force):

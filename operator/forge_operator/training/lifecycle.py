@@ -107,7 +107,7 @@ def age_out(d: Draft, ft: ForgeTraining, attempt: Attempt, trainer_yaml: str, se
     after it finished, and stops workers that still run (lost node, budget used up, spec now invalid):
     SIGTERM, checkpoint. A Job with a failed pod ends by itself (backoffLimit 0) and is kept for its logs."""
     d.plan.apply = desired_children(ft, trainer_yaml, WorkerState(attempt.number), image=settings.trainer_image,
-                                    include_job=False)
+                                    include_job=False, network=d.network)
     ttl, done = ft.spec.ttl_seconds_after_finished, parse_ts(d.status.get("completionTime"))
     if attempt.job is not None and ttl is not None and done is not None:
         left = (done + timedelta(seconds=ttl) - d.now).total_seconds()
@@ -130,7 +130,7 @@ def succeed(d: Draft, ft: ForgeTraining, attempt: Attempt, trainer_yaml: str, se
     d.finish(Phase.SUCCEEDED, Reason.TRAINING_COMPLETED,
              f"training finished; model exported to {out.pvc.claim_name}:/{out.pvc.path}")
     d.plan.apply = desired_children(ft, trainer_yaml, WorkerState(attempt.number), image=settings.trainer_image,
-                                    include_job=False)
+                                    include_job=False, network=d.network)
     return d.plan
 
 
@@ -173,7 +173,8 @@ def start_workers(d: Draft, ft: ForgeTraining, attempt: Attempt, obs: Observed, 
                         restart_reason=last.get("reason", ""), avoid_nodes=avoided_nodes(d.status))
     w.stopping = wait_for_stopped_workers(d, ft, attempt, obs)
     start = attempt.job is None and w.waiting <= 0 and not (sched.suspend and sched.queue_name) and not w.stopping
-    d.plan.apply = desired_children(ft, trainer_yaml, state, image=settings.trainer_image, include_job=start)
+    d.plan.apply = desired_children(ft, trainer_yaml, state, image=settings.trainer_image, include_job=start,
+                                    network=d.network)
     if attempt.job is not None:
         if sched.suspend and not attempt.suspended:
             d.suspend_job(attempt.job_name, True)

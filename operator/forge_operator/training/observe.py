@@ -12,10 +12,12 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from ..api import defaults
 from ..api.base import API_VERSION
 from ..api.names import LABEL_ATTEMPT, LABEL_MANAGED_BY, LABEL_TRAINING, MANAGED_BY
 from ..k8s import conditions as C
 from ..k8s.objects import NotAllowed, NotServed, Reader, annotations_of, deleting, labels_of, owned_by, parse_ts
+from .children import NetworkSeen, reward_services
 
 JOB_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
@@ -50,6 +52,10 @@ class Observed:
     claims: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     # the training's ForgeEval (spec.evaluation), read only for a training that has one
     evaluation: dict[str, Any] | None = None
+    # what the NetworkPolicy of network.egress Restricted allows besides the spec (read only then)
+    network: NetworkSeen = field(default_factory=NetworkSeen)
+    # the training's NetworkPolicy, read only with network.egress Unrestricted (to delete it)
+    network_policy: dict[str, Any] | None = None
 
 
 def read(reader: Reader, obj: dict[str, Any], now: datetime) -> Observed:
@@ -73,9 +79,44 @@ def read(reader: Reader, obj: dict[str, Any], now: datetime) -> Observed:
     evaluation = None
     if (obj.get("spec") or {}).get("evaluation"):
         evaluation = reader.get(API_VERSION, "ForgeEval", meta["name"], meta["namespace"])
+    restricted = ((obj.get("spec") or {}).get("network") or {}).get("egress", defaults.EGRESS) == "Restricted"
     return Observed(now=now, jobs=jobs, pods=pods, nodes=nodes, refusals=refusals,
                     queue=read_queue(reader, meta["namespace"], queue_name) if queue_name else None,
-                    claims=read_claims(reader, meta["namespace"], pods), evaluation=evaluation)
+                    claims=read_claims(reader, meta["namespace"], pods), evaluation=evaluation,
+                    network=read_network(reader, obj) if restricted else NetworkSeen(),
+                    network_policy=None if restricted else read_network_policy(reader, obj))
+
+
+API_SERVER_SLICES = "kubernetes.io/service-name=kubernetes"  # the EndpointSlices of default/kubernetes
+
+
+def read_network(reader: Reader, obj: dict[str, Any]) -> NetworkSeen:
+    """The API server's EndpointSlices and the Services of the spec's in-cluster HTTP rewards. An object the
+    operator may not read (or a URL that names no Service) leaves the policy its fallback."""
+    try:
+        slices: tuple[dict[str, Any], ...] | None = tuple(
+            reader.list("discovery.k8s.io/v1", "EndpointSlice", "default", API_SERVER_SLICES))
+    except NotAllowed:
+        slices = None
+    services: dict[tuple[str, str], dict[str, Any] | None] = {}
+    rewards = ((obj.get("spec") or {}).get("rewards")) or []
+    urls = [(r.get("http") or {}).get("url") for r in rewards if isinstance(r, dict)]
+    for namespace, name in reward_services(u for u in urls if isinstance(u, str)):
+        try:
+            services[(namespace, name)] = reader.get("v1", "Service", name, namespace)
+        except NotAllowed:
+            services[(namespace, name)] = None
+    return NetworkSeen(api_server=slices or None, services=services)
+
+
+def read_network_policy(reader: Reader, obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The training's NetworkPolicy (left from egress Restricted), if it is ours."""
+    meta = obj["metadata"]
+    try:
+        policy = reader.get("networking.k8s.io/v1", "NetworkPolicy", meta["name"], meta["namespace"])
+    except (NotAllowed, NotServed):
+        return None
+    return policy if policy is not None and owned_by(policy, obj) else None
 
 
 def read_queue(reader: Reader, namespace: str, name: str) -> QueueSeen | None:

@@ -36,7 +36,7 @@ from .translate import TranslationError, trainer_config
 
 
 def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Settings()) -> Plan:
-    d = Draft(obj, obs.now)
+    d = Draft(obj, obs.now, obs.network)
     # 1. the spec must translate into a runnable trainer configuration
     try:
         ft = ForgeTraining.model_validate({k: v for k, v in obj.items() if k != "status"})
@@ -44,6 +44,8 @@ def plan_training(obj: dict[str, Any], obs: Observed, settings: Settings = Setti
     except (ValidationError, TranslationError, ValueError) as err:
         return report_invalid_spec(d, format_error(err))
     clear_invalid_spec(d)
+    if obs.network_policy is not None:  # network.egress is Unrestricted now: no policy
+        d.delete_network_policy(obs.network_policy["metadata"]["name"])
 
     # 2. the current attempt: its Job and workers; what rank 0 reported; pods refused; the GPU time used
     attempt = attempt_of(d.status, job_name(ft, int(d.status.get("restartCount") or 0)), obs)
