@@ -16,7 +16,8 @@ import yaml
 from forge_operator.api.names import METRICS_PORT
 from forge_operator.api.training import ForgeTraining
 from forge_operator.training.children import NetworkSeen, WorkerState, build_network_policy, desired_children
-from forge_operator.training.observe import Observed
+from forge_operator.k8s.objects import NotAllowed
+from forge_operator.training.observe import Observed, read
 from forge_operator.training.planner import plan_training
 from forge_operator.training.translate import trainer_config
 from operator_support import NOW, obj, training
@@ -49,9 +50,10 @@ def policy_of(manifest: dict, seen: NetworkSeen) -> dict:
 
 def test_the_policy_allows_the_group_dns_the_api_server_and_the_reward_services():
     manifest = grpo("llm", "http://scorer.rewards.svc:8080/score", "https://judge.team.svc.cluster.local/v1",
-                    "http://10.0.0.7:9000/score", "http://scorer.rewards.svc:8080/other")
+                    "http://10.0.0.7:9000/score", "http://scorer.rewards.svc:8080/other", "http://local:8000/",
+                    "https://api.example.com/score")
     seen = NetworkSeen(api_server=(API_SERVER_SLICE,),
-                       services={("rewards", "scorer"): SCORER, ("team", "judge"): None})
+                       services={("rewards", "scorer"): SCORER, ("team", "judge"): None, ("ns", "local"): None})
     policy = policy_of(manifest, seen)
     assert policy["metadata"]["name"] == "llm" and policy["metadata"]["labels"] == WORKERS
     assert policy["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
@@ -72,8 +74,51 @@ def test_the_policy_allows_the_group_dns_the_api_server_and_the_reward_services(
             {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "team"}}}],
              "ports": [{"protocol": "TCP", "port": 443}]},
             {"to": [{"ipBlock": {"cidr": "10.0.0.7/32"}}], "ports": [{"protocol": "TCP", "port": 9000}]},
+            # a Service's name alone: in the training's namespace (api.example.com cannot be expressed)
+            {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ns"}}}],
+             "ports": [{"protocol": "TCP", "port": 8000}]},
         ],
     }
+
+
+def test_the_services_read_are_those_the_reward_urls_name():
+    from forge_operator.training.children import reward_services
+    urls = ["http://scorer.rewards.svc:8080/a", "http://scorer.rewards.svc.cluster.local/b", "http://judge/",
+            "http://10.0.0.7/", "https://api.example.com/", "http://localhost:8000/", "http://[::1]:80/"]
+    assert reward_services(urls, "ns") == [("rewards", "scorer"), ("ns", "judge")]
+
+
+class Reader:
+    """What the API server answers the operator: ``denied`` kinds answer 403."""
+
+    def __init__(self, objects: dict, denied: set[str] = frozenset()):
+        self.objects, self.denied, self.calls = objects, denied, []
+
+    def list(self, api_version, kind, namespace, label_selector="", field_selector=""):
+        self.calls.append(("list", kind, namespace, label_selector))
+        if kind in self.denied:
+            raise NotAllowed(kind)
+        return [o for (k, ns, _), o in self.objects.items() if k == kind and ns == namespace]
+
+    def get(self, api_version, kind, name, namespace=None):
+        self.calls.append(("get", kind, namespace, name))
+        if kind in self.denied:
+            raise NotAllowed(kind)
+        return self.objects.get((kind, namespace, name))
+
+
+def test_observe_reads_the_api_servers_slices_and_the_reward_services_only_with_egress_restricted():
+    manifest = grpo("llm", "http://scorer.rewards.svc:8080/score", "http://judge:8000/")
+    objects = {("EndpointSlice", "default", "kubernetes"): API_SERVER_SLICE, ("Service", "rewards", "scorer"): SCORER}
+    seen = read(Reader(objects), manifest, NOW).network
+    assert seen == NetworkSeen(api_server=(API_SERVER_SLICE,),
+                               services={("rewards", "scorer"): SCORER, ("ns", "judge"): None})
+    denied = read(Reader(objects, {"EndpointSlice", "Service"}), manifest, NOW).network
+    assert denied == NetworkSeen(api_server=None, services={("rewards", "scorer"): None, ("ns", "judge"): None})
+    manifest["spec"]["network"] = {"egress": "Unrestricted"}
+    reader = Reader(objects)
+    assert read(reader, manifest, NOW).network == NetworkSeen()
+    assert ("get", "NetworkPolicy", "ns", "llm") in reader.calls and not any(c[1] == "EndpointSlice" for c in reader.calls)
 
 
 def test_without_the_api_servers_endpoints_the_policy_allows_its_usual_ports_anywhere():

@@ -327,20 +327,29 @@ def network_policy_name(ft: ForgeTraining) -> str:
 
 
 API_SERVER_FALLBACK_PORTS = (443, 6443)  # when the API server's EndpointSlices cannot be read
-# <service>.<namespace>.svc[.<cluster domain>]
+# <service>.<namespace>.svc[.<cluster domain>], or <service> alone (the training's namespace)
 SERVICE_HOST = re.compile(r"^(?P<svc>[a-z0-9]([-a-z0-9]*[a-z0-9])?)\.(?P<ns>[a-z0-9]([-a-z0-9]*[a-z0-9])?)\.svc(\..*)?$")
+SERVICE_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
-def reward_services(urls: Iterable[str]) -> list[tuple[str, str]]:
-    """(namespace, name) of the in-cluster Services that HTTP reward URLs name (``<svc>.<ns>.svc[...]``)."""
+def service_of(host: str, namespace: str) -> tuple[str, str] | None:
+    """(namespace, name) of the in-cluster Service a URL's host names, or None (an address, another name)."""
+    host = host.lower()
+    if m := SERVICE_HOST.match(host):
+        return m["ns"], m["svc"]
+    return (namespace, host) if SERVICE_NAME.match(host) and host != "localhost" else None
+
+
+def reward_services(urls: Iterable[str], namespace: str) -> list[tuple[str, str]]:
+    """(namespace, name) of the in-cluster Services that HTTP reward URLs name."""
     out: list[tuple[str, str]] = []
     for url in urls:
         try:
-            m = SERVICE_HOST.match((urlsplit(url).hostname or "").lower())
+            service = service_of(urlsplit(url).hostname or "", namespace)
         except ValueError:
             continue
-        if m and (m["ns"], m["svc"]) not in out:
-            out.append((m["ns"], m["svc"]))
+        if service and service not in out:
+            out.append(service)
     return out
 
 
@@ -390,8 +399,8 @@ def _reward_rules(ft: ForgeTraining, seen: NetworkSeen) -> list[dict[str, Any]]:
             host, port = (urlsplit(r.http.url).hostname or "").lower(), _url_port(r.http.url)
         except ValueError:
             continue  # no port to allow; the trainer's lock refuses it too
-        if m := SERVICE_HOST.match(host):
-            rule = _service_rule(m["ns"], m["svc"], port, seen.services.get((m["ns"], m["svc"])))
+        if service := service_of(host, ft.metadata.namespace):
+            rule = _service_rule(*service, port, seen.services.get(service))
         else:
             try:
                 rule = {"to": [_ip_block(host)], "ports": [{"protocol": "TCP", "port": port}]}

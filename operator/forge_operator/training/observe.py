@@ -101,7 +101,7 @@ def read_network(reader: Reader, obj: dict[str, Any]) -> NetworkSeen:
     services: dict[tuple[str, str], dict[str, Any] | None] = {}
     rewards = ((obj.get("spec") or {}).get("rewards")) or []
     urls = [(r.get("http") or {}).get("url") for r in rewards if isinstance(r, dict)]
-    for namespace, name in reward_services(u for u in urls if isinstance(u, str)):
+    for namespace, name in reward_services((u for u in urls if isinstance(u, str)), obj["metadata"]["namespace"]):
         try:
             services[(namespace, name)] = reader.get("v1", "Service", name, namespace)
         except NotAllowed:
