@@ -106,11 +106,11 @@ def test_an_unknown_method_and_a_missing_file_are_config_errors(tmp_path, corpus
     assert main(["--config", str(tmp_path / "missing.yaml")]) == ExitCode.CONFIG_ERROR
     assert "config error: cannot read" in capsys.readouterr().err
     cfg = json.loads(tiny_config(tmp_path, corpus).model_dump_json())
-    cfg["method"] = "grpo"
+    cfg["method"] = "ppo"
     (tmp_path / "c.json").write_text(json.dumps(cfg))
     assert main(["--config", str(tmp_path / "c.json")]) == ExitCode.CONFIG_ERROR
     err = capsys.readouterr().err.strip()
-    assert err.startswith("forge-trainer: config error:") and "'grpo'" in err and "'dpo'" in err, err
+    assert err.startswith("forge-trainer: config error:") and "'ppo'" in err and "'grpo'" in err and "'dpo'" in err, err
 
 
 def test_the_process_exit_code_is_the_documented_one(tmp_path):
