@@ -223,6 +223,7 @@ sys.exit(code)
 
 @pytest.mark.slow
 @pytest.mark.soak
+@pytest.mark.timeout(1500)  # 50 pairs of processes that import torch: about 5 s each on a quiet machine
 def test_every_rank_keeps_its_exit_code_through_the_teardown_50_times(tmp_path):
     """A set-up check that fails on one rank ends every rank with the check's exit code (78), also
     after leaving the process group: a signal at teardown would make the operator retry a failure

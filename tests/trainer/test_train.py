@@ -196,7 +196,10 @@ def test_moe_trains_and_its_router_balances(tmp_path, corpus, shared_cache):
     assert np.mean(aux[-10:]) < 2.03 and np.mean(aux[-10:]) < max(aux)
     model = AutoModelForCausalLM.from_pretrained(cfg.output.dir, local_files_only=True)
     assert type(model).__name__ == "Qwen3MoeForCausalLM"
-    data = TokenData(next((Path(cfg.cache_dir) / "tokens").glob("*/manifest.json")).parent, cfg)
+    # the shared cache holds other tests' datasets too: this run's has its sources
+    names = [src.name for src in cfg.data.sources]
+    data = TokenData(next(m.parent for m in (Path(cfg.cache_dir) / "tokens").glob("*/manifest.json")
+                          if [s["name"] for s in json.loads(m.read_text())["sources"]] == names), cfg)
     windows = torch.from_numpy(np.stack([data.val_window(i) for i in range(min(16, data.val_windows))]))
     with torch.no_grad():
         out = model(input_ids=windows[:, :-1], output_router_logits=True)
