@@ -204,6 +204,11 @@ BAD_CASES: tuple[Case, ...] = (
     Case("pod-template-extended-not-a-quantity", pretrain,
          put("spec.podTemplate", {"extendedResources": {"rdma/hca": "many"}}),
          "spec.podTemplate.extendedResources.rdma/hca", "should match"),
+    Case("residency-empty", pretrain, put("spec.residency", {}), "spec.residency", "regions, zones or both"),
+    Case("residency-no-regions", pretrain, put("spec.residency", {"regions": []}),
+         "spec.residency.regions", "at least 1"),
+    Case("residency-region-not-a-label-value", pretrain, put("spec.residency", {"regions": ["eu west"]}),
+         "spec.residency.regions[0]", "should match"),
     Case("num-nodes-negative", pretrain, put("spec.resources", {"numNodes": -1}),
          "spec.resources.numNodes", "greater than or equal to 1"),
     Case("gpus-per-node-17", pretrain, put("spec.resources", {"gpusPerNode": 17}),
@@ -476,6 +481,9 @@ GOOD_CASES: tuple[Case, ...] = (
                                           put(f"{SRC0}.format", "parquet"))),
     Case("minimal-grpo", grpo),
     Case("minimal-online-dpo", online_dpo),
+    Case("residency-regions-and-zones", pretrain,
+         put("spec.residency", {"regions": ["eu-west-1"], "zones": ["eu-west-1a", "eu-west-1b"]})),
+    Case("residency-zones-alone", pretrain, put("spec.residency", {"zones": ["fr-par-2"]})),
     Case("grpo-every-reward-kind", grpo, chain(
         put("spec.rewards", [
             {"name": "py", "python": {"configMap": {"name": "rw", "key": "rewards.py"}, "function": "f"}, "weight": 2},

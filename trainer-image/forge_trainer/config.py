@@ -364,6 +364,16 @@ class EgressConfig(_Model):
     """More destinations: ``host`` (any port) or ``host:port``; names are resolved when the run starts."""
 
 
+class ResidencyConfig(_Model):
+    """Where the operator let the workers run (a ForgeTraining's spec.residency: required node affinity on
+    the nodes' topology.kubernetes.io/region and /zone labels). Recorded, not enforced, by the trainer."""
+
+    regions: list[str] = []
+    """Allowed regions; empty: any."""
+    zones: list[str] = []
+    """Allowed zones; empty: any."""
+
+
 class PretrainMethod(_Model):
     """Next-token prediction on packed text, from a new model (model.architecture)."""
 
@@ -604,6 +614,8 @@ class TrainerConfig(_Model):
     """Where prepared token shards and trained tokenizers are cached (keyed by data and tokenizer digests)."""
     metrics: MetricsConfig = MetricsConfig()
     egress: EgressConfig = EgressConfig()
+    residency: ResidencyConfig | None = None
+    """The regions and zones the workers were confined to; None: anywhere (or a local run)."""
     termination_message_path: str = DEFAULT_TERMINATION_MESSAGE_PATH
     """A one-line JSON summary is written here at exit (when its directory is writable)."""
 

@@ -82,6 +82,7 @@ class Reason(StrEnum):
     CHILD_CONFLICT = "ChildConflict"  # an object of a child's name exists and is not ours: left untouched
     # PodsReady False: what holds up the workers of the attempt
     UNSCHEDULABLE = "Unschedulable"  # the scheduler cannot place a worker (GPUs, taints, an unbound claim)
+    RESIDENCY_UNSATISFIABLE = "ResidencyUnsatisfiable"  # ... because no node in spec.residency can run one
     PVC_NOT_FOUND = "PVCNotFound"  # ... because a claim the spec names does not exist
     PVC_NOT_BOUND = "PVCNotBound"  # ... because a claim the spec names exists but is not bound to a volume
     # PodsReady False while Queued: what keeps Kueue from ever admitting the workers

@@ -19,6 +19,10 @@ LABEL_EVAL = f"{GROUP}/eval"
 LABEL_ATTEMPT = f"{GROUP}/attempt"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 
+# the well-known node labels spec.residency is matched on (set by the cloud provider or the administrator)
+LABEL_REGION = "topology.kubernetes.io/region"
+LABEL_ZONE = "topology.kubernetes.io/zone"
+
 # written by the trainer's rank 0 on its own pod; read by the operator
 ANNOTATION_PROGRESS = contract.PROGRESS_ANNOTATION
 # set by the operator on the Job it creates, so a restarted operator knows the reason of a restart it began

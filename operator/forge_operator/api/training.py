@@ -472,6 +472,28 @@ class PodTemplateSpec(ApiModel):
     )
 
 
+# A label value (what a node's topology.kubernetes.io/region or /zone label holds), never empty.
+LabelValue = Annotated[str, Field(min_length=1, max_length=63,
+                                  pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")]
+
+
+class ResidencySpec(ApiModel):
+    """Where the workers may run, by the nodes' well-known topology labels: a node qualifies when its
+    topology.kubernetes.io/region is one of regions (if given) and its topology.kubernetes.io/zone one
+    of zones (if given). Becomes required node affinity on the workers, and is recorded in the trainer's
+    configuration (its provenance)."""
+
+    regions: Annotated[list[LabelValue], Field(min_length=1, max_length=64)] | None = None
+    """Allowed regions (values of the node label topology.kubernetes.io/region), e.g. [eu-west-1]."""
+    zones: Annotated[list[LabelValue], Field(min_length=1, max_length=256)] | None = None
+    """Allowed zones (values of the node label topology.kubernetes.io/zone), e.g. [eu-west-1a, eu-west-1b]."""
+
+    cel_rules = (
+        Cel("has(self.regions) || has(self.zones)", "residency needs regions, zones or both",
+            lambda s: bool(s.regions or s.zones)),
+    )
+
+
 class SchedulingSpec(ApiModel):
     """Queueing and suspension."""
 
@@ -592,6 +614,9 @@ class ForgeTrainingSpec(ApiModel):
     """Labels, annotations, security contexts and extended resources added to the worker pods."""
     scheduling: SchedulingSpec = SchedulingSpec()
     """Queueing and suspension."""
+    residency: ResidencySpec | None = None
+    """The regions and/or zones the workers must run in (data residency); a training no node there can
+    run stays Pending with condition PodsReady False, reason ResidencyUnsatisfiable."""
     network: NetworkSpec = NetworkSpec()
     """What the workers may reach (an egress lock in the trainer and a NetworkPolicy)."""
     checkpoint: CheckpointSpec

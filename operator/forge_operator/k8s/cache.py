@@ -3,8 +3,8 @@
 The operator's watches of Pods and Jobs are limited on the API server by a label selector to the objects
 it made (``settings.watching.label_selectors``), and kopf keeps them in indices keyed by (namespace, owner
 name), filled before any handler runs. :class:`CachedReader` answers the planners' ``list`` of those kinds
-from the index (no request), ``get`` of a Node from :class:`NodeInformer` (one watch for the whole
-process, no request per node), and passes every other read to the API (e.g. a Job's FailedCreate events,
+from the index (no request), ``get`` and ``list`` of Nodes from :class:`NodeInformer` (one watch for the
+whole process, no request per node), and passes every other read to the API (e.g. a Job's FailedCreate events,
 read only while it lacks pods).
 """
 
@@ -108,6 +108,14 @@ class NodeInformer:
         with self._lock:
             return self._nodes.get(name)
 
+    def list(self, terms: dict[str, str | None]) -> list[dict[str, Any]]:
+        """Every Node whose labels match ``terms``."""
+        if not self.allowed:
+            raise NotAllowed("nodes: the operator may not list them")
+        with self._lock:
+            nodes = list(self._nodes.values())
+        return [n for n in nodes if matches(n, terms)]
+
     def _run(self) -> None:
         from kubernetes import watch
 
@@ -157,11 +165,15 @@ class NodeInformer:
 
 
 def slim_node_body(node: dict[str, Any]) -> dict[str, Any]:
-    """What the planners read of a Node: its name, labels and conditions (not its images or addresses)."""
-    meta = node["metadata"]
+    """What the planners read of a Node: its name, labels, taints, conditions and allocatable resources (not
+    its images or addresses)."""
+    meta, status = node["metadata"], node.get("status") or {}
     return {"metadata": {"name": meta["name"], "labels": meta.get("labels") or {}},
             "spec": {k: v for k, v in (node.get("spec") or {}).items() if k in ("unschedulable", "taints")},
-            "status": {"conditions": (node.get("status") or {}).get("conditions") or []}}
+            "status": {"conditions": status.get("conditions") or [], "allocatable": status.get("allocatable") or {}}}
+
+
+NODE = ("v1", "Node")
 
 
 class CachedReader:
@@ -172,12 +184,15 @@ class CachedReader:
         self.api, self.kinds, self.nodes, self.wait_for_nodes = api, kinds, nodes, wait_for_nodes
 
     def get(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
-        if (api_version, kind) == ("v1", "Node") and self.nodes is not None and self.nodes.ready.wait(self.wait_for_nodes):
+        if (api_version, kind) == NODE and self._nodes_ready():
             return self.nodes.get(name)
         return self.api.get(api_version, kind, name, namespace)
 
     def list(self, api_version: str, kind: str, namespace: str, label_selector: str = "",
              field_selector: str = "") -> list[dict[str, Any]]:
+        if (api_version, kind) == NODE and not field_selector and self._nodes_ready() and \
+                (terms := parse_selector(label_selector)) is not None:
+            return self.nodes.list(terms)
         cached = self.kinds.get((api_version, kind))
         terms = parse_selector(label_selector) if cached is not None and not field_selector else None
         if cached is not None and terms is not None:
@@ -185,3 +200,6 @@ class CachedReader:
             if found is not None:
                 return found
         return self.api.list(api_version, kind, namespace, label_selector, field_selector)
+
+    def _nodes_ready(self) -> bool:
+        return self.nodes is not None and self.nodes.ready.wait(self.wait_for_nodes)

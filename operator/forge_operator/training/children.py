@@ -20,8 +20,8 @@ from ..api.base import PvcLocation
 from ..api.names import (
     ANNOTATION_RESTART_REASON, CONFIG_FILE, CONFIG_MOUNT, CONTAINER_NAME, ENV_POD_NAME, ENV_POD_NAMESPACE,
     ENV_RESTART_COUNT, ENV_TORCHRUN_SHUTDOWN_TIMEOUT, ENV_TRAINING_NAME, LABEL_ATTEMPT, LAUNCH_COMMAND, LABEL_KUEUE_QUEUE,
-    LABEL_MANAGED_BY, LABEL_NAME, LABEL_TRAINING, MANAGED_BY, METRICS_PORT, PRESTOP_COMMAND, PVC_MOUNT_ROOT,
-    REWARDS_MOUNT_ROOT,
+    LABEL_MANAGED_BY, LABEL_NAME, LABEL_REGION, LABEL_TRAINING, LABEL_ZONE, MANAGED_BY, METRICS_PORT,
+    PRESTOP_COMMAND, PVC_MOUNT_ROOT, REWARDS_MOUNT_ROOT,
     RENDEZVOUS_PORT, SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_ACCOUNT_PREFIX,
 )
 from ..api.training import ForgeTraining, PodTemplateMetadata, PodTemplateSpec
@@ -168,17 +168,32 @@ def _container_resources(ft: ForgeTraining) -> dict[str, Any]:
 
 
 def avoiding(affinity: dict[str, Any] | None, nodes: tuple[str, ...]) -> dict[str, Any] | None:
-    """The spec's affinity, with the nodes kept out: `kubernetes.io/hostname NotIn nodes` added to every
-    required node selector term (terms are ORed, so each must exclude them), or as the only term."""
+    """The spec's affinity, with the nodes kept out: `kubernetes.io/hostname NotIn nodes` required."""
     if not nodes:
+        return affinity
+    return requiring(affinity, [{"key": "kubernetes.io/hostname", "operator": "NotIn", "values": list(nodes)}])
+
+
+def requiring(affinity: dict[str, Any] | None, expressions: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """``affinity`` with node selector requirements added to every required node selector term (terms are
+    ORed, so each must carry them), or as the only term."""
+    if not expressions:
         return affinity
     out = copy.deepcopy(affinity or {})
     required = out.setdefault("nodeAffinity", {}).setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
     terms = required.get("nodeSelectorTerms") or [{}]
-    keep_off = {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": list(nodes)}
-    required["nodeSelectorTerms"] = [{**t, "matchExpressions": [*(t.get("matchExpressions") or []), keep_off]}
+    required["nodeSelectorTerms"] = [{**t, "matchExpressions": [*(t.get("matchExpressions") or []), *expressions]}
                                      for t in terms]
     return out
+
+
+def residency_requirements(ft: ForgeTraining) -> list[dict[str, Any]]:
+    """spec.residency as node selector requirements on the well-known topology labels."""
+    res = ft.spec.residency
+    if res is None:
+        return []
+    return [{"key": key, "operator": "In", "values": list(values)}
+            for key, values in ((LABEL_REGION, res.regions), (LABEL_ZONE, res.zones)) if values]
 
 
 def torchrun_command(ft: ForgeTraining, restart_count: int) -> list[str]:
@@ -266,7 +281,7 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
     tolerations = _tolerations(ft)
     if tolerations:
         pod_spec["tolerations"] = tolerations
-    affinity = avoiding(r.affinity, state.avoid_nodes)
+    affinity = requiring(avoiding(r.affinity, state.avoid_nodes), residency_requirements(ft))
     for key, value in (("nodeSelector", r.node_selector), ("affinity", affinity),
                        ("priorityClassName", r.priority_class_name)):
         if value:

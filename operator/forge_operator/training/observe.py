@@ -56,6 +56,9 @@ class Observed:
     network: NetworkSeen = field(default_factory=NetworkSeen)
     # the training's NetworkPolicy, read only with network.egress Unrestricted (to delete it)
     network_policy: dict[str, Any] | None = None
+    # every Node, read (from the node cache) only for a training with spec.residency whose workers the
+    # scheduler cannot place; None: not read, or not readable
+    all_nodes: list[dict[str, Any]] | None = None
 
 
 def read(reader: Reader, obj: dict[str, Any], now: datetime) -> Observed:
@@ -84,7 +87,19 @@ def read(reader: Reader, obj: dict[str, Any], now: datetime) -> Observed:
                     queue=read_queue(reader, meta["namespace"], queue_name) if queue_name else None,
                     claims=read_claims(reader, meta["namespace"], pods), evaluation=evaluation,
                     network=read_network(reader, obj) if restricted else NetworkSeen(),
-                    network_policy=None if restricted else read_network_policy(reader, obj))
+                    network_policy=None if restricted else read_network_policy(reader, obj),
+                    all_nodes=read_all_nodes(reader, pods) if (obj.get("spec") or {}).get("residency") else None)
+
+
+def read_all_nodes(reader: Reader, pods: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """Every Node, when a worker pod cannot be scheduled (to tell a residency no node satisfies from a full
+    cluster); None otherwise, or without RBAC on nodes."""
+    if not any(unschedulable(p) for p in pods):
+        return None
+    try:
+        return reader.list("v1", "Node", "")
+    except NotAllowed:
+        return None
 
 
 API_SERVER_SLICES = "kubernetes.io/service-name=kubernetes"  # the EndpointSlices of default/kubernetes

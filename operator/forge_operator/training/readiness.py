@@ -15,6 +15,9 @@ from typing import Any
 from ..api.enums import ConditionType as T, Phase, Reason
 from ..api.training import ForgeTraining
 from ..k8s import conditions as C
+from ..k8s.objects import labels_of
+from ..k8s.placement import matches_requirements, why_not_on
+from .children import residency_requirements
 from .draft import Draft
 from .observe import Attempt, Observed, QueueSeen, active, phase, pod_index, unschedulable
 
@@ -31,10 +34,11 @@ class Stuck:
     message: str
 
 
-def why_not_ready(ft: ForgeTraining, attempt: Attempt, claims: dict[str, dict[str, Any] | None]) -> Stuck:
+def why_not_ready(ft: ForgeTraining, attempt: Attempt, obs: Observed) -> Stuck:
     """What holds up the workers that do not run yet: an image that cannot be pulled (the kubelet), a pod
-    the scheduler cannot place (a missing or unbound claim named as such, from ``claims``, the claims
-    read), or nothing but time. The first stuck rank speaks for the others."""
+    the scheduler cannot place (a missing or unbound claim named as such, from the claims read; a
+    spec.residency no node can satisfy, from every node read), or nothing but time. The first stuck rank
+    speaks for the others."""
     n = ft.spec.resources.num_nodes
     pods = sorted((p for p in attempt.pods if phase(p) == "Pending"), key=lambda p: int(pod_index(p) or 0))
     for pod in pods:
@@ -44,7 +48,8 @@ def why_not_ready(ft: ForgeTraining, attempt: Attempt, claims: dict[str, dict[st
     if unschedulable:
         pod, said = unschedulable[0]
         count = f"{len(unschedulable)} of {n} worker pods cannot be scheduled"
-        return claim_problem(pod, said, count, claims) or \
+        return claim_problem(pod, said, count, obs.claims) or \
+            residency_problem(ft, pod, said, count, obs.all_nodes) or \
             Stuck(Reason.UNSCHEDULABLE, f"{count}; the scheduler says of {who(pod)}: {said}")
     return Stuck(Reason.PODS_STARTING, f"{len(attempt.running)}/{n} ranks running")
 
@@ -68,6 +73,38 @@ def claim_problem(pod: dict[str, Any], said: str, count: str,
                      f"PersistentVolumeClaim {name} is not bound to a volume (phase {claim_phase}): the workers "
                      f"mount it; {count}, the scheduler says of {who(pod)}: {said}")
     return None
+
+
+def residency_problem(ft: ForgeTraining, pod: dict[str, Any], said: str, count: str,
+                      nodes: list[dict[str, Any]] | None) -> Stuck | None:
+    """No node in spec.residency could ever run the pod (none there, or none there with its GPUs, resources,
+    tolerations and nodeSelector), so waiting will not help. None: some node there could (the cluster is
+    only full), or the nodes were not read."""
+    requirements = residency_requirements(ft)
+    if not requirements or nodes is None:
+        return None
+    inside = [n["metadata"]["name"] for n in nodes if matches_requirements(labels_of(n), requirements)]
+    why = {n["metadata"]["name"]: why_not_on(pod.get("spec") or {}, n) for n in nodes}
+    if any(why[name] is None for name in inside):
+        return None
+    outside = sum(1 for name, no in why.items() if no is None and name not in inside)
+    where = residency_words(ft)
+    if not inside:
+        found = f"no node is in {where}"
+    else:
+        first = sorted(inside)[0]
+        found = f"none of the {len(inside)} nodes in {where} can run a worker ({first}: {why[first]})"
+    return Stuck(Reason.RESIDENCY_UNSATISFIABLE,
+                 f"spec.residency: {found}; {outside} node(s) outside could, but the residency keeps the workers "
+                 f"off them. {count}; the scheduler says of {who(pod)}: {said}")
+
+
+def residency_words(ft: ForgeTraining) -> str:
+    """'regions a, b and zones c' of spec.residency."""
+    res = ft.spec.residency
+    parts = [f"{what} {', '.join(values)}" for what, values in (("regions", res.regions), ("zones", res.zones))
+             if res is not None and values]
+    return " and ".join(parts)
 
 
 def why_queued(queue: QueueSeen | None, namespace: str) -> Stuck | None:
@@ -108,7 +145,7 @@ def report_pods_ready(d: Draft, ft: ForgeTraining, attempt: Attempt, obs: Observ
         d.set_condition(T.PODS_READY, True, Reason.ALL_RANKS_RUNNING, f"all {len(attempt.running)} ranks running")
         return
     else:
-        stuck = why_not_ready(ft, attempt, obs.claims)
+        stuck = why_not_ready(ft, attempt, obs)
     was = C.find(d.old_status.get("conditions"), T.PODS_READY) or {}
     d.set_condition(T.PODS_READY, False, stuck.reason, stuck.message)
     if stuck.reason != Reason.PODS_STARTING and was.get("reason") != stuck.reason:  # one event per new cause

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from forge_trainer.config import (
     ArchitectureConfig, BudgetConfig, CheckpointConfig, DataConfig, DataSourceConfig, DpoMethod, EgressConfig,
     GrpoMethod, LoraConfig, MetricsConfig, ModelConfig, OnlineDpoMethod,
-    OutputConfig, RewardConfig, TokenizerConfig, TokenizerTrainConfig, TrainerConfig, TrainingConfig,
+    OutputConfig, ResidencyConfig, RewardConfig, TokenizerConfig, TokenizerTrainConfig, TrainerConfig, TrainingConfig,
     ValidationConfig,
 )
 
@@ -160,5 +160,7 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
         # shared by all nodes: rank 0 prepares the token shards once, the others read them
         cache_dir=cache_dir or f"{checkpoint_dir}/.forge-cache",
         egress=EgressConfig(lock=spec.network.egress == "Restricted"),
+        residency=ResidencyConfig(regions=spec.residency.regions or [], zones=spec.residency.zones or [])
+        if spec.residency else None,
         **_given(metrics=metrics, termination_message_path=termination_message_path),
     )
