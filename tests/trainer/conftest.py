@@ -28,3 +28,14 @@ def reference(tmp_path_factory, corpus, shared_cache):
     progress: list[dict] = []
     summary = forge_trainer.run(cfg, on_progress=progress.append)
     return cfg, summary, progress
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory, corpus, shared_cache):
+    """The evaluator's tests' models (eval_helpers.train_pair: 30 and 3 steps) and task files."""
+    from eval_helpers import train_pair, write_tasks
+
+    work = tmp_path_factory.mktemp("eval-models")
+    heldout, strong, weak = train_pair(work, corpus, shared_cache)
+    mc, em = write_tasks(work / "tasks")
+    return {"heldout": heldout, "strong": strong, "weak": weak, "mc": mc, "em": em, "work": work}

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from eval_helpers import train_pair, write_tasks
 from pydantic import ValidationError
 
 from forge_trainer.contract import ConfigError, DataError
@@ -21,14 +20,6 @@ from forge_trainer.eval.model import load_model
 from forge_trainer.eval.run import compact, evaluate
 from forge_trainer.eval.suites import (choose, cut_at_stop, encode_pair, is_exact_match, loglikelihoods,
                                        normalize_answer, score_multiple_choice, score_perplexity)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, corpus, shared_cache):
-    work = tmp_path_factory.mktemp("eval-models")
-    heldout, strong, weak = train_pair(work, corpus, shared_cache)
-    mc, em = write_tasks(work / "tasks")
-    return {"heldout": heldout, "strong": strong, "weak": weak, "mc": mc, "em": em, "work": work}
 
 
 def ppl_suite(path: Path, **kw) -> SuiteConfig:
