@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,10 @@ def test_the_eval_command_writes_results_report_and_termination_message(models, 
     report = (out / "report.md").read_text()
     assert "| mc | acc |" in report and "![qa](qa.png)" in report and "FAILED" in report
     assert (out / "qa.png").read_bytes()[:4] == b"\x89PNG"
+    # the model came from a Forge training: its loss curve, from the training log next to it
+    assert "## Training" in report and "The model's training: 30 steps; training loss" in report
+    assert f", {models['strong'].val_loss:.4f} at step 30." in report  # the last validation loss
+    assert "![training loss](training_loss.png)" in report and (out / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_failed_evaluation_writes_the_error_and_its_exit_code(tmp_path, capsys):
@@ -313,3 +318,20 @@ def test_the_evaluation_runs_under_the_egress_lock_with_the_reward_services_allo
     policy = egress_policy(cfg.model_copy(update={"suites": [judge_suite]}))
     assert ("192.0.2.9", 8080) in policy.endpoints and "192.0.2.7" not in policy.hosts
     assert egress_policy(cfg.model_copy(update={"egress": EgressConfig(lock=False)})) is None
+
+
+def test_a_training_checkpoint_is_evaluated_as_the_model_it_holds(models, tmp_path):
+    ckpt_dir = models["work"] / "strong" / "ckpt"  # the checkpoint.dir of the 30-step training
+    export = score_perplexity(load_model(models["strong"].output_dir, "model"), ppl_suite(models["heldout"]), 8, print)
+    latest = load_model(str(ckpt_dir), "model")  # the newest complete checkpoint in it: step 30, as exported
+    assert score_perplexity(latest, ppl_suite(models["heldout"]), 8, print).metrics["loss"] == pytest.approx(
+        export.metrics["loss"], rel=1e-6)
+    assert latest.tokenizer.eos_token == "<|endoftext|>" and latest.model.config.use_cache
+    early = load_model(str(ckpt_dir / "step-00000010"), "baseline")  # one checkpoint of it
+    assert score_perplexity(early, ppl_suite(models["heldout"]), 8, print).metrics["loss"] > export.metrics["loss"] + 0.05
+    # a checkpoint without its model files (an older trainer's) is refused naming the field and what to do
+    old = tmp_path / "old"
+    shutil.copytree(ckpt_dir / "step-00000010", old / "step-00000010")
+    shutil.rmtree(old / "step-00000010" / "model")
+    with pytest.raises(ConfigError, match=r"baseline .*/old: checkpoint step-00000010 has no model/config.json .*export"):
+        load_model(str(old), "baseline")

@@ -140,6 +140,7 @@ def test_a_finished_training_run_again_reports_its_final_numbers(tmp_path, corpu
     cfg = tiny_config(tmp_path, corpus, shared_cache, training__budget={"max_steps": 4}, training__eval_interval_steps=3,
                       checkpoint__interval_steps=2)
     first = forge_trainer.run(cfg)
+    first_log = training_log(cfg)
     saved = json.loads((Path(cfg.checkpoint.dir) / "step-00000004" / "trainer_state.json").read_text())
     assert saved["val_loss"] != pytest.approx(first.val_loss, rel=1e-6)
 
@@ -153,6 +154,18 @@ def test_a_finished_training_run_again_reports_its_final_numbers(tmp_path, corpu
     provenance = json.loads((Path(cfg.output.dir) / "provenance.json").read_text())
     assert provenance["steps"] == 4 and provenance["final_val_loss"] == again.val_loss
     assert provenance["final_train_loss"] == again.train_loss
+    # the export's training log: the curve of the whole line of runs, each step's loss and evaluation once
+    again_log = training_log(cfg)
+    assert [(h["step"], *h) for h in again_log] == [(h["step"], *h) for h in first_log] == [
+        (1, "step", "loss"), (2, "step", "loss"), (3, "step", "loss"), (3, "step", "val_loss"), (4, "step", "loss"),
+        (4, "step", "val_loss")]
+    assert [h.get("loss", h.get("val_loss")) for h in again_log] == pytest.approx(
+        [h.get("loss", h.get("val_loss")) for h in first_log], rel=1e-6)
+    assert again_log[-1]["val_loss"] == pytest.approx(again.val_loss, rel=1e-6)
+
+
+def training_log(cfg) -> list[dict]:
+    return [json.loads(line) for line in (Path(cfg.output.dir) / "training_log.jsonl").read_text().splitlines()]
 
 
 def _free_port() -> int:

@@ -31,7 +31,7 @@ from .runtime.budget import Timings, budget_reached, total_steps
 from .runtime.checkpoint import TrainState, choose_resume
 from .runtime.dist import Dist, init_distributed, shutdown
 from .runtime.egress import egress_locked, policy_of
-from .runtime.export import export
+from .runtime.export import export, write_model_files
 from .runtime.optim import build_optimizer, lr_at, set_lr
 from .runtime.progress import Reporter, build_progress
 from .runtime.provenance import build_provenance
@@ -133,6 +133,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
 
                 if state.step % t.log_interval_steps == 0 or state.step == s.total_steps:
                     state.train_loss, tps = window.close(d)
+                    state.record("loss", state.train_loss)
                     gnorm = grad_norm.item() if grad_norm is not None else None
                     extra = s.method.step_metrics(d)  # dpo: reward accuracy, margin, log-probs
                     history.append({"step": state.step, "loss": state.train_loss, "lr": lr, "grad_norm": gnorm,
@@ -141,7 +142,8 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
                     if d.is_main:
                         _log_step(_progress(s, state, last_ckpt, d, state.train_loss, lr, gnorm, tps, extra), extra)
                 if t.eval_interval_steps and state.step % t.eval_interval_steps == 0:
-                    state.val_loss, val_step = _evaluate(s, d, timings, f"step {state.step} |"), state.step
+                    _evaluate(s, state, d, timings, f"step {state.step} |")
+                    val_step = state.step
                 if (every and state.step % every == 0) or save_by_time:
                     last_ckpt, last_save = _save(config, s, state, d, timings), time.monotonic()
                 if reporter is not None and time.monotonic() - last_report >= config.metrics.progress_interval_seconds:
@@ -154,7 +156,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
             if preempted and d.is_main:
                 log.info("SIGTERM: writing a checkpoint at step %d", state.step)
             if not preempted and val_step != state.step:
-                state.val_loss = _evaluate(s, d, None, "final")
+                _evaluate(s, state, d, None, "final")
             if last_ckpt is None or last_ckpt.step != state.step:  # never the same step twice: a SIGTERM
                 last_ckpt = _save(config, s, state, d, timings)     # right after a save has it already
             output_dir = None if preempted else _export(config, s, state, d, reason, started, resumed_from)
@@ -335,15 +337,18 @@ def _fmt_eta(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
 
 
-def _evaluate(s: Setup, d: Dist, timings: Timings | None, label: str) -> float | None:
-    """The method's validation loss, logged on rank 0; ``timings`` (None: not timed) keeps how long it took."""
+def _evaluate(s: Setup, state: TrainState, d: Dist, timings: Timings | None, label: str) -> None:
+    """The method's validation loss into ``state`` (and its log history), logged on rank 0; ``timings``
+    (None: not timed) keeps how long it took."""
     t0 = time.monotonic()
     val_loss = s.method.evaluate(s.model, s.autocast, d)
     if timings is not None:
         timings.eval = time.monotonic() - t0
     if d.is_main and val_loss is not None:
         log.info("%s val loss %.4f | val ppl %.2f", label, val_loss, math.exp(min(val_loss, 50)))
-    return val_loss
+    state.val_loss = val_loss
+    if val_loss is not None:
+        state.record("val_loss", val_loss)
 
 
 def _save(config: TrainerConfig, s: Setup, state: TrainState, d: Dist, timings: Timings) -> LastCheckpoint:
@@ -351,7 +356,8 @@ def _save(config: TrainerConfig, s: Setup, state: TrainState, d: Dist, timings: 
     state.loader, state.world_size, state.time = s.batches.state_dict(), d.world, rfc3339()
     state.data_digest, state.tokenizer_digest = s.dataset.digest, s.dataset.tokenizer.digest
     state.config = config.model_dump(mode="json")
-    saved = checkpoint.save(config.checkpoint.dir, s.model, s.optimizer, state, config.checkpoint.keep_last, d)
+    saved = checkpoint.save(config.checkpoint.dir, s.model, s.optimizer, state, config.checkpoint.keep_last, d,
+                            model_files=lambda folder: write_model_files(folder, s.hf_cfg, s.dataset.tokenizer))
     timings.save = time.monotonic() - t0
     if d.is_main:
         log.info("checkpoint %s (%.1fs)", saved.path, timings.save)
@@ -375,7 +381,8 @@ def _export(config: TrainerConfig, s: Setup, state: TrainState, d: Dist, reason:
     )
     lora = config.training.lora
     out = export(config.output.dir, s.model, s.hf_cfg, tok, provenance, d,
-                 adapters=LoraExport(lora, config.model.base_path) if lora is not None else None)
+                 adapters=LoraExport(lora, config.model.base_path) if lora is not None else None,
+                 log_history=state.log_history)
     d.barrier()
     if d.is_main:
         log.info("exported %s (%s)", out, reason)

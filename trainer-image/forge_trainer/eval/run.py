@@ -15,7 +15,7 @@ from ..runtime.egress import egress_locked, policy_for
 from .config import EvalConfig, SuiteConfig
 from .gates import judge
 from .model import LoadedModel, load_model
-from .report import write_report
+from .report import training_curve, write_report
 from .suites import SCORERS, SuiteScore
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ def _evaluate(config: EvalConfig, on_progress: OnProgress | None) -> EvalTermina
                                 "perItem": {n: {"model": m.per_item, "baseline": b.per_item if b else None}
                                             for n, (m, b) in scores.items() if m.per_item}}
     results.write_text(json.dumps(full, indent=1) + "\n")
-    write_report(out, config.name, config.model_path, config.baseline_path, suites, gates)
+    write_report(out, config.name, config.model_path, config.baseline_path, suites, gates,
+                 training_curve(config.model_path))
     return message
 
 

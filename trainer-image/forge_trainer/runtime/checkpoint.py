@@ -5,7 +5,10 @@ Layout of checkpoint.dir:
     step-00000500/            a complete checkpoint
       .metadata, __*.distcp   DCP: model and optimizer, one shard file per rank
       rng/rank-00000.pt       each rank's torch (and CUDA) RNG state
-      trainer_state.json      TrainState: step, tokens, data-loader position, losses, digests, config, line
+      trainer_state.json      TrainState: step, tokens, data-loader position, losses, digests, config, line,
+                              the logged losses so far (log_history)
+      model/                  config.json, generation_config.json and the tokenizer: the checkpoint
+                              loads as a model on one process without the training (the evaluator)
     step-00001000.tmp/        a checkpoint being written (ignored, removed on the next save)
     latest                    the name of the newest complete checkpoint
 
@@ -22,6 +25,7 @@ import os
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,6 +40,7 @@ from .dist import Dist
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+MODEL_FILES = "model"
 LATEST = "latest"
 # Test hook: seconds to sleep after the shards are written, before the commit,
 # so a test can kill the process mid-save deterministically.
@@ -63,6 +68,14 @@ class TrainState(BaseModel):
     """The whole TrainerConfig of the run that wrote it."""
     origin: str | None = None
     """The checkpoint an explicit resume started this one's line from (None: a line from scratch)."""
+    log_history: list[dict] = []
+    """The run's curve up to this step, resumes included: {step, loss} at each logged step, {step, val_loss}
+    at each evaluation (as Hugging Face Trainer's log_history); the export keeps it as training_log.jsonl."""
+
+    def record(self, key: str, value: float) -> None:
+        """Add ``key`` at this step to the log history (replacing one there: a resumed run evaluates again)."""
+        self.log_history = [h for h in self.log_history if not (h["step"] == self.step and key in h)]
+        self.log_history.append({"step": self.step, key: value})
 
 
 def step_name(step: int) -> str:
@@ -109,8 +122,10 @@ def find_latest(ckpt_dir: str | Path) -> Path | None:
     return max(candidates, key=lambda p: (_step_of(p), not p.name.startswith(REPLACED)), default=None)
 
 
-def save(ckpt_dir: str | Path, model, optimizer, state: TrainState, keep_last: int, d: Dist) -> LastCheckpoint:
-    """Write a checkpoint of ``state.step`` on every rank; returns where it is."""
+def save(ckpt_dir: str | Path, model, optimizer, state: TrainState, keep_last: int, d: Dist,
+         model_files: Callable[[Path], None] | None = None) -> LastCheckpoint:
+    """Write a checkpoint of ``state.step`` on every rank; returns where it is. ``model_files`` writes the
+    model's config and tokenizer into the folder it is given (rank 0, before the commit)."""
     root = Path(ckpt_dir)
     final = root / step_name(state.step)
     tmp = root / (step_name(state.step) + ".tmp")
@@ -143,6 +158,8 @@ def save(ckpt_dir: str | Path, model, optimizer, state: TrainState, keep_last: i
     d.barrier()
 
     def commit() -> None:
+        if model_files is not None:
+            model_files(tmp / MODEL_FILES)
         _write_atomic(tmp / STATE_FILE, state.model_dump_json(indent=1))
         # The same step saved again (a resumed run with other settings) replaces it, and a kill at
         # any moment leaves one complete copy: the old one is renamed out of the way, not deleted,

@@ -6,6 +6,7 @@ an output directory that exists holds a model that loads.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -20,6 +21,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfi
 from .dist import Dist
 
 PROVENANCE = "provenance.json"
+TRAINING_LOG = "training_log.jsonl"
+"""The training's curve beside the model: one JSON object per line, {step, loss} or {step, val_loss}."""
 
 
 class ExportedTokenizer(Protocol):
@@ -42,9 +45,10 @@ class Adapters(Protocol):
 
 
 def export(out_dir: str | Path, model, hf_cfg: PretrainedConfig, tokenizer: ExportedTokenizer, provenance: dict,
-           d: Dist, adapters: Adapters | None = None) -> Path | None:
+           d: Dist, adapters: Adapters | None = None, log_history: list[dict] = ()) -> Path | None:
     """Gather the full weights (a collective) and write the export on rank 0; with ``adapters`` (LoRA),
-    the merged model or the adapter alone, as it says."""
+    the merged model or the adapter alone, as it says; ``log_history`` (the training's curve) as
+    training_log.jsonl."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.is_main:
         return None
@@ -59,20 +63,15 @@ def export(out_dir: str | Path, model, hf_cfg: PretrainedConfig, tokenizer: Expo
         tied = _tied_keys(plain)
         if unexpected or [k for k in missing if not any(k == t or k.endswith("." + t) for t in tied)]:
             raise RuntimeError(f"export: state dict mismatch (missing {missing}, unexpected {unexpected})")
-        plain.config.use_cache = True
-        # the router's auxiliary loss is a training term: a loaded model's loss is the plain cross-entropy
-        if getattr(plain.config, "output_router_logits", False):
-            plain.config.output_router_logits = False
-        plain.generation_config = GenerationConfig(
-            bos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id,
-            eos_token_id=tokenizer.stop_ids if len(tokenizer.stop_ids) > 1 else tokenizer.eos_id,
-        )
+        for_inference(plain.config)
+        plain.generation_config = generation_config(tokenizer)
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         (adapters.finish(trained) if adapters is not None else plain).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=1, default=str) + "\n")
+        (tmp / TRAINING_LOG).write_text("".join(json.dumps(h) + "\n" for h in log_history))
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.{uuid.uuid4().hex}.old"
@@ -83,6 +82,32 @@ def export(out_dir: str | Path, model, hf_cfg: PretrainedConfig, tokenizer: Expo
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def for_inference(cfg: PretrainedConfig) -> PretrainedConfig:
+    """The config as a loaded model uses it: with the KV cache, and without the router's auxiliary loss
+    (a training term: a loaded model's loss is the plain cross-entropy)."""
+    cfg.use_cache = True
+    if getattr(cfg, "output_router_logits", False):
+        cfg.output_router_logits = False
+    return cfg
+
+
+def generation_config(tokenizer: ExportedTokenizer) -> GenerationConfig:
+    """Generation stops at the tokenizer's stop tokens and pads with end-of-text."""
+    return GenerationConfig(
+        bos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id,
+        eos_token_id=tokenizer.stop_ids if len(tokenizer.stop_ids) > 1 else tokenizer.eos_id,
+    )
+
+
+def write_model_files(folder: Path, hf_cfg: PretrainedConfig, tokenizer: ExportedTokenizer) -> None:
+    """Everything of a Hugging Face model folder but the weights: config.json, generation_config.json and
+    the tokenizer (a checkpoint keeps them so that it loads as a model without the training's config)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for_inference(copy.deepcopy(hf_cfg)).save_pretrained(folder)
+    generation_config(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def _tied_keys(model) -> set[str]:
