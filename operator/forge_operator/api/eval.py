@@ -166,7 +166,8 @@ class ModelSourceSpec(ApiModel):
     training_ref: DnsLabel | None = None
     """Name of a ForgeTraining in the same namespace: its exported model is evaluated once it has Succeeded."""
     checkpoint: StorageLocation | None = None
-    """A Hugging Face-format model folder."""
+    """A Hugging Face-format model folder, a ForgeTraining's checkpoint folder (its spec.checkpoint: the
+    newest complete checkpoint in it is evaluated) or one step-NNNNNNNN checkpoint of it."""
 
     cel_rules = (
         Cel("has(self.trainingRef) != has(self.checkpoint)", "set exactly one of trainingRef or checkpoint",
