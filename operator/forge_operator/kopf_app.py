@@ -56,6 +56,10 @@ def operator_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 30
+    # kopf's dynamic scanning watches every CRD (and, in namespaced mode, every Namespace) cluster-wide,
+    # which the chart's RBAC does not grant: the operator serves its own CRDs, installed before it,
+    # in the namespaces it is given by name
+    settings.scanning.disabled = True
     for resource in (("", "v1", "pods"), ("batch", "v1", "jobs")):
         settings.watching.label_selectors[resource] = CHILD_SELECTOR
     peering = None

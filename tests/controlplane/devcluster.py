@@ -1,10 +1,13 @@
 """Start and stop a real Kubernetes control plane on 127.0.0.1, for tests and people.
 
 etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok run as
-plain processes on free loopback ports; kwok fakes GPU nodes. Binaries come
-from ``scripts/controlplane-build`` (built from Go modules, cached per machine).
+plain processes on free loopback ports; kwok fakes the GPU node pool. Real nodes
+(kubelet + containerd, ``tests/realnode/node.py``) make the CPU node pool; they run
+the trainer and operator images, so the Helm chart installs as on a cluster. A
+default StorageClass (``forge-local``) binds claims to a set of hostPath volumes.
+Binaries come from ``scripts/controlplane-build`` (built from Go modules, cached per machine).
 
-    python3 tests/controlplane/devcluster.py up [--dir D] [--gpu-nodes N]
+    python3 tests/controlplane/devcluster.py up [--dir D] [--gpu-nodes N] [--cpu-nodes N]
     python3 tests/controlplane/devcluster.py down [--dir D]
 
 ``up`` writes ``D/kubeconfig`` and ``D/state.json`` (the PIDs); ``down`` stops
@@ -41,6 +44,12 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+# Node pools as managed clusters label them (GKE's cloud.google.com/gke-nodepool, EKS' eks.amazonaws.com/nodegroup)
+NODE_POOL_LABEL = "forge.dev/node-pool"
+GPU_POOL, CPU_POOL = "gpu", "cpu"
+# The default StorageClass: static hostPath volumes made by `up`, bound when a pod first uses the claim
+STORAGE_CLASS = "forge-local"
+VOLUME_SIZE = "20Gi"
 # Annotating a pod with this ends its containers with that exit code (see kwok-stages.yaml).
 KWOK_EXIT_CODE_ANNOTATION = "kwok.forge.dev/exit-code"
 
@@ -88,9 +97,11 @@ class DevCluster:
     """One control plane in one folder. Use ``up()``/``down()`` or as a context manager."""
 
     def __init__(self, directory: Path | str = DEFAULT_DIR, gpu_nodes: int = 4,
-                 gpus_per_node: int = 8, node_monitor_grace_seconds: int = 20, real_nodes: int = 0):
+                 gpus_per_node: int = 8, node_monitor_grace_seconds: int = 20, real_nodes: int = 0,
+                 local_volumes: int = 0):
         self.dir = Path(directory).resolve()
         self.gpu_nodes = gpu_nodes
+        self.local_volumes = local_volumes  # hostPath PersistentVolumes of the forge-local StorageClass
         # kubelet + containerd nodes (tests/realnode/node.py); started by start_real_nodes()
         self.real_node_names = [f"real-node-{i}" for i in range(real_nodes)]
         self.gpus_per_node = gpus_per_node
@@ -128,6 +139,7 @@ class DevCluster:
             self._start(bin_dir, "kube-scheduler", self._scheduler_args(ports))
             self._start(bin_dir, "kwok", self._kwok_args(ports))
             self.add_gpu_nodes(self.gpu_nodes)
+            self.add_local_volumes(self.local_volumes)
             self._wait_nodes_ready(timeout)
             self._wait_default_service_account(timeout)
         except BaseException:
@@ -183,13 +195,44 @@ class DevCluster:
                 "annotations": {KWOK_NODE_ANNOTATION: "fake"},
                 "labels": {
                     "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                    "kubernetes.io/arch": "amd64", "type": "kwok",
+                    "kubernetes.io/arch": "amd64", "type": "kwok", NODE_POOL_LABEL: GPU_POOL,
                     GPU_PRODUCT_LABEL: GPU_PRODUCT, "nvidia.com/gpu.count": str(self.gpus_per_node),
                 },
             },
             "spec": {"taints": [GPU_TAINT]},
             "status": {"capacity": capacity, "allocatable": capacity},
         }
+
+    def add_local_volumes(self, count: int) -> None:
+        """The default StorageClass ``forge-local`` and ``count`` hostPath volumes of it, under
+        ``<dir>/volumes``. Binding waits for the first pod that uses a claim (as for local volumes)."""
+        if not count:
+            return
+        items: list[dict] = [{
+            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+            "metadata": {"name": STORAGE_CLASS,
+                         "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+            "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": "WaitForFirstConsumer",
+            "reclaimPolicy": "Retain",
+        }]
+        for i in range(count):
+            path = self.dir / "volumes" / f"pv-{i}"
+            path.mkdir(parents=True, exist_ok=True)
+            path.chmod(0o777)  # hostPath volumes get no fsGroup: writable by the workers' uid 10001
+            items.append({
+                "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{STORAGE_CLASS}-{i}"},
+                "spec": {"storageClassName": STORAGE_CLASS, "capacity": {"storage": VOLUME_SIZE},
+                         "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
+                         "persistentVolumeReclaimPolicy": "Retain",
+                         "hostPath": {"path": str(path), "type": "Directory"}},
+            })
+        self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+
+    def volume_path(self, namespace: str, claim: str) -> Path:
+        """The host folder of the volume a claim is bound to."""
+        pvc = json.loads(self.kubectl("-n", namespace, "get", "pvc", claim, "-o", "json").stdout)
+        pv = json.loads(self.kubectl("get", "pv", pvc["spec"]["volumeName"], "-o", "json").stdout)
+        return Path(pv["spec"]["hostPath"]["path"])
 
     # -- helpers for callers -------------------------------------------------
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -385,34 +428,44 @@ def _terminate(pid: int, grace: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def _start_cpu_pool(cluster: DevCluster) -> None:
+    """The real nodes, with the trainer and operator images imported under their own names and the
+    names the Helm chart's values give them."""
+    sys.path.insert(0, str(ROOT / "tests" / "realnode"))
+    from images import operator_image, trainer_image
+    images = [trainer_image(), operator_image()]
+    try:
+        for node in cluster.start_real_nodes(images):
+            print(f"node {node.name} Ready: " + ", ".join(f"{k} {v:.1f}s" for k, v in node.timings.items()))
+    except BaseException:
+        cluster.down()
+        raise
+    for image in images:
+        print(f"image {image.name}, also {', '.join(image.aliases)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dev-cluster", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["up", "down", "build", "status"])
     parser.add_argument("--dir", default=str(DEFAULT_DIR), help="state folder (default: %(default)s)")
     parser.add_argument("--gpu-nodes", type=int, default=4, help="fake GPU nodes to create")
     parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--real-nodes", type=int, default=0,
-                        help="real nodes (kubelet, containerd, runc) to add, with the trainer image imported")
+    parser.add_argument("--cpu-nodes", "--real-nodes", dest="cpu_nodes", type=int, default=0,
+                        help="real nodes (kubelet, containerd, runc; needs root) as the CPU node pool, "
+                             "with the trainer and operator images imported")
+    parser.add_argument("--volumes", type=int, default=8,
+                        help=f"hostPath PersistentVolumes of the default StorageClass {STORAGE_CLASS}")
     args = parser.parse_args(argv)
     cluster = DevCluster(args.dir, gpu_nodes=args.gpu_nodes, gpus_per_node=args.gpus_per_node,
-                         real_nodes=args.real_nodes)
+                         real_nodes=args.cpu_nodes, local_volumes=args.volumes)
     if args.command == "build":
         print(build_binaries())
     elif args.command == "up":
         t0 = time.monotonic()
         state = cluster.up()
         print(f"control plane up in {time.monotonic() - t0:.1f}s: {state.server}")
-        if args.real_nodes:
-            sys.path.insert(0, str(ROOT / "tests" / "realnode"))
-            from images import trainer_image
-            image = trainer_image()
-            try:
-                for node in cluster.start_real_nodes([image]):
-                    print(f"node {node.name} Ready: " + ", ".join(f"{k} {v:.1f}s" for k, v in node.timings.items()))
-            except BaseException:
-                cluster.down()
-                raise
-            print(f"trainer image: {image.name}")
+        if args.cpu_nodes:
+            _start_cpu_pool(cluster)
         print(f"export KUBECONFIG={state.kubeconfig}")
     elif args.command == "down":
         cluster.down()

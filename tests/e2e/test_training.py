@@ -204,3 +204,19 @@ def test_the_second_worker_starts_90_s_late_and_the_group_still_trains(kube, run
     TIMINGS["late worker: release to Succeeded"] = time.monotonic() - t
     status = kube.get("forgetraining", "late")["status"]
     assert status["phase"] == "Succeeded" and not status.get("restarts"), json.dumps(status, indent=1)
+
+
+def test_a_worker_over_its_memory_limit_fails_the_training_as_oom_killed(kube, runs, forge_operator):
+    """A memory limit the trainer exceeds (importing torch alone needs more): the kernel's OOM killer
+    ends a process in the container, containerd reports OOMKilled, and the training's failure says so."""
+    ft = quickstart("oom", steps=10, checkpoint_every=10)
+    ft["spec"]["resources"].update(numNodes=1, memory="200Mi")
+    ft["spec"]["failurePolicy"] = {"maxRestarts": 0}
+    t = time.monotonic()
+    kube.apply(ft)
+    kube.wait_for("Failed", lambda: phase(kube, "oom") in ("Succeeded", "Failed"), timeout=300, interval=1)
+    TIMINGS["OOM: apply to Failed"] = time.monotonic() - t
+    status = kube.get("forgetraining", "oom")["status"]
+    reasons = [c.get("reason") for c in status.get("conditions", [])] + [r.get("reason") for r in status.get("restarts") or []]
+    assert status["phase"] == "Failed" and "OOMKilled" in reasons, json.dumps(status, indent=1)
+    assert any("OOM-killed" in (c.get("message") or "") for c in status["conditions"]), status["conditions"]

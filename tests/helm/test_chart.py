@@ -535,3 +535,34 @@ def test_the_operator_pod_passes_pod_security_restricted(helm, cluster, values):
         assert csc["readOnlyRootFilesystem"] is True
     finally:
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.mark.cluster
+def test_the_operator_runs_as_its_service_account_and_is_refused_nothing(installs, cluster, tmp_path):
+    """`forge operator` with each release's ServiceAccount token, as in its pod: starting, peering and
+    reconciling a training, it makes no request the chart's RBAC refuses (kopf's own scanning of every
+    CRD and Namespace would be refused: the operator turns it off)."""
+    sys.path.insert(0, str(ROOT / "tests" / "operator"))
+    from operator_support import OperatorProcess
+
+    kubeconfig = json.loads(Path(cluster.state.kubeconfig).read_text())
+    for release in installs:
+        namespace = release.watch[0] if release.watch else release.namespace
+        token = cluster.kubectl("create", "token", release.name, "-n", release.namespace).stdout.strip()
+        path = tmp_path / f"{release.name}.kubeconfig"
+        path.write_text(json.dumps(kubeconfig | {"users": [{"name": "admin", "user": {"token": token}}]}))
+        op = OperatorProcess(str(path), release.watch, tmp_path / f"{release.name}.log",
+                             env={"FORGE_PEERING": release.name}).start()
+        try:
+            training = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+            cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(training))
+            deadline = time.monotonic() + 60
+            while not json.loads(cluster.kubectl("get", "forgetraining", "quickstart", "-n", namespace, "-o", "json")
+                                 .stdout).get("status", {}).get("phase"):
+                assert time.monotonic() < deadline and op.proc.poll() is None, op.log()[-3000:]
+                time.sleep(0.5)
+            time.sleep(3)  # the watches kopf starts in the background
+        finally:
+            op.stop()
+            cluster.kubectl("delete", "forgetraining", "quickstart", "-n", namespace, "--wait=false", check=False)
+        assert "forbidden" not in op.log().lower(), op.log()[-3000:]

@@ -5,12 +5,17 @@
   (bookworm) base from Debian's packages, extracted; CPython in ``/usr/local`` as the
   ``python:3.11-slim`` images have it; the ``trainer`` extra at the torch of the
   Dockerfile's base image (the pins of ``requirements/torch-floor.lock``); the forge
-  package itself; the Dockerfile's ENV, user 10001, directories, entrypoint and command.
+  package itself; the Dockerfile's ENV, user 10001, directories, entrypoint and command;
+- the operator image, as the ``Dockerfile`` at the repository root describes it: the same
+  base, a virtualenv in ``/opt/forge`` with the ``operator`` extra (pinned by
+  ``requirements/dev.lock``, no torch) and forge, ``forge operator`` as its entrypoint.
 
 Each image is an OCI image layout (``oci-layout``, ``index.json``, ``blobs/``) with
 uncompressed layers, cached per machine under ``~/.cache/forge/images/<name>-<key>``
 (the key hashes every input), and imported into containerd with
-``ctr images import``. Only the standard library, ``uv`` (for the wheels, offline from
+``ctr images import``, where it is also tagged with the name the Helm chart's values give it
+(so that the chart's defaults find it on the node) and the image's previous versions are
+removed. Only the standard library, ``uv`` (for the wheels, offline from
 its cache) and ``apt-get download``/``dpkg-deb`` (for the Debian packages) are used.
 """
 
@@ -33,11 +38,15 @@ ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("FORGE_IMAGE_CACHE") or
              Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "forge" / "images")
 DOCKERFILE = ROOT / "trainer-image" / "Dockerfile"
+OPERATOR_DOCKERFILE = ROOT / "Dockerfile"
 FLOOR_LOCK = ROOT / "requirements" / "torch-floor.lock"
 TRAINER_UID = 10001
 PYTHON_VERSION = "3.11"
+PYTHON_PLATFORM = "x86_64-manylinux_2_36"  # the glibc of the Debian (bookworm) base
 PAUSE_IMAGE = "forge.dev/pause"
 TRAINER_IMAGE = "forge.dev/forge-trainer"
+OPERATOR_IMAGE = "forge.dev/forge-operator"
+CHART = ROOT / "helm" / "forge"
 
 # The Debian packages under CPython, its extension modules and the wheels' native code
 # (libstdc++ for torch); /bin/sh from dash.
@@ -62,12 +71,13 @@ SOURCE_DATE_EPOCH = 1704067200  # 2024-01-01
 class Image:
     name: str          # e.g. forge.dev/forge-trainer:5f0c...
     layout: Path       # the OCI image layout in the cache
+    aliases: tuple[str, ...] = ()  # more names of the same image on a node (the chart's defaults)
 
     def import_into(self, ctr: Path, address: str, namespace: str = "k8s.io") -> None:
         """Stream the layout as an OCI archive into containerd and unpack it."""
         tar = subprocess.Popen(["tar", "-C", str(self.layout), "-cf", "-", "."], stdout=subprocess.PIPE)
         try:
-            subprocess.run([str(ctr), "--address", address, "--namespace", namespace, "images", "import",
+            subprocess.run([*_ctr(ctr, address, namespace), "images", "import",
                             "--platform", "linux/amd64", "--local", "--discard-unpacked-layers", "-"],
                            stdin=tar.stdout, check=True, capture_output=True)
         except subprocess.CalledProcessError as e:
@@ -76,6 +86,26 @@ class Image:
             assert tar.stdout is not None
             tar.stdout.close()
             tar.wait()
+
+    def install(self, ctr: Path, address: str, namespace: str = "k8s.io") -> bool:
+        """Import the image unless the node has it; point its aliases at it; remove the image's other
+        versions (their snapshots are gigabytes; containerd collects them once no name is left).
+        True when it was imported."""
+        run = _ctr(ctr, address, namespace)
+        present = subprocess.run([*run, "images", "ls", "-q"], check=True, capture_output=True, text=True).stdout.split()
+        if self.name not in present:
+            self.import_into(ctr, address, namespace)
+        for alias in self.aliases:
+            subprocess.run([*run, "images", "tag", "--force", self.name, alias], check=True, capture_output=True)
+        repository = self.name.rsplit(":", 1)[0]
+        stale = [p for p in present if p.rsplit(":", 1)[0] == repository and p != self.name]
+        if stale:
+            subprocess.run([*run, "images", "rm", *stale], check=True, capture_output=True)
+        return self.name not in present
+
+
+def _ctr(ctr: Path, address: str, namespace: str) -> list[str]:
+    return [str(ctr), "--address", address, "--namespace", namespace]
 
 
 # -- layers --------------------------------------------------------------------------------------
@@ -267,11 +297,12 @@ def pause_image(bin_dir: Path) -> Image:
     return _cached(PAUSE_IMAGE, _digest(binary), build)
 
 
-# -- the trainer image ---------------------------------------------------------------------------
+# -- the Python images (trainer, operator) ---------------------------------------------------------
 @dataclass
 class DockerfileSpec:
-    """What trainer-image/Dockerfile says about the image (the parts the built image must match)."""
-    torch_version: str
+    """What a Dockerfile of ours says about its image (the parts the built image must match); only its
+    last stage counts, except for the extra it installs and the constraints it installs it with."""
+    torch_version: str | None   # the pytorch/pytorch base image's torch; None on a plain Python base
     env: dict[str, str]
     user: str
     workdir: str
@@ -279,29 +310,46 @@ class DockerfileSpec:
     cmd: list[str]
     directories: list[str]
     extra: str
+    venv: str | None            # `python -m venv <path>`: the packages live in that virtualenv
+    constraints: str | None     # `--constraint <lock>`, relative to the repository
 
     @classmethod
-    def parse(cls, text: str = "") -> "DockerfileSpec":
-        text = text or DOCKERFILE.read_text()
+    def parse(cls, text: str = "", dockerfile: Path = DOCKERFILE) -> "DockerfileSpec":
+        text = text or dockerfile.read_text()
         flat = re.sub(r"\\\n\s*", " ", text)
-        lines = flat.splitlines()
+        stages = re.split(r"^FROM\s", flat, flags=re.M | re.I)
+        base = stages[-1].split(None, 1)[0]
         instr = [(l.split(None, 1)[0].upper(), l.split(None, 1)[1].strip() if " " in l.strip() else "")
-                 for l in (x.strip() for x in lines) if l and not l.startswith("#")]
-        base = next(v for k, v in instr if k == "FROM")
+                 for l in (x.strip() for x in stages[-1].splitlines()[1:]) if l and not l.startswith("#")]
         torch = re.match(r"pytorch/pytorch:(\d+\.\d+\.\d+)", base)
-        if not torch:
-            raise ValueError(f"trainer-image/Dockerfile: base image {base!r} is not pytorch/pytorch:<torch version>-...")
+        if not torch and "pytorch" in base:
+            raise ValueError(f"{dockerfile.name}: base image {base!r} is not pytorch/pytorch:<torch version>-...")
         env: dict[str, str] = {}
         for k, v in instr:
             if k == "ENV":
                 env.update(dict(re.findall(r"(\w+)=(\S+)", v)))
-        last = lambda key: [v for k, v in instr if k == key][-1]  # noqa: E731
-        extra = re.search(r'pip install "\.\[(\w+)\]"', text)
-        dirs = re.search(r"mkdir -p ([^&\n]+)", flat)
-        return cls(torch_version=torch.group(1), env=env, user=last("USER"), workdir=last("WORKDIR"),
-                   entrypoint=json.loads(last("ENTRYPOINT")), cmd=json.loads(last("CMD")),
+        values = lambda key: [v for k, v in instr if k == key]  # noqa: E731
+        extra = re.search(r'"\.\[(\w+)\]"', text)
+        dirs = re.search(r"mkdir -p ([^&\n]+)", stages[-1])
+        venv = re.search(r"python -m venv (\S+)", flat)
+        constraints = re.search(r"--constraint (\S+)", flat)
+        return cls(torch_version=torch.group(1) if torch else None, env=env, user=values("USER")[-1],
+                   workdir=(values("WORKDIR") or ["/"])[-1],
+                   entrypoint=json.loads(values("ENTRYPOINT")[-1]),
+                   cmd=json.loads(values("CMD")[-1]) if values("CMD") else [],
                    directories=dirs.group(1).split() if dirs else [],
-                   extra=extra.group(1) if extra else "trainer")
+                   extra=extra.group(1) if extra else "trainer",
+                   venv=venv.group(1) if venv else None,
+                   constraints=constraints.group(1) if constraints else None)
+
+    @property
+    def prefix(self) -> str:
+        """Where the packages and their console scripts go: the virtualenv, or the base's /usr/local."""
+        return self.venv or "/usr/local"
+
+
+def operator_spec() -> DockerfileSpec:
+    return DockerfileSpec.parse(dockerfile=OPERATOR_DOCKERFILE)
 
 
 def _venv() -> Path:
@@ -333,23 +381,24 @@ def _python_version(python: Path) -> str:
                           check=True, capture_output=True, text=True).stdout.strip()
 
 
-def trainer_requirements(spec: DockerfileSpec) -> str:
-    """The Dockerfile's `pip install ".[trainer]"` on its base's torch, pinned as the floor lock pins it."""
-    floor = FLOOR_LOCK.read_text()
-    if f"\ntorch=={spec.torch_version}\n" not in f"\n{floor}":
-        raise RuntimeError(f"requirements/torch-floor.lock does not pin torch=={spec.torch_version}, "
+def requirements(spec: DockerfileSpec) -> str:
+    """The Dockerfile's `pip install ".[<extra>]"`, pinned as it pins it: by its constraints file, or
+    (the trainer) at its base image's torch as the floor lock pins it."""
+    lock = ROOT / spec.constraints if spec.constraints else FLOOR_LOCK
+    if spec.torch_version and f"\ntorch=={spec.torch_version}\n" not in f"\n{lock.read_text()}":
+        raise RuntimeError(f"{lock.relative_to(ROOT)} does not pin torch=={spec.torch_version}, "
                            f"the torch of trainer-image/Dockerfile's base image")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "requirements.txt"
         subprocess.run(
             [_uv(), "pip", "compile", "-q", str(ROOT / "pyproject.toml"), "--extra", spec.extra,
-             "-c", str(FLOOR_LOCK), "--python-version", PYTHON_VERSION, "--python-platform", "x86_64-manylinux_2_28",
+             "-c", str(lock), "--python-version", PYTHON_VERSION, "--python-platform", PYTHON_PLATFORM,
              "--no-header", "--no-annotate", "--offline", "-o", str(out)],
             check=True, capture_output=True, text=True, cwd=ROOT)
-        requirements = out.read_text()
-    if f"\ntorch=={spec.torch_version}\n" not in f"\n{requirements}":
-        raise RuntimeError(f"the trainer extra did not resolve to torch=={spec.torch_version}:\n{requirements}")
-    return requirements
+        pinned = out.read_text()
+    if spec.torch_version and f"\ntorch=={spec.torch_version}\n" not in f"\n{pinned}":
+        raise RuntimeError(f"the trainer extra did not resolve to torch=={spec.torch_version}:\n{pinned}")
+    return pinned
 
 
 def _source_digest() -> bytes:
@@ -383,73 +432,123 @@ def _python_ignore(python: Path):
     return ignore
 
 
-def _shebang(rel: str, path: Path) -> bytes | None:
+def _shebang_for(prefix: str):
     """Console scripts from uv name the build's interpreter: point them at the image's."""
-    data = path.read_bytes()
-    if data.startswith(b"#!") and b"python" in data.split(b"\n", 1)[0]:
-        return b"#!/usr/local/bin/python3\n" + data.split(b"\n", 1)[1]
-    return None
+    def rewrite(rel: str, path: Path) -> bytes | None:
+        data = path.read_bytes()
+        if data.startswith(b"#!") and b"python" in data.split(b"\n", 1)[0]:
+            return f"#!{prefix}/bin/python3\n".encode() + data.split(b"\n", 1)[1]
+        return None
+    return rewrite
 
 
-def trainer_image(spec: DockerfileSpec | None = None) -> Image:
-    spec = spec or DockerfileSpec.parse()
-    requirements = trainer_requirements(spec)
+def _base_layer(tmp: Path, spec: DockerfileSpec, python: Path) -> tuple[str, int, Path]:
+    """Debian base, CPython in /usr/local (with the loader's cache), the user, the Dockerfile's directories
+    and its virtualenv's skeleton."""
+    _debian_rootfs(tmp)
+    rootfs = tmp / "rootfs"
+    shutil.copytree(python, rootfs / "usr" / "local", symlinks=True, ignore=_python_ignore(python))
+    if not (rootfs / "usr" / "local" / "bin" / "python").exists():
+        (rootfs / "usr" / "local" / "bin" / "python").symlink_to("python3")
+    if not (rootfs / "bin" / "sh").exists():
+        (rootfs / "bin" / "sh").symlink_to("dash")
+    (rootfs / "etc" / "ld.so.conf").write_text("include /etc/ld.so.conf.d/*.conf\n")
+    (rootfs / "etc" / "ld.so.conf.d" / "usr-local.conf").write_text("/usr/local/lib\n")
+    subprocess.run(["ldconfig", "-r", str(rootfs)], check=True)
+    base = LayerWriter(tmp / "base.tar")
+    base.tree(rootfs, "")
+    base.directory("tmp", mode=0o1777)
+    base.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"
+              b"forge:x:10001:10001::/home/forge:/usr/sbin/nologin\n")
+    base.file("etc/group", b"root:x:0:\nforge:x:10001:\n")
+    base.directory("home/forge", mode=0o755, uid=TRAINER_UID)
+    for d in spec.directories:
+        base.directory(d, mode=0o755, uid=TRAINER_UID)
+    if spec.venv:
+        venv = spec.venv.strip("/")
+        base.file(f"{venv}/pyvenv.cfg", f"home = /usr/local/bin\ninclude-system-site-packages = false\n"
+                  f"version = {_python_version(python).split()[0]}\n".encode())
+        for name in ("python", "python3", f"python{PYTHON_VERSION}"):
+            base.symlink(f"{venv}/bin/{name}", "/usr/local/bin/python3")
+    shutil.rmtree(rootfs)
+    return (*base.close(), tmp / "base.tar")
+
+
+def _package_layers(tmp: Path, spec: DockerfileSpec, pinned: str) -> list[tuple[str, int, Path]]:
+    """The extra's wheels, then forge itself: one layer each, with fixed times (no byte code is shipped
+    in them), so that the same wheels make the same layer, which a node that has it unpacked already
+    does not unpack again."""
+    site, app = tmp / "site", tmp / "app"
+    (tmp / "requirements.txt").write_text(pinned)
+    uv = [_uv(), "pip", "install", "-q", "--python", str(_venv() / "bin" / "python"), "--offline", "--no-deps",
+          "--link-mode", "hardlink"]
+    subprocess.run([*uv, "--target", str(site), "-r", str(tmp / "requirements.txt")], check=True)
+    subprocess.run([*uv, "--target", str(app), str(ROOT)], check=True, cwd=tmp)
+    prefix = spec.prefix.strip("/")
+    layers = []
+    for name, src in (("deps", site), ("forge", app)):
+        layer = LayerWriter(tmp / f"{name}.tar", mtime=SOURCE_DATE_EPOCH)
+        layer.tree(src, f"{prefix}/lib/python{PYTHON_VERSION}/site-packages", exclude=re.compile(r"^bin/"))
+        if (src / "bin").exists():
+            layer.tree(src / "bin", f"{prefix}/bin", rewrite=_shebang_for(spec.prefix))
+        layers.append((*layer.close(), tmp / f"{name}.tar"))
+        shutil.rmtree(src)
+    (tmp / "requirements.txt").unlink()
+    return layers
+
+
+BASE_PATH = "/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _image_env(spec: DockerfileSpec) -> dict[str, str]:
+    """The Dockerfile's ENV over the base image's, `$PATH` expanded as docker build expands it."""
+    env = {"PATH": BASE_PATH, "LANG": "C.UTF-8"}
+    for key, value in spec.env.items():
+        env[key] = re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), ""), value)
+    return env
+
+
+def python_image(spec: DockerfileSpec, name: str, aliases: tuple[str, ...] = ()) -> Image:
+    """The image a Dockerfile of ours describes, built from this machine's CPython, Debian packages and
+    uv's cache of wheels (cached by a key of every input)."""
+    pinned = requirements(spec)
     python = base_python()
-    key = _digest(requirements.encode(), _source_digest(), " ".join(DEBIAN_PACKAGES).encode(),
+    key = _digest(pinned.encode(), _source_digest(), " ".join(DEBIAN_PACKAGES).encode(),
                   str(python).encode(), _python_version(python).encode(), json.dumps(spec.__dict__, sort_keys=True).encode(),
                   Path(__file__).read_bytes())
 
     def build(tmp: Path, ref: str) -> None:
-        _debian_rootfs(tmp)
-        site, app = tmp / "site", tmp / "app"
-        (tmp / "requirements.txt").write_text(requirements)
-        uv = [_uv(), "pip", "install", "-q", "--python", str(_venv() / "bin" / "python"), "--offline", "--no-deps",
-              "--link-mode", "hardlink"]
-        subprocess.run([*uv, "--target", str(site), "-r", str(tmp / "requirements.txt")], check=True)
-        subprocess.run([*uv, "--target", str(app), str(ROOT)], check=True, cwd=tmp)
-        pyver = f"python{PYTHON_VERSION}"
-        layers = []
-        # 1. Debian base, CPython in /usr/local (with the loader's cache), the user and the Dockerfile's directories
-        rootfs = tmp / "rootfs"
-        shutil.copytree(python, rootfs / "usr" / "local", symlinks=True, ignore=_python_ignore(python))
-        if not (rootfs / "usr" / "local" / "bin" / "python").exists():
-            (rootfs / "usr" / "local" / "bin" / "python").symlink_to("python3")
-        if not (rootfs / "bin" / "sh").exists():
-            (rootfs / "bin" / "sh").symlink_to("dash")
-        (rootfs / "etc" / "ld.so.conf").write_text("include /etc/ld.so.conf.d/*.conf\n")
-        (rootfs / "etc" / "ld.so.conf.d" / "usr-local.conf").write_text("/usr/local/lib\n")
-        subprocess.run(["ldconfig", "-r", str(rootfs)], check=True)
-        base = LayerWriter(tmp / "base.tar")
-        base.tree(rootfs, "")
-        base.directory("tmp", mode=0o1777)
-        base.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"
-                  b"forge:x:10001:10001::/home/forge:/usr/sbin/nologin\n")
-        base.file("etc/group", b"root:x:0:\nforge:x:10001:\n")
-        base.directory("home/forge", mode=0o755, uid=TRAINER_UID)
-        for d in spec.directories:
-            base.directory(d, mode=0o755, uid=TRAINER_UID)
-        layers.append((*base.close(), tmp / "base.tar"))
-        # 2. the trainer extra's wheels; 3. forge itself
-        for name, src in (("deps", site), ("forge", app)):
-            # fixed times (no byte code is shipped in these): the same wheels make the same layer, which
-            # a node that has it unpacked already does not unpack again
-            layer = LayerWriter(tmp / f"{name}.tar", mtime=SOURCE_DATE_EPOCH)
-            bin_dir = src / "bin"
-            layer.tree(src, f"usr/local/lib/{pyver}/site-packages", exclude=re.compile(r"^bin/"))
-            if bin_dir.exists():
-                layer.tree(bin_dir, "usr/local/bin", rewrite=_shebang)
-            layers.append((*layer.close(), tmp / f"{name}.tar"))
-        env = {"PATH": "/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", **spec.env}
+        layers = [_base_layer(tmp, spec, python), *_package_layers(tmp, spec, pinned)]
         write_layout(tmp / "oci", ref, layers, {
-            "config": {"Env": [f"{k}={v}" for k, v in env.items()], "User": spec.user,
+            "config": {"Env": [f"{k}={v}" for k, v in _image_env(spec).items()], "User": spec.user,
                        "WorkingDir": spec.workdir, "Entrypoint": spec.entrypoint, "Cmd": spec.cmd},
         })
         for p in (tmp / "oci").iterdir():
             p.rename(tmp / p.name)
-        for p in ("rootfs", "site", "app", "requirements.txt"):
-            shutil.rmtree(tmp / p, ignore_errors=True) if (tmp / p).is_dir() else (tmp / p).unlink()
 
-    return _cached(TRAINER_IMAGE, key, build)
+    image = _cached(name, key, build)
+    image.aliases = aliases
+    return image
+
+
+def chart_images() -> dict[str, str]:
+    """The images the Helm chart's default values name: {"operator": ..., "trainer": ...}."""
+    import yaml  # the project's virtualenv builds the images
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    return {"operator": f"{values['image']['repository']}:{values['image']['tag'] or app_version}",
+            "trainer": values["trainerImage"]}
+
+
+def trainer_image(spec: DockerfileSpec | None = None) -> Image:
+    """trainer-image/Dockerfile's image, also named as the chart's trainerImage."""
+    return python_image(spec or DockerfileSpec.parse(), TRAINER_IMAGE, (chart_images()["trainer"],))
+
+
+def operator_image() -> Image:
+    """The root Dockerfile's image (`forge operator`), also named as the chart's operator image."""
+    return python_image(operator_spec(), OPERATOR_IMAGE, (chart_images()["operator"],))
 
 
 # -- reading a built image back ------------------------------------------------------------------
@@ -486,10 +585,11 @@ def normalise(name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
     parser = argparse.ArgumentParser(description="Build the node images (OCI layouts, cached); print where.")
-    parser.add_argument("image", choices=["trainer", "pause"])
+    parser.add_argument("image", choices=["trainer", "operator", "pause"])
     parser.add_argument("--bin-dir", help="scripts/realnode-build's folder (for pause)")
     args = parser.parse_args(argv)
-    image = trainer_image() if args.image == "trainer" else pause_image(Path(args.bin_dir))
+    build = {"trainer": trainer_image, "operator": operator_image, "pause": lambda: pause_image(Path(args.bin_dir))}
+    image = build[args.image]()
     print(image.name)
     print(image.layout)
     return 0

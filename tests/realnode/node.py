@@ -86,7 +86,8 @@ class RealNode:
     def up(self, images=(), timeout: float = 120.0) -> None:
         """Start containerd, import ``images`` (plus the sandbox image), start CoreDNS and the kubelet,
         and wait until the Node is Ready."""
-        from images import pause_image  # tests/realnode is on sys.path with this module
+        from devcluster import CPU_POOL, NODE_POOL_LABEL  # both folders are on sys.path with this module
+        from images import pause_image
 
         t0 = time.monotonic()
         for sub in ("containerd", "kubelet", "cni/conf", "cni/ipam", "pod-logs", "logs"):
@@ -96,12 +97,10 @@ class RealNode:
         self._write_containerd_config(pause.name)
         self._start("containerd", [str(self.bin / "containerd"), "--config", str(self.dir / "containerd" / "config.toml")])
         self._wait("containerd socket", lambda: self.ctr("version").returncode == 0, timeout)
-        present = set(self.ctr("images", "ls", "-q").stdout.split())
         for image in (pause, *images):
             t = time.monotonic()
-            if image.name not in present:
-                image.import_into(self.bin / "ctr", str(self.socket))
-            self.timings[f"import {image.name}" + (" (present)" if image.name in present else "")] = time.monotonic() - t
+            imported = image.install(self.bin / "ctr", str(self.socket))
+            self.timings[f"import {image.name}" + ("" if imported else " (present)")] = time.monotonic() - t
         self._start("coredns", [str(self.bin / "coredns"), "-conf", str(self._write_corefile())])
         api_port = self.cluster.state.server.rsplit(":", 1)[1]
         self._start("kubernetes-service-proxy", [sys.executable, str(HERE / "serviceproxy.py"), API_SERVICE_IP, "443",
@@ -113,7 +112,7 @@ class RealNode:
             "--root-dir", str(self.dir / "kubelet" / "root"), "--cert-dir", str(self.dir / "kubelet" / "pki"),
             # the kubelet refuses a loopback node IP: the node's address is its bridge's
             "--hostname-override", self.name, "--node-ip", self.net.gateway,
-            "--node-labels", f"{NODE_LABEL}=true", "--v", "1"])
+            "--node-labels", f"{NODE_LABEL}=true,{NODE_POOL_LABEL}={CPU_POOL}", "--v", "1"])
         self._wait(f"node {self.name} Ready", self._ready, timeout)
         self.timings["node join"] = time.monotonic() - t0
 
