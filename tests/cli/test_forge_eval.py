@@ -5,6 +5,7 @@ code that says whether every gate passed."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -145,3 +146,29 @@ def test_forge_eval_refuses_a_generation_suite_without_rewards_and_names_a_bad_r
     doc["spec"]["suites"][0]["rewards"][0]["python"]["function"] = "missing"
     assert run_with_kpi(tmp_path, volumes, doc) == 78
     assert "reward 'chars': module" in (err := capsys.readouterr().err) and "has no 'missing'" in err
+
+
+def test_the_example_evaluation_runs(tmp_path, volumes, capsys):
+    """examples/eval.yaml as written, on folders for the claims it names; its model a folder of that claim
+    (a trainingRef needs the ForgeTraining in the same file)."""
+    doc = yaml.safe_load((ROOT / "examples" / "eval.yaml").read_text())
+    doc["spec"]["model"] = {"checkpoint": {"pvc": {"claimName": "forge-models", "path": "sft-assistant-1b"}}}
+    models, data = tmp_path / "forge-models", tmp_path / "eval-data"
+    for name in ("sft-assistant-1b", "sft-assistant-1b-previous"):
+        shutil.copytree(volumes / "models" / "tiny", models / name, ignore=shutil.ignore_patterns("evaluations"))
+    for name, source in (("heldout", "heldout"), ("contracts-mc", "mc"), ("clause-qa", "em")):
+        shutil.copytree(volumes / "data" / source, data / name)
+    (data / "support-prompts").mkdir()
+    (data / "support-prompts" / "prompts.jsonl").write_text("".join(
+        json.dumps({"prompt": f"A customer asks about refund number {i}. Reply:"}) + "\n" for i in range(6)))
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert forge(["eval", str(path), "--volume", f"forge-models={models}", "--volume", f"eval-data={data}"]) == 1
+    out = capsys.readouterr().out
+    assert "gate FAILED: heldout.perplexity" in out  # a random model
+    assert "gate PASSED: support-replies.reward_cites-policy" in out  # the baseline is the same model
+    results = json.loads((models / "sft-assistant-1b" / "evaluations" / "sft-assistant-eval" / "results.json").read_text())
+    assert [s["suite"] for s in results["suites"]] == ["heldout", "contracts-mc", "clause-qa", "support-replies"]
+    replies = results["suites"][3]
+    assert replies["samples"] == 6 and set(replies["metrics"]) == {"reward", "reward_cites-policy", "reward_length"}
+    assert replies["metrics"] == replies["baseline"]
