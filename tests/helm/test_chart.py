@@ -416,9 +416,26 @@ def test_the_operator_may_block_the_deletion_of_the_trainings_it_owns(installs, 
     wide, narrow = installs
     for release, namespaces in ((wide, ["default", wide.namespace]), (narrow, narrow.watch)):
         for ns in namespaces:
-            assert can_i(cluster, release.sa, "update", "forgetrainings.forge.dev", ns, subresource="finalizers")
-            assert not can_i(cluster, release.sa, "update", "forgetrainings.forge.dev", ns)  # spec is the user's
+            for kind in ("forgetrainings.forge.dev", "forgeevals.forge.dev"):  # a ForgeEval owns its Job
+                assert can_i(cluster, release.sa, "update", kind, ns, subresource="finalizers")
+                assert not can_i(cluster, release.sa, "update", kind, ns)  # spec is the user's
     assert not can_i(cluster, narrow.sa, "update", "forgetrainings.forge.dev", "default", subresource="finalizers")
+    assert not can_i(cluster, narrow.sa, "update", "forgeevals.forge.dev", "default", subresource="finalizers")
+
+
+@pytest.mark.cluster
+def test_the_operator_may_make_a_trainings_forgeeval_and_report_on_it(installs, cluster):
+    """A training with spec.evaluation creates its ForgeEval (server-side apply: create + patch); the
+    operator writes each ForgeEval's status, never another's spec, and only where it watches."""
+    wide, narrow = installs
+    for release, namespaces in ((wide, ["default", wide.namespace]), (narrow, narrow.watch)):
+        for ns in namespaces:
+            for verb in ("create", "patch", "get", "list", "watch"):
+                assert can_i(cluster, release.sa, verb, "forgeevals.forge.dev", ns)
+            assert can_i(cluster, release.sa, "patch", "forgeevals.forge.dev", ns, subresource="status")
+            assert not can_i(cluster, release.sa, "delete", "forgeevals.forge.dev", ns)
+    for verb in ("create", "list"):
+        assert not can_i(cluster, narrow.sa, verb, "forgeevals.forge.dev", "default")
 
 
 @pytest.mark.cluster
