@@ -6,6 +6,7 @@ fails it with the evaluator's own words."""
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from forge_trainer.contract import EvalTerminationMessage, GateOutcome, SuiteOutcome
 from operator_support import forge_eval
@@ -97,3 +98,38 @@ def test_a_training_with_evaluation_gets_its_forgeeval_and_a_failed_gate_fails_i
     assert failed["status"]["evaluation"] == {"name": "gated", "phase": "Succeeded", "gatesPassed": False,
                                              "metrics": {"heldout.loss": 3.6, "heldout.perplexity": 36.6}}
     assert failed["status"]["modelRef"]["location"]["pvc"]["claimName"] == "models"  # the model stays
+
+
+def test_a_generation_forgeeval_mounts_its_rewards_and_reports_them(kube, operator):
+    """A generation suite scored by a Python reward from a ConfigMap and a built-in one: the evaluator pod
+    mounts the ConfigMap where the translated config points, and the rewards' metrics and the sign test's
+    gate land in status."""
+    from forge_trainer.eval.config import EvalConfig
+
+    fe = of_checkpoint("gen")
+    fe["spec"]["suites"] = [{"name": "replies", "type": "generation", "data": {"pvc": {"claimName": "corpus"}},
+                             "maxNewTokens": 16, "rewards": [
+                                 {"name": "kpi", "python": {"configMap": {"name": "kpi", "key": "kpi.py"}, "function": "score"}},
+                                 {"name": "no-digit", "regex": {"mustNotMatch": ["[0-9]"]}}]}]
+    fe["spec"]["baseline"] = {"checkpoint": {"pvc": {"claimName": "models", "path": "previous"}}}
+    fe["spec"]["gates"] = [{"metric": "replies.reward_kpi", "maxDrop": 0.0}]
+    kube.apply(fe)
+    pod = running_pod(kube, "gen")
+    mounts = {m["mountPath"]: m["name"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes[mounts["/mnt/rewards/kpi"]]["configMap"]["name"] == "kpi"
+    config_map = volumes["config"]["configMap"]["name"]
+    config = EvalConfig.model_validate(yaml.safe_load(next(iter(kube.get("configmap", config_map)["data"].values()))))
+    assert [(r.name, r.function) for r in config.suites[0].rewards] == [
+        ("kpi", "/mnt/rewards/kpi/kpi.py:score"), ("no-digit", None)]
+    metrics = {"reward": 1.2, "reward_kpi": 0.4, "reward_no-digit": 0.8}
+    end_pod(kube, pod, 0, EvalTerminationMessage(
+        status="completed", exit_code=0, gates_passed=True,
+        suites=[SuiteOutcome(suite="replies", type="generation", samples=12, metrics=metrics,
+                             baseline={"reward": 1.3, "reward_kpi": 0.5, "reward_no-digit": 0.8})],
+        gates=[GateOutcome(metric="replies.reward_kpi", passed=True, value=0.4, baseline=0.5, max_drop=0.0, drop=0.1,
+                           p_value=0.31, message="replies.reward_kpi = 0.4 against baseline 0.5: drop 0.1, maxDrop 0, "
+                                                 "sign test p = 0.31 (not significant at 0.05): passed")]))
+    done = kube.wait_for("Succeeded", lambda: (o := kube.get("forgeeval", "gen"))["status"].get("phase") == "Succeeded" and o)
+    assert done["status"]["results"][0]["metrics"] == metrics and done["status"]["gates"][0]["pValue"] == 0.31
+    assert condition(done, "GatesPassed")["status"] == "True"
