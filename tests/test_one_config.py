@@ -20,7 +20,7 @@ from forge_operator.api.enums import ConditionType
 from forge_operator.api.names import CONFIG_FILE, PVC_MOUNT_ROOT, REWARDS_MOUNT_ROOT, TERMINATION_MESSAGE_PATH
 from forge_operator.api.training import (
     ArchitectureSpec, CheckpointSpec, DataSource, DataSpec, ForgeTraining, GrpoSpec, HttpRewardSpec, LoraSpec, MoeSpec,
-    SamplingSpec, TokenizerTrainSpec, TrainingSpec,
+    OutputSpec, SamplingSpec, TokenizerTrainSpec, TrainingSpec,
 )
 from forge_operator.cli.local import LOCAL_METRICS, SUMMARY_FILE, local_config
 from forge_operator.training.children import config_map_name
@@ -30,7 +30,7 @@ from forge_operator.training.translate import trainer_config
 from forge_trainer import defaults as shared
 from forge_trainer.config import (
     ArchitectureConfig, CheckpointConfig, DataSourceConfig, DpoMethod, GrpoMethod, HttpReward, LoraConfig,
-    TokenizerTrainConfig, TrainerConfig, TrainingConfig,
+    OutputConfig, TokenizerTrainConfig, TrainerConfig, TrainingConfig,
     load_config,
 )
 
@@ -210,6 +210,8 @@ SHARED_FIELDS = [
     (CheckpointSpec, "interval_steps", CheckpointConfig, "interval_steps"),
     (CheckpointSpec, "interval_minutes", CheckpointConfig, "interval_minutes"),
     (CheckpointSpec, "keep_last", CheckpointConfig, "keep_last"),
+    (CheckpointSpec, "retain_after_success", CheckpointConfig, "retain_after_success"),
+    (OutputSpec, "file_mode", OutputConfig, "file_mode"),
 ]
 # API fields with a default that the trainer has no field for: the operator acts on them itself
 # (or translates them into another shape, checked by the next test)

@@ -338,11 +338,24 @@ class CheckpointConfig(_Model):
     """Delete older checkpoints, keeping this many."""
     resume: str = "auto"
     """auto = resume from the latest valid checkpoint in dir; never = start fresh; or a checkpoint path."""
+    retain_after_success: Literal["All", "Last", "None"] = D.CHECKPOINT_RETAIN_AFTER_SUCCESS
+    """Once the model is exported: All = keep the checkpoints (keep_last of them); Last = only the final one;
+    None = delete them all (a run started again then trains from the start)."""
 
 
 class OutputConfig(_Model):
     dir: str = "/output"
     """Where the exported Hugging Face model, tokenizer and provenance.json are written."""
+    file_mode: int = Field(D.OUTPUT_FILE_MODE, ge=0, le=0o777)
+    """Permission bits of the exported files; its folders get them plus search where readable (0644 -> 0755)."""
+
+
+class ProvenanceConfig(_Model):
+    """The provenance record written beside the exported model (provenance.json)."""
+
+    signing_key: str | None = None
+    """An Ed25519 private key (PEM, unencrypted): rank 0 signs the record with it (provenance.json.sig);
+    null: the record says it is unsigned."""
 
 
 class MetricsConfig(_Model):
@@ -616,6 +629,7 @@ class TrainerConfig(_Model):
     egress: EgressConfig = EgressConfig()
     residency: ResidencyConfig | None = None
     """The regions and zones the workers were confined to; None: anywhere (or a local run)."""
+    provenance: ProvenanceConfig = ProvenanceConfig()
     termination_message_path: str = DEFAULT_TERMINATION_MESSAGE_PATH
     """A one-line JSON summary is written here at exit (when its directory is writable)."""
 

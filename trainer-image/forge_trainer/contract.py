@@ -23,6 +23,19 @@ PROGRESS_ANNOTATION = "forge.dev/progress"
 POD_NAME_ENV = "FORGE_POD_NAME"
 POD_NAMESPACE_ENV = "FORGE_POD_NAMESPACE"
 """The pod's name and namespace (downward API), so rank 0 can annotate it."""
+CONTAINER_NAME = "trainer"
+"""The worker pod's container, which runs the trainer."""
+IMAGE_ENV = "FORGE_IMAGE"
+"""The trainer image reference the operator put in the pod; provenance.json records it (and, read from the
+pod's status, its digest)."""
+NODE_NAME_ENV = "FORGE_NODE_NAME"
+NODE_REGION_ENV = "FORGE_NODE_REGION"
+NODE_ZONE_ENV = "FORGE_NODE_ZONE"
+"""The node a worker runs on (downward API spec.nodeName) and the pod's topology.kubernetes.io/region and
+zone labels (downward API; the API server copies them from the node at binding where its
+PodTopologyLabelsAdmission plugin is on, else they are empty); provenance.json records them per node."""
+TOPOLOGY_REGION_LABEL = "topology.kubernetes.io/region"
+TOPOLOGY_ZONE_LABEL = "topology.kubernetes.io/zone"
 DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 """A one-line JSON summary goes here at exit: the final progress, or the error with its exit code."""
 PRESTOP_COMMAND = ("python", "-m", "forge_trainer.prestop")

@@ -81,6 +81,8 @@ def min_learning_rate(learning_rate: float) -> float:
 CHECKPOINT_INTERVAL_STEPS = 1000
 CHECKPOINT_INTERVAL_MINUTES = 30
 CHECKPOINT_KEEP_LAST = 3
+CHECKPOINT_RETAIN_AFTER_SUCCESS = "All"  # All (keepLast of them), Last or None once the model is exported
+OUTPUT_FILE_MODE = 0o644  # the exported files (folders: 0755): readable by the group and others
 
 # metrics (set by the operator's pods, not by the API)
 METRICS_PORT = 9090  # rank 0 serves Prometheus metrics here; the worker pods expose this port

@@ -34,6 +34,7 @@ from .runtime.egress import egress_locked, policy_of
 from .runtime.export import export, write_model_files
 from .runtime.optim import build_optimizer, lr_at, set_lr
 from .runtime.progress import Reporter, build_progress
+from .provenance import ProvenanceError, load_private_key
 from .runtime.provenance import build_provenance
 from .runtime.signals import SigtermFlag, on_every_rank, sigterm_caught
 
@@ -89,6 +90,14 @@ class Setup:
     total_steps: int | None  # where max_steps or max_tokens end the run; None: only a deadline does
     autocast: contextlib.AbstractContextManager
     peak_flops: float | None  # of one device, for MFU
+    signing_key: object = None  # rank 0's Ed25519 key for provenance.json (provenance.signing_key)
+    gpus: int = 0  # GPUs this run uses (0 on CPU), for the GPU-hours
+    gpu_seconds_before: float = 0.0  # of the runs before this one, as the checkpoint it resumed from says
+    clock: float = field(default_factory=time.monotonic)  # when the set-up began
+
+    def gpu_seconds(self) -> float:
+        """GPU-seconds of the runs that led here, this one's so far included."""
+        return self.gpu_seconds_before + self.gpus * (time.monotonic() - self.clock)
 
 
 def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None) -> RunSummary:
@@ -224,6 +233,7 @@ def _set_up(config: TrainerConfig, d: Dist, stop: SigtermFlag) -> Setup:
         tokens_per_step=tokens_per_step, budget=t.budget, total_steps=total_steps(t, tokens_per_step),
         autocast=torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext(),
         peak_flops=peak_flops(d.device, config.metrics.peak_flops_per_device),
+        signing_key=signing_key(config) if d.is_main else None, gpus=d.world if d.device.type == "cuda" else 0,
     )
     method.start(model, s.autocast, d)  # before any checkpoint is loaded: dpo's reference is the starting model
     if d.is_main:
@@ -254,6 +264,7 @@ def _resume(config: TrainerConfig, s: Setup, d: Dist) -> tuple[TrainState, Path 
         log.warning("the data or training.seq_len changed since %s: the loader goes on counting over the "
                     "new windows, so this run does not continue the same curve", path.name)
     s.batches.load_state_dict(state.loader)
+    s.gpu_seconds_before = state.gpu_seconds
     state.origin = line  # the line this run continues, which may start at the checkpoint it resumed from
     if d.is_main:
         log.info("resumed from %s (step %d, %s tokens)", path, state.step, f"{state.tokens_seen:,}")
@@ -356,6 +367,7 @@ def _save(config: TrainerConfig, s: Setup, state: TrainState, d: Dist, timings: 
     state.loader, state.world_size, state.time = s.batches.state_dict(), d.world, rfc3339()
     state.data_digest, state.tokenizer_digest = s.dataset.digest, s.dataset.tokenizer.digest
     state.config = config.model_dump(mode="json")
+    state.gpu_seconds = s.gpu_seconds()
     saved = checkpoint.save(config.checkpoint.dir, s.model, s.optimizer, state, config.checkpoint.keep_last, d,
                             model_files=lambda folder: write_model_files(folder, s.hf_cfg, s.dataset.tokenizer))
     timings.save = time.monotonic() - t0
@@ -378,12 +390,24 @@ def _export(config: TrainerConfig, s: Setup, state: TrainState, d: Dist, reason:
         tokenizer={"digest": tok.digest, "vocab_size": tok.vocab_size, "eos_token": tok.eos_token, "encoder": tok.encoder},
         model={"params": s.stats.params, "active_params": s.stats.active_params,
                "flops_per_token": s.stats.flops_per_token, "config": describe(s.hf_cfg)},
+        gpu_hours=s.gpu_seconds() / 3600,
     )
     lora = config.training.lora
     out = export(config.output.dir, s.model, s.hf_cfg, tok, provenance, d,
                  adapters=LoraExport(lora, config.model.base_path) if lora is not None else None,
-                 log_history=state.log_history)
+                 log_history=state.log_history, signing_key=s.signing_key, file_mode=config.output.file_mode)
     d.barrier()
     if d.is_main:
-        log.info("exported %s (%s)", out, reason)
+        log.info("exported %s (%s, provenance %s)", out, reason, "signed" if s.signing_key else "unsigned")
+        checkpoint.retain_after_success(config.checkpoint)
     return str(config.output.dir)
+
+
+def signing_key(config: TrainerConfig):
+    """provenance.signing_key, read before training so that a bad key fails at once (None: unsigned)."""
+    if config.provenance.signing_key is None:
+        return None
+    try:
+        return load_private_key(config.provenance.signing_key)
+    except ProvenanceError as e:
+        raise ConfigError(f"provenance.signing_key: {e}") from None

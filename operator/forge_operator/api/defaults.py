@@ -31,10 +31,13 @@ from forge_trainer.defaults import (  # noqa: F401  (re-exported: the API's shar
     # spec.training.lora
     LORA_ALPHA, LORA_DROPOUT, LORA_EXPORT, LORA_R,
     # spec.checkpoint
-    CHECKPOINT_INTERVAL_MINUTES, CHECKPOINT_INTERVAL_STEPS, CHECKPOINT_KEEP_LAST,
+    CHECKPOINT_INTERVAL_MINUTES, CHECKPOINT_INTERVAL_STEPS, CHECKPOINT_KEEP_LAST, CHECKPOINT_RETAIN_AFTER_SUCCESS,
+    # spec.output
+    OUTPUT_FILE_MODE,
     # ForgeEval
     EVAL_BATCH_SIZE, EVAL_FORMAT, EVAL_MAX_NEW_TOKENS, EVAL_SIGNIFICANCE,
 )
+from forge_trainer.provenance import RECORD_FILE as PROVENANCE_FILE  # noqa: F401  (status.modelRef.provenance)
 
 # spec.resources
 NUM_NODES = 1
@@ -49,6 +52,9 @@ TRAINER_IMAGE = "ghcr.io/forge-dev/forge-trainer:0.1.0"
 SUSPEND = False
 EGRESS = "Restricted"  # spec.network.egress: the trainer's egress lock is on
 
+# spec.provenance.signingKeySecret
+SIGNING_KEY = "private.pem"
+
 # spec.failurePolicy
 MAX_RESTARTS = 3
 BACKOFF_SECONDS = 10
@@ -57,8 +63,6 @@ NODE_FAILURE_TIMEOUT_SECONDS = 120
 STALL_TIMEOUT_SECONDS = 1800
 RENDEZVOUS_TIMEOUT_SECONDS = 1800  # pods of one attempt may start this far apart
 
-# status.modelRef
-PROVENANCE_FILE = "provenance.json"
 
 # ForgeEval
 EVAL_GPUS = 1

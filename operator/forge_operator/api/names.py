@@ -20,8 +20,8 @@ LABEL_ATTEMPT = f"{GROUP}/attempt"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 
 # the well-known node labels spec.residency is matched on (set by the cloud provider or the administrator)
-LABEL_REGION = "topology.kubernetes.io/region"
-LABEL_ZONE = "topology.kubernetes.io/zone"
+LABEL_REGION = contract.TOPOLOGY_REGION_LABEL
+LABEL_ZONE = contract.TOPOLOGY_ZONE_LABEL
 
 # written by the trainer's rank 0 on its own pod; read by the operator
 ANNOTATION_PROGRESS = contract.PROGRESS_ANNOTATION
@@ -29,7 +29,7 @@ ANNOTATION_PROGRESS = contract.PROGRESS_ANNOTATION
 ANNOTATION_RESTART_REASON = f"{GROUP}/restart-reason"
 
 # pod layout
-CONTAINER_NAME = "trainer"
+CONTAINER_NAME = contract.CONTAINER_NAME
 CONFIG_MOUNT = "/etc/forge"
 CONFIG_FILE = "trainer.yaml"
 EVAL_CONFIG_FILE = "eval.yaml"
@@ -48,6 +48,12 @@ TERMINATION_MESSAGE_PATH = contract.DEFAULT_TERMINATION_MESSAGE_PATH
 ENV_POD_NAME = contract.POD_NAME_ENV
 ENV_POD_NAMESPACE = contract.POD_NAMESPACE_ENV
 ENV_TRAINING_NAME = "FORGE_TRAINING_NAME"
+ENV_IMAGE = contract.IMAGE_ENV
+ENV_NODE_NAME = contract.NODE_NAME_ENV
+ENV_NODE_REGION = contract.NODE_REGION_ENV
+ENV_NODE_ZONE = contract.NODE_ZONE_ENV
+SIGNING_KEY_MOUNT = "/etc/forge-signing"
+"""spec.provenance.signingKeySecret is mounted here (its one key, read by rank 0 only)."""
 ENV_RESTART_COUNT = "FORGE_RESTART_COUNT"
 # torch >= 2.12: how long torchrun waits for its workers after forwarding SIGTERM before it SIGKILLs them
 # (30 s, fixed, in older versions)

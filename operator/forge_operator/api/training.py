@@ -528,6 +528,9 @@ class CheckpointSpec(ApiModel):
     resume_from: PathStr | None = None
     """Start from this checkpoint folder (relative to the location) instead of the latest one; restarts of
     this training continue from the checkpoints it writes from there, not from this one again."""
+    retain_after_success: Literal["All", "Last", "None"] = defaults.CHECKPOINT_RETAIN_AFTER_SUCCESS
+    """What stays once the model is exported: All (the keepLast newest), Last (the final checkpoint only) or
+    None (every checkpoint deleted; the training cannot be continued from them)."""
 
 
 class FailurePolicySpec(ApiModel):
@@ -563,12 +566,35 @@ class OutputSpec(ApiModel):
     location: VolumeLocation
     """Folder for the exported model: a folder inside the volume, never its root (the model is written
     beside it under a temporary name and renamed into place when complete)."""
+    file_mode: Annotated[int, Field(ge=0, le=0o777)] = defaults.OUTPUT_FILE_MODE
+    """Permission bits of the exported files, as a volume's defaultMode: octal in YAML (0640) or decimal in JSON
+    (416). Its folders get the same bits plus search where readable (0644 -> 0755, 0640 -> 0750)."""
 
     cel_rules = (
         Cel("has(self.location.pvc.path) && self.location.pvc.path.matches('[^/.]')",
             "the model is exported into a folder inside the volume: set a path (not the volume root)",
             lambda s: any(ch not in "/." for ch in s.location.pvc.path), field_path=".location.pvc.path"),
     )
+
+
+class SigningKeySecret(ApiModel):
+    """A Secret in the training's namespace holding an Ed25519 private key, PEM, unencrypted (made with
+    `openssl genpkey -algorithm ed25519 -out private.pem` and `kubectl create secret generic NAME
+    --from-file=private.pem`)."""
+
+    name: DnsLabel
+    """Name of the Secret."""
+    key: Annotated[str, Field(pattern=r"^[-._a-zA-Z0-9]+$", max_length=253)] = defaults.SIGNING_KEY
+    """The Secret's key that holds the private key."""
+
+
+class ProvenanceSpec(ApiModel):
+    """The provenance record written beside the exported model (provenance.json): data, config, image,
+    nodes, times, the base model's record and the hash of every exported file."""
+
+    signing_key_secret: SigningKeySecret | None = None
+    """Sign the record with this key (Ed25519, a detached provenance.json.sig); the Secret is mounted
+    read-only into the worker pods and only rank 0 reads it. Left out: the record says it is unsigned."""
 
 
 class TrainingEvaluationSpec(ApiModel):
@@ -625,6 +651,8 @@ class ForgeTrainingSpec(ApiModel):
     """Restarts, backoff and non-retryable exit codes."""
     output: OutputSpec
     """Where the final model is exported."""
+    provenance: ProvenanceSpec = ProvenanceSpec()
+    """How the exported model's provenance record is signed."""
     evaluation: TrainingEvaluationSpec | None = None
     """Evaluate the final model and gate on the result."""
     rewards: Annotated[list[RewardSpec], Field(max_length=16)] | None = None

@@ -85,7 +85,8 @@ class ProgressBar:
 
 def local_config(path: str, volumes: list[str]) -> tuple[ForgeTraining, TrainerConfig]:
     """The ForgeTraining in ``path`` and the trainer's configuration for one local process: the
-    operator's translation, with PVCs (and the ConfigMaps of spec.rewards, by name) at the --volume folders
+    operator's translation, with PVCs (and the ConfigMaps of spec.rewards and the Secret of
+    spec.provenance.signingKeySecret, by name) at the --volume folders
     and the settings of LOCAL_METRICS and SUMMARY_FILE. Raises what validating or translating raises."""
     mounts = parse_volumes(volumes)
     ft = load_training(path)
@@ -94,10 +95,13 @@ def local_config(path: str, volumes: list[str]) -> tuple[ForgeTraining, TrainerC
         root = mounts.get(loc.claim_name, Path("volumes", loc.claim_name).resolve())
         return str(root / loc.path.strip("/")) if loc.path.strip("/") else str(root)
 
+    def folder(name: str) -> str:  # a ConfigMap or Secret of the spec, by name
+        return str(mounts.get(name, Path("volumes", name).resolve()))
+
     summary = Path(resolve(ft.spec.output.location.pvc)) / SUMMARY_FILE
     return ft, trainer_config(ft, resolve, metrics=LOCAL_METRICS.model_copy(), world_size=1,
                               termination_message_path=str(summary),
-                              config_map=lambda name: str(mounts.get(name, Path("volumes", name).resolve())))
+                              config_map=folder, secret=folder)
 
 
 def train_local(path: str, volumes: list[str], prompt: str | None = None) -> int:

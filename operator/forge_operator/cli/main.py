@@ -7,6 +7,8 @@
     forge status [NAME] [-n NS | -A] [-o table|json|yaml] [-w]   progress of trainings, found as kubectl would
     forge logs NAME [--rank N] [-f] [--tail N] [--previous]      a worker's log (rank 0 by default)
     forge events NAME                                         what happened to a training and its workers
+    forge provenance verify DIR [--public-key FILE ...] [--skip-data]   check an exported model's record chain
+    forge provenance show DIR                                 print it: chain, data, hashes, nodes, times
 """
 
 from __future__ import annotations
@@ -69,6 +71,18 @@ def _parser() -> argparse.ArgumentParser:
     events = sub.add_parser("events", help="list the events of a training and its workers", allow_abbrev=False)
     events.add_argument("name", help="the training")
     _cluster_options(events)
+
+    prov = sub.add_parser("provenance", help="verify or show an exported model's provenance", allow_abbrev=False)
+    what = prov.add_subparsers(dest="action", required=True)
+    check = what.add_parser("verify", help="check the record chain against the files, data and signatures; "
+                                           "exit 1 naming the first difference", allow_abbrev=False)
+    check.add_argument("dir", help="an exported model's folder (with provenance.json)")
+    check.add_argument("--public-key", action="append", default=[], metavar="FILE",
+                       help="an Ed25519 public key (PEM or OpenSSH) every record must be signed with (repeatable)")
+    check.add_argument("--skip-data", action="store_true", help="do not hash the training data files")
+    check.add_argument("--verbose", action="store_true", help="list every check")
+    show = what.add_parser("show", help="print the record chain readably", allow_abbrev=False)
+    show.add_argument("dir", help="an exported model's folder (with provenance.json)")
     return parser
 
 
@@ -83,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval":
         from .eval_local import eval_local
         return eval_local(args.file, args.volume)
+    if args.command == "provenance":
+        from .provenance import show_command, verify_command
+        if args.action == "show":
+            return show_command(args.dir)
+        return verify_command(args.dir, args.public_key, check_data=not args.skip_data, verbose=args.verbose)
     cluster = {"kubeconfig": args.kubeconfig, "context": args.context}
     if args.command == "status":
         from .status import show_status

@@ -18,10 +18,10 @@ from urllib.parse import urlsplit
 from ..api import defaults
 from ..api.base import PvcLocation
 from ..api.names import (
-    ANNOTATION_RESTART_REASON, CONFIG_FILE, CONFIG_MOUNT, CONTAINER_NAME, ENV_POD_NAME, ENV_POD_NAMESPACE,
-    ENV_RESTART_COUNT, ENV_TORCHRUN_SHUTDOWN_TIMEOUT, ENV_TRAINING_NAME, LABEL_ATTEMPT, LAUNCH_COMMAND, LABEL_KUEUE_QUEUE,
-    LABEL_MANAGED_BY, LABEL_NAME, LABEL_REGION, LABEL_TRAINING, LABEL_ZONE, MANAGED_BY, METRICS_PORT,
-    PRESTOP_COMMAND, PVC_MOUNT_ROOT, REWARDS_MOUNT_ROOT,
+    ANNOTATION_RESTART_REASON, CONFIG_FILE, CONFIG_MOUNT, CONTAINER_NAME, ENV_IMAGE, ENV_NODE_NAME, ENV_NODE_REGION,
+    ENV_NODE_ZONE, ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_RESTART_COUNT, ENV_TORCHRUN_SHUTDOWN_TIMEOUT, ENV_TRAINING_NAME,
+    LABEL_ATTEMPT, LAUNCH_COMMAND, LABEL_KUEUE_QUEUE, LABEL_MANAGED_BY, LABEL_NAME, LABEL_REGION, LABEL_TRAINING,
+    LABEL_ZONE, MANAGED_BY, METRICS_PORT, PRESTOP_COMMAND, PVC_MOUNT_ROOT, REWARDS_MOUNT_ROOT, SIGNING_KEY_MOUNT,
     RENDEZVOUS_PORT, SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_ACCOUNT_PREFIX,
 )
 from ..api.training import ForgeTraining, PodTemplateMetadata, PodTemplateSpec
@@ -220,6 +220,11 @@ def torchrun_shutdown_timeout(grace_period_seconds: int) -> int:
     return max(30, grace_period_seconds - 30)
 
 
+def _field_env(name: str, path: str) -> dict[str, Any]:
+    """An environment variable from the downward API."""
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+
 def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dict[str, Any]:
     """The worker pod."""
     r = ft.spec.resources
@@ -239,11 +244,21 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
     for cm in sorted({r.python.config_map.name for r in ft.spec.rewards or [] if r.python and r.python.config_map}):
         volumes.append({"name": f"rewards-{cm}", "configMap": {"name": cm}})
         mounts.append({"name": f"rewards-{cm}", "mountPath": f"{REWARDS_MOUNT_ROOT}/{cm}", "readOnly": True})
+    key = ft.spec.provenance.signing_key_secret
+    if key is not None:  # every worker pod has it (one pod template); only rank 0 reads it
+        volumes.append({"name": "signing-key", "secret": {"secretName": key.name, "defaultMode": 0o440,
+                                                         "items": [{"key": key.key, "path": key.key}]}})
+        mounts.append({"name": "signing-key", "mountPath": SIGNING_KEY_MOUNT, "readOnly": True})
     env: list[dict[str, Any]] = [
-        {"name": ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": ENV_POD_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        _field_env(ENV_POD_NAME, "metadata.name"),
+        _field_env(ENV_POD_NAMESPACE, "metadata.namespace"),
         {"name": ENV_TRAINING_NAME, "value": ft.metadata.name},
         {"name": ENV_RESTART_COUNT, "value": str(state.restart_count)},
+        # what provenance.json records of where the model was made
+        {"name": ENV_IMAGE, "value": image},
+        _field_env(ENV_NODE_NAME, "spec.nodeName"),
+        _field_env(ENV_NODE_REGION, f"metadata.labels['{LABEL_REGION}']"),
+        _field_env(ENV_NODE_ZONE, f"metadata.labels['{LABEL_ZONE}']"),
     ]
     if not any(e.get("name") == ENV_TORCHRUN_SHUTDOWN_TIMEOUT for e in r.env or []):  # the spec's wins
         env.append({"name": ENV_TORCHRUN_SHUTDOWN_TIMEOUT,

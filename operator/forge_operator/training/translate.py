@@ -18,12 +18,13 @@ from typing import Any, Callable
 from forge_trainer.config import (
     ArchitectureConfig, BudgetConfig, CheckpointConfig, DataConfig, DataSourceConfig, DpoMethod, EgressConfig,
     GrpoMethod, LoraConfig, MetricsConfig, ModelConfig, OnlineDpoMethod,
-    OutputConfig, ResidencyConfig, RewardConfig, TokenizerConfig, TokenizerTrainConfig, TrainerConfig, TrainingConfig,
+    OutputConfig, ProvenanceConfig, ResidencyConfig, RewardConfig, TokenizerConfig, TokenizerTrainConfig, TrainerConfig,
+    TrainingConfig,
     ValidationConfig,
 )
 
 from ..api.base import PvcLocation, StorageLocation
-from ..api.names import PVC_MOUNT_ROOT
+from ..api.names import PVC_MOUNT_ROOT, SIGNING_KEY_MOUNT
 from ..api.rewards import config_map_path, reward_config
 from ..api.training import ONLINE_METHODS, ArchitectureSpec, DataSource, ForgeTraining, ForgeTrainingSpec, RewardSpec
 
@@ -37,6 +38,11 @@ class TranslationError(ValueError):
 def pod_path(loc: PvcLocation) -> str:
     """Where a PVC path is inside a worker pod."""
     return f"{PVC_MOUNT_ROOT}/{loc.claim_name}" + (f"/{loc.path.strip('/')}" if loc.path.strip("/") else "")
+
+
+def signing_key_folder(secret_name: str) -> str:
+    """Where the worker pods mount spec.provenance.signingKeySecret."""
+    return SIGNING_KEY_MOUNT
 
 
 def _given(**values: Any) -> dict[str, Any]:
@@ -90,16 +96,23 @@ def _reward(r: RewardSpec, field: str, resolve: Resolve, config_map: Callable[[s
     return reward_config(r, field, resolve, config_map, TranslationError)
 
 
+def _provenance(spec: ForgeTrainingSpec, secret: Callable[[str], str]) -> ProvenanceConfig:
+    key = spec.provenance.signing_key_secret
+    return ProvenanceConfig(signing_key=f"{secret(key.name)}/{key.key}" if key is not None else None)
+
+
 def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir: str | None = None,
                    metrics: MetricsConfig | None = None, world_size: int | None = None,
                    termination_message_path: str | None = None,
-                   config_map: Callable[[str], str] = config_map_path) -> TrainerConfig:
+                   config_map: Callable[[str], str] = config_map_path,
+                   secret: Callable[[str], str] = signing_key_folder) -> TrainerConfig:
     """Build the trainer's configuration. Raises TranslationError (or pydantic's ValueError) naming the field.
 
     What depends on where it runs, not on the spec, is the caller's: ``resolve``, ``cache_dir`` (default:
     beside the checkpoints), ``metrics`` and ``termination_message_path`` (default: the trainer's, which
     are the worker pods'), ``world_size`` (default: numNodes x gpusPerNode; one process locally), ``config_map``
-    (the folder of a reward ConfigMap; default: where the worker pods mount it).
+    (the folder of a reward ConfigMap; default: where the worker pods mount it), ``secret`` (the folder of the
+    signing key's Secret; default: where the worker pods mount it).
     """
     spec = ft.spec
     t = spec.training
@@ -150,13 +163,14 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
     checkpoint_dir = resolve(ck.location.pvc)
     checkpoint = CheckpointConfig(
         dir=checkpoint_dir, interval_steps=ck.interval_steps or None, interval_minutes=ck.interval_minutes or None,
-        keep_last=ck.keep_last,
+        keep_last=ck.keep_last, retain_after_success=ck.retain_after_success,
         **_given(resume=f"{checkpoint_dir}/{ck.resume_from.strip('/')}" if ck.resume_from else None))
     return TrainerConfig(
         run_name=f"{ft.metadata.namespace}/{ft.metadata.name}" if ft.metadata.namespace else ft.metadata.name,
         method=method, model=model, tokenizer=tokenizer,
         data=DataConfig(sources=sources, **_given(validation=validation)), training=training, checkpoint=checkpoint,
-        output=OutputConfig(dir=resolve(spec.output.location.pvc)),
+        output=OutputConfig(dir=resolve(spec.output.location.pvc), file_mode=spec.output.file_mode),
+        provenance=_provenance(spec, secret),
         # shared by all nodes: rank 0 prepares the token shards once, the others read them
         cache_dir=cache_dir or f"{checkpoint_dir}/.forge-cache",
         egress=EgressConfig(lock=spec.network.egress == "Restricted"),

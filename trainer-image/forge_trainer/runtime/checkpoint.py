@@ -71,6 +71,8 @@ class TrainState(BaseModel):
     log_history: list[dict] = []
     """The run's curve up to this step, resumes included: {step, loss} at each logged step, {step, val_loss}
     at each evaluation (as Hugging Face Trainer's log_history); the export keeps it as training_log.jsonl."""
+    gpu_seconds: float = 0.0
+    """GPU-seconds the runs that led to this checkpoint used (this one and those it resumed from)."""
 
     def record(self, key: str, value: float) -> None:
         """Add ``key`` at this step to the log history (replacing one there: a resumed run evaluates again)."""
@@ -227,6 +229,28 @@ def _prune(root: Path, keep_last: int, line: str | None) -> None:
                   and state.origin == line)
     for old in done[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def retain_after_success(c: CheckpointConfig) -> list[Path]:
+    """Once the model is exported, keep what ``c.retain_after_success`` says (All: every checkpoint kept
+    so far; Last: the newest complete one; None: nothing, ``latest`` included). Rank 0 only. Returns the
+    folders deleted."""
+    root = Path(c.dir)
+    if c.retain_after_success == "All" or not root.is_dir():
+        return []
+    keep = find_latest(root) if c.retain_after_success == "Last" else None
+    gone = [p for p in sorted((*root.glob("step-*"), *root.glob(REPLACED + "step-*"))) if p.is_dir() and p != keep]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    if keep is None:
+        (root / LATEST).unlink(missing_ok=True)
+    elif keep.name.startswith(REPLACED):  # the only copy left by a killed replacing save: give it its name
+        os.rename(keep, root / keep.name.removeprefix(REPLACED))
+        _write_atomic(root / LATEST, keep.name.removeprefix(REPLACED) + "\n")
+    if gone:
+        log.info("checkpoint.retain_after_success %s: deleted %d checkpoint(s) in %s", c.retain_after_success,
+                 len(gone), root)
+    return gone
 
 
 def choose_resume(c: CheckpointConfig) -> tuple[Path | None, str | None]:

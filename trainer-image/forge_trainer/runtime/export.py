@@ -1,7 +1,7 @@
-"""Export: the trained model in Hugging Face format plus provenance.json.
+"""Export: the trained model in Hugging Face format plus provenance.json (and its signature).
 
 The directory is written under a temporary name and renamed when complete:
-an output directory that exists holds a model that loads.
+an output directory that exists holds a model that loads, its record and the modes it was asked for.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig
 
+from ..provenance import set_modes, write_record
 from .dist import Dist
 
-PROVENANCE = "provenance.json"
 TRAINING_LOG = "training_log.jsonl"
 """The training's curve beside the model: one JSON object per line, {step, loss} or {step, val_loss}."""
 
@@ -45,10 +45,12 @@ class Adapters(Protocol):
 
 
 def export(out_dir: str | Path, model, hf_cfg: PretrainedConfig, tokenizer: ExportedTokenizer, provenance: dict,
-           d: Dist, adapters: Adapters | None = None, log_history: list[dict] = ()) -> Path | None:
+           d: Dist, adapters: Adapters | None = None, log_history: list[dict] = (), signing_key=None,
+           file_mode: int = 0o644) -> Path | None:
     """Gather the full weights (a collective) and write the export on rank 0; with ``adapters`` (LoRA),
     the merged model or the adapter alone, as it says; ``log_history`` (the training's curve) as
-    training_log.jsonl."""
+    training_log.jsonl. The record, last, gets every exported file's hash and, with ``signing_key``
+    (Ed25519), a signature; the files get ``file_mode``."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not d.is_main:
         return None
@@ -70,8 +72,9 @@ def export(out_dir: str | Path, model, hf_cfg: PretrainedConfig, tokenizer: Expo
         hf_logging.disable_progress_bar()
         (adapters.finish(trained) if adapters is not None else plain).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=1, default=str) + "\n")
         (tmp / TRAINING_LOG).write_text("".join(json.dumps(h) + "\n" for h in log_history))
+        write_record(tmp, provenance, signing_key)
+        set_modes(tmp, file_mode)
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.{uuid.uuid4().hex}.old"

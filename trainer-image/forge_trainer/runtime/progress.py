@@ -7,8 +7,10 @@ import logging
 import os
 import queue
 import threading
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from ..contract import (POD_NAME_ENV, POD_NAMESPACE_ENV, PROGRESS_ANNOTATION, LastCheckpoint, Progress,
                         TerminationMessage, rfc3339)
@@ -72,6 +74,29 @@ def build_progress(
     )
 
 
+@dataclass(frozen=True)
+class OwnPod:
+    api: Any  # a kubernetes CoreV1Api
+    name: str
+    namespace: str
+
+
+def own_pod(purpose: str) -> OwnPod | None:
+    """This worker's pod and a client for it, when it runs in one (the downward API's name and namespace,
+    a service account token); None elsewhere, or with a warning naming ``purpose`` when the client fails."""
+    name, namespace = os.environ.get(POD_NAME_ENV), os.environ.get(POD_NAMESPACE_ENV)
+    if not name or not namespace or not SERVICE_ACCOUNT_TOKEN.exists():
+        return None
+    try:
+        from kubernetes import client, config
+
+        config.load_incluster_config()
+        return OwnPod(client.CoreV1Api(), name, namespace)
+    except Exception as e:  # no kubernetes client or config: local only
+        log.warning("cannot %s pod %s/%s: %s", purpose, namespace, name, e)
+        return None
+
+
 class PodAnnotator:
     """Patches this pod's progress annotation from a background thread.
 
@@ -89,17 +114,8 @@ class PodAnnotator:
 
     @classmethod
     def from_env(cls) -> PodAnnotator | None:
-        name, namespace = os.environ.get(POD_NAME_ENV), os.environ.get(POD_NAMESPACE_ENV)
-        if not name or not namespace or not SERVICE_ACCOUNT_TOKEN.exists():
-            return None
-        try:
-            from kubernetes import client, config
-
-            config.load_incluster_config()
-            return cls(name, namespace, client.CoreV1Api())
-        except Exception as e:  # no kubernetes client or config: report locally only
-            log.warning("cannot report progress on pod %s/%s: %s", namespace, name, e)
-            return None
+        own = own_pod("report progress on")
+        return cls(own.name, own.namespace, own.api) if own is not None else None
 
     def submit(self, progress: Progress) -> None:
         try:
