@@ -307,3 +307,40 @@ def test_grpo_translates_its_rewards_and_the_workers_mount_the_reward_configmap(
     online["spec"]["training"]["dpoBeta"] = 0.3
     o = trainer_config(ForgeTraining.model_validate(online)).method
     assert (o.kind, o.beta, o.group_size, o.loss_type) == ("online-dpo", 0.3, 8, "sigmoid")
+
+
+def test_the_workers_get_what_provenance_records_and_the_signing_key():
+    """The image reference, the node and its region and zone (downward API) in every worker's environment;
+    spec.provenance.signingKeySecret mounted read-only (group-readable: the pod's fsGroup) where the
+    trainer's configuration looks for it."""
+    from forge_operator.api.names import SIGNING_KEY_MOUNT
+
+    plain = build_pod_template(ForgeTraining.model_validate(obj()), WorkerState(), "registry.local/forge:1")
+    container = plain["spec"]["containers"][0]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert env["FORGE_IMAGE"] == "registry.local/forge:1"
+    assert env["FORGE_NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert env["FORGE_NODE_REGION"] == {"fieldRef": {"fieldPath": "metadata.labels['topology.kubernetes.io/region']"}}
+    assert env["FORGE_NODE_ZONE"] == {"fieldRef": {"fieldPath": "metadata.labels['topology.kubernetes.io/zone']"}}
+    assert not [v for v in plain["spec"]["volumes"] if "secret" in v]
+    assert trainer_config(ForgeTraining.model_validate(obj())).provenance.signing_key is None
+
+    o = obj(provenance={"signingKeySecret": {"name": "model-signing", "key": "ed25519.pem"}})
+    ft = ForgeTraining.model_validate(o)
+    pod_spec = build_pod_template(ft, WorkerState(), "img")["spec"]
+    assert [v for v in pod_spec["volumes"] if "secret" in v] == [
+        {"name": "signing-key", "secret": {"secretName": "model-signing", "defaultMode": 0o440,
+                                           "items": [{"key": "ed25519.pem", "path": "ed25519.pem"}]}}]
+    assert {"name": "signing-key", "mountPath": SIGNING_KEY_MOUNT, "readOnly": True} in \
+        pod_spec["containers"][0]["volumeMounts"]
+    assert trainer_config(ft).provenance.signing_key == f"{SIGNING_KEY_MOUNT}/ed25519.pem"
+
+
+def test_file_mode_and_checkpoint_retention_reach_the_trainer():
+    o = obj()
+    o["spec"]["output"]["fileMode"] = 0o640
+    o["spec"]["checkpoint"]["retainAfterSuccess"] = "Last"
+    cfg = trainer_config(ForgeTraining.model_validate(o))
+    assert (cfg.output.file_mode, cfg.checkpoint.retain_after_success) == (0o640, "Last")
+    defaults_ = trainer_config(ForgeTraining.model_validate(obj()))
+    assert (defaults_.output.file_mode, defaults_.checkpoint.retain_after_success) == (0o644, "All")

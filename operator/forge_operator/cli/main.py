@@ -44,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run a ForgeTraining file locally (no cluster needed)", allow_abbrev=False)
     train.add_argument("file", help="a ForgeTraining YAML file")
     train.add_argument("--volume", "-v", action="append", default=[], metavar="CLAIM=DIR",
-                       help="where a PersistentVolumeClaim of the spec is on this machine (repeatable); "
-                            "default: ./volumes/<claim>")
+                       help="where a PersistentVolumeClaim of the spec (or a reward ConfigMap, or the signing key's "
+                            "Secret, by name) is on this machine (repeatable); default: ./volumes/<name>")
     train.add_argument("--prompt", default=None, help="prompt for the sample completion printed at the end")
 
     ev = sub.add_parser("eval", help="run a ForgeEval file locally (no cluster needed)", allow_abbrev=False)
