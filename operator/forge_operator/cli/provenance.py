@@ -62,6 +62,10 @@ def _duration(start: str | None, end: str | None) -> str:
     return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
+def _loss(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
 def _or_dash(value) -> str:
     return "-" if value in (None, "", []) else str(value)
 
@@ -73,7 +77,7 @@ def describe(r: dict) -> list[str]:
     lines = [
         f"run        {r.get('run_name')}: {r.get('method')}, {r.get('steps')} steps, {r.get('tokens_seen', 0):,} tokens, "
         f"stopped by {r.get('stop_reason')}" + (f", resumed from {r['resumed_from']}" if r.get("resumed_from") else ""),
-        f"losses     train {_or_dash(r.get('final_train_loss'))}, validation {_or_dash(r.get('final_val_loss'))}",
+        f"losses     train {_loss(r.get('final_train_loss'))}, validation {_loss(r.get('final_val_loss'))}",
         f"time       {r.get('started_at')} -> {r.get('ended_at')} ({_duration(r.get('started_at'), r.get('ended_at'))}), "
         f"{r.get('gpu_hours', 0):.4f} GPU-hours, {devices.get('count', r.get('world_size'))} "
         f"{devices.get('type', '?')} worker(s)",
