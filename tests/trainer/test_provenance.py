@@ -119,3 +119,23 @@ def test_checkpoints_retained_after_success(tmp_path, retain, left):
     latest = find_latest(tmp_path)
     assert (latest.name if latest else None) == (left[-1] if left else None)
     assert (tmp_path / "latest").exists() == bool(left)
+
+
+def test_the_record_keeps_the_allowed_residency_beside_the_nodes_seen():
+    from forge_trainer.config import ResidencyConfig
+    from forge_trainer.runtime.provenance import nodes_of, residency
+
+    workers = [{"hostname": h, "node": f"n-{h}", "region": "eu-west", "zone": z, "image_digest": d, "rank": r}
+               for h, z, d, r in [("a", "eu-west-1a", "sha256:1", 0), ("a", "eu-west-1a", None, 1),
+                                  ("b", None, "sha256:1", 2)]]
+    nodes = nodes_of(workers)
+    assert [(n["hostname"], n["ranks"], n["image_digest"]) for n in nodes] == [("a", [0, 1], "sha256:1"),
+                                                                                ("b", [2], "sha256:1")]
+
+    class Config:
+        residency = ResidencyConfig(regions=["eu-west"])
+
+    assert residency(Config, nodes) == {"allowed": {"regions": ["eu-west"], "zones": []}, "regions": ["eu-west"],
+                                        "zones": ["eu-west-1a"]}
+    Config.residency = None
+    assert residency(Config, nodes)["allowed"] is None

@@ -88,6 +88,14 @@ def nodes_of(workers: list[dict]) -> list[dict]:
     return [by_host[h] for h in sorted(by_host)]
 
 
+def residency(config: TrainerConfig, nodes: list[dict]) -> dict:
+    """Where the workers were allowed to run (the training's spec.residency; None: anywhere) and the regions
+    and zones of the nodes they ran on, as far as known."""
+    return {"allowed": config.residency.model_dump(mode="json") if config.residency is not None else None,
+            "regions": sorted({n["region"] for n in nodes if n["region"]}),
+            "zones": sorted({n["zone"] for n in nodes if n["zone"]})}
+
+
 def build_provenance(config: TrainerConfig, state: TrainState, *, reason: str, started: datetime, ended: datetime,
                      resumed_from: Path | None, d: Dist, tokenizer: dict, data: dict, model: dict,
                      gpu_hours: float) -> dict:
@@ -115,8 +123,7 @@ def build_provenance(config: TrainerConfig, state: TrainState, *, reason: str, s
         "world_size": d.world,
         "hostnames": [n["hostname"] for n in nodes],
         "nodes": nodes,
-        "residency": {"regions": sorted({n["region"] for n in nodes if n["region"]}),
-                      "zones": sorted({n["zone"] for n in nodes if n["zone"]})},
+        "residency": residency(config, nodes),
         "image": {"reference": os.environ.get(IMAGE_ENV) or LOCAL_IMAGE,
                   "digest": next((n["image_digest"] for n in nodes if n["image_digest"]), None)},
         "versions": versions(),
