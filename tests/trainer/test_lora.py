@@ -17,6 +17,7 @@ from trainer_helpers import run_two_workers
 
 import forge_trainer
 from forge_trainer.contract import ConfigError
+from forge_trainer.eval.model import load_model
 from forge_trainer.methods.dpo import Dpo
 from forge_trainer.models.build import build_model, hf_config
 from forge_trainer.runtime.dist import Dist
@@ -88,6 +89,9 @@ def test_only_the_adapters_train_a_run_resumes_and_both_exports_agree(bases, tmp
         # transformers loads the adapter folder by itself too (base from adapter_config.json, through peft)
         assert torch.allclose(plain, AutoModelForCausalLM.from_pretrained(adapter).eval()(input_ids=ids).logits,
                               atol=1e-4)
+        # the evaluator reads the last checkpoint (DCP, on one process) as that model: the adapters merged
+        evaluated = load_model(str(Path(cfg.checkpoint.dir) / "step-00000008"), "model", device="cpu")
+        assert torch.allclose(plain, evaluated.model(input_ids=ids).logits, atol=1e-4)
 
 
 @pytest.mark.slow
