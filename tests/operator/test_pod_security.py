@@ -26,12 +26,19 @@ def enforce_restricted(kube) -> None:
 
 
 def test_a_training_runs_to_succeeded_in_a_namespace_that_enforces_restricted(kube, operator):
+    """With a signing key's Secret and the downward API variables provenance.json records: both allowed."""
     enforce_restricted(kube)
-    kube.apply(training("llm"))
+    kube.apply(training("llm", provenance={"signingKeySecret": {"name": "model-signing"}}))
     pods = kube.wait_for("4 running ranks", running_workers(kube, "llm", 4, 0))
     for pod in pods:
         assert pod["spec"]["securityContext"]["runAsUser"] == 10001
         assert pod["spec"]["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert {"name": "signing-key", "secret": {"secretName": "model-signing", "defaultMode": 0o440,
+                                                  "items": [{"key": "private.pem", "path": "private.pem"}]}} \
+            in pod["spec"]["volumes"]
+        env = {e["name"]: e.get("valueFrom") for e in pod["spec"]["containers"][0]["env"]}
+        assert env["FORGE_NODE_ZONE"] == {"fieldRef": {"apiVersion": "v1",
+                                                       "fieldPath": "metadata.labels['topology.kubernetes.io/zone']"}}
     kube.wait_for("Running", phase_is(kube, "llm", "Running"))
     for pod in pods:
         exit_pod(kube, pod["metadata"]["name"], 0)

@@ -139,3 +139,28 @@ def test_the_record_keeps_the_allowed_residency_beside_the_nodes_seen():
                                         "zones": ["eu-west-1a"]}
     Config.residency = None
     assert residency(Config, nodes)["allowed"] is None
+
+
+def test_a_signing_key_that_cannot_be_used_fails_before_training(tmp_path):
+    from forge_trainer.contract import ConfigError
+    from forge_trainer.train import signing_key
+
+    class Config:
+        class provenance:
+            signing_key = str(tmp_path / "missing.pem")
+
+    with pytest.raises(ConfigError, match="provenance.signing_key: signing key .*missing.pem: cannot read"):
+        signing_key(Config)
+    (tmp_path / "rsa.pem").write_bytes(_rsa_pem())
+    Config.provenance.signing_key = str(tmp_path / "rsa.pem")
+    with pytest.raises(ConfigError, match="not an Ed25519 key"):
+        signing_key(Config)
+
+
+def _rsa_pem() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
