@@ -53,5 +53,6 @@ class Helm:
 
 @pytest.fixture(scope="session")
 def helm(tmp_path_factory) -> Helm:
-    """A real helm (v4, from the dev dependencies). If it cannot be had, every chart test errors."""
+    """A real helm (v4, built from its Go module by scripts/helm-build). If it cannot be built, every chart test
+    errors."""
     return Helm(tmp_path_factory.mktemp("helm-home"))
