@@ -89,8 +89,7 @@ class Image:
 
     def install(self, ctr: Path, address: str, namespace: str = "k8s.io") -> bool:
         """Import the image unless the node has it; point its aliases at it; remove the image's other
-        versions (their snapshots are gigabytes; containerd collects them once no name is left).
-        True when it was imported."""
+        versions (their snapshots are gigabytes). True when it was imported."""
         run = _ctr(ctr, address, namespace)
         present = subprocess.run([*run, "images", "ls", "-q"], check=True, capture_output=True, text=True).stdout.split()
         if self.name not in present:
@@ -98,10 +97,23 @@ class Image:
         for alias in self.aliases:
             subprocess.run([*run, "images", "tag", "--force", self.name, alias], check=True, capture_output=True)
         repository = self.name.rsplit(":", 1)[0]
-        stale = [p for p in present if p.rsplit(":", 1)[0] == repository and p != self.name]
-        if stale:
-            subprocess.run([*run, "images", "rm", *stale], check=True, capture_output=True)
+        remove_images(ctr.parent / "crictl", address,
+                      lambda tags: all(t.rsplit(":", 1)[0] == repository and t != self.name for t in tags))
         return self.name not in present
+
+
+def remove_images(crictl: Path, address: str, stale) -> None:
+    """Remove, through the CRI, every image whose names ``stale(names)`` accepts, and those left with no
+    name. The CRI keeps its own reference to each image (its ID): removing names with ctr leaves
+    the image, and its snapshots, in place."""
+    endpoint = f"unix://{address}"
+    # removing waits for containerd to collect the snapshots (gigabytes): past crictl's default 2 s
+    cri = [str(crictl), "--runtime-endpoint", endpoint, "--image-endpoint", endpoint, "--timeout", "600s"]
+    listed = json.loads(subprocess.run([*cri, "images", "-o", "json"], check=True, capture_output=True,
+                                       text=True).stdout)["images"]
+    ids = [i["id"] for i in listed if stale(i.get("repoTags") or [])]
+    if ids:
+        subprocess.run([*cri, "rmi", *ids], check=True, capture_output=True)
 
 
 def _ctr(ctr: Path, address: str, namespace: str) -> list[str]:
