@@ -22,12 +22,13 @@ from .api.base import GROUP, VERSION
 from .api.defaults import RESYNC_SECONDS
 from .api.names import FIELD_MANAGER, LABEL_EVAL, LABEL_MANAGED_BY, LABEL_TRAINING, MANAGED_BY
 from .evaluation.reconciler import KIND as EVAL, PLURAL as EVALS, EvalReconciler
-from .k8s.cache import CachedReader, IndexedKind, NodeInformer, slim
+from .k8s.cache import CachedReader, IndexedKind, Informer, PerNamespace, Watched, slim, slim_node_body
 from .k8s.clients import Clients
 from .k8s.objects import Key
 from .k8s.peering import Peering
 from .k8s.runtime import Runtime
 from .training.metrics import serve
+from .training.observe import API_SERVER_NAMESPACE, API_SERVER_SLICES
 from .training.reconciler import KIND as TRAINING, PLURAL as TRAININGS, Settings, TrainingReconciler
 
 # Environment of the operator process (the Helm chart sets them).
@@ -77,11 +78,22 @@ def operator_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     trainings = TrainingReconciler(Settings(trainer_image=os.environ.get(ENV_TRAINER_IMAGE) or None,
                                             resync_seconds=resync))
     clients = Clients()
-    nodes = NodeInformer(clients.core.list_node).start()
-    reader = CachedReader(clients, {("v1", "Pod"): PODS, ("batch/v1", "Job"): JOBS}, nodes)
+    reader = CachedReader(clients, {("v1", "Pod"): PODS, ("batch/v1", "Job"): JOBS}, informers(clients))
     evals = EvalReconciler(image=os.environ.get(ENV_TRAINER_IMAGE) or None)
     _runtime = Runtime(clients, [trainings, evals], field_manager=FIELD_MANAGER,
                        resync_seconds=resync, peering=peering, reader=reader)
+
+
+def informers(clients: Clients) -> dict[tuple[str, str], Watched]:
+    """The reads served by informers of the operator's own: every Node (node health, residency), the API
+    server's EndpointSlices (the trainings' NetworkPolicies), and the Services of each namespace a reward
+    URL names, watched from the first read there."""
+    nodes = Informer(clients.core.list_node, slim_body=slim_node_body, name="nodes").start()
+    api_server = Informer(clients.discovery.list_namespaced_endpoint_slice, API_SERVER_NAMESPACE,
+                          label_selector=API_SERVER_SLICES, name="EndpointSlices of the kubernetes Service").start()
+    services = PerNamespace(lambda ns: Informer(clients.core.list_namespaced_service, ns, name=f"Services of {ns}"))
+    return {("v1", "Node"): lambda _: nodes, ("v1", "Service"): services,
+            ("discovery.k8s.io/v1", "EndpointSlice"): lambda ns: api_server if ns == API_SERVER_NAMESPACE else None}
 
 
 def attach(kwargs: dict[str, Any]) -> None:

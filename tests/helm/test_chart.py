@@ -390,6 +390,8 @@ def test_cluster_wide_operator_may_do_its_work_everywhere(installs, cluster):
     assert can_i(cluster, wide.sa, "get", "nodes", None)
     assert can_i(cluster, wide.sa, "watch", "nodes", None)
     assert can_i(cluster, wide.sa, "list", "endpointslices.discovery.k8s.io", "default")
+    assert can_i(cluster, wide.sa, "watch", "endpointslices.discovery.k8s.io", "default")
+    assert can_i(cluster, wide.sa, "watch", "services", wide.namespace)
     assert not can_i(cluster, wide.sa, "create", "clusterroles.rbac.authorization.k8s.io", None)
 
 

@@ -3,10 +3,14 @@ runtime's coalescing of triggers of one object."""
 
 from __future__ import annotations
 
+import json
 import threading
+from unittest import mock
 
-from forge_operator.k8s.cache import CachedReader, IndexedKind, parse_selector
-from forge_operator.k8s.objects import Key, Plan
+import pytest
+
+from forge_operator.k8s.cache import CachedReader, IndexedKind, Informer, PerNamespace, parse_selector
+from forge_operator.k8s.objects import Key, NotAllowed, Plan
 from forge_operator.k8s.runtime import Runtime
 
 
@@ -83,3 +87,65 @@ def test_triggers_during_a_reconcile_coalesce_into_one_more_and_never_wait():
     assert runs == [key, key]
     rt.reconcile_or_retry(key)
     assert len(runs) == 3
+
+
+class Listing:
+    """A list function as the kubernetes client's: the raw response of one LIST."""
+
+    def __init__(self, items: list[dict]):
+        self.items, self.calls = items, []
+
+    def __call__(self, *args, **kw):
+        self.calls.append((args, kw))
+        data = json.dumps({"metadata": {"resourceVersion": "7"}, "items": self.items})
+        return type("Response", (), {"data": data})()
+
+
+def listed(informer: Informer) -> Informer:
+    informer._relist()  # what its thread does first
+    return informer
+
+
+def test_informers_answer_the_reads_they_cover_and_nothing_else():
+    slices = Listing([{"metadata": {"name": "kubernetes", "namespace": "default",
+                                    "labels": {"kubernetes.io/service-name": "kubernetes"}}}])
+    api_server = listed(Informer(slices, "default", label_selector="kubernetes.io/service-name=kubernetes"))
+    assert slices.calls == [(("default",), {"_preload_content": False,
+                                            "label_selector": "kubernetes.io/service-name=kubernetes"})]
+    services = listed(Informer(Listing([{"metadata": {"name": "scorer", "namespace": "rewards"}, "spec": {}}])))
+    api = Api()
+    reader = CachedReader(api, {}, {("discovery.k8s.io/v1", "EndpointSlice"):
+                                    lambda ns: api_server if ns == "default" else None,
+                                    ("v1", "Service"): lambda ns: services if ns == "rewards" else None})
+    sel = "kubernetes.io/service-name=kubernetes"
+    assert [s["metadata"]["name"] for s in reader.list("discovery.k8s.io/v1", "EndpointSlice", "default", sel)] == [
+        "kubernetes"]
+    assert reader.get("v1", "Service", "scorer", "rewards")["metadata"]["name"] == "scorer"
+    assert reader.get("v1", "Service", "gone", "rewards") is None  # the informer holds every Service there
+    assert api.calls == []
+    reader.list("discovery.k8s.io/v1", "EndpointSlice", "default", "app=other")  # not what the informer holds
+    reader.list("discovery.k8s.io/v1", "EndpointSlice", "kube-system", sel)  # nor where
+    reader.get("v1", "Service", "scorer", "elsewhere")
+    assert [(c[0], c[1][1], c[1][2]) for c in api.calls] == [
+        ("list", "EndpointSlice", "default"), ("list", "EndpointSlice", "kube-system"), ("get", "Service", "scorer")]
+
+
+def test_a_namespace_is_watched_from_its_first_read_on():
+    made = []
+
+    def make(ns):
+        made.append(ns)
+        return Informer(Listing([]), ns)
+
+    per_namespace = PerNamespace(make)
+    with mock.patch.object(Informer, "start", lambda self: self):
+        assert per_namespace("a") is per_namespace("a") and per_namespace("b") is not None
+        assert per_namespace("") is None
+    assert made == ["a", "b"]
+
+
+def test_an_informer_refused_reads_as_the_api_would():
+    informer = Informer(Listing([]))
+    informer.allowed = False
+    with pytest.raises(NotAllowed):
+        informer.get("x")

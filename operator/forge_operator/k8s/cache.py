@@ -1,11 +1,12 @@
-"""Reads served from memory: the children kopf's watches keep in its indices, and the Nodes one watch keeps.
+"""Reads served from memory: the children kopf's watches keep in its indices, and what the operator's own
+informers keep (Nodes; the API server's EndpointSlices; the Services of the namespaces trainings name).
 
 The operator's watches of Pods and Jobs are limited on the API server by a label selector to the objects
 it made (``settings.watching.label_selectors``), and kopf keeps them in indices keyed by (namespace, owner
 name), filled before any handler runs. :class:`CachedReader` answers the planners' ``list`` of those kinds
-from the index (no request), ``get`` and ``list`` of Nodes from :class:`NodeInformer` (one watch for the
-whole process, no request per node), and passes every other read to the API (e.g. a Job's FailedCreate events,
-read only while it lacks pods).
+from the index (no request), reads of a kind an :class:`Informer` keeps from it (one watch each, no request
+per read), and passes every other read to the API (e.g. a Job's FailedCreate events, read only while it
+lacks pods).
 """
 
 from __future__ import annotations
@@ -78,43 +79,50 @@ class IndexedKind:
         return [o for o in snapshot(store) if matches(o, terms)]
 
 
-class NodeInformer:
-    """Every Node, kept by one list and watch (a relist when the watch's resourceVersion expires). Without
-    RBAC to list Nodes it gives up and says so: the planners then see no node, as before."""
+class Informer:
+    """The objects one list function returns (a kind, maybe limited to a namespace and a label selector), kept
+    by one list and watch (a relist when the watch's resourceVersion expires), keyed by namespace and name.
+    Without RBAC to list them it gives up and says so (``allowed`` False): reads then raise NotAllowed, as
+    the API would."""
 
-    def __init__(self, list_nodes: Callable[..., Any], *, slim_node: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 watch_timeout: int = 300) -> None:
-        self._list = list_nodes
-        self._slim = slim_node or slim_node_body
-        self._timeout = watch_timeout
-        self._nodes: dict[str, dict[str, Any]] = {}
+    def __init__(self, list_fn: Callable[..., Any], *args: Any, slim_body: Callable[[dict[str, Any]], dict[str, Any]] = slim,
+                 label_selector: str = "", watch_timeout: int = 300, name: str = "objects") -> None:
+        self._list, self._args, self._slim, self._timeout, self.name = list_fn, args, slim_body, watch_timeout, name
+        self._kwargs = {"label_selector": label_selector} if label_selector else {}
+        self.terms = parse_selector(label_selector) or {}
+        self._objects: dict[tuple[str, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
         self.ready = threading.Event()
         self.allowed = True
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> NodeInformer:
-        self._thread = threading.Thread(target=self._run, name="forge-node-informer", daemon=True)
-        self._thread.start()
+    def start(self) -> Informer:
+        threading.Thread(target=self._run, name=f"forge-informer-{self.name}", daemon=True).start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
 
-    def get(self, name: str) -> dict[str, Any] | None:
-        if not self.allowed:
-            raise NotAllowed("nodes: the operator may not list them")
-        with self._lock:
-            return self._nodes.get(name)
+    def covers(self, terms: dict[str, str | None]) -> bool:
+        """Whether a read with these label terms is answered in full by this cache (its own selector is
+        part of them)."""
+        return all(k in terms and terms[k] == v for k, v in self.terms.items())
 
-    def list(self, terms: dict[str, str | None]) -> list[dict[str, Any]]:
-        """Every Node whose labels match ``terms``."""
-        if not self.allowed:
-            raise NotAllowed("nodes: the operator may not list them")
+    def get(self, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        self._check()
         with self._lock:
-            nodes = list(self._nodes.values())
-        return [n for n in nodes if matches(n, terms)]
+            return self._objects.get((namespace or "", name))
+
+    def list(self, terms: dict[str, str | None], namespace: str = "") -> list[dict[str, Any]]:
+        """The objects (of ``namespace``, if given) whose labels match ``terms``."""
+        self._check()
+        with self._lock:
+            objects = [o for (ns, _), o in self._objects.items() if not namespace or ns == namespace]
+        return [o for o in objects if matches(o, terms)]
+
+    def _check(self) -> None:
+        if not self.allowed:
+            raise NotAllowed(f"{self.name}: the operator may not list them")
 
     def _run(self) -> None:
         from kubernetes import watch
@@ -123,8 +131,8 @@ class NodeInformer:
             try:
                 rv = self._relist()
                 w = watch.Watch()
-                for ev in w.stream(self._list, resource_version=rv, timeout_seconds=self._timeout,
-                                   allow_watch_bookmarks=True):
+                for ev in w.stream(self._list, *self._args, resource_version=rv, timeout_seconds=self._timeout,
+                                   allow_watch_bookmarks=True, **self._kwargs):
                     if self._stop.is_set():
                         w.stop()
                         return
@@ -133,35 +141,61 @@ class NodeInformer:
                 if e.status == 403:
                     self.allowed = False
                     self.ready.set()
-                    log.warning("nodes are not readable (403): node failures are not watched")
+                    log.warning("%s are not readable (403): the operator does without them", self.name)
                     return
                 if e.status != 410:  # 410 Gone: the resourceVersion expired, relist
-                    log.warning("node watch failed (%s); listing again", e.reason)
+                    log.warning("%s watch failed (%s); listing again", self.name, e.reason)
                     self._stop.wait(2.0)
             except Exception:
-                log.exception("node watch failed; listing again")
+                log.exception("%s watch failed; listing again", self.name)
                 self._stop.wait(2.0)
 
     def _relist(self) -> str:
-        found = self._list(_preload_content=False)
+        found = self._list(*self._args, _preload_content=False, **self._kwargs)
         body = json.loads(found.data)
-        nodes = {n["metadata"]["name"]: self._slim(n) for n in body.get("items") or []}
+        objects = {_key(o): self._slim(o) for o in body.get("items") or []}
         with self._lock:
-            self._nodes = nodes
+            self._objects = objects
         self.ready.set()
         return body["metadata"]["resourceVersion"]
 
-    def _on(self, kind: str, node: dict[str, Any]) -> None:
+    def _on(self, kind: str, obj: dict[str, Any]) -> None:
         if kind == "BOOKMARK":
             return
         if kind == "ERROR":
-            raise ApiException(status=node.get("code") or 500, reason=node.get("message"))
-        name = node["metadata"]["name"]
+            raise ApiException(status=obj.get("code") or 500, reason=obj.get("message"))
         with self._lock:
             if kind == "DELETED":
-                self._nodes.pop(name, None)
+                self._objects.pop(_key(obj), None)
             else:
-                self._nodes[name] = self._slim(node)
+                self._objects[_key(obj)] = self._slim(obj)
+
+
+def _key(obj: dict[str, Any]) -> tuple[str, str]:
+    return obj["metadata"].get("namespace") or "", obj["metadata"]["name"]
+
+
+class PerNamespace:
+    """One :class:`Informer` per namespace, started on the first read there (e.g. the Services of the
+    namespaces that trainings name in their reward URLs, not every Service of the cluster)."""
+
+    def __init__(self, make: Callable[[str], Informer]) -> None:
+        self._make = make
+        self._informers: dict[str, Informer] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, namespace: str | None) -> Informer | None:
+        if not namespace:
+            return None
+        with self._lock:
+            if namespace not in self._informers:
+                self._informers[namespace] = self._make(namespace).start()
+            return self._informers[namespace]
+
+    def stop(self) -> None:
+        with self._lock:
+            for informer in self._informers.values():
+                informer.stop()
 
 
 def slim_node_body(node: dict[str, Any]) -> dict[str, Any]:
@@ -173,33 +207,41 @@ def slim_node_body(node: dict[str, Any]) -> dict[str, Any]:
             "status": {"conditions": status.get("conditions") or [], "allocatable": status.get("allocatable") or {}}}
 
 
-NODE = ("v1", "Node")
+# the caches that answer reads of a kind: the informer that holds a namespace's objects (or the cluster's,
+# for namespace ""), or None where no cache does
+Watched = Callable[[str | None], Informer | None]
 
 
 class CachedReader:
     """A :class:`~.objects.Reader` that answers from the caches what they hold, and asks ``api`` the rest."""
 
     def __init__(self, api: Reader, kinds: dict[tuple[str, str], IndexedKind],
-                 nodes: NodeInformer | None = None, wait_for_nodes: float = 30.0) -> None:
-        self.api, self.kinds, self.nodes, self.wait_for_nodes = api, kinds, nodes, wait_for_nodes
+                 watched: dict[tuple[str, str], Watched] | None = None, wait_for_cache: float = 30.0) -> None:
+        self.api, self.kinds, self.watched, self.wait_for_cache = api, kinds, watched or {}, wait_for_cache
 
     def get(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
-        if (api_version, kind) == NODE and self._nodes_ready():
-            return self.nodes.get(name)
+        informer = self._informer(api_version, kind, namespace, {})
+        if informer is not None:
+            return informer.get(name, namespace)
         return self.api.get(api_version, kind, name, namespace)
 
     def list(self, api_version: str, kind: str, namespace: str, label_selector: str = "",
              field_selector: str = "") -> list[dict[str, Any]]:
-        if (api_version, kind) == NODE and not field_selector and self._nodes_ready() and \
-                (terms := parse_selector(label_selector)) is not None:
-            return self.nodes.list(terms)
+        terms = parse_selector(label_selector) if not field_selector else None
+        if terms is not None and (informer := self._informer(api_version, kind, namespace, terms)) is not None:
+            return informer.list(terms, namespace)
         cached = self.kinds.get((api_version, kind))
-        terms = parse_selector(label_selector) if cached is not None and not field_selector else None
         if cached is not None and terms is not None:
             found = cached.list(namespace, terms)
             if found is not None:
                 return found
         return self.api.list(api_version, kind, namespace, label_selector, field_selector)
 
-    def _nodes_ready(self) -> bool:
-        return self.nodes is not None and self.nodes.ready.wait(self.wait_for_nodes)
+    def _informer(self, api_version: str, kind: str, namespace: str | None,
+                  terms: dict[str, str | None]) -> Informer | None:
+        """The informer that answers this read in full, once it has listed; None: ask the API."""
+        watched = self.watched.get((api_version, kind))
+        informer = watched(namespace) if watched is not None else None
+        if informer is None or not informer.covers(terms) or not informer.ready.wait(self.wait_for_cache):
+            return None
+        return informer

@@ -102,6 +102,7 @@ def read_all_nodes(reader: Reader, pods: list[dict[str, Any]]) -> list[dict[str,
         return None
 
 
+API_SERVER_NAMESPACE = "default"  # the namespace of the `kubernetes` Service
 API_SERVER_SLICES = "kubernetes.io/service-name=kubernetes"  # the EndpointSlices of default/kubernetes
 
 
@@ -110,7 +111,7 @@ def read_network(reader: Reader, obj: dict[str, Any]) -> NetworkSeen:
     operator may not read (or a URL that names no Service) leaves the policy its fallback."""
     try:
         slices: tuple[dict[str, Any], ...] | None = tuple(
-            reader.list("discovery.k8s.io/v1", "EndpointSlice", "default", API_SERVER_SLICES))
+            reader.list("discovery.k8s.io/v1", "EndpointSlice", API_SERVER_NAMESPACE, API_SERVER_SLICES))
     except NotAllowed:
         slices = None
     services: dict[tuple[str, str], dict[str, Any] | None] = {}
