@@ -86,14 +86,26 @@ def operator_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 def informers(clients: Clients) -> dict[tuple[str, str], Watched]:
     """The reads served by informers of the operator's own: every Node (node health, residency), the API
-    server's EndpointSlices (the trainings' NetworkPolicies), and the Services of each namespace a reward
-    URL names, watched from the first read there."""
+    server's EndpointSlices (the trainings' NetworkPolicies), the Services of each namespace a reward URL
+    names or a training runs in, and the operator's ServiceAccounts, Roles, RoleBindings and NetworkPolicies
+    of each namespace it applies them in, watched from the first read there."""
     nodes = Informer(clients.core.list_node, slim_body=slim_node_body, name="nodes").start()
     api_server = Informer(clients.discovery.list_namespaced_endpoint_slice, API_SERVER_NAMESPACE,
                           label_selector=API_SERVER_SLICES, name="EndpointSlices of the kubernetes Service").start()
     services = PerNamespace(lambda ns: Informer(clients.core.list_namespaced_service, ns, name=f"Services of {ns}"))
     return {("v1", "Node"): lambda _: nodes, ("v1", "Service"): services,
-            ("discovery.k8s.io/v1", "EndpointSlice"): lambda ns: api_server if ns == API_SERVER_NAMESPACE else None}
+            ("discovery.k8s.io/v1", "EndpointSlice"): lambda ns: api_server if ns == API_SERVER_NAMESPACE else None,
+            **{kind: children(list_fn, kind[1]) for kind, list_fn in (
+                (("v1", "ServiceAccount"), clients.core.list_namespaced_service_account),
+                (("rbac.authorization.k8s.io/v1", "Role"), clients.rbac.list_namespaced_role),
+                (("rbac.authorization.k8s.io/v1", "RoleBinding"), clients.rbac.list_namespaced_role_binding),
+                (("networking.k8s.io/v1", "NetworkPolicy"), clients.networking.list_namespaced_network_policy))}}
+
+
+def children(list_fn: Any, kind: str) -> PerNamespace:
+    """The operator's children of one kind, watched per namespace from the first read there: the runtime
+    applies a child again only when the cached one differs from it (``Runtime._unchanged``)."""
+    return PerNamespace(lambda ns: Informer(list_fn, ns, label_selector=CHILD_SELECTOR, name=f"{kind}s of {ns}"))
 
 
 def attach(kwargs: dict[str, Any]) -> None:

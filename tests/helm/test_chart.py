@@ -45,7 +45,7 @@ NAMESPACE_GRANTS = {
     ("", "serviceaccounts"): CHILD_VERBS,
     ("rbac.authorization.k8s.io", "roles"): CHILD_VERBS,
     ("rbac.authorization.k8s.io", "rolebindings"): CHILD_VERBS,
-    ("networking.k8s.io", "networkpolicies"): {"create", "get", "patch", "delete"},  # network.egress Restricted
+    ("networking.k8s.io", "networkpolicies"): CHILD_VERBS,  # network.egress Restricted
     ("", "pods"): {"get", "list", "watch", "patch", "delete"},
     ("", "events"): {"create", "patch", "list"},  # list: a Job's FailedCreate, only while it lacks pods
     ("", "persistentvolumeclaims"): {"get"},  # the claims of workers the scheduler cannot place
@@ -53,7 +53,7 @@ NAMESPACE_GRANTS = {
 }
 NODE_GRANTS = {("", "nodes"): {"get", "list", "watch"}}
 # in `default` only, both modes: the `kubernetes` Service's EndpointSlices (the trainings' NetworkPolicies)
-API_SERVER_GRANTS = {("discovery.k8s.io", "endpointslices"): {"get", "list"}}
+API_SERVER_GRANTS = {("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"}}
 
 
 def grants(rules: list[dict]) -> dict[tuple[str, str], set[str]]:

@@ -16,7 +16,9 @@ from kubernetes.client.rest import ApiException
 
 from forge_operator.evaluation.reconciler import EvalReconciler
 from forge_operator.k8s import conditions as C
-from forge_operator.k8s.objects import ApplyOutcome, ChildConflict, ChildRef, ChildRejected, Key, Plan
+from forge_operator.k8s.objects import (
+    ApplyOutcome, ChildConflict, ChildRef, ChildRejected, Key, Plan, holds, unchanged, with_digest,
+)
 from forge_operator.k8s.peering import outranked as check
 from forge_operator.k8s.runtime import Runtime
 from forge_operator.training.lifecycle import record_apply_outcome
@@ -274,6 +276,52 @@ def test_children_known_to_be_ours_are_applied_without_reading_them_and_a_replac
     assert api.applied == [("ConfigMap", "llm-config")]  # stopped at the Service, which is not applied
     assert api.children[("Service", "llm")]["metadata"] == {"name": "llm", "namespace": NS, "uid": "uid-theirs"}
     assert invalid_of(api)["reason"] == "ChildConflict" and "Service llm" in invalid_of(api)["message"]
+
+
+class Cached(FakeApiServer):
+    """The API server with a cache in front that holds its children as they are now (an informer in step)."""
+
+    def cached(self, api_version, kind, name, namespace=None):
+        return copy.deepcopy(self.children.get((kind, name)))
+
+
+def test_a_child_the_cache_holds_unchanged_is_not_applied_again(make_runtime):
+    api = Cached(stored(training("llm"), "uid-t"))
+    rt = Runtime(api, [TrainingReconciler()], field_manager="forge-operator", resync_seconds=3600, reader=api)
+    try:
+        rt.reconcile(T)
+        applied_first = list(api.applied)
+        assert all("forge.dev/applied-digest" in c["metadata"]["annotations"] for c in api.children.values())
+        api.applied.clear()
+        rt.reconcile(T)
+        assert api.applied == [] and api.reads == [("ConfigMap", "llm-config"), ("Service", "llm"),
+                                                   *[(k, n) for k, n in applied_first[2:]]]  # the first reads only
+        # someone changes a value the operator sets: applied again, once
+        api.children[("Service", "llm")]["spec"]["publishNotReadyAddresses"] = False
+        rt.reconcile(T)
+        assert api.applied == [("Service", "llm")]
+        assert api.children[("Service", "llm")]["spec"]["publishNotReadyAddresses"] is True
+    finally:
+        rt.close()
+
+
+@pytest.mark.parametrize("live, wanted, held", [
+    ({"a": 1, "b": {"c": 2, "d": 3}}, {"b": {"c": 2}}, True),  # defaults and other fields aside
+    ({"a": [{"port": 1, "protocol": "TCP"}]}, {"a": [{"port": 1}]}, True),
+    ({"a": [{"port": 1}, {"port": 2}]}, {"a": [{"port": 1}]}, False),  # an item more is a change
+    ({"a": {"c": 2}}, {"a": {"c": 3}}, False),
+    ({}, {"a": None}, False),
+])
+def test_what_a_live_object_holds(live, wanted, held):
+    assert holds(live, wanted) is held
+
+
+def test_a_new_digest_means_a_new_apply_even_where_the_live_object_holds_every_value():
+    child = {"metadata": {"name": "x", "labels": {"a": "1"}}, "spec": {"p": 1}}
+    live = with_digest(child)
+    assert unchanged(live, with_digest(child))
+    fewer = {"metadata": {"name": "x"}, "spec": {"p": 1}}  # a label dropped: the apply removes it
+    assert holds(live, {"spec": {"p": 1}}) and not unchanged(live, with_digest(fewer))
 
 
 REFUSED = {"type": "Invalid", "status": "True", "reason": "ChildRejected", "lastTransitionTime": "2026-11-22T11:00:00Z",

@@ -84,10 +84,11 @@ subset of these, as RBAC's escalation check requires.
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["create", "get", "list", "watch", "patch", "delete"]
-# the NetworkPolicy of network.egress Restricted (deleted when the spec turns Unrestricted)
+# the NetworkPolicy of network.egress Restricted (deleted when the spec turns Unrestricted); watched, as the
+# other children, so that an unchanged one is not applied again
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["create", "get", "patch", "delete"]
+  verbs: ["create", "get", "list", "watch", "patch", "delete"]
 # worker pods: watched for failures, force-deleted when stuck on a lost node
 - apiGroups: [""]
   resources: ["pods"]

@@ -27,6 +27,8 @@ LABEL_ZONE = contract.TOPOLOGY_ZONE_LABEL
 ANNOTATION_PROGRESS = contract.PROGRESS_ANNOTATION
 # set by the operator on the Job it creates, so a restarted operator knows the reason of a restart it began
 ANNOTATION_RESTART_REASON = f"{GROUP}/restart-reason"
+# set by the operator on each child it applies: a digest of what it applied (an unchanged child is not applied again)
+ANNOTATION_APPLIED_DIGEST = f"{GROUP}/applied-digest"
 
 # pod layout
 CONTAINER_NAME = contract.CONTAINER_NAME

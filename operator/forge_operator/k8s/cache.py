@@ -237,6 +237,14 @@ class CachedReader:
                 return found
         return self.api.list(api_version, kind, namespace, label_selector, field_selector)
 
+    def cached(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        """The object as a cache holds it, without asking the API; None: no cache holds it (yet)."""
+        watched = self.watched.get((api_version, kind))
+        informer = watched(namespace) if watched is not None else None
+        if informer is None or not informer.allowed or not informer.ready.is_set():
+            return None
+        return informer.get(name, namespace)
+
     def _informer(self, api_version: str, kind: str, namespace: str | None,
                   terms: dict[str, str | None]) -> Informer | None:
         """The informer that answers this read in full, once it has listed; None: ask the API."""

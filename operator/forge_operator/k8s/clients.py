@@ -33,6 +33,8 @@ class Clients:
         self.core = kubernetes.client.CoreV1Api(self.api)
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
         self.discovery = kubernetes.client.DiscoveryV1Api(self.api)
+        self.rbac = kubernetes.client.RbacAuthorizationV1Api(self.api)
+        self.networking = kubernetes.client.NetworkingV1Api(self.api)
         self.dynamic = DynamicClient(self.api)
         self._resources: dict[tuple[str, str], Any] = {}
         self._not_served: dict[tuple[str, str], float] = {}  # kind -> when discovery last missed it

@@ -8,12 +8,14 @@ to parse back).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Any, Protocol
 
-from ..api.names import LABEL_MANAGED_BY, TRAINER_GID, TRAINER_UID
+from ..api.names import ANNOTATION_APPLIED_DIGEST, LABEL_MANAGED_BY, TRAINER_GID, TRAINER_UID
 
 
 # The longest message the operator writes into a status (a condition, a restart record) or an event; the
@@ -259,6 +261,33 @@ def not_ours(existing: dict[str, Any], child: dict[str, Any]) -> str | None:
     if label is not None and labels_of(existing).get(LABEL_MANAGED_BY) != label:
         why.append(f"not labelled {LABEL_MANAGED_BY}={label}")
     return ", ".join(why) or None
+
+
+def with_digest(child: dict[str, Any]) -> dict[str, Any]:
+    """The child with a digest of its content in an annotation: the object applied from it says what it was
+    applied from."""
+    body = json.dumps(child, sort_keys=True, default=str).encode()
+    meta = child["metadata"]
+    annotations = (meta.get("annotations") or {}) | {ANNOTATION_APPLIED_DIGEST: hashlib.sha256(body).hexdigest()[:16]}
+    return {**child, "metadata": {**meta, "annotations": annotations}}
+
+
+def unchanged(live: dict[str, Any], child: dict[str, Any]) -> bool:
+    """Whether applying ``child`` (with its digest) onto ``live`` would change nothing: ``live`` was applied from
+    the same content (the digests agree) and still holds every value the child sets (no one changed them
+    since; the API server's defaults and other managers' fields aside)."""
+    digest = annotations_of(child).get(ANNOTATION_APPLIED_DIGEST)
+    content = {k: v for k, v in child.items() if k not in ("apiVersion", "kind")}  # a LIST's items lack them
+    return digest is not None and annotations_of(live).get(ANNOTATION_APPLIED_DIGEST) == digest and holds(live, content)
+
+
+def holds(live: Any, wanted: Any) -> bool:
+    """``wanted`` is part of ``live``: every key of a mapping with a value ``live`` holds, lists item by item."""
+    if isinstance(wanted, dict):
+        return isinstance(live, dict) and all(k in live and holds(live[k], v) for k, v in wanted.items())
+    if isinstance(wanted, list):
+        return isinstance(live, list) and len(live) == len(wanted) and all(map(holds, live, wanted))
+    return live == wanted
 
 
 def owned_by(obj: dict[str, Any], owner: dict[str, Any]) -> bool:

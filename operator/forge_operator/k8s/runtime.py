@@ -27,7 +27,8 @@ from kubernetes.client.rest import ApiException
 from . import metrics
 from .clients import Clients
 from .objects import (
-    ApplyOutcome, ChildConflict, ChildRef, ChildRejected, Key, Plan, Reader, Reconciler, event_body, not_ours, utcnow,
+    ApplyOutcome, ChildConflict, ChildRef, ChildRejected, Key, Plan, Reader, Reconciler, event_body, not_ours, unchanged,
+    utcnow, with_digest,
 )
 from .peering import Peering, standing_by
 
@@ -172,7 +173,7 @@ class Runtime:
             for child in children:
                 ref = ChildRef(child["kind"], child["metadata"]["name"])
                 try:
-                    applied = self._apply_ours(child, known.get(ref))
+                    applied = self._apply_ours(with_digest(child), known.get(ref))
                 except ApiException as e:
                     if e.status not in (400, 422):
                         raise
@@ -192,6 +193,8 @@ class Runtime:
         applied with the uid read (so an object replaced in between is refused, not taken over), or
         created without forcing (an object someone made in between conflicts instead)."""
         c, meta = self.clients, child["metadata"]
+        if uid is not None and self._unchanged(child, uid):
+            return uid
         if uid is not None:
             try:
                 return c.apply(_with_uid(child, uid), self.field_manager)
@@ -212,6 +215,14 @@ class Runtime:
         if why is not None:
             return ChildConflict(child["kind"], meta["name"], why)
         return c.apply(_with_uid(child, existing["metadata"]["uid"]), self.field_manager)
+
+    def _unchanged(self, child: dict[str, Any], uid: str) -> bool:
+        """The child, as a cache in front of the API holds it, is the object applied before and would not
+        change (no request: a cache that does not hold it answers no)."""
+        cached = getattr(self.reader, "cached", None)
+        meta = child["metadata"]
+        live = cached(child["apiVersion"], child["kind"], meta["name"], meta.get("namespace")) if cached else None
+        return live is not None and live["metadata"].get("uid") == uid and unchanged(live, child)
 
     def post_event(self, obj: dict[str, Any], event) -> None:
         """Posted with the API client (not kopf.event) so reconciles started by a requeue timer, outside
