@@ -75,3 +75,45 @@ def test_restricted_admits_workers_with_the_users_labels_and_security_context(ku
         assert sc["runAsUser"] == 20000 and sc["supplementalGroups"] == [3000] and sc["runAsNonRoot"] is True
     kube.wait_for("Running", phase_is(kube, "llm", "Running"))
     assert kube.get("pods", selector="team=nlp")["items"]
+
+
+POD_SETTINGS = {
+    "nodeSelector": {"pool": "a100"}, "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
+    "affinity": {"podAntiAffinity": {"x": 1}}, "volumes": [{"name": "scratch", "emptyDir": {}}],
+    "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+    "env": [{"name": "NCCL_DEBUG", "value": "INFO"}], "imagePullSecrets": ["registry"],
+}
+
+
+@pytest.mark.parametrize("where", ["podTemplate", "resources"])
+def test_pod_settings_are_taken_from_the_pod_template_or_from_resources(where):
+    spec = {where: POD_SETTINGS} if where == "podTemplate" else {"resources": {**obj()["spec"]["resources"], **POD_SETTINGS}}
+    pod = worker_template(**spec)["spec"]
+    container = pod["containers"][0]
+    assert pod["nodeSelector"] == {"pool": "a100"}
+    assert pod["tolerations"] == [POD_SETTINGS["tolerations"][0],
+                                  {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["affinity"] == {"podAntiAffinity": {"x": 1}} and pod["imagePullSecrets"] == [{"name": "registry"}]
+    assert pod["volumes"][-1] == {"name": "scratch", "emptyDir": {}}
+    assert container["volumeMounts"][-1] == {"name": "scratch", "mountPath": "/scratch"}
+    assert container["env"][-1] == {"name": "NCCL_DEBUG", "value": "INFO"}
+
+
+def test_a_trainings_evaluation_runs_where_its_pod_template_says():
+    from forge_operator.training.evaluation import build_evaluation
+    ev = {"suites": [{"name": "h", "type": "perplexity", "format": "text", "data": {"pvc": {"claimName": "corpus"}}}]}
+    ft = ForgeTraining.model_validate(obj(podTemplate=POD_SETTINGS, evaluation=ev))
+    resources = build_evaluation(ft)["spec"]["resources"]
+    assert resources["nodeSelector"] == {"pool": "a100"} and resources["tolerations"] == POD_SETTINGS["tolerations"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"podTemplate": {"env": [{"name": "MASTER_PORT", "value": "1"}]}}, "spec.podTemplate.env: MASTER_ADDR, MASTER_PORT"),
+    ({"podTemplate": {"env": [{"name": "FORGE_POD_NAME", "value": "x"}]}}, "names starting with FORGE_"),
+    ({"podTemplate": {"tolerations": []}, "resources": {"tolerations": []}},
+     "spec.podTemplate.tolerations: set podTemplate.tolerations or resources.tolerations, not both"),
+])
+def test_pod_settings_the_operator_owns_or_set_twice_are_refused(spec, message):
+    with pytest.raises(ValidationError) as err:
+        ForgeTraining.model_validate(obj(**spec))
+    assert message in format_error(err.value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -374,6 +374,32 @@ class TrainingSpec(ApiModel):
 
 
 # --------------------------------------------------------------------------- resources
+# Environment variables the operator, torchrun or the Job controller set in the trainer container: env may not
+# set these (the workers would not find each other, or report as another pod).
+RESERVED_ENV_NAMES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "WORLD_SIZE",
+                      "LOCAL_WORLD_SIZE", "ROLE_WORLD_SIZE", "JOB_COMPLETION_INDEX")
+RESERVED_ENV_PREFIXES = ("FORGE_", "TORCHELASTIC_")
+_RESERVED_ENV_WORDS = (f"{', '.join(RESERVED_ENV_NAMES)} and names starting with {', '.join(RESERVED_ENV_PREFIXES)} "
+                       "are set by the operator, torchrun or the Job controller")
+_CEL_ENV_OK = " && ".join(["!(e.name in [" + ", ".join(f"'{n}'" for n in RESERVED_ENV_NAMES) + "])",
+                           *(f"!e.name.startsWith('{p}')" for p in RESERVED_ENV_PREFIXES)])
+
+
+# core/v1 EnvVar, free-form but for its name, which the API server's rules read
+EnvVar = Annotated[dict[str, Any], Field(json_schema_extra={
+    "x-kubernetes-preserve-unknown-fields": True,
+    "properties": {"name": {"type": "string", "maxLength": 256, "description": "Name of the variable."}}})]
+
+
+def _env_not_reserved(env: list[dict] | None) -> bool:
+    names = [e.get("name") for e in env or [] if isinstance(e.get("name"), str)]
+    return not any(n in RESERVED_ENV_NAMES or n.startswith(RESERVED_ENV_PREFIXES) for n in names)
+
+
+ENV_RULE = Cel(f"!has(self.env) || self.env.all(e, !has(e.name) || ({_CEL_ENV_OK}))", _RESERVED_ENV_WORDS,
+               lambda s: _env_not_reserved(s.env), field_path=".env")
+
+
 class ResourcesSpec(ApiModel):
     """Nodes, GPUs and pod settings of the workers. Editable: a change restarts from the last checkpoint."""
 
@@ -406,7 +432,7 @@ class ResourcesSpec(ApiModel):
     """Image pull policy of the trainer container."""
     image_pull_secrets: Annotated[list[DnsLabel], Field(max_length=16)] | None = None
     """Names of Secrets for pulling the image from a private registry."""
-    env: Annotated[list[FreeForm], Field(max_length=256)] | None = None
+    env: Annotated[list[EnvVar], Field(max_length=256)] | None = None
     """Extra environment variables (core/v1 EnvVar) for the trainer container."""
     volumes: Annotated[list[FreeForm], Field(max_length=64)] | None = None
     """Extra pod volumes (core/v1 Volume)."""
@@ -414,6 +440,8 @@ class ResourcesSpec(ApiModel):
     """Extra volume mounts (core/v1 VolumeMount) for the trainer container."""
     termination_grace_period_seconds: Annotated[int, Field(ge=30, le=86400)] = defaults.TERMINATION_GRACE_PERIOD_SECONDS
     """Time a worker gets after SIGTERM to write its checkpoint before it is killed."""
+
+    cel_rules = (ENV_RULE,)
 
 
 # Labels and annotations on worker pods that the operator sets and reads (its children are found by them):
@@ -428,6 +456,8 @@ _RESERVED_WORDS = (f"{', '.join(RESERVED_POD_KEYS)} and keys under {', '.join(RE
 
 def _not_reserved(keys) -> bool:
     return not any(k in RESERVED_POD_KEYS or k.startswith(RESERVED_POD_PREFIXES) for k in keys)
+
+
 
 
 class PodTemplateMetadata(ApiModel):
@@ -464,8 +494,25 @@ class PodTemplateSpec(ApiModel):
     """Extended resources each worker requests and is limited to besides its GPUs, e.g.
     {rdma/hca_shared_devices_a: 1} for an RDMA device plugin. Not cpu, memory or the GPU resource
     (resources.cpu, resources.memory, resources.gpusPerNode say those)."""
+    node_selector: dict[str, ShortStr] | None = None
+    """Node labels the workers must run on (or resources.nodeSelector, not both)."""
+    tolerations: Annotated[list[FreeForm], Field(max_length=64)] | None = None
+    """Pod tolerations (core/v1 Toleration); a toleration for the GPU resource taint is added for you (or
+    resources.tolerations, not both)."""
+    affinity: FreeForm | None = None
+    """Pod affinity (core/v1 Affinity); spec.residency and nodes kept out after failures are added to its
+    required node selector terms (or resources.affinity, not both)."""
+    volumes: Annotated[list[FreeForm], Field(max_length=64)] | None = None
+    """Extra pod volumes (core/v1 Volume) (or resources.volumes, not both)."""
+    volume_mounts: Annotated[list[FreeForm], Field(max_length=64)] | None = None
+    """Extra volume mounts (core/v1 VolumeMount) of the trainer container (or resources.volumeMounts, not both)."""
+    env: Annotated[list[EnvVar], Field(max_length=256)] | None = None
+    """Extra environment variables (core/v1 EnvVar) of the trainer container (or resources.env, not both)."""
+    image_pull_secrets: Annotated[list[DnsLabel], Field(max_length=16)] | None = None
+    """Names of Secrets for pulling the image from a private registry (or resources.imagePullSecrets, not both)."""
 
     cel_rules = (
+        ENV_RULE,
         Cel("!has(self.extendedResources) || self.extendedResources.all(k, k != 'cpu' && k != 'memory')",
             "cpu and memory are set by resources.cpu and resources.memory",
             lambda s: not ({"cpu", "memory"} & set(s.extended_resources or {})), field_path=".extendedResources"),
@@ -620,6 +667,12 @@ def _dir(path: str) -> str:
     return ("/" + path + "/").replace("//", "/")
 
 
+# the pod settings podTemplate takes and resources took first: API name -> field
+POD_SETTINGS = {"nodeSelector": "node_selector", "tolerations": "tolerations", "affinity": "affinity",
+                "volumes": "volumes", "volumeMounts": "volume_mounts", "env": "env",
+                "imagePullSecrets": "image_pull_secrets"}
+
+
 class ForgeTrainingSpec(ApiModel):
     """Desired state of a ForgeTraining."""
 
@@ -637,7 +690,8 @@ class ForgeTrainingSpec(ApiModel):
     resources: ResourcesSpec = ResourcesSpec()
     """Nodes, GPUs and pod settings."""
     pod_template: PodTemplateSpec | None = None
-    """Labels, annotations, security contexts and extended resources added to the worker pods."""
+    """What the worker pods get besides what the operator builds: labels, annotations, security contexts,
+    extended resources, node selector, tolerations, affinity, volumes, environment, image pull secrets."""
     scheduling: SchedulingSpec = SchedulingSpec()
     """Queueing and suspension."""
     residency: ResidencySpec | None = None
@@ -660,7 +714,18 @@ class ForgeTrainingSpec(ApiModel):
     ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=MAX_SECONDS)] | None = None
     """Delete the workers (never this resource) this long after it finished."""
 
+    def pod_setting(self, field: str) -> Any:
+        """A pod setting that podTemplate and (for older specs) resources both take: podTemplate's, else
+        resources' (admission refuses both)."""
+        value = getattr(self.pod_template, field) if self.pod_template is not None else None
+        return value if value is not None else getattr(self.resources, field)
+
     cel_rules = (
+        *(Cel(f"!has(self.podTemplate) || !has(self.podTemplate.{name}) || !has(self.resources) || "
+              f"!has(self.resources.{name})", f"set podTemplate.{name} or resources.{name}, not both",
+              lambda s, f=field: s.pod_template is None or getattr(s.pod_template, f) is None
+              or getattr(s.resources, f) is None, field_path=f".podTemplate.{name}")
+          for name, field in POD_SETTINGS.items()),
         Cel("!has(self.podTemplate) || !has(self.podTemplate.extendedResources) || !((has(self.resources) && "
             f"has(self.resources.gpuResourceName) ? self.resources.gpuResourceName : '{defaults.GPU_RESOURCE_NAME}')"
             " in self.podTemplate.extendedResources)",

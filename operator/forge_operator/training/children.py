@@ -147,7 +147,7 @@ def _claims(ft: ForgeTraining) -> dict[str, bool]:
 
 def _tolerations(ft: ForgeTraining) -> list[dict[str, Any]]:
     r = ft.spec.resources
-    out = list(r.tolerations or [])
+    out = list(ft.spec.pod_setting("tolerations") or [])
     if r.gpus_per_node > 0 and not any(t.get("key") == r.gpu_resource_name for t in out):
         out.append({"key": r.gpu_resource_name, "operator": "Exists", "effect": "NoSchedule"})
     return out
@@ -260,13 +260,14 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
         _field_env(ENV_NODE_REGION, f"metadata.labels['{LABEL_REGION}']"),
         _field_env(ENV_NODE_ZONE, f"metadata.labels['{LABEL_ZONE}']"),
     ]
-    if not any(e.get("name") == ENV_TORCHRUN_SHUTDOWN_TIMEOUT for e in r.env or []):  # the spec's wins
+    user_env = ft.spec.pod_setting("env") or []
+    if not any(e.get("name") == ENV_TORCHRUN_SHUTDOWN_TIMEOUT for e in user_env):  # the spec's wins
         env.append({"name": ENV_TORCHRUN_SHUTDOWN_TIMEOUT,
                     "value": str(torchrun_shutdown_timeout(r.termination_grace_period_seconds))})
-    env += r.env or []
+    env += user_env
     container: dict[str, Any] = {
         "name": CONTAINER_NAME, "image": image, "command": torchrun_command(ft, state.restart_count),
-        "env": env, "volumeMounts": mounts + (r.volume_mounts or []),
+        "env": env, "volumeMounts": mounts + (ft.spec.pod_setting("volume_mounts") or []),
         "ports": [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
                   {"name": "metrics", "containerPort": METRICS_PORT}],
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
@@ -291,18 +292,18 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
         "serviceAccountName": service_account_name(ft),
         "terminationGracePeriodSeconds": r.termination_grace_period_seconds,
         "containers": [container],
-        "volumes": volumes + (r.volumes or []),
+        "volumes": volumes + (ft.spec.pod_setting("volumes") or []),
     }
     tolerations = _tolerations(ft)
     if tolerations:
         pod_spec["tolerations"] = tolerations
-    affinity = requiring(avoiding(r.affinity, state.avoid_nodes), residency_requirements(ft))
-    for key, value in (("nodeSelector", r.node_selector), ("affinity", affinity),
+    affinity = requiring(avoiding(ft.spec.pod_setting("affinity"), state.avoid_nodes), residency_requirements(ft))
+    for key, value in (("nodeSelector", ft.spec.pod_setting("node_selector")), ("affinity", affinity),
                        ("priorityClassName", r.priority_class_name)):
         if value:
             pod_spec[key] = value
-    if r.image_pull_secrets:
-        pod_spec["imagePullSecrets"] = [{"name": n} for n in r.image_pull_secrets]
+    if secrets := ft.spec.pod_setting("image_pull_secrets"):
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in secrets]
     meta = pt.metadata or PodTemplateMetadata()
     return {
         "metadata": {"labels": (meta.labels or {}) | labels(ft) | {LABEL_ATTEMPT: str(state.restart_count)},

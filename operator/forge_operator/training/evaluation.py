@@ -25,7 +25,8 @@ def build_evaluation(ft: ForgeTraining) -> dict[str, Any]:
     ev, r = ft.spec.evaluation, ft.spec.resources
     spec = ForgeEvalSpec(model=ModelSourceSpec(training_ref=ft.metadata.name), suites=ev.suites, gates=ev.gates,
                          resources=EvalResourcesSpec(gpus=min(1, r.gpus_per_node), gpu_resource_name=r.gpu_resource_name,
-                                                     node_selector=r.node_selector, tolerations=r.tolerations,
+                                                     node_selector=ft.spec.pod_setting("node_selector"),
+                                                     tolerations=ft.spec.pod_setting("tolerations"),
                                                      image=r.image))
     meta = object_meta(ft.metadata.name, ft.metadata.namespace, labels(ft), owner_reference(ft))
     return {"apiVersion": API_VERSION, "kind": EVAL_KIND, "metadata": meta, "spec": spec.to_dict()}
