@@ -17,9 +17,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "controlplane"))
+sys.path.insert(0, str(ROOT / "tests" / "s3server"))
 
 from devcluster import DevCluster  # noqa: E402
 from kubetest import Kube  # noqa: E402
+from s3server import S3Server, build as build_s3server  # noqa: E402
 
 GPU_NODES = 4
 
@@ -69,3 +71,20 @@ def kube(cluster: DevCluster, request) -> Kube:
         yield k
     finally:
         cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def s3server(tmp_path_factory) -> S3Server:
+    """A real S3-compatible server (versitygw) on a free loopback port; stopped by PID at the end.
+    Errors (no skip) when scripts/s3server-build cannot build it."""
+    server = S3Server.start(build_s3server(), tmp_path_factory.mktemp("s3server"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def bucket(s3server: S3Server) -> str:
+    """A fresh bucket of the S3 server for one test."""
+    return s3server.create_bucket(f"forge-{uuid.uuid4().hex[:12]}")

@@ -372,7 +372,8 @@ class EgressConfig(_Model):
 
     lock: bool = True
     """While the run lasts, refuse outbound connections from Python code except to loopback, the
-    Kubernetes API server, the HTTP reward services of the method, and ``allow``."""
+    Kubernetes API server, the HTTP reward services of the method, the endpoint of ``s3`` (when a location
+    is on S3), and ``allow``."""
     allow: list[str] = []
     """More destinations: ``host`` (any port) or ``host:port``; names are resolved when the run starts."""
 
@@ -385,6 +386,23 @@ class ResidencyConfig(_Model):
     """Allowed regions; empty: any."""
     zones: list[str] = []
     """Allowed zones; empty: any."""
+
+
+class S3Config(_Model):
+    """How the trainer reaches the S3-compatible store of its ``s3://bucket/prefix`` locations (data source
+    paths, checkpoint.dir, output.dir). Credentials are boto3's: AWS_ACCESS_KEY_ID and
+    AWS_SECRET_ACCESS_KEY (the operator sets them from the location's Secret), or a credentials file."""
+
+    endpoint: str | None = Field(None, pattern=r"^https?://")
+    """Endpoint URL of the store (default: AWS's, from the region)."""
+    region: str | None = None
+    """Region of the bucket (default: us-east-1, which most S3-compatible stores accept)."""
+    path_style: bool = False
+    """Address buckets as endpoint/bucket/key rather than bucket.endpoint/key (most on-premises stores)."""
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+    """How long one connection attempt may take."""
+    max_attempts: PositiveInt = 3
+    """Attempts of each request before the run fails (botocore's standard retry mode)."""
 
 
 class PretrainMethod(_Model):
@@ -624,12 +642,16 @@ class TrainerConfig(_Model):
     checkpoint: CheckpointConfig = CheckpointConfig()
     output: OutputConfig = OutputConfig()
     cache_dir: str = "/cache"
-    """Where prepared token shards and trained tokenizers are cached (keyed by data and tokenizer digests)."""
+    """Where prepared token shards and trained tokenizers are cached (keyed by data and tokenizer digests), and,
+    under ``s3/``, the local copies of s3:// data and the checkpoints and exports on their way to S3. A local
+    folder: not an s3:// URL."""
     metrics: MetricsConfig = MetricsConfig()
     egress: EgressConfig = EgressConfig()
     residency: ResidencyConfig | None = None
     """The regions and zones the workers were confined to; None: anywhere (or a local run)."""
     provenance: ProvenanceConfig = ProvenanceConfig()
+    s3: S3Config = S3Config()
+    """How to reach the store of the s3:// locations (unused without them)."""
     termination_message_path: str = DEFAULT_TERMINATION_MESSAGE_PATH
     """A one-line JSON summary is written here at exit (when its directory is writable)."""
 
@@ -648,6 +670,8 @@ class TrainerConfig(_Model):
     def _check(self) -> TrainerConfig:
         if self.method.kind in ("continued-pretrain", "sft", "dpo", "grpo", "online-dpo") and self.model.base_path is None:
             raise ValueError(f"method {self.method.kind} needs model.base_path")
+        if self.cache_dir.startswith("s3://"):
+            raise ValueError("cache_dir must be a local folder (s3:// is for data, checkpoint.dir and output.dir)")
         self._check_records()
         if self.method.kind == "pretrain" and self.model.base_path is not None:
             raise ValueError("method pretrain builds a new model: use model.architecture (or method continued-pretrain)")

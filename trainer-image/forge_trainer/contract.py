@@ -90,6 +90,15 @@ class ConfigError(TrainerError):
     kind = "config error"
 
 
+class StorageError(TrainerError):
+    """An S3-compatible store refused or could not be reached: wrong credentials, an unreachable endpoint,
+    no such bucket. Not retried (botocore has already retried what a retry can fix); the message names the
+    location's field and what to check."""
+
+    exit_code = ExitCode.CONFIG_ERROR
+    kind = "storage error"
+
+
 class RendezvousTimeout(TrainerError):
     exit_code = ExitCode.RENDEZVOUS_TIMEOUT
     kind = "rendezvous timed out"
@@ -113,7 +122,7 @@ class StoppedBeforeTraining(TrainerError):
 
 def error_named(kind: str, message: str) -> TrainerError | None:
     """The TrainerError another process reported, by class name and message (None: not one of them)."""
-    known = (TrainerError, DataError, ConfigError, RewardError, RendezvousTimeout, StoppedBeforeTraining)
+    known = (TrainerError, DataError, ConfigError, RewardError, RendezvousTimeout, StoppedBeforeTraining, StorageError)
     return next((cls(message) for cls in known if cls.__name__ == kind), None)
 
 

@@ -28,10 +28,11 @@ from .models.parallel import parallelize
 from .models.stats import ModelStats, peak_flops
 from .runtime import checkpoint
 from .runtime.budget import Timings, budget_reached, total_steps
+from .runtime import storage
 from .runtime.checkpoint import TrainState, choose_resume
 from .runtime.dist import Dist, init_distributed, shutdown
 from .runtime.egress import egress_locked, policy_of
-from .runtime.export import export, write_model_files
+from .runtime.export import PROVENANCE, export, write_model_files
 from .runtime.optim import build_optimizer, lr_at, set_lr
 from .runtime.progress import Reporter, build_progress
 from .provenance import ProvenanceError, load_private_key
@@ -77,6 +78,7 @@ class RunSummary:
 class Setup:
     """What the set-up built once, before the first step."""
 
+    config: TrainerConfig  # the run's, with s3:// inputs replaced by their local copies
     method: Method
     dataset: Dataset
     hf_cfg: PretrainedConfig
@@ -111,7 +113,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
         d = init_distributed()
         reporter = None
         try:
-            s = _set_up(config, d, stop)
+            s = _set_up(_local_inputs(config, d), d, stop)
             state, resumed_from, last_ckpt = _resume(config, s, d)
             if d.is_main:
                 reporter = Reporter(on_progress, config.metrics.port)
@@ -210,6 +212,15 @@ class LogWindow:
 # Set-up and resume
 
 
+def _local_inputs(config: TrainerConfig, d: Dist) -> TrainerConfig:
+    """The configuration with its s3:// inputs (data, base model, tokenizer) copied to local scratch by the
+    first process of each node; the per-file SHA-256 manifest is then made of the local copies. Every store
+    of the configuration is checked first, so that a wrong credential fails the run before any work."""
+    d.on_main(lambda: storage.check_locations(config), "checking the s3:// locations")
+    d.on_every_rank(lambda: storage.localized(config) if d.local_rank == 0 else None, "downloading the s3:// inputs")
+    return storage.localized(config, download=False)
+
+
 def _set_up(config: TrainerConfig, d: Dist, stop: SigtermFlag) -> Setup:
     """Fail fast on a model that cannot run, then the method's data, the model, the optimizer."""
     t = config.training
@@ -228,7 +239,7 @@ def _set_up(config: TrainerConfig, d: Dist, stop: SigtermFlag) -> Setup:
         )
     tokens_per_step = t.global_batch_sequences * t.seq_len
     s = Setup(
-        method=method, dataset=dataset, hf_cfg=hf_cfg, stats=stats, model=model, optimizer=optimizer,
+        config=config, method=method, dataset=dataset, hf_cfg=hf_cfg, stats=stats, model=model, optimizer=optimizer,
         batches=method.batches(), accum=t.global_batch_sequences // (t.micro_batch_sequences * d.world),
         tokens_per_step=tokens_per_step, budget=t.budget, total_steps=total_steps(t, tokens_per_step),
         autocast=torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext(),
@@ -250,19 +261,19 @@ def _set_up(config: TrainerConfig, d: Dist, stop: SigtermFlag) -> Setup:
     return s
 
 
-def _resume(config: TrainerConfig, s: Setup, d: Dist) -> tuple[TrainState, Path | None, LastCheckpoint | None]:
+def _resume(config: TrainerConfig, s: Setup, d: Dist) -> tuple[TrainState, Path | str | None, LastCheckpoint | None]:
     """The state to start from: a checkpoint's (rank 0 chooses it for every rank), or step 0."""
-    path, line = d.on_main(lambda: choose_resume(config.checkpoint), "choosing the checkpoint to resume from")
+    path, line = d.on_main(lambda: choose_resume(config.checkpoint, config.s3), "choosing the checkpoint to resume from")
     if path is None:
         return TrainState(step=0, origin=line), None, None
-    state = checkpoint.load(path, s.model, s.optimizer, d)
+    state = checkpoint.load_run(config, path, s.model, s.optimizer, d)
     if state.tokenizer_digest not in (None, s.dataset.tokenizer.digest):
         raise ConfigError(f"checkpoint {path} was trained with a different tokenizer")
     saved_seq_len = state.config.get("training", {}).get("seq_len")
     if d.is_main and (state.data_digest not in (None, s.dataset.digest)
                       or saved_seq_len not in (None, config.training.seq_len)):
         log.warning("the data or training.seq_len changed since %s: the loader goes on counting over the "
-                    "new windows, so this run does not continue the same curve", path.name)
+                    "new windows, so this run does not continue the same curve", path)
     s.batches.load_state_dict(state.loader)
     s.gpu_seconds_before = state.gpu_seconds
     state.origin = line  # the line this run continues, which may start at the checkpoint it resumed from
@@ -368,8 +379,8 @@ def _save(config: TrainerConfig, s: Setup, state: TrainState, d: Dist, timings: 
     state.data_digest, state.tokenizer_digest = s.dataset.digest, s.dataset.tokenizer.digest
     state.config = config.model_dump(mode="json")
     state.gpu_seconds = s.gpu_seconds()
-    saved = checkpoint.save(config.checkpoint.dir, s.model, s.optimizer, state, config.checkpoint.keep_last, d,
-                            model_files=lambda folder: write_model_files(folder, s.hf_cfg, s.dataset.tokenizer))
+    saved = checkpoint.save_run(config, s.model, s.optimizer, state, d,
+                                model_files=lambda folder: write_model_files(folder, s.hf_cfg, s.dataset.tokenizer))
     timings.save = time.monotonic() - t0
     if d.is_main:
         log.info("checkpoint %s (%.1fs)", saved.path, timings.save)
@@ -381,8 +392,9 @@ def _save(config: TrainerConfig, s: Setup, state: TrainState, d: Dist, timings: 
 
 
 def _export(config: TrainerConfig, s: Setup, state: TrainState, d: Dist, reason: str, started: datetime,
-            resumed_from: Path | None) -> str:
-    """The trained model in Hugging Face format with its provenance, in output.dir (every rank takes part)."""
+            resumed_from: Path | str | None) -> str:
+    """The trained model in Hugging Face format with its provenance, in output.dir (every rank takes part);
+    for an s3:// output.dir, written to local scratch and uploaded, provenance.json last."""
     tok = s.dataset.tokenizer
     provenance = build_provenance(
         config, state, reason=reason, started=started, ended=datetime.now(timezone.utc), resumed_from=resumed_from,
@@ -393,13 +405,17 @@ def _export(config: TrainerConfig, s: Setup, state: TrainState, d: Dist, reason:
         gpu_hours=s.gpu_seconds() / 3600,
     )
     lora = config.training.lora
-    out = export(config.output.dir, s.model, s.hf_cfg, tok, provenance, d,
-                 adapters=LoraExport(lora, config.model.base_path) if lora is not None else None,
+    remote = storage.is_s3(config.output.dir)
+    local = storage.scratch_of(config) / "output" if remote else config.output.dir
+    out = export(local, s.model, s.hf_cfg, tok, provenance, d,
+                 adapters=LoraExport(lora, s.config.model.base_path) if lora is not None else None,
                  log_history=state.log_history, signing_key=s.signing_key, file_mode=config.output.file_mode)
+    if remote:
+        d.on_main(lambda: _upload_export(local, config), f"uploading the model to {config.output.dir}")
     d.barrier()
     if d.is_main:
         log.info("exported %s (%s, provenance %s)", out, reason, "signed" if s.signing_key else "unsigned")
-        checkpoint.retain_after_success(config.checkpoint)
+        checkpoint.retain_after_success(config.checkpoint, config.s3)
     return str(config.output.dir)
 
 
@@ -411,3 +427,8 @@ def signing_key(config: TrainerConfig):
         return load_private_key(config.provenance.signing_key)
     except ProvenanceError as e:
         raise ConfigError(f"provenance.signing_key: {e}") from None
+
+
+def _upload_export(local: Path, config: TrainerConfig) -> None:
+    storage.publish(local, config.output.dir, config.s3, "output.dir", marker=PROVENANCE)
+    storage.remove_local(local)

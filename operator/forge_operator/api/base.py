@@ -182,16 +182,30 @@ class SecretKeyRef(ApiModel):
     """A Secret in the same namespace."""
 
     name: DnsLabel
-    """Name of the Secret. For S3 it holds AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."""
+    """Name of the Secret. For S3 it holds AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally
+    AWS_SESSION_TOKEN), which the workers get as environment variables."""
+
+
+S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
 
 
 class S3Location(ApiModel):
-    """An object-store prefix reachable from inside the cluster (S3-compatible: MinIO, Ceph RGW, ...)."""
+    """A prefix of an S3-compatible object store reachable from inside the cluster (Ceph RGW, SeaweedFS,
+    versitygw, AWS S3, ...). Inputs are copied to the workers' local scratch before they are read;
+    checkpoints and the exported model are written locally and uploaded, a marker object last. Every S3
+    location of one training uses the same endpoint, region, pathStyle and secretRef."""
 
-    uri: Annotated[str, Field(pattern=r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", max_length=1024)]
+    uri: Annotated[str, Field(pattern=S3_URI_PATTERN, max_length=1024)]
     """Bucket and prefix, as s3://bucket/prefix."""
-    endpoint: Annotated[str, Field(pattern=r"^https?://", max_length=1024)] | None = None
-    """Endpoint URL of the S3-compatible service (default: the AWS endpoint). Keep it inside your network."""
+    endpoint: Annotated[str, Field(pattern=r"^https?://[^/?#]+/?$", max_length=1024)] | None = None
+    """Endpoint URL of the S3-compatible service, scheme, host and port (default: the AWS endpoint of the
+    region). Keep it inside your network; with network.egress Restricted it is the one address of the
+    store the workers may reach."""
+    region: Annotated[str, Field(pattern=r"^[a-z0-9-]+$", max_length=64)] | None = None
+    """Region of the bucket (default: us-east-1, which most S3-compatible stores accept)."""
+    path_style: bool = False
+    """Address buckets as endpoint/bucket/key instead of bucket.endpoint/key (what most on-premises
+    stores need)."""
     secret_ref: SecretKeyRef | None = None
     """Credentials; without it the pod's own identity (e.g. IRSA) is used."""
 
@@ -202,7 +216,7 @@ class StorageLocation(ApiModel):
     pvc: PvcLocation | None = None
     """A path on a PersistentVolumeClaim."""
     s3: S3Location | None = None
-    """An S3-compatible URI with a Secret reference."""
+    """A prefix of an S3-compatible store, with its endpoint and the Secret of its credentials."""
 
     cel_rules = (
         Cel("has(self.pvc) != has(self.s3)", "set exactly one of pvc or s3",
@@ -210,11 +224,23 @@ class StorageLocation(ApiModel):
     )
 
 
-class VolumeLocation(ApiModel):
-    """A writable path on a PersistentVolumeClaim."""
+def s3_endpoints(spec: Any) -> list[str]:
+    """Every S3 endpoint URL a resource's spec (as a dict, camelCase) names, in order, once each."""
+    out: list[str] = []
 
-    pvc: PvcLocation
-    """The PersistentVolumeClaim and path to write to."""
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            s3 = node.get("s3")
+            if isinstance(s3, dict) and isinstance(s3.get("endpoint"), str) and s3["endpoint"] not in out:
+                out.append(s3["endpoint"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(spec)
+    return out
 
 
 ConditionStatus = Literal["True", "False", "Unknown"]

@@ -42,6 +42,9 @@ PVC_MOUNT_ROOT = "/mnt/pvc"
 REWARDS_MOUNT_ROOT = "/mnt/rewards"
 """A reward ConfigMap named in spec.rewards[].python.configMap is mounted at <root>/<its name>."""
 SHM_MOUNT = "/dev/shm"
+SCRATCH_MOUNT = "/mnt/scratch"
+"""Node-local space (an emptyDir) of a training whose checkpoints go to S3: the prepared data, the local copies
+of s3:// inputs, and the checkpoints and the export on their way to the store."""
 RENDEZVOUS_PORT = 29400
 METRICS_PORT = trainer_defaults.METRICS_PORT  # the trainer's default: the config leaves it out
 TERMINATION_MESSAGE_PATH = contract.DEFAULT_TERMINATION_MESSAGE_PATH
@@ -60,6 +63,9 @@ ENV_RESTART_COUNT = "FORGE_RESTART_COUNT"
 # torch >= 2.12: how long torchrun waits for its workers after forwarding SIGTERM before it SIGKILLs them
 # (30 s, fixed, in older versions)
 ENV_TORCHRUN_SHUTDOWN_TIMEOUT = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+# set from the Secret of the training's S3 locations (spec...s3.secretRef): boto3's own variables
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+S3_OPTIONAL_SECRET_KEYS = ("AWS_SESSION_TOKEN",)
 
 # the container's preStop hook: the workers checkpoint and exit before torchrun gets SIGTERM
 PRESTOP_COMMAND = list(contract.PRESTOP_COMMAND)

@@ -11,7 +11,7 @@ from pydantic import Field
 from .base import (
     Timestamp,
     ApiModel, Cel, Condition, DnsLabel, FreeForm, ObjectMeta, PathStr, PvcLocation,
-    Quantity, ShortStr, StorageLocation, VolumeLocation, API_VERSION,
+    Quantity, ShortStr, StorageLocation, API_VERSION,
 )
 from . import defaults
 from .enums import TRAINING_PHASES
@@ -564,8 +564,10 @@ class NetworkSpec(ApiModel):
 class CheckpointSpec(ApiModel):
     """Periodic checkpoints, from which restarts and resumes continue."""
 
-    location: VolumeLocation
-    """Where checkpoints are written (shared by all nodes: a ReadWriteMany claim for several nodes)."""
+    location: StorageLocation
+    """Where checkpoints are written: a claim shared by all nodes (ReadWriteMany for several nodes), or an
+    S3 prefix (each node stages its shards on local scratch and uploads them; a checkpoint is complete
+    once its trainer_state.json is uploaded, last)."""
     interval_steps: Annotated[int, Field(ge=0, le=MAX_STEPS)] = defaults.CHECKPOINT_INTERVAL_STEPS
     """Write a checkpoint every this many steps; 0: not by steps."""
     interval_minutes: Annotated[int, Field(ge=0, le=10080)] = defaults.CHECKPOINT_INTERVAL_MINUTES
@@ -610,17 +612,23 @@ class FailurePolicySpec(ApiModel):
 class OutputSpec(ApiModel):
     """Where the final model goes (Hugging Face format plus a provenance record)."""
 
-    location: VolumeLocation
+    location: StorageLocation
     """Folder for the exported model: a folder inside the volume, never its root (the model is written
-    beside it under a temporary name and renamed into place when complete)."""
+    beside it under a temporary name and renamed into place when complete); or an S3 prefix, never a
+    bucket's root (the export replaces every object under it, provenance.json uploaded last)."""
     file_mode: Annotated[int, Field(ge=0, le=0o777)] = defaults.OUTPUT_FILE_MODE
     """Permission bits of the exported files, as a volume's defaultMode: octal in YAML (0640) or decimal in JSON
     (416). Its folders get the same bits plus search where readable (0644 -> 0755, 0640 -> 0750)."""
 
     cel_rules = (
-        Cel("has(self.location.pvc.path) && self.location.pvc.path.matches('[^/.]')",
+        Cel("!has(self.location.pvc) || (has(self.location.pvc.path) && self.location.pvc.path.matches('[^/.]'))",
             "the model is exported into a folder inside the volume: set a path (not the volume root)",
-            lambda s: any(ch not in "/." for ch in s.location.pvc.path), field_path=".location.pvc.path"),
+            lambda s: s.location.pvc is None or any(ch not in "/." for ch in s.location.pvc.path),
+            field_path=".location.pvc.path"),
+        Cel("!has(self.location.s3) || self.location.s3.uri.matches('^s3://[^/]+/.*[^/]')",
+            "the model is exported under a prefix of the bucket: set one (s3://bucket/prefix, not the bucket's root)",
+            lambda s: s.location.s3 is None or re.match(r"^s3://[^/]+/.*[^/]", s.location.s3.uri) is not None,
+            field_path=".location.s3.uri"),
     )
 
 
@@ -665,6 +673,15 @@ def _cel_dir(pvc: str) -> str:
 
 def _dir(path: str) -> str:
     return ("/" + path + "/").replace("//", "/")
+
+
+def _cel_s3_dir(s3: str) -> str:
+    """An S3 location's URI in CEL with one slash at its end, so that prefixes compare as folders."""
+    return f"({s3}.uri.endsWith('/') ? {s3}.uri : {s3}.uri + '/')"
+
+
+def _s3_dir(uri: str) -> str:
+    return uri if uri.endswith("/") else uri + "/"
 
 
 # the pod settings podTemplate takes and resources took first: API name -> field
@@ -780,13 +797,26 @@ class ForgeTrainingSpec(ApiModel):
         Cel("self.method == 'sft' || self.method == 'dpo' || !has(self.training.lora)",
             "training.lora is only for methods sft and dpo",
             lambda s: s.method in ("sft", "dpo") or s.training.lora is None, field_path=".training.lora"),
-        Cel(f"self.output.location.pvc.claimName != self.checkpoint.location.pvc.claimName || "
+        Cel(f"!has(self.output.location.pvc) || !has(self.checkpoint.location.pvc) || "
+            f"self.output.location.pvc.claimName != self.checkpoint.location.pvc.claimName || "
             f"!{_cel_dir('self.checkpoint.location.pvc')}.startsWith({_cel_dir('self.output.location.pvc')})",
             "output.location must not be the checkpoint folder or a folder above it: the export replaces the "
             "output folder, and the checkpoints would go with it",
-            lambda s: s.output.location.pvc.claim_name != s.checkpoint.location.pvc.claim_name
+            lambda s: s.output.location.pvc is None or s.checkpoint.location.pvc is None
+            or s.output.location.pvc.claim_name != s.checkpoint.location.pvc.claim_name
             or not _dir(s.checkpoint.location.pvc.path).startswith(_dir(s.output.location.pvc.path)),
             field_path=".output.location.pvc.path"),
+        Cel(f"!has(self.output.location.s3) || !has(self.checkpoint.location.s3) || "
+            f"!{_cel_s3_dir('self.checkpoint.location.s3')}.startsWith({_cel_s3_dir('self.output.location.s3')})",
+            "output.location must not be the checkpoint prefix or a prefix above it: the export replaces the "
+            "objects under the output prefix, and the checkpoints would go with them",
+            lambda s: s.output.location.s3 is None or s.checkpoint.location.s3 is None
+            or not _s3_dir(s.checkpoint.location.s3.uri).startswith(_s3_dir(s.output.location.s3.uri)),
+            field_path=".output.location.s3.uri"),
+        Cel("!has(self.evaluation) || has(self.output.location.pvc)",
+            "evaluation reads the exported model from a PersistentVolumeClaim: with spec.evaluation, "
+            "output.location must be pvc (the evaluator does not read S3 yet)",
+            lambda s: s.evaluation is None or s.output.location.pvc is not None, field_path=".evaluation"),
     )
 
 
@@ -900,7 +930,7 @@ class EvaluationSummary(ApiModel):
 class ModelRef(ApiModel):
     """Where the exported model is."""
 
-    location: VolumeLocation
+    location: StorageLocation
     """The output location."""
     provenance: str = defaults.PROVENANCE_FILE
     """Provenance record inside it: data digests, tokenizer, base model, image, config hash, nodes, times."""

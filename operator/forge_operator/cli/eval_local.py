@@ -47,7 +47,11 @@ def _training_output(ref: str | None, trainings: dict[str, ForgeTraining], field
     if ref not in trainings:
         raise TranslationError(f"{field}.trainingRef: no ForgeTraining {ref} in the file (forge eval reads the model "
                                f"from its spec.output; or set {field}.checkpoint)")
-    return trainings[ref].spec.output.location.pvc
+    output = trainings[ref].spec.output.location
+    if output.pvc is None:
+        raise TranslationError(f"{field}.trainingRef: ForgeTraining {ref} exports its model to S3, which the evaluator "
+                               "does not read yet; copy the model to a folder and set checkpoint")
+    return output.pvc
 
 
 def local_eval_config(path: str, volumes: list[str]):

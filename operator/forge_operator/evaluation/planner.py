@@ -87,9 +87,15 @@ def _training_output(d: EvalDraft, field: str, source: ModelSourceSpec, obs: Obs
     training = obs.trainings.get(source.training_ref)
     phase = ((training or {}).get("status") or {}).get("phase")
     if phase == Phase.SUCCEEDED:
-        pvc = (((training["status"].get("modelRef") or {}).get("location") or {}).get("pvc"))
-        if pvc:
-            return PvcLocation.model_validate(pvc)
+        location = (training["status"].get("modelRef") or {}).get("location") or {}
+        if location.get("pvc"):
+            return PvcLocation.model_validate(location["pvc"])
+        if location.get("s3"):
+            d.phase(Phase.FAILED, Reason.MODEL_UNAVAILABLE,
+                    f"{field}.trainingRef: ForgeTraining {source.training_ref} exported its model to "
+                    f"{location['s3'].get('uri')}; the evaluator does not read S3 yet (export to a "
+                    "PersistentVolumeClaim, or copy the model to one and set checkpoint)", EventType.WARNING)
+            return False
     if phase == Phase.FAILED:
         d.phase(Phase.FAILED, Reason.MODEL_UNAVAILABLE,
                 f"{field}.trainingRef: ForgeTraining {source.training_ref} Failed; there is no model to evaluate",

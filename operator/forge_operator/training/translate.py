@@ -8,7 +8,7 @@ It translates, it does not default: a field the spec leaves out (None) is left o
 trainer's configuration too, which applies the default both share (``forge_trainer.defaults``),
 the derived ones included (the MLP widths, the minimum learning rate, the validation fraction).
 Only the representation changes (0 = off becomes None, a token batch becomes sequences, a PVC
-path becomes a folder).
+path becomes a folder, an S3 location its s3:// URL plus the run's one ``s3`` setting).
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from typing import Any, Callable
 from forge_trainer.config import (
     ArchitectureConfig, BudgetConfig, CheckpointConfig, DataConfig, DataSourceConfig, DpoMethod, EgressConfig,
     GrpoMethod, LoraConfig, MetricsConfig, ModelConfig, OnlineDpoMethod,
-    OutputConfig, ProvenanceConfig, ResidencyConfig, RewardConfig, TokenizerConfig, TokenizerTrainConfig, TrainerConfig,
+    OutputConfig, ProvenanceConfig, ResidencyConfig, RewardConfig, S3Config, TokenizerConfig, TokenizerTrainConfig,
+    TrainerConfig,
     TrainingConfig,
     ValidationConfig,
 )
 
-from ..api.base import PvcLocation, StorageLocation
-from ..api.names import PVC_MOUNT_ROOT, SIGNING_KEY_MOUNT
+from ..api.base import PvcLocation, S3Location, StorageLocation
+from ..api.names import PVC_MOUNT_ROOT, SCRATCH_MOUNT, SIGNING_KEY_MOUNT
 from ..api.rewards import config_map_path, reward_config
 from ..api.training import ONLINE_METHODS, ArchitectureSpec, DataSource, ForgeTraining, ForgeTrainingSpec, RewardSpec
 
@@ -50,11 +51,43 @@ def _given(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def _local(location: StorageLocation, field: str, resolve: Resolve) -> str:
-    if location.pvc is None:
-        raise TranslationError(f"{field}.s3: S3 locations are not supported by this trainer yet; "
-                               "copy the files to a PersistentVolumeClaim and use pvc")
-    return resolve(location.pvc)
+def _where(location: StorageLocation, resolve: Resolve) -> str:
+    """A folder (a PVC path, resolved) or an s3://bucket/prefix URL, as the trainer's configuration writes it."""
+    if location.pvc is not None:
+        return resolve(location.pvc)
+    return location.s3.uri.rstrip("/")
+
+
+def s3_locations(spec: ForgeTrainingSpec) -> dict[str, S3Location]:
+    """The spec's S3 locations by field."""
+    found: dict[str, StorageLocation | None] = {
+        **{f"spec.data.sources[{i}].location": s.location for i, s in enumerate(spec.data.sources)},
+        "spec.data.validation.source.location": (spec.data.validation.source.location
+                                                 if spec.data.validation and spec.data.validation.source else None),
+        "spec.model.base": spec.model.base, "spec.tokenizer.source": spec.tokenizer.source,
+        "spec.checkpoint.location": spec.checkpoint.location, "spec.output.location": spec.output.location,
+    }
+    return {field: loc.s3 for field, loc in found.items() if loc is not None and loc.s3 is not None}
+
+
+def _s3_settings(spec: ForgeTrainingSpec) -> S3Config | None:
+    """The one way the trainer reaches the store: every S3 location of a training shares it."""
+    located = s3_locations(spec)
+    if not located:
+        return None
+    (first_field, first), *rest = located.items()
+    how = lambda s3: (s3.endpoint, s3.region, s3.path_style, s3.secret_ref)  # noqa: E731
+    for field, s3 in rest:
+        if how(s3) != how(first):
+            raise TranslationError(f"{field}.s3: every S3 location of a training must use the same endpoint, region, "
+                                   f"pathStyle and secretRef (as {first_field}.s3 does)")
+    return S3Config(**_given(endpoint=first.endpoint.rstrip("/") if first.endpoint else None, region=first.region,
+                             path_style=first.path_style))
+
+
+def cache_on_scratch(spec: ForgeTrainingSpec) -> bool:
+    """The prepared data goes to the workers' node-local scratch when the checkpoints do not go to a claim."""
+    return spec.checkpoint.location.pvc is None
 
 
 def _architecture(a: ArchitectureSpec) -> ArchitectureConfig:
@@ -74,7 +107,7 @@ def _source(s: DataSource, field: str, resolve: Resolve, records: bool) -> DataS
     """``records``: the method reads records (sft, dpo), so the fields that name a record's parts go along."""
     fields = _given(prompt_field=s.prompt_field, completion_field=s.completion_field, messages_field=s.messages_field,
                     chosen_field=s.chosen_field, rejected_field=s.rejected_field) if records else {}
-    return DataSourceConfig(name=s.name, path=_local(s.location, f"{field}.location", resolve), format=s.format,
+    return DataSourceConfig(name=s.name, path=_where(s.location, resolve), format=s.format,
                             weight=s.weight, **_given(include=s.include, text_field=s.text_field), **fields)
 
 
@@ -109,7 +142,7 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
     """Build the trainer's configuration. Raises TranslationError (or pydantic's ValueError) naming the field.
 
     What depends on where it runs, not on the spec, is the caller's: ``resolve``, ``cache_dir`` (default:
-    beside the checkpoints), ``metrics`` and ``termination_message_path`` (default: the trainer's, which
+    beside the checkpoints on their claim, or the workers' scratch when they go to S3), ``metrics`` and ``termination_message_path`` (default: the trainer's, which
     are the worker pods'), ``world_size`` (default: numNodes x gpusPerNode; one process locally), ``config_map``
     (the folder of a reward ConfigMap; default: where the worker pods mount it), ``secret`` (the folder of the
     signing key's Secret; default: where the worker pods mount it).
@@ -122,7 +155,7 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
     if spec.model.architecture is not None:
         model = ModelConfig(architecture=_architecture(spec.model.architecture))
     else:
-        model = ModelConfig(base_path=_local(spec.model.base, "spec.model.base", resolve))
+        model = ModelConfig(base_path=_where(spec.model.base, resolve))
 
     tok = spec.tokenizer
     if tok.train is not None:
@@ -130,7 +163,7 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
     elif tok.from_base:
         tokenizer = TokenizerConfig(from_base=True)
     else:
-        tokenizer = TokenizerConfig(path=_local(tok.source, "spec.tokenizer.source", resolve))
+        tokenizer = TokenizerConfig(path=_where(tok.source, resolve))
 
     sources = [_source(s, f"spec.data.sources[{i}]", resolve, records) for i, s in enumerate(spec.data.sources)]
     validation = None  # left out: the trainer's default share of the documents
@@ -160,7 +193,7 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
                             deadline=t.budget.deadline),
     )
     ck = spec.checkpoint
-    checkpoint_dir = resolve(ck.location.pvc)
+    checkpoint_dir = _where(ck.location, resolve)
     checkpoint = CheckpointConfig(
         dir=checkpoint_dir, interval_steps=ck.interval_steps or None, interval_minutes=ck.interval_minutes or None,
         keep_last=ck.keep_last, retain_after_success=ck.retain_after_success,
@@ -169,12 +202,13 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
         run_name=f"{ft.metadata.namespace}/{ft.metadata.name}" if ft.metadata.namespace else ft.metadata.name,
         method=method, model=model, tokenizer=tokenizer,
         data=DataConfig(sources=sources, **_given(validation=validation)), training=training, checkpoint=checkpoint,
-        output=OutputConfig(dir=resolve(spec.output.location.pvc), file_mode=spec.output.file_mode),
+        output=OutputConfig(dir=_where(spec.output.location, resolve), file_mode=spec.output.file_mode),
         provenance=_provenance(spec, secret),
-        # shared by all nodes: rank 0 prepares the token shards once, the others read them
-        cache_dir=cache_dir or f"{checkpoint_dir}/.forge-cache",
+        # shared by all nodes on the checkpoints' claim: rank 0 prepares the token shards once, the others read
+        # them; with checkpoints on S3, each node prepares its own on its scratch
+        cache_dir=cache_dir or (f"{SCRATCH_MOUNT}/cache" if cache_on_scratch(spec) else f"{checkpoint_dir}/.forge-cache"),
         egress=EgressConfig(lock=spec.network.egress == "Restricted"),
         residency=ResidencyConfig(regions=spec.residency.regions or [], zones=spec.residency.zones or [])
         if spec.residency else None,
-        **_given(metrics=metrics, termination_message_path=termination_message_path),
+        **_given(metrics=metrics, termination_message_path=termination_message_path, s3=_s3_settings(spec)),
     )

@@ -16,6 +16,7 @@ All ranks write into `step-N.tmp/`; rank 0 then writes trainer_state.json,
 renames the directory and finally replaces `latest` (itself via a temporary
 file and rename). A kill at any moment leaves the previous checkpoint, and
 `latest`, valid. DCP reshards on load, so a run may resume on another world size.
+A checkpoint.dir that is an s3:// prefix keeps the same layout there (s3checkpoint.py).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ import torch.distributed.checkpoint as dcp
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from ..config import CheckpointConfig
+from ..config import CheckpointConfig, S3Config, TrainerConfig
 from ..contract import ConfigError, LastCheckpoint
 from .dist import Dist
+from .storage import S3Url, is_s3, scratch_of
 
 log = logging.getLogger(__name__)
 
@@ -146,18 +148,7 @@ def save(ckpt_dir: str | Path, model, optimizer, state: TrainState, keep_last: i
         tmp.mkdir()
 
     d.on_main(prepare, f"preparing checkpoint {final.name}")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    (tmp / "rng").mkdir(exist_ok=True)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, tmp / "rng" / f"rank-{d.rank:05d}.pt")
-    if os.environ.get(SLEEP_ENV):
-        time.sleep(float(os.environ[SLEEP_ENV]))
-    d.barrier()
+    _write_shards(tmp, model, optimizer, d)
 
     def commit() -> None:
         if model_files is not None:
@@ -177,6 +168,22 @@ def save(ckpt_dir: str | Path, model, optimizer, state: TrainState, keep_last: i
 
     d.on_main(commit, f"committing checkpoint {final.name}")
     return LastCheckpoint(step=state.step, path=str(final), time=state.time)
+
+
+def _write_shards(folder: Path, model, optimizer, d: Dist) -> None:
+    """Every rank writes its DCP shards and its RNG state into ``folder``; returns when all have."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
+    (folder / "rng").mkdir(exist_ok=True)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, folder / "rng" / f"rank-{d.rank:05d}.pt")
+    if os.environ.get(SLEEP_ENV):
+        time.sleep(float(os.environ[SLEEP_ENV]))
+    d.barrier()
 
 
 def load(path: Path, model, optimizer, d: Dist) -> TrainState:
@@ -231,10 +238,14 @@ def _prune(root: Path, keep_last: int, line: str | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def retain_after_success(c: CheckpointConfig) -> list[Path]:
+def retain_after_success(c: CheckpointConfig, s3: S3Config | None = None) -> list[Path | str]:
     """Once the model is exported, keep what ``c.retain_after_success`` says (All: every checkpoint kept
     so far; Last: the newest complete one; None: nothing, ``latest`` included). Rank 0 only. Returns the
-    folders deleted."""
+    folders (or s3:// prefixes) deleted."""
+    if is_s3(c.dir):
+        from .s3checkpoint import S3Checkpoints
+
+        return S3Checkpoints(c.dir, s3 or S3Config()).retain(c.retain_after_success)
     root = Path(c.dir)
     if c.retain_after_success == "All" or not root.is_dir():
         return []
@@ -253,21 +264,55 @@ def retain_after_success(c: CheckpointConfig) -> list[Path]:
     return gone
 
 
-def choose_resume(c: CheckpointConfig) -> tuple[Path | None, str | None]:
+def choose_resume(c: CheckpointConfig, s3: S3Config | None = None) -> tuple[Path | str | None, str | None]:
     """The checkpoint to resume from, and the line of checkpoints this run continues.
 
     An explicit ``checkpoint.resume`` starts a line from that checkpoint (going back to an earlier
     step, for instance); a restart of the same run continues the line from its newest checkpoint
     instead of going back again. Rank 0 chooses for every rank: a shared file system may show ranks
-    different states for a moment."""
+    different states for a moment. On S3 (``c.dir`` an s3:// URL) the checkpoint is its URL."""
     if c.resume == "never":
         return None, None
-    latest = find_latest(c.dir)
+    if is_s3(c.dir):
+        from .s3checkpoint import S3Checkpoints
+
+        ckpts = S3Checkpoints(c.dir, s3 or S3Config())
+        latest_url = ckpts.find_latest()
+        latest = str(latest_url) if latest_url else None
+        complete = lambda ref: ckpts.is_complete(S3Url.parse(ref))  # noqa: E731
+        line_of = lambda ref: ckpts.origin(S3Url.parse(ref))  # noqa: E731
+        path = str(S3Url.parse(c.resume))
+    else:
+        latest, complete, line_of, path = find_latest(c.dir), is_complete, origin, Path(c.resume)
     if c.resume == "auto":
-        return latest, (origin(latest) if latest else None)
-    path = Path(c.resume)
-    if not is_complete(path):
+        return latest, (line_of(latest) if latest else None)
+    if not complete(path):
         raise ConfigError(f"checkpoint.resume {c.resume}: not a complete checkpoint")
-    if latest is not None and latest != path and origin(latest) == path.name:
-        return latest, path.name  # this run already went on from there
-    return path, path.name
+    name = _name(path)
+    if latest is not None and latest != path and line_of(latest) == name:
+        return latest, name  # this run already went on from there
+    return path, name
+
+
+def _name(ref: Path | str) -> str:
+    return ref.name if isinstance(ref, Path) else S3Url.parse(ref).name
+
+
+def save_run(config: TrainerConfig, model, optimizer, state: TrainState, d: Dist,
+             model_files: Callable[[Path], None] | None = None) -> LastCheckpoint:
+    """Save a checkpoint where the configuration says: a folder, or an s3:// prefix."""
+    c = config.checkpoint
+    if is_s3(c.dir):
+        from . import s3checkpoint
+
+        return s3checkpoint.save(c, config.s3, scratch_of(config), model, optimizer, state, d, model_files)
+    return save(c.dir, model, optimizer, state, c.keep_last, d, model_files)
+
+
+def load_run(config: TrainerConfig, ref: Path | str, model, optimizer, d: Dist) -> TrainState:
+    """Restore the checkpoint ``choose_resume`` chose (a folder, or an s3:// URL)."""
+    if isinstance(ref, str) and is_s3(ref):
+        from . import s3checkpoint
+
+        return s3checkpoint.download_and_load(ref, config.s3, scratch_of(config), model, optimizer, d)
+    return load(Path(ref), model, optimizer, d)

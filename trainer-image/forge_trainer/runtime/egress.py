@@ -1,7 +1,7 @@
 """The trainer's own egress lock: while a run lasts, every outbound connection made through Python's
 ``socket`` module is refused unless it goes to loopback, a Unix socket, the Kubernetes API server
 (``KUBERNETES_SERVICE_HOST``, where rank 0 reports progress), an HTTP reward service of the config,
-or an address in ``egress.allow``.
+the S3 endpoint of its s3:// locations, or an address in ``egress.allow``.
 
 It is the second line behind the cluster's NetworkPolicy, for clusters whose network plugin does
 not enforce one: a library that tries to download a model or a tokenizer, a telemetry client, or a
@@ -96,11 +96,13 @@ def policy_for(allow: Iterable[str], reward_urls: Iterable[str]) -> Policy:
 
 
 def policy_of(config) -> Policy | None:
-    """The run's policy from its TrainerConfig (``egress``, and the method's HTTP reward services)."""
+    """The run's policy from its TrainerConfig (``egress``, the method's HTTP reward services, the S3 endpoint)."""
     if not config.egress.lock:
         return None
+    from .storage import s3_endpoints
+
     rewards = getattr(config.method, "rewards", None) or []
-    return policy_for(config.egress.allow, [r.http.url for r in rewards if r.http is not None])
+    return policy_for([*config.egress.allow, *s3_endpoints(config)], [r.http.url for r in rewards if r.http is not None])
 
 
 def _is_ip(host: str) -> bool:
