@@ -82,10 +82,10 @@ def test_the_policy_allows_the_group_dns_the_api_server_and_the_reward_services(
 
 
 def test_the_services_read_are_those_the_reward_urls_name():
-    from forge_operator.training.children import reward_services
+    from forge_operator.training.children import url_services
     urls = ["http://scorer.rewards.svc:8080/a", "http://scorer.rewards.svc.cluster.local/b", "http://judge/",
             "http://10.0.0.7/", "https://api.example.com/", "http://localhost:8000/", "http://[::1]:80/"]
-    assert reward_services(urls, "ns") == [("rewards", "scorer"), ("ns", "judge")]
+    assert url_services(urls, "ns") == [("rewards", "scorer"), ("ns", "judge")]
 
 
 class Reader:

@@ -224,6 +224,13 @@ class StorageLocation(ApiModel):
     )
 
 
+def describe_location(location: StorageLocation) -> str:
+    """A location in a message: claim:/path, or the s3:// URI."""
+    if location.pvc is not None:
+        return f"{location.pvc.claim_name}:/{location.pvc.path}"
+    return location.s3.uri
+
+
 def s3_endpoints(spec: Any) -> list[str]:
     """Every S3 endpoint URL a resource's spec (as a dict, camelCase) names, in order, once each."""
     out: list[str] = []

@@ -2,7 +2,9 @@
 
 The file is validated with the same models as the API server and translated
 by the same function the operator uses; PersistentVolumeClaims become local
-folders (``--volume CLAIM=DIR``, default ``./volumes/<claim>``). One process
+folders (``--volume CLAIM=DIR``, default ``./volumes/<claim>``); S3 locations are used as they are, with
+the credentials of the environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or ~/.aws), since a
+Secret is the cluster's. One process
 trains; ``resources`` (nodes, GPUs) and ``podTemplate`` (what the worker pods get) are validated as
 the API server would and then ignored, with a line saying so for ``podTemplate``: there is no pod.
 """
@@ -23,7 +25,7 @@ from forge_trainer.contract import ExitCode, Progress
 from ..api.base import PvcLocation, format_error
 from ..api.training import ForgeTraining
 from ..training.fieldnames import in_spec_terms
-from ..training.translate import TranslationError, trainer_config
+from ..training.translate import TranslationError, cache_on_scratch, trainer_config
 
 DEFAULT_PROMPT = "def __init__(self"
 # What differs from the worker pods' configuration because it runs here: no Prometheus server, a
@@ -31,6 +33,9 @@ DEFAULT_PROMPT = "def __init__(self"
 # termination log (and PVC paths resolved to --volume folders).
 LOCAL_METRICS = MetricsConfig(port=None, progress_interval_seconds=1.0)
 SUMMARY_FILE = "run-summary.json"
+# With checkpoints on S3: the prepared data, the local copies of s3:// inputs and the run's summary (no claim
+# is named so: a claim's name never starts with a dot)
+LOCAL_SCRATCH = Path("volumes", ".forge-scratch")
 
 
 def parse_volumes(volumes: list[str]) -> dict[str, Path]:
@@ -98,10 +103,19 @@ def local_config(path: str, volumes: list[str]) -> tuple[ForgeTraining, TrainerC
     def folder(name: str) -> str:  # a ConfigMap or Secret of the spec, by name
         return str(mounts.get(name, Path("volumes", name).resolve()))
 
-    summary = Path(resolve(ft.spec.output.location.pvc)) / SUMMARY_FILE
+    out = ft.spec.output.location
+    summary = (Path(resolve(out.pvc)) if out.pvc is not None else LOCAL_SCRATCH.resolve()) / SUMMARY_FILE
     return ft, trainer_config(ft, resolve, metrics=LOCAL_METRICS.model_copy(), world_size=1,
                               termination_message_path=str(summary),
+                              cache_dir=str(LOCAL_SCRATCH.resolve() / "cache") if cache_on_scratch(ft.spec) else None,
                               config_map=folder, secret=folder)
+
+
+def _local_model(output_dir: str, config: TrainerConfig) -> str:
+    """The exported model's folder here: itself, or a copy of its s3:// prefix."""
+    from forge_trainer.runtime import storage
+
+    return storage.local_mirror(output_dir, config.s3, storage.scratch_of(config), "output.dir")
 
 
 def train_local(path: str, volumes: list[str], prompt: str | None = None) -> int:
@@ -140,7 +154,7 @@ def train_local(path: str, volumes: list[str], prompt: str | None = None) -> int
     if summary.val_loss is not None:
         print(f"validation loss {summary.val_loss:.4f}, perplexity {math.exp(summary.val_loss):.2f}")
     text = prompt if prompt is not None else DEFAULT_PROMPT
-    completion = forge_trainer.sample(summary.output_dir, text, max_new_tokens=48)
+    completion = forge_trainer.sample(_local_model(summary.output_dir, config), text, max_new_tokens=48)
     print(f"sample ({text!r} ->):\n{completion}")
     print(f"model: {summary.output_dir} (Hugging Face format; provenance.json beside it)")
     return ExitCode.OK

@@ -16,17 +16,18 @@ from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 from ..api import defaults
-from ..api.base import PvcLocation
+from ..api.base import PvcLocation, s3_endpoints
 from ..api.names import (
     ANNOTATION_RESTART_REASON, CONFIG_FILE, CONFIG_MOUNT, CONTAINER_NAME, ENV_IMAGE, ENV_NODE_NAME, ENV_NODE_REGION,
     ENV_NODE_ZONE, ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_RESTART_COUNT, ENV_TORCHRUN_SHUTDOWN_TIMEOUT, ENV_TRAINING_NAME,
     LABEL_ATTEMPT, LAUNCH_COMMAND, LABEL_KUEUE_QUEUE, LABEL_MANAGED_BY, LABEL_NAME, LABEL_REGION, LABEL_TRAINING,
     LABEL_ZONE, MANAGED_BY, METRICS_PORT, PRESTOP_COMMAND, PVC_MOUNT_ROOT, REWARDS_MOUNT_ROOT, SIGNING_KEY_MOUNT,
-    RENDEZVOUS_PORT, SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_ACCOUNT_PREFIX,
+    RENDEZVOUS_PORT, S3_OPTIONAL_SECRET_KEYS, S3_SECRET_KEYS, SCRATCH_MOUNT, SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_ACCOUNT_PREFIX,
 )
 from ..api.training import ForgeTraining, PodTemplateMetadata, PodTemplateSpec
 from ..k8s.objects import CONTAINER_SECURITY_CONTEXT, POD_SECURITY_CONTEXT, object_meta
 from ..k8s.objects import owner_reference as controller_reference
+from .translate import cache_on_scratch, s3_locations
 
 ANNOTATION_SPEC_HASH = "forge.dev/spec-digest"  # a Job without it (made by an older operator) is not compared
 
@@ -141,8 +142,19 @@ def _claims(ft: ForgeTraining) -> dict[str, bool]:
     for loc in inputs:
         claims[loc.claim_name] = claims.get(loc.claim_name, False) or loc.read_only is False
     for loc in (spec.checkpoint.location.pvc, spec.output.location.pvc):
-        claims[loc.claim_name] = True
+        if loc is not None:
+            claims[loc.claim_name] = True
     return claims
+
+
+def s3_secret_env(ft: ForgeTraining) -> list[dict[str, Any]]:
+    """boto3's credential variables from the Secret of the training's S3 locations (they share one)."""
+    secrets = [s3.secret_ref.name for s3 in s3_locations(ft.spec).values() if s3.secret_ref is not None]
+    if not secrets:
+        return []
+    ref = lambda key, optional: {"secretKeyRef": {"name": secrets[0], "key": key, "optional": optional}}  # noqa: E731
+    return ([{"name": key, "valueFrom": ref(key, False)} for key in S3_SECRET_KEYS]
+            + [{"name": key, "valueFrom": ref(key, True)} for key in S3_OPTIONAL_SECRET_KEYS])
 
 
 def _tolerations(ft: ForgeTraining) -> list[dict[str, Any]]:
@@ -241,6 +253,9 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
         volumes.append({"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim,
                                                                          "readOnly": not writable}})
         mounts.append({"name": f"pvc-{claim}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": not writable})
+    if cache_on_scratch(ft.spec):  # node-local: prepared data, S3 copies, checkpoints on their way up
+        volumes.append({"name": "scratch", "emptyDir": {}})
+        mounts.append({"name": "scratch", "mountPath": SCRATCH_MOUNT})
     for cm in sorted({r.python.config_map.name for r in ft.spec.rewards or [] if r.python and r.python.config_map}):
         volumes.append({"name": f"rewards-{cm}", "configMap": {"name": cm}})
         mounts.append({"name": f"rewards-{cm}", "mountPath": f"{REWARDS_MOUNT_ROOT}/{cm}", "readOnly": True})
@@ -264,7 +279,7 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
     if not any(e.get("name") == ENV_TORCHRUN_SHUTDOWN_TIMEOUT for e in user_env):  # the spec's wins
         env.append({"name": ENV_TORCHRUN_SHUTDOWN_TIMEOUT,
                     "value": str(torchrun_shutdown_timeout(r.termination_grace_period_seconds))})
-    env += user_env
+    env += s3_secret_env(ft) + user_env
     container: dict[str, Any] = {
         "name": CONTAINER_NAME, "image": image, "command": torchrun_command(ft, state.restart_count),
         "env": env, "volumeMounts": mounts + (ft.spec.pod_setting("volume_mounts") or []),
@@ -371,8 +386,15 @@ def service_of(host: str, namespace: str) -> tuple[str, str] | None:
     return (namespace, host) if SERVICE_NAME.match(host) and host != "localhost" else None
 
 
-def reward_services(urls: Iterable[str], namespace: str) -> list[tuple[str, str]]:
-    """(namespace, name) of the in-cluster Services that HTTP reward URLs name."""
+def egress_urls(spec: dict[str, Any]) -> list[str]:
+    """The URLs of a training's spec (as a dict) that its workers reach: HTTP reward services, S3 endpoints."""
+    rewards = spec.get("rewards") or []
+    urls = [(r.get("http") or {}).get("url") for r in rewards if isinstance(r, dict)]
+    return [u for u in urls if isinstance(u, str)] + s3_endpoints(spec)
+
+
+def url_services(urls: Iterable[str], namespace: str) -> list[tuple[str, str]]:
+    """(namespace, name) of the in-cluster Services that URLs name (HTTP rewards, S3 endpoints)."""
     out: list[tuple[str, str]] = []
     for url in urls:
         try:
@@ -421,13 +443,12 @@ def _service_rule(namespace: str, name: str, port: int, service: dict[str, Any] 
     return {"to": [peer], "ports": [{"protocol": "TCP", "port": target}]}
 
 
-def _reward_rules(ft: ForgeTraining, seen: NetworkSeen) -> list[dict[str, Any]]:
+def _url_rules(ft: ForgeTraining, seen: NetworkSeen) -> list[dict[str, Any]]:
+    """To the spec's HTTP reward services and S3 endpoint: an in-cluster Service's pods, or an address."""
     rules: list[dict[str, Any]] = []
-    for r in ft.spec.rewards or []:
-        if not r.http:
-            continue
+    for url in egress_urls(ft.spec.model_dump(mode="json", by_alias=True, exclude_none=True)):
         try:
-            host, port = (urlsplit(r.http.url).hostname or "").lower(), _url_port(r.http.url)
+            host, port = (urlsplit(url).hostname or "").lower(), _url_port(url)
         except ValueError:
             continue  # no port to allow; the trainer's lock refuses it too
         if service := service_of(host, ft.metadata.namespace):
@@ -444,7 +465,7 @@ def _reward_rules(ft: ForgeTraining, seen: NetworkSeen) -> list[dict[str, Any]]:
 
 def build_network_policy(ft: ForgeTraining, seen: NetworkSeen) -> dict[str, Any]:
     """The cluster's side of ``network.egress: Restricted``: the workers talk to each other, DNS, the
-    API server and the spec's HTTP reward services, and Prometheus scrapes their metrics port."""
+    API server, the spec's HTTP reward services and S3 endpoint, and Prometheus scrapes their metrics port."""
     own = {"podSelector": {"matchLabels": labels(ft)}}  # the worker pods of every attempt
     dns = {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
     return {
@@ -453,7 +474,7 @@ def build_network_policy(ft: ForgeTraining, seen: NetworkSeen) -> dict[str, Any]
             "podSelector": copy.deepcopy(own["podSelector"]),
             "policyTypes": ["Ingress", "Egress"],
             "ingress": [{"from": [copy.deepcopy(own)]}, {"ports": [{"protocol": "TCP", "port": METRICS_PORT}]}],
-            "egress": [{"to": [copy.deepcopy(own)]}, dns, *_api_server_rules(seen), *_reward_rules(ft, seen)],
+            "egress": [{"to": [copy.deepcopy(own)]}, dns, *_api_server_rules(seen), *_url_rules(ft, seen)],
         },
     }
 

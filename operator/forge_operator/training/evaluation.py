@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..api.base import API_VERSION
+from ..api.base import API_VERSION, describe_location
 from ..api.enums import ConditionType as T, Phase, Reason
 from ..api.eval import EvalResourcesSpec, ForgeEvalSpec, ModelSourceSpec
 from ..api.training import ForgeTraining
@@ -48,8 +48,7 @@ def evaluate_model(d: Draft, ft: ForgeTraining, obj: dict[str, Any], evaluation:
         summary["metrics"] = metrics
     d.status["evaluation"] = summary
     if gates is not None and gates.get("status") == "False" and not gate_failed:
-        out = ft.spec.output.location.pvc
         d.finish(Phase.FAILED, Reason.EVALUATION_GATE_FAILED,
                  f"ForgeEval {ft.metadata.name}: {gates.get('message')}; the exported model stays at "
-                 f"{out.claim_name}:/{out.path}", warning=True)
+                 f"{describe_location(ft.spec.output.location)}", warning=True)
     return d.plan

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ..api import defaults
+from ..api.base import describe_location
 from ..api.enums import TERMINAL_PHASES, ConditionType as T, Phase, Reason
 from ..api.training import ForgeTraining
 from ..k8s import conditions as C
@@ -128,7 +129,7 @@ def succeed(d: Draft, ft: ForgeTraining, attempt: Attempt, trainer_yaml: str, se
     out = ft.spec.output.location
     d.status["modelRef"] = {"location": out.to_dict(), "provenance": defaults.PROVENANCE_FILE}
     d.finish(Phase.SUCCEEDED, Reason.TRAINING_COMPLETED,
-             f"training finished; model exported to {out.pvc.claim_name}:/{out.pvc.path}")
+             f"training finished; model exported to {describe_location(out)}")
     d.plan.apply = desired_children(ft, trainer_yaml, WorkerState(attempt.number), image=settings.trainer_image,
                                     include_job=False, network=d.network)
     return d.plan

@@ -17,7 +17,7 @@ from ..api.base import API_VERSION
 from ..api.names import LABEL_ATTEMPT, LABEL_MANAGED_BY, LABEL_TRAINING, MANAGED_BY
 from ..k8s import conditions as C
 from ..k8s.objects import NotAllowed, NotServed, Reader, annotations_of, deleting, labels_of, owned_by, parse_ts
-from .children import NetworkSeen, reward_services
+from .children import NetworkSeen, egress_urls, url_services
 
 JOB_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
@@ -107,7 +107,7 @@ API_SERVER_SLICES = "kubernetes.io/service-name=kubernetes"  # the EndpointSlice
 
 
 def read_network(reader: Reader, obj: dict[str, Any]) -> NetworkSeen:
-    """The API server's EndpointSlices and the Services of the spec's in-cluster HTTP rewards. An object the
+    """The API server's EndpointSlices and the Services of the spec's in-cluster HTTP rewards and S3 endpoint. An object the
     operator may not read (or a URL that names no Service) leaves the policy its fallback."""
     try:
         slices: tuple[dict[str, Any], ...] | None = tuple(
@@ -115,9 +115,7 @@ def read_network(reader: Reader, obj: dict[str, Any]) -> NetworkSeen:
     except NotAllowed:
         slices = None
     services: dict[tuple[str, str], dict[str, Any] | None] = {}
-    rewards = ((obj.get("spec") or {}).get("rewards")) or []
-    urls = [(r.get("http") or {}).get("url") for r in rewards if isinstance(r, dict)]
-    for namespace, name in reward_services((u for u in urls if isinstance(u, str)), obj["metadata"]["namespace"]):
+    for namespace, name in url_services(egress_urls(obj.get("spec") or {}), obj["metadata"]["namespace"]):
         try:
             services[(namespace, name)] = reader.get("v1", "Service", name, namespace)
         except NotAllowed:

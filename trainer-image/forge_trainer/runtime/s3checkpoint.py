@@ -88,7 +88,7 @@ class S3Checkpoints:
         keep = self.find_latest() if mode == "Last" else None
         names = {o["Key"][len(self.root.key) + 1 if self.root.key else 0:].partition("/")[0]
                  for o in self.store.list(self.root)}
-        gone = sorted(self.root.child(n) for n in names if n.startswith("step-") and self.root.child(n) != keep)
+        gone = sorted((self.root.child(n) for n in names if n.startswith("step-") and self.root.child(n) != keep), key=str)
         for url in gone:
             self.store.delete(url, [url.child(STATE_FILE).key])  # no longer complete, then gone
             self.store.delete_tree(url)
