@@ -34,10 +34,10 @@ TINY = {
 }
 
 
-def forge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def forge(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "forge_operator", *args], cwd=cwd, capture_output=True, text=True,
                           env=os.environ | {"PYTHONPATH": str(ROOT / "operator") + os.pathsep
-                                            + str(ROOT / "trainer-image")}, timeout=600)
+                                            + str(ROOT / "trainer-image")} | (env or {}), timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +80,12 @@ def test_forge_train_again_after_the_training_finished(trained):
 def test_forge_train_reports_what_it_cannot_run(tmp_path):
     bad = yaml.safe_load(yaml.safe_dump(TINY))
     bad["spec"]["data"]["sources"][0]["location"] = {"s3": {"uri": "s3://bucket/corpus"}}
+    bad["spec"]["output"]["location"] = {"s3": {"uri": "s3://bucket/model", "region": "eu-west-1"}}
     spec = tmp_path / "bad.yaml"
     spec.write_text(yaml.safe_dump(bad))
     out = forge("train", str(spec), cwd=tmp_path)
     assert out.returncode == 78
-    assert "spec.data.sources[0].location.s3: S3 locations are not supported" in out.stderr
+    assert "spec.output.location.s3: every S3 location of a training must use the same endpoint" in out.stderr
 
     bad["spec"]["training"]["learningRate"] = "fast"
     spec.write_text(yaml.safe_dump(bad))
@@ -237,3 +238,29 @@ def test_a_reward_configmap_is_read_from_the_volume_folder_of_its_name(tmp_path)
     digits = next(r for r in cfg.method.rewards if r.name == "digits")
     assert digits.function == f"{ROOT / 'examples' / 'grpo' / 'arithmetic_reward.py'}:digits"
     assert Path(digits.function.rpartition(":")[0]).is_file()
+
+
+def test_forge_train_with_data_checkpoints_and_model_on_an_s3_compatible_store(s3server, bucket, tmp_path):
+    """The same file with S3 locations, against a real server; credentials from the environment."""
+    client = s3server.client()
+    for path in sorted(write_corpus(tmp_path / "corpus", files=20).iterdir()):
+        client.upload_file(str(path), bucket, f"toy/{path.name}")
+    store = {"endpoint": s3server.endpoint, "pathStyle": True, "secretRef": {"name": "ignored-locally"}}
+    manifest = yaml.safe_load(yaml.safe_dump(TINY))
+    manifest["spec"]["data"]["sources"][0]["location"] = {"s3": {"uri": f"s3://{bucket}/toy", **store}}
+    manifest["spec"]["checkpoint"]["location"] = {"s3": {"uri": f"s3://{bucket}/tiny/ckpt", **store}}
+    manifest["spec"]["output"]["location"] = {"s3": {"uri": f"s3://{bucket}/tiny/model", **store}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(manifest))
+    out = forge("train", "tiny.yaml", cwd=tmp_path, env=s3server.env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 20," in out.stdout and "sample (" in out.stdout
+    assert f"model: s3://{bucket}/tiny/model" in out.stdout
+    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="tiny/")["Contents"]}
+    assert {"tiny/model/provenance.json", "tiny/model/model.safetensors", "tiny/ckpt/latest",
+            "tiny/ckpt/step-00000020/trainer_state.json"} <= keys
+    assert not [p for p in tmp_path.rglob("*.distcp")]  # nothing of the checkpoints stays here
+
+    wrong = forge("train", "tiny.yaml", cwd=tmp_path, env=s3server.env() | {"AWS_SECRET_ACCESS_KEY": "wrong"})
+    assert wrong.returncode == 78
+    assert (f"forge: storage error: spec.data.sources[0].location s3://{bucket}/toy: the S3 credentials were refused"
+            in wrong.stderr) and "check the Secret of spec.data.sources[0].location.s3.secretRef" in wrong.stderr

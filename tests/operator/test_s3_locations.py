@@ -124,8 +124,9 @@ def test_a_storage_error_of_the_trainer_fails_the_training_with_its_message_in_s
     o = on_s3()
     o["status"] = {"phase": "Running"}
     message = TerminationMessage(status="failed", exit_code=78, message=(
-        "storage error: checkpoint.dir s3://runs/llm/ckpt: the S3 credentials were refused by http://192.0.2.20:9000 "
-        "(InvalidAccessKeyId: no such key); check the Secret of checkpoint.dir.s3.secretRef")).to_json()
+        "storage error: checkpoint.dir s3://runs/llm/ckpt: the S3 credentials were refused by http://192.0.2.20:9000: "
+        "check the Secret of checkpoint.dir.s3.secretRef (InvalidAccessKeyId: The AWS access key Id you provided "
+        "does not exist in our records.)")).to_json()
     failed = pod("p0", 0, phase="Failed", status={"containerStatuses": [{"name": "trainer", "state": {
         "terminated": {"exitCode": 78, "message": message}}}]})
     plan = plan_training(o, Observed(now=NOW, jobs=[job("llm-r0", conditions=[{"type": "Failed", "status": "True"}])],

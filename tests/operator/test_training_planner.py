@@ -73,8 +73,9 @@ def test_gpu_hour_budget_ends_the_training():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"data": {"sources": [{"name": "c", "location": {"s3": {"uri": "s3://bucket/x"}}}]}},
-     "spec.data.sources[0].location.s3: S3 locations are not supported"),
+    ({"data": {"sources": [{"name": "c", "location": {"s3": {"uri": "s3://bucket/x", "endpoint": "http://a:9000"}}},
+                           {"name": "d", "location": {"s3": {"uri": "s3://bucket/y", "endpoint": "http://b:9000"}}}]}},
+     "spec.data.sources[1].location.s3: every S3 location of a training must use the same endpoint"),
     ({"training": {"globalBatch": {"sequences": 60}, "budget": {"maxSteps": 10}}},
      "spec.training.globalBatch: 60 sequences is not a multiple of microBatchSize x GPUs"),
 ])

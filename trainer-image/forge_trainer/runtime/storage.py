@@ -86,11 +86,11 @@ class S3Store:
             code = e.response.get("Error", {}).get("Code", "")
             text = e.response.get("Error", {}).get("Message") or code
             if code in _BAD_CREDENTIALS:
-                return StorageError(f"{where}: the S3 credentials were refused by {endpoint} ({code}: {text}); "
-                                    f"check the Secret of {self.field}.s3.secretRef")
+                return StorageError(f"{where}: the S3 credentials were refused by {endpoint}: check the Secret of "
+                                    f"{self.field}.s3.secretRef ({code}: {text})")
             if code in ("AccessDenied", "403"):
-                return StorageError(f"{where}: access denied by {endpoint} ({text}); the credentials of "
-                                    f"{self.field}.s3.secretRef may not read or write this bucket")
+                return StorageError(f"{where}: access denied by {endpoint}: the credentials of "
+                                    f"{self.field}.s3.secretRef may not use this bucket ({text})")
             if code == "NoSuchBucket":
                 return StorageError(f"{where}: no bucket {url.bucket} at {endpoint}")
             return StorageError(f"{where}: S3 error from {endpoint} on {url}: {code}: {text}")
