@@ -17,12 +17,14 @@ import yaml
 from forge_operator.api import defaults as api_defaults
 from forge_operator.api.base import format_error
 from forge_operator.api.enums import ConditionType
-from forge_operator.api.names import CONFIG_FILE, PVC_MOUNT_ROOT, REWARDS_MOUNT_ROOT, TERMINATION_MESSAGE_PATH
+from forge_operator.api.names import (
+    CONFIG_FILE, PVC_MOUNT_ROOT, REWARDS_MOUNT_ROOT, SCRATCH_MOUNT, TERMINATION_MESSAGE_PATH,
+)
 from forge_operator.api.training import (
     ArchitectureSpec, CheckpointSpec, DataSource, DataSpec, ForgeTraining, GrpoSpec, HttpRewardSpec, LoraSpec, MoeSpec,
     OutputSpec, SamplingSpec, TokenizerTrainSpec, TrainingSpec,
 )
-from forge_operator.cli.local import LOCAL_METRICS, SUMMARY_FILE, local_config
+from forge_operator.cli.local import LOCAL_METRICS, LOCAL_SCRATCH, SUMMARY_FILE, local_config
 from forge_operator.training.children import config_map_name
 from forge_operator.training.observe import Observed
 from forge_operator.training.planner import plan_training
@@ -113,12 +115,16 @@ def _pop(tree: dict[str, Any], dotted: str) -> Any:
 @pytest.mark.parametrize("name, manifest", EXAMPLES, ids=[f"{n}:{m['metadata']['name']}" for n, m in EXAMPLES])
 def test_forge_train_and_the_operator_give_the_trainer_the_same_config(name, manifest, tmp_path):
     operator, local = _by_the_operator(manifest, tmp_path), _by_forge_train(ROOT / "examples" / name, manifest)
-    if isinstance(operator, str) or isinstance(local, str):  # refused (s3): alike, for the same reason
+    if isinstance(operator, str) or isinstance(local, str):  # refused: alike, for the same reason
         assert operator == local
         return
 
     by_operator, by_forge_train = operator.model_dump(mode="json"), local.model_dump(mode="json")
     differ = {field: (_pop(by_operator, field), _pop(by_forge_train, field)) for field in WHERE_IT_RUNS}
+    on_scratch = by_operator["cache_dir"] == f"{SCRATCH_MOUNT}/cache"  # checkpoints on S3: each place's own scratch
+    if on_scratch:
+        assert (by_operator.pop("cache_dir"), by_forge_train.pop("cache_dir")) == (
+            f"{SCRATCH_MOUNT}/cache", str(LOCAL_SCRATCH.resolve() / "cache"))
     assert by_forge_train == by_operator
     # ... and the fields that differ hold what each place sets
     namespace = manifest["metadata"].get("namespace", "default")
@@ -126,12 +132,13 @@ def test_forge_train_and_the_operator_give_the_trainer_the_same_config(name, man
     assert differ["metrics.port"] == (shared.METRICS_PORT, LOCAL_METRICS.port)
     assert differ["metrics.progress_interval_seconds"] == (shared.PROGRESS_INTERVAL_SECONDS,
                                                            LOCAL_METRICS.progress_interval_seconds)
-    assert differ["termination_message_path"] == (TERMINATION_MESSAGE_PATH, f"{local.output.dir}/{SUMMARY_FILE}")
+    summary_dir = LOCAL_SCRATCH.resolve() if local.output.dir.startswith("s3://") else local.output.dir
+    assert differ["termination_message_path"] == (TERMINATION_MESSAGE_PATH, f"{summary_dir}/{SUMMARY_FILE}")
 
 
 def test_every_refusal_and_every_method_that_runs_is_covered():
-    """The examples exercise both branches above: configurations compared, and refusals compared
-    (and `forge train` reads the file's first ForgeTraining: one a file)."""
+    """The examples exercise the configurations compared above, S3 locations among them (and `forge train`
+    reads the file's first ForgeTraining: one a file)."""
     assert len(EXAMPLES) == len({n for n, _ in EXAMPLES}) >= 5
     methods = {m["spec"]["method"] for _, m in EXAMPLES}
     assert {"pretrain", "continued-pretrain", "sft", "dpo"} <= methods
