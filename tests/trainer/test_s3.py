@@ -16,6 +16,7 @@ from trainer_helpers import read_termination, tiny_config, write_config
 import forge_trainer
 from forge_trainer.__main__ import main
 from forge_trainer.contract import ExitCode
+from forge_trainer.runtime.checkpoint import retain_after_success
 from forge_trainer.runtime.egress import policy_of
 from forge_trainer.runtime.s3checkpoint import S3Checkpoints
 from forge_trainer.runtime.storage import S3Url, scratch_of
@@ -89,7 +90,7 @@ def test_training_reads_data_from_s3_checkpoints_there_resumes_from_it_and_expor
 def test_a_checkpoint_is_complete_only_once_its_trainer_state_is_uploaded(s3_env, bucket, corpus, tmp_path):
     client = s3_env.client()
     _upload(client, bucket, corpus, "data")
-    cfg = _s3_config(tmp_path, bucket, s3_env, training__budget__max_steps=20)
+    cfg = _s3_config(tmp_path, bucket, s3_env, training__budget__max_steps=20, checkpoint__retain_after_success="All")
     forge_trainer.run(cfg)
     ckpts = S3Checkpoints(cfg.checkpoint.dir, cfg.s3)
     assert str(ckpts.find_latest()) == f"s3://{bucket}/ckpt/step-00000020"
@@ -97,6 +98,14 @@ def test_a_checkpoint_is_complete_only_once_its_trainer_state_is_uploaded(s3_env
     client.delete_object(Bucket=bucket, Key="ckpt/step-00000020/trainer_state.json")
     assert str(ckpts.find_latest()) == f"s3://{bucket}/ckpt/step-00000010"
     assert not ckpts.is_complete(S3Url.parse(f"s3://{bucket}/ckpt/step-00000020"))
+
+    # checkpoint.retain_after_success on S3: Last keeps the newest complete one, None removes all and latest
+    cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"retain_after_success": "Last"})})
+    assert retain_after_success(cfg.checkpoint, cfg.s3) == [f"s3://{bucket}/ckpt/step-00000020"]
+    assert {k.partition("/")[0] for k in _keys(client, bucket, "ckpt")} == {"latest", "step-00000010"}
+    cfg = cfg.model_copy(update={"checkpoint": cfg.checkpoint.model_copy(update={"retain_after_success": "None"})})
+    assert retain_after_success(cfg.checkpoint, cfg.s3) == [f"s3://{bucket}/ckpt/step-00000010"]
+    assert _keys(client, bucket, "ckpt") == set()
 
 
 def test_a_wrong_credential_fails_with_a_message_naming_the_field(s3_env, bucket, corpus, tmp_path, monkeypatch):
