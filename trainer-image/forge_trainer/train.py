@@ -32,10 +32,10 @@ from .runtime import storage
 from .runtime.checkpoint import TrainState, choose_resume
 from .runtime.dist import Dist, init_distributed, shutdown
 from .runtime.egress import egress_locked, policy_of
-from .runtime.export import PROVENANCE, export, write_model_files
+from .runtime.export import export, write_model_files
 from .runtime.optim import build_optimizer, lr_at, set_lr
 from .runtime.progress import Reporter, build_progress
-from .provenance import ProvenanceError, load_private_key
+from .provenance import RECORD_FILE, ProvenanceError, load_private_key
 from .runtime.provenance import build_provenance
 from .runtime.signals import SigtermFlag, on_every_rank, sigterm_caught
 
@@ -398,7 +398,7 @@ def _export(config: TrainerConfig, s: Setup, state: TrainState, d: Dist, reason:
     tok = s.dataset.tokenizer
     provenance = build_provenance(
         config, state, reason=reason, started=started, ended=datetime.now(timezone.utc), resumed_from=resumed_from,
-        d=d, data=s.dataset.provenance,
+        d=d, data=s.dataset.provenance, base_path=s.config.model.base_path,
         tokenizer={"digest": tok.digest, "vocab_size": tok.vocab_size, "eos_token": tok.eos_token, "encoder": tok.encoder},
         model={"params": s.stats.params, "active_params": s.stats.active_params,
                "flops_per_token": s.stats.flops_per_token, "config": describe(s.hf_cfg)},
@@ -430,5 +430,5 @@ def signing_key(config: TrainerConfig):
 
 
 def _upload_export(local: Path, config: TrainerConfig) -> None:
-    storage.publish(local, config.output.dir, config.s3, "output.dir", marker=PROVENANCE)
+    storage.publish(local, config.output.dir, config.s3, "output.dir", marker=RECORD_FILE)
     storage.remove_local(local)

@@ -97,8 +97,8 @@ def residency(config: TrainerConfig, nodes: list[dict]) -> dict:
 
 
 def build_provenance(config: TrainerConfig, state: TrainState, *, reason: str, started: datetime, ended: datetime,
-                     resumed_from: Path | None, d: Dist, tokenizer: dict, data: dict, model: dict,
-                     gpu_hours: float) -> dict:
+                     resumed_from: Path | str | None, d: Dist, tokenizer: dict, data: dict, model: dict,
+                     gpu_hours: float, base_path: str | None = None) -> dict:
     """The provenance record but the exported files and the signature (``provenance.write_record`` adds
     them); ``tokenizer``, ``data`` and ``model`` are their own sections. A collective: every rank calls it
     (the workers' whereabouts are gathered)."""
@@ -132,5 +132,6 @@ def build_provenance(config: TrainerConfig, state: TrainState, *, reason: str, s
         "model": model,
         "config": cfg,
         "config_sha256": config_sha256(cfg),
-        "base": base_section(config.model.base_path) if d.is_main else None,
+        # the base model's files where they are read: its local copy when model.base_path is on S3
+        "base": base_section(base_path or config.model.base_path) if d.is_main else None,
     }
