@@ -240,6 +240,7 @@ def test_a_reward_configmap_is_read_from_the_volume_folder_of_its_name(tmp_path)
     assert Path(digits.function.rpartition(":")[0]).is_file()
 
 
+@pytest.mark.slow  # a whole forge train (and a refused one): about a minute on 2 busy cores
 def test_forge_train_with_data_checkpoints_and_model_on_an_s3_compatible_store(s3server, bucket, tmp_path):
     """The same file with S3 locations, against a real server; credentials from the environment."""
     client = s3server.client()
