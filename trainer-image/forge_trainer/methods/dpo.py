@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..config import DpoMethod, TrainerConfig
 from ..data.packed import TrainLoader, validation_indices
 from ..data.records import IGNORE, RecordData
+from ..models.logprobs import token_logprobs
 from ..runtime.dist import Dist
 from ..runtime.signals import SigtermFlag
 from .base import Batches, Dataset, Loss, each_micro_batch, with_router_loss
@@ -146,9 +147,8 @@ def _answer_logps(model, batch: torch.Tensor, autocast):
     else:
         with autocast:
             out = model(input_ids=input_ids, position_ids=positions, use_cache=False)
-    logits = out.logits.float()
     learned = labels != IGNORE
-    token = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    token = token_logprobs(out.logits, labels)
     keys, inverse = torch.unique(answer[learned], return_inverse=True)
     sums = torch.zeros(len(keys), dtype=token.dtype, device=token.device).scatter_add(0, inverse, token[learned])
     counts = torch.zeros(len(keys), dtype=token.dtype, device=token.device).scatter_add(

@@ -23,6 +23,7 @@ from ..contract import ConfigError
 from ..data.prompts import PromptSet, load_prompts
 from ..data.records import ChatRenderer
 from ..data.tokenizer import TextTokenizer
+from ..models.logprobs import token_logprobs
 from ..rewards import Rewards, Scores, build_rewards
 from ..runtime.dist import Dist
 from ..runtime.signals import SigtermFlag
@@ -143,9 +144,9 @@ def token_logps(model, ids: torch.Tensor, attention: torch.Tensor, temperature: 
     logits are divided by the sampling temperature, as the completions were sampled (as TRL does)."""
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False)
-    logits = out.logits[:, :-1].float() / temperature
-    logp = logits.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
-    return logp, out
+    # the last position predicts nothing: a dummy target keeps the logits whole (a slice would be copied)
+    targets = torch.cat([ids[:, 1:], ids[:, :1]], 1)
+    return token_logprobs(out.logits, targets, temperature)[:, :-1], out
 
 
 def frozen_copy(model: torch.nn.Module, d: Dist) -> torch.nn.Module:

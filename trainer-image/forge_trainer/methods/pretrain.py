@@ -4,11 +4,11 @@ router's load-balancing loss for an MoE."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..config import TrainerConfig
 from ..data.packed import TokenData, TrainLoader, validation_indices
 from ..data.prepare import prepare_on_ranks
+from ..models.logprobs import cross_entropy_sum
 from ..runtime.dist import Dist
 from ..runtime.signals import SigtermFlag
 from .base import Batches, Dataset, Loss, each_micro_batch, with_router_loss
@@ -35,7 +35,8 @@ class Pretrain:
 
     def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> Loss:
         out = model(input_ids=batch[:, :-1])
-        return with_router_loss(F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten()), out, model)
+        targets = batch[:, 1:]
+        return with_router_loss(cross_entropy_sum(out.logits, targets) / targets.numel(), out, model)
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, autocast, d: Dist) -> float | None:
@@ -50,7 +51,7 @@ class Pretrain:
             with autocast:
                 logits = model(input_ids=batch[:, :-1]).logits
             if real:
-                summed = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+                summed = cross_entropy_sum(logits, batch[:, 1:])
                 totals.add_(torch.stack([summed.double(), torch.tensor(float(batch[:, 1:].numel()), device=d.device)]))
 
         model.eval()

@@ -10,13 +10,13 @@ absent). It does so only without a key/value cache, hence `use_cache=False` on e
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401  (see the docstring)
 
 from ..config import TrainerConfig
 from ..data.packed import TrainLoader, validation_indices
 from ..data.prepare import prepare_on_ranks
 from ..data.records import IGNORE, RecordData, load_records_manifest, prepare_records
+from ..models.logprobs import cross_entropy_sum
 from ..runtime.dist import Dist
 from ..runtime.signals import SigtermFlag
 from .base import Batches, Dataset, Loss, each_micro_batch, with_router_loss
@@ -85,8 +85,7 @@ def _summed_loss(model: torch.nn.Module, batch: torch.Tensor):
     input_ids, labels, positions = batch[:, 0], batch[:, 1], batch[:, 2]
     # no cache: with one, transformers does not look for packed sequences and the examples would see each other
     out = model(input_ids=input_ids, position_ids=positions, use_cache=False)
-    summed = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                             reduction="sum")
+    summed = cross_entropy_sum(out.logits, labels, ignore_index=IGNORE)
     return summed, (labels != IGNORE).sum(), out
 
 
