@@ -60,7 +60,6 @@ def main() -> None:
     from forge_trainer.runtime.dist import init_distributed, shutdown
     from forge_trainer.methods.pretrain import Pretrain
     from forge_trainer.models.build import build_model, hf_config
-    from forge_trainer.models.parallel import parallelize
     from forge_trainer.models.stats import check_fits, model_stats, peak_flops
     from forge_trainer.runtime.optim import build_optimizer
     from forge_trainer.train import train_step
@@ -81,7 +80,7 @@ def main() -> None:
     cfg = hf_config(config, vocab, 0)
     stats = model_stats(cfg, seq_len)
     check_fits(cfg, stats, config, world, d.local_world, d.device, bf16)
-    model = parallelize(build_model(config, cfg), d, bf16, args.compile)
+    model = build_model(config, cfg, d, bf16)
     optimizer = build_optimizer(model, t, d.device)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     method = Pretrain(config)  # its loss only: the batches are random tokens

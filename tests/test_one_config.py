@@ -197,6 +197,7 @@ SHARED_FIELDS = [
     (TrainingSpec, "precision", TrainingConfig, "precision"),
     (TrainingSpec, "seed", TrainingConfig, "seed"),
     (TrainingSpec, "compile", TrainingConfig, "compile"),
+    (TrainingSpec, "activation_checkpointing", TrainingConfig, "activation_checkpointing"),
     (TrainingSpec, "eval_interval_steps", TrainingConfig, "eval_interval_steps"),
     (TrainingSpec, "lora", TrainingConfig, "lora"),
     (LoraSpec, "r", LoraConfig, "r"),

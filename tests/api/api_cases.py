@@ -186,6 +186,8 @@ BAD_CASES: tuple[Case, ...] = (
     Case("schedule-not-an-enum", pretrain, put("spec.training.schedule", "linear"),
          "spec.training.schedule", "Unsupported value"),
     Case("data-format-not-an-enum", pretrain, put(f"{SRC0}.format", "csv"), f"{SRC0}.format", "Unsupported value"),
+    Case("activation-checkpointing-not-an-enum", pretrain, put("spec.training.activationCheckpointing", "layer"),
+         "spec.training.activationCheckpointing", "Unsupported value"),
     Case("learning-rate-above-1", pretrain, put("spec.training.learningRate", 2),
          "spec.training.learningRate", "less than or equal to 1"),
     Case("learning-rate-zero", pretrain, put("spec.training.learningRate", 0),

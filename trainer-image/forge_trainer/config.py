@@ -300,6 +300,11 @@ class TrainingConfig(_Model):
     """Seeds weight init and data order; the same seed and data give the same run."""
     compile: bool = D.COMPILE
     """torch.compile each transformer block."""
+    activation_checkpointing: Literal["none", "selective", "full"] = D.ACTIVATION_CHECKPOINTING
+    """Per transformer block: none keeps every activation for the backward pass; full keeps only each
+    block's input and recomputes the block in the backward pass (about a third more compute, the least
+    memory); selective keeps the matrix products' and attention's outputs and recomputes the rest (norms,
+    activation functions, element-wise products: little compute, most of the bytes)."""
     budget: BudgetConfig = BudgetConfig(max_steps=1000)
     """When to stop."""
     eval_interval_steps: PositiveInt | None = D.EVAL_INTERVAL_STEPS

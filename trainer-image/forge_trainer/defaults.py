@@ -54,6 +54,7 @@ GRADIENT_CLIPPING = 1.0
 PRECISION = "auto"
 SEED = 1234
 COMPILE = False
+ACTIVATION_CHECKPOINTING = "none"  # none | selective | full, per transformer block
 EVAL_INTERVAL_STEPS = 500
 DPO_BETA = 0.1  # API training.dpoBeta, trainer method.beta
 DPO_LOSS_TYPE = "sigmoid"  # API training.dpoLossType, trainer method.loss_type

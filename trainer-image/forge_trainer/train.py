@@ -24,7 +24,6 @@ from .contract import ConfigError, ExitCode, LastCheckpoint, Progress, Terminati
 from .methods import Batches, Dataset, Method, build_method
 from .models.build import build_model, check_model, describe, hf_config, preflight
 from .models.lora import LoraExport, trainable_parameters
-from .models.parallel import parallelize
 from .models.stats import ModelStats, peak_flops
 from .runtime import checkpoint
 from .runtime.budget import Timings, budget_reached, total_steps
@@ -230,7 +229,7 @@ def _set_up(config: TrainerConfig, d: Dist, stop: SigtermFlag) -> Setup:
     dataset = method.prepare(d, stop)
     hf_cfg = hf_config(config, dataset.tokenizer.vocab_size, dataset.tokenizer.eos_id)
     stats = check_model(config, hf_cfg, d, bf16, stop)
-    model = parallelize(build_model(config, hf_cfg), d, bf16, t.compile)
+    model = build_model(config, hf_cfg, d, bf16)
     optimizer = build_optimizer(model, t, d.device)
     if t.global_batch_sequences % (t.micro_batch_sequences * d.world):
         raise ConfigError(
@@ -304,9 +303,13 @@ def _stop_or_save(config: TrainerConfig, step: int, total: int | None, timings: 
 
 def train_step(model, optimizer, method: Method, rows, accum: int, micro: int, grad_clip: float | None, autocast,
                d: Dist) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """One optimizer step over ``accum`` micro-batches of ``rows`` (this rank's share of the step);
-    gradients are reduced only on the last. Returns the mean loss, the mean auxiliary loss and the
-    gradient norm before clipping (None when grad_clip is off)."""
+    """One optimizer step over ``accum`` micro-batches of ``rows`` (this rank's share of the step).
+    Returns the mean loss, the mean auxiliary loss and the gradient norm before clipping (None when
+    grad_clip is off).
+
+    Under FSDP every micro-batch's backward pass reduce-scatters its gradients into the shards (as
+    torchtitan does): the gradients held between micro-batches are this worker's shard, never the
+    whole model's (which turning the synchronisation off until the last micro-batch would keep)."""
     model.train()
     batch = torch.as_tensor(rows)
     if d.device.type == "cuda":
@@ -314,8 +317,6 @@ def train_step(model, optimizer, method: Method, rows, accum: int, micro: int, g
     loss_sum = torch.zeros((), device=d.device)
     aux_sum = None
     for k in range(accum):
-        if d.distributed:
-            model.set_requires_gradient_sync(k == accum - 1)
         with autocast:
             loss = method.loss(model, batch[k * micro : (k + 1) * micro])
         (loss.total / accum).backward()

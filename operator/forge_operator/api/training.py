@@ -348,6 +348,11 @@ class TrainingSpec(ApiModel):
     """Seed for initialisation, data order and dropout."""
     compile: bool = defaults.COMPILE
     """Compile each transformer block with torch.compile."""
+    activation_checkpointing: Literal["none", "selective", "full"] = defaults.ACTIVATION_CHECKPOINTING
+    """Per transformer block: none keeps every activation for the backward pass; selective keeps the outputs
+    of matrix products and attention and recomputes the rest (norms, activation functions: little compute,
+    many bytes); full keeps only each block's input and recomputes the block (about a third more compute,
+    the least memory)."""
     eval_interval_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = defaults.EVAL_INTERVAL_STEPS
     """Compute the validation loss every this many steps (and at the end)."""
     budget: BudgetSpec

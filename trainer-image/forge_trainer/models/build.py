@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from ..config import TrainerConfig
@@ -13,6 +14,7 @@ from ..contract import ConfigError
 from ..runtime.dist import Dist
 from ..runtime.signals import SigtermFlag, on_every_rank
 from . import base, dense, lora, moe
+from .parallel import parallelize, placed_on
 from .stats import ModelStats, check_fits, model_stats
 
 FAMILIES = {"dense": dense.hf_config, "moe": moe.hf_config}
@@ -62,19 +64,63 @@ def preflight(config: TrainerConfig, d: Dist, bf16: bool, stop: SigtermFlag) -> 
     check_model(config, hf_config(config, vocab, 0), d, bf16, stop)
 
 
-def build_model(config: TrainerConfig, cfg: PretrainedConfig) -> torch.nn.Module:
-    """Random init from cfg (seeded), or the base model's weights; always SDPA attention, fp32 master
-    weights; with training.lora, the base frozen and LoRA adapters beside it (a peft model)."""
-    if config.model.base_path is not None:
-        model = base.load(config.model.base_path, cfg)
-    else:
-        torch.manual_seed(config.training.seed)
+def build_model(config: TrainerConfig, cfg: PretrainedConfig, d: Dist | None = None, bf16: bool = False) -> torch.nn.Module:
+    """The model to train on its devices: always SDPA attention, fp32 master weights; with
+    training.lora, the base frozen and LoRA adapters beside it (a peft model).
+
+    Built on the meta device (no memory, no time) and materialised block by block as it is sharded
+    (``parallel.parallelize``): a new model takes Hugging Face's initialisation, drawn from
+    training.seed in the order Hugging Face draws it, so every worker count gives the same weights.
+    A base model is read whole by one process only (rank 0, on the host), whose weights every worker
+    then receives shard by shard; in one process it is read and placed on the device."""
+    d = d or Dist()
+    t = config.training
+    if config.model.base_path is not None and not d.distributed:
+        return parallelize(_base_model(config, cfg), d, bf16, t.compile, t.activation_checkpointing, placed_on(d.device))
+    model = on_meta(config, cfg)
+    if config.model.base_path is None:
+        torch.manual_seed(t.seed)
+        return parallelize(model, d, bf16, t.compile, t.activation_checkpointing, _initialised(model, d.device))
+    holder = {}
+    d.on_every_rank(lambda: holder.update(state=_base_model(config, cfg).state_dict()) if d.is_main else None,
+                    f"loading model.base_path {config.model.base_path}")
+    model = parallelize(model, d, bf16, t.compile, t.activation_checkpointing, placed_on(d.device))
+    set_model_state_dict(model, holder.get("state", {}),
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def on_meta(config: TrainerConfig, cfg: PretrainedConfig) -> torch.nn.Module:
+    """The model's parameters on the meta device; its buffers (the rotary embedding's frequencies) real."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    return _with_adapters(model, config)
+
+
+def _base_model(config: TrainerConfig, cfg: PretrainedConfig) -> torch.nn.Module:
+    return _with_adapters(base.load(config.model.base_path, cfg), config)
+
+
+def _with_adapters(model: torch.nn.Module, config: TrainerConfig) -> torch.nn.Module:
     model.config.use_cache = False
     if config.training.lora is not None:
         torch.manual_seed(config.training.seed)  # the adapters' initialisation
         model = lora.add_adapters(model, config.training.lora, config.model.base_path)
     return model
+
+
+def _initialised(model: torch.nn.Module, device: torch.device):
+    """Materialise a module with Hugging Face's initial values (the model's own ``_init_weights``)."""
+    place = placed_on(device)
+
+    @torch.no_grad()
+    def materialise(module: torch.nn.Module) -> None:
+        place(module)
+        model._init_weights(module)
+
+    return materialise
 
 
 def describe(cfg: PretrainedConfig) -> dict:

@@ -1,27 +1,86 @@
-"""Placing a model on its device, compiled and sharded (FSDP2) per transformer block."""
+"""Placing a model built on the meta device on its devices, per transformer block and in torchtitan's
+order: activation checkpointing, then compile, then sharding (FSDP2).
+
+Every parameter is materialised (given memory and its initial value) module by module in the order
+Hugging Face initialises a model (children before their parent), and each block is sharded as soon
+as it is materialised: a worker never holds more than one whole block beside its shards and the
+embeddings, and every worker draws the same initial values whatever the number of workers.
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..runtime.dist import Dist
 
+Materialise = Callable[[torch.nn.Module], None]
+"""Gives one module's own parameters and buffers (not its children's) memory and values."""
 
-def parallelize(model: torch.nn.Module, d: Dist, bf16: bool, compile: bool) -> torch.nn.Module:
-    """Compile and shard each transformer block (FSDP2), then the root; plain in one process."""
-    model.to(d.device)
+_aten = torch.ops.aten
+SELECTIVE_SAVE = {
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
+    _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _aten._grouped_mm.default,
+}
+"""Selective checkpointing keeps the outputs of these (matrix products and attention: costly to
+recompute) and recomputes every other operation of a block (norms, activations, rotary embedding,
+element-wise products: cheap, and most of a block's activation bytes), as torchtitan's op policy."""
+
+
+def parallelize(model: torch.nn.Module, d: Dist, bf16: bool, compile: bool, checkpointing: str,
+                materialise: Materialise) -> torch.nn.Module:
+    """Checkpoint and compile each transformer block, then materialise the model module by module,
+    sharding each block (FSDP2) once it is, and at last the root; unsharded in one process."""
     layers = blocks(model)
-    if compile:
-        for layer in layers:
+    for layer in layers:
+        checkpoint_block(layer, checkpointing)
+        if compile:
             layer.compile()
-    if d.distributed:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    shard = _sharder(bf16) if d.distributed else None
+    ids = {id(layer) for layer in layers}
 
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-        for layer in layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+    def visit(module: torch.nn.Module) -> None:
+        for child in module.children():
+            visit(child)
+        materialise(module)
+        if shard is not None and id(module) in ids:
+            shard(module)
+
+    visit(model)
+    if shard is not None:
+        shard(model)
     return model
+
+
+def _sharder(bf16: bool) -> Callable[[torch.nn.Module], None]:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    return functools.partial(fully_shard, mp_policy=mp)
+
+
+def checkpoint_block(block: torch.nn.Module, mode: str) -> None:
+    """none: keep every activation; full: keep the block's input only and recompute the rest in the
+    backward pass; selective: keep what SELECTIVE_SAVE names too. The module's own forward is
+    wrapped, so its hooks (FSDP2's gathering) stay outside the recomputed part and its parameter
+    names do not change."""
+    if mode == "none":
+        return
+    context = {"context_fn": _selective_contexts} if mode == "selective" else {}
+    block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, **context)
+
+
+def _keep_costly(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in SELECTIVE_SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts():
+    return create_selective_checkpoint_contexts(_keep_costly)
 
 
 def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -29,3 +88,21 @@ def blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or [])
     found = [m for m in model.modules() if type(m).__name__ in names]
     return found or list(model.model.layers)
+
+
+def placed_on(device: torch.device) -> Materialise:
+    """Moves a module's own parameters and buffers to ``device``; a parameter still on the meta device
+    gets memory there (no values). A parameter shared by two modules (tied embeddings) stays one."""
+    made: dict[int, torch.nn.Parameter] = {}
+
+    def materialise(module: torch.nn.Module) -> None:
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_meta or p.device != device:
+                if id(p) not in made:
+                    data = torch.empty_like(p, device=device) if p.is_meta else p.detach().to(device)
+                    made[id(p)] = torch.nn.Parameter(data, requires_grad=p.requires_grad)
+                module._parameters[name] = made[id(p)]
+        for name, b in module.named_buffers(recurse=False):
+            module._buffers[name] = b.to(device)
+
+    return materialise

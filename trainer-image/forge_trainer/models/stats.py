@@ -3,7 +3,9 @@ and the peak FLOP/s of a device (for MFU)."""
 
 from __future__ import annotations
 
+import gc
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,29 +95,71 @@ def available_memory(device: torch.device, local_world: int) -> int:
     return avail // max(local_world, 1)
 
 
-def estimate_memory(cfg: PretrainedConfig, stats: ModelStats, micro_batch: int, seq_len: int, world: int, device: torch.device, bf16: bool) -> int:
+def activation_bytes(cfg: PretrainedConfig, micro_batch: int, seq_len: int, bf16: bool, checkpointing: str) -> int:
+    """The bytes one micro-batch's forward pass keeps for its backward pass, the logits included.
+
+    Counted from the block's shapes, per token and layer: what selective checkpointing keeps (the outputs
+    of the matrix products and of attention: queries, keys, values, attention, its projection, the MLP's
+    or each routed expert's gate, up and down projections) and what it recomputes (two RMS norms, which
+    Hugging Face computes in fp32; the rotary embedding; the activation function and its product; the
+    residual sums; an MoE's router scores and the routed copies of each token). Full checkpointing keeps
+    each block's input only (the backward pass recomputes one block at a time: ``recompute_bytes``)."""
+    b = 2 if bf16 else 4
+    d, layers = cfg.hidden_size, cfg.num_hidden_layers
+    head_dim = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * head_dim, (cfg.num_key_value_heads or cfg.num_attention_heads) * head_dim
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    copies = getattr(cfg, "num_experts_per_tok", 1) if experts else 1
+    width = cfg.moe_intermediate_size if experts else cfg.intermediate_size
+    kept = (2 * q + 2 * kv + d + copies * (2 * width + d)) * b
+    recomputed = (2 * d + q + kv + 2 * copies * width + 2 * d) * b + 2 * 3 * d * 4
+    if experts:
+        recomputed += copies * d * b + 2 * experts * 4
+    per_layer = {"none": kept + recomputed, "selective": kept + d * b, "full": d * b}[checkpointing]
+    # beside the blocks: the rotary tables, the final norm, the logits (the loss keeps no fp32 copy of them)
+    outside = 2 * head_dim * 4 + d * b + 2 * d * 4 + cfg.vocab_size * b
+    return micro_batch * seq_len * (layers * per_layer + outside)
+
+
+def recompute_bytes(cfg: PretrainedConfig, micro_batch: int, seq_len: int, bf16: bool, checkpointing: str) -> int:
+    """What the backward pass holds beside the kept activations: one block's recomputed activations (full
+    checkpointing) or the recomputed part of them (selective)."""
+    if checkpointing == "none":
+        return 0
+    dropped = (activation_bytes(cfg, micro_batch, seq_len, bf16, "none")
+               - activation_bytes(cfg, micro_batch, seq_len, bf16, checkpointing))
+    return dropped // cfg.num_hidden_layers
+
+
+def estimate_memory(cfg: PretrainedConfig, stats: ModelStats, micro_batch: int, seq_len: int, world: int,
+                    device: torch.device, bf16: bool, checkpointing: str = "none") -> int:
     """A rough upper estimate of one worker's peak training memory in bytes.
 
-    fp32 parameters, gradients and two AdamW moments (16 bytes per parameter,
-    sharded over the workers), one unsharded block, activations (about 34 bytes
-    per token and width per layer in 16-bit, as Korthikanti et al. count, doubled
-    in fp32; plus the attention matrix where SDPA has no fused kernel: CPU),
-    and the fp32 logits with their gradient.
-    """
-    L, d = cfg.num_hidden_layers, cfg.hidden_size
+    What is kept the whole time: fp32 parameters, gradients and two AdamW moments, 16 bytes per parameter,
+    sharded over the workers (gradients stay sharded through gradient accumulation: train.train_step). What
+    comes and goes: two gathered blocks (the one computing and the one prefetched) with their unsharded
+    gradients; one micro-batch's activations (``activation_bytes``), plus the attention matrix where SDPA
+    has no fused kernel for the mask (CPU); and in the backward pass the logits' gradient and two fp32
+    chunks of the loss (models.logprobs)."""
+    from .logprobs import CHUNK_BYTES
+
+    b = 2 if bf16 else 4
     tokens = micro_batch * seq_len
-    states = 16 * stats.params / world + (16 * (stats.params - stats.embedding_params) / L if world > 1 else 0)
-    act_bytes = 2 if bf16 else 4
-    acts = L * tokens * d * 34 * act_bytes / 2
+    states = 16 * stats.params / world
+    if world > 1:
+        states += 2 * (b + 4) * (stats.params - stats.embedding_params) / cfg.num_hidden_layers
+    acts = activation_bytes(cfg, micro_batch, seq_len, bf16, checkpointing) + recompute_bytes(
+        cfg, micro_batch, seq_len, bf16, checkpointing)
     if device.type != "cuda":
-        acts += L * micro_batch * cfg.num_attention_heads * seq_len * seq_len * 4 * 2
-    logits = tokens * cfg.vocab_size * 4 * 3
-    return int(states + acts + logits)
+        acts += cfg.num_hidden_layers * micro_batch * cfg.num_attention_heads * seq_len * seq_len * 4 * 2
+    backward = tokens * cfg.vocab_size * b + 2 * CHUNK_BYTES
+    return int(states + acts + backward)
 
 
 def check_fits(cfg: PretrainedConfig, stats: ModelStats, config: TrainerConfig, world: int, local_world: int, device: torch.device, bf16: bool) -> None:
     t = config.training
-    need = estimate_memory(cfg, stats, t.micro_batch_sequences, t.seq_len, world, device, bf16)
+    need = estimate_memory(cfg, stats, t.micro_batch_sequences, t.seq_len, world, device, bf16,
+                           t.activation_checkpointing)
     have = available_memory(device, local_world if device.type != "cuda" else 1)
     if need > 0.9 * have:
         gib = 1 << 30
@@ -136,3 +180,32 @@ def peak_flops(device: torch.device, configured: float | None) -> float | None:
         if key in name:
             return value
     return None
+
+
+def held_bytes(forward: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> tuple[object, int]:
+    """``forward()``'s result, and the bytes of the tensors its operations made that are still alive once it
+    returned: what the autograd graph keeps for the backward pass (activations), plus the result itself.
+    Storages of ``exclude`` (the parameters, whose views the operations make) are not counted. A measurement
+    for tests and benchmarks: it works on any device, CPU included, where torch keeps no allocator figures."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    made: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    s = t.untyped_storage()
+                    seen = made.get(s.data_ptr())
+                    if seen is None or seen[0].expired():  # an address freed and handed out again
+                        made[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())
+            return out
+
+    with Track():
+        result = forward()
+    gc.collect()
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    return result, sum(n for ptr, (ref, n) in made.items() if ptr not in skip and not ref.expired())

@@ -1,0 +1,166 @@
+"""The model at scale, on CPU: built on the meta device and materialised as it is sharded (the same weights
+on any number of workers), a base model read by one process and handed out in shards, gradients that stay
+sharded through gradient accumulation, and activation checkpointing per block."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from gloo_helpers import on_ranks
+from trainer_helpers import tiny_config
+from transformers import AutoModelForCausalLM
+
+from forge_trainer.methods.pretrain import Pretrain
+from forge_trainer.models.build import build_model, hf_config
+from forge_trainer.models.stats import activation_bytes, held_bytes
+from forge_trainer.runtime.dist import Dist
+from forge_trainer.train import train_step
+
+VOCAB = 320
+
+
+def _config(tmp_path, corpus, **overrides):
+    return tiny_config(tmp_path, corpus, **overrides)
+
+
+def _base_config(tmp_path, corpus, base):
+    return tiny_config(tmp_path, corpus, model={"base_path": str(base)}, method="continued-pretrain")
+
+
+def _batch(seed: int, rows: int = 4, length: int = 33) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_new_model_is_built_on_the_meta_device_with_hugging_faces_initialisation(tmp_path, corpus):
+    cfg = _config(tmp_path, corpus)
+    hf = hf_config(cfg, VOCAB, 0)
+    built = build_model(cfg, hf).state_dict()
+    # Hugging Face's initialisation of the whole model, drawn from the same seed, in the same order
+    with torch.device("meta"):
+        whole = AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa")
+    whole.to_empty(device="cpu")
+    torch.manual_seed(cfg.training.seed)
+    whole.initialize_weights()
+    assert built.keys() == whole.state_dict().keys()
+    for name, value in whole.state_dict().items():
+        assert torch.equal(built[name], value), name
+    # An eager build draws PyTorch's default initialisation before Hugging Face's, so its values differ
+    # for the same seed; its distributions do not.
+    torch.manual_seed(cfg.training.seed)
+    eager = AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa")
+    for name, value in eager.state_dict().items():
+        assert built[name].mean().item() == pytest.approx(value.mean().item(), abs=0.01), name
+        assert built[name].std().item() == pytest.approx(value.std().item(), rel=0.1, abs=1e-6), name
+    rotary = [m for m in eager.modules() if "Rotary" in type(m).__name__][0]
+    built_rotary = [m for m in build_model(cfg, hf).modules() if "Rotary" in type(m).__name__][0]
+    assert torch.equal(built_rotary.inv_freq, rotary.inv_freq)  # a buffer, not a parameter: rebuilt exactly
+
+
+def _at_scale(d: Dist, cfg, base_cfg) -> dict:
+    """On each of the gloo workers: the built and the base model's full weights, and one step with and without
+    gradient accumulation."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    def full(model):
+        return {k: v.clone() for k, v in get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True)).items()}
+
+    out = {"built": full(build_model(cfg, hf_config(cfg, VOCAB, 0), d)),
+           "base": full(build_model(base_cfg, hf_config(base_cfg, VOCAB, 0), d))}
+    rows = _batch(seed=d.rank)  # this worker's four sequences
+    for accum in (1, 4):
+        model = build_model(cfg, hf_config(cfg, VOCAB, 0), d)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        method = _Probe(Pretrain(cfg))
+        loss, _, _ = train_step(model, optimizer, method, rows, accum, 4 // accum, None, torch.autocast("cpu", enabled=False), d)
+        out[accum] = {"loss": loss.item(), "weights": full(model), "held": method.held}
+    return out
+
+
+class _Probe:
+    """The method's loss; records, before each micro-batch after the first, the gradients held since the last."""
+
+    def __init__(self, method):
+        self.method, self.held = method, []
+
+    def loss(self, model, batch):
+        grads = [p.grad for p in model.parameters()]
+        if any(g is not None for g in grads):
+            self.held.append({"local": sum(g.to_local().numel() if g is not None else 0 for g in grads),
+                              "all": sum(p.numel() for p in model.parameters()),
+                              "sharded": all(g is not None and type(g).__name__ == "DTensor" for g in grads)})
+        return self.method.loss(model, batch)
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory, corpus):
+    """One run of _at_scale on two gloo workers, with a saved tiny base model; (results by rank, configs, base)."""
+    work = tmp_path_factory.mktemp("at-scale")
+    cfg = _config(work, corpus)
+    torch.manual_seed(7)
+    base = AutoModelForCausalLM.from_config(hf_config(cfg, VOCAB, 0), attn_implementation="sdpa")
+    base.save_pretrained(work / "base")
+    base_cfg = _base_config(work, corpus, work / "base")
+    return on_ranks(work / "ranks", _at_scale, cfg, base_cfg), cfg, base
+
+
+def test_two_workers_materialise_the_weights_one_process_builds(two_workers, tmp_path, corpus):
+    results, cfg, _ = two_workers
+    one = build_model(cfg, hf_config(cfg, VOCAB, 0)).state_dict()
+    for rank in (0, 1):
+        assert results[rank]["built"].keys() == one.keys()
+        for name, value in one.items():
+            assert torch.equal(results[rank]["built"][name], value), (rank, name)
+
+
+def test_a_base_model_read_by_one_worker_reaches_every_shard(two_workers):
+    results, _, base = two_workers
+    for name, value in base.state_dict().items():
+        assert torch.equal(results[1]["base"][name], value), name
+
+
+def test_gradient_accumulation_keeps_gradients_sharded_and_equals_one_micro_batch(two_workers):
+    results, _, _ = two_workers
+    for rank in (0, 1):
+        whole, accumulated = results[rank][1], results[rank][4]
+        assert accumulated["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+        for name, value in whole["weights"].items():
+            torch.testing.assert_close(accumulated["weights"][name], value, atol=2e-6, rtol=1e-5, msg=name)
+        # between micro-batches each worker holds its shard of the gradients (reduce-scattered), never all of them
+        assert len(accumulated["held"]) == 3
+        for held in accumulated["held"]:
+            assert held["sharded"] and held["local"] <= math.ceil(held["all"] / 2) + 4 * 64, held
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_activation_checkpointing_keeps_fewer_bytes_and_the_same_gradients(tmp_path, corpus, mode):
+    def step(m):
+        cfg = _config(tmp_path, corpus, training__activation_checkpointing=m)
+        model = build_model(cfg, hf_config(cfg, VOCAB, 0))
+        loss, held = held_bytes(lambda: Pretrain(cfg).loss(model, _batch(0, rows=2)), exclude=model.parameters())
+        loss.total.backward()
+        return loss.value.item(), held, {n: p.grad for n, p in model.named_parameters()}
+
+    plain_loss, plain_held, plain_grads = step("none")
+    loss, held, grads = step(mode)
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert held < {"selective": 0.8, "full": 0.35}[mode] * plain_held, (held, plain_held)
+
+
+@pytest.mark.parametrize("family", ["dense", "moe"])
+def test_the_memory_estimate_counts_the_activations_each_mode_keeps(tmp_path, corpus, family):
+    arch = {"family": family, "num_layers": 2, "hidden_size": 64, "intermediate_size": 192, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_token": 2, "moe_intermediate_size": 96,
+            "max_position_embeddings": 128}
+    for mode in ("none", "selective", "full"):
+        cfg = _config(tmp_path, corpus, model__architecture=arch, training__seq_len=128,
+                      training__activation_checkpointing=mode)
+        hf = hf_config(cfg, VOCAB, 0)
+        model = build_model(cfg, hf)
+        _, held = held_bytes(lambda: Pretrain(cfg).loss(model, _batch(0, rows=2, length=129)),
+                             exclude=model.parameters())
+        assert 0.9 < activation_bytes(hf, 2, 128, False, mode) / held < 1.4, (mode, held)
