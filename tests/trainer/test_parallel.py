@@ -141,11 +141,13 @@ def test_activation_checkpointing_keeps_fewer_bytes_and_the_same_gradients(tmp_p
         model = build_model(cfg, hf_config(cfg, VOCAB, 0))
         loss, held = held_bytes(lambda: Pretrain(cfg).loss(model, _batch(0, rows=2)), exclude=model.parameters())
         loss.total.backward()
-        return loss.value.item(), held, {n: p.grad for n, p in model.named_parameters()}
+        with torch.no_grad():  # evaluation: the blocks run as they are, nothing recomputed
+            evaluated = Pretrain(cfg).loss(model, _batch(0, rows=2)).value.item()
+        return loss.value.item(), held, {n: p.grad for n, p in model.named_parameters()}, evaluated
 
-    plain_loss, plain_held, plain_grads = step("none")
-    loss, held, grads = step(mode)
-    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    plain_loss, plain_held, plain_grads, _ = step("none")
+    loss, held, grads, evaluated = step(mode)
+    assert loss == pytest.approx(plain_loss, rel=1e-6) and evaluated == pytest.approx(plain_loss, rel=1e-6)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
     assert held < {"selective": 0.8, "full": 0.35}[mode] * plain_held, (held, plain_held)

@@ -71,8 +71,15 @@ def checkpoint_block(block: torch.nn.Module, mode: str) -> None:
     names do not change."""
     if mode == "none":
         return
+    forward = block.forward
     context = {"context_fn": _selective_contexts} if mode == "selective" else {}
-    block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, **context)
+
+    def checkpointed(*args, **kwargs):
+        if not torch.is_grad_enabled():  # evaluation, sampling: nothing to keep, nothing to recompute
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **context, **kwargs)
+
+    block.forward = checkpointed
 
 
 def _keep_costly(ctx, op, *args, **kwargs) -> CheckpointPolicy:
