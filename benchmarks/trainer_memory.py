@@ -7,15 +7,15 @@
 2. Construction: an 8B Llama config (Llama 3.1 8B's shape) built on the meta device and
    sharded (FSDP2) on two gloo workers: seconds and host memory, against what materialising it
    would take.
-3. Gradient accumulation on two gloo workers: peak memory per worker with 1 and 4 micro-batches,
-   with the gradients reduce-scattered every micro-batch (the trainer) and, as the baseline, with
-   gradient synchronisation off until the last micro-batch (the whole model's gradients on every worker).
+3. Gradient accumulation on two gloo workers, 4 micro-batches: the gradient bytes each worker holds
+   between micro-batches (reduce-scattered every micro-batch: its shards), against the whole model's
+   fp32 gradients that turning synchronisation off until the last micro-batch keeps on every worker.
 4. Activation checkpointing: the bytes a forward pass keeps for the backward pass, none / selective /
    full, and the memory estimate's figure for each (models/stats.py).
 
-Peak memory on CPU is the process's peak resident set (VmHWM, reset before each measurement through
-/proc/self/clear_refs); large tensors are mmap'd by the allocator and returned when freed, so it follows
-the tensors. Kept bytes are counted by models.stats.held_bytes.
+Peak memory (parts 1 and 2) is the process's peak resident set (VmHWM, reset before each measurement
+through /proc/self/clear_refs); tensors that large are mmap'd by the allocator and returned when freed, so
+it follows them. Kept bytes (part 4) are counted by models.stats.held_bytes.
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ def construction() -> None:
 
     cfg = config(LLAMA_8B, seq_len=8192)
     hf = hf_config(cfg, LLAMA_8B["vocab_size"], 0)
+    on_meta(config(SMALL), hf_config(config(SMALL), SMALL["vocab_size"], 0))  # imports the modelling code first
     base = reset_peak()
     t0 = time.perf_counter()
     model = on_meta(cfg, hf)
@@ -106,17 +107,18 @@ def construction() -> None:
     stats = model_stats(hf, 8192)
     assert stats.params == params
     with tempfile.TemporaryDirectory() as work:
-        results = _on_two(Path(work), _shardon_meta, cfg, hf)
+        results = _on_two(Path(work), _shard_on_meta, cfg, hf)
     for rank, (seconds, peak, local) in enumerate(results):
         print(f"   rank {rank} of 2: built on meta and sharded (FSDP2 per block) in {seconds:.2f} s, "
               f"peak +{peak / MIB:,.0f} MiB; its shard: {local / 1e9:.2f}B parameters ({local * 16 / (1 << 30):.0f} GiB "
               "with gradients and AdamW once materialised)")
 
 
-def _shardon_meta(d, cfg, hf) -> tuple[float, int, int]:
-    from forge_trainer.models.build import on_meta
+def _shard_on_meta(d, cfg, hf) -> tuple[float, int, int]:
+    from forge_trainer.models.build import hf_config, on_meta
     from forge_trainer.models.parallel import parallelize
 
+    on_meta(config(SMALL), hf_config(config(SMALL), SMALL["vocab_size"], 0))  # imports the modelling code first
     base = reset_peak()
     t0 = time.perf_counter()
     model = parallelize(on_meta(cfg, hf), d, True, False, "none", lambda module: None)  # stays on meta
@@ -128,15 +130,12 @@ def _shardon_meta(d, cfg, hf) -> tuple[float, int, int]:
 def accumulation() -> None:
     with tempfile.TemporaryDirectory() as work:
         results = _on_two(Path(work), _accumulate)
-    print("\n3. gradient accumulation, 2 gloo workers, Llama 4 x 512 (vocab 32k), 256 tokens per micro-batch:")
-    for name in ("accum 1", "accum 4, reduce-scatter every micro-batch", "accum 4, sync only on the last (baseline)"):
-        peaks = [r[name] for r in results]
-        print(f"   {name:44s} peak per worker {' / '.join(f'{p / MIB:,.0f}' for p in peaks)} MiB")
-    r = results[0]
-    params = r["params"]
-    print(f"   model {params / 1e6:.1f}M parameters: whole fp32 gradients {params * 4 / MIB:,.0f} MiB, a worker's shard "
-          f"{params * 2 / MIB:,.0f} MiB; baseline / trainer at accum 4: "
-          f"{r['accum 4, sync only on the last (baseline)'] / r['accum 4, reduce-scatter every micro-batch']:.2f}x")
+    print("\n3. gradient accumulation, 2 gloo workers, Llama 4 x 512 (vocab 32k), 4 micro-batches of 256 tokens:")
+    for rank, r in enumerate(results):
+        print(f"   rank {rank}: gradients held between micro-batches {r['held'] / MIB:,.1f} MiB (its shards); "
+              f"the whole model's fp32 gradients, which synchronising only on the last micro-batch keeps on every "
+              f"worker: {r['whole'] / MIB:,.1f} MiB ({r['whole'] / r['held']:.2f}x); loss equals one micro-batch of 4 "
+              f"sequences to {abs(r['loss 4'] - r['loss 1']) / r['loss 1']:.1e}")
 
 
 def _accumulate(d) -> dict:
@@ -148,32 +147,27 @@ def _accumulate(d) -> dict:
 
     out = {}
     rows = torch.randint(0, SMALL["vocab_size"], (4, 257), generator=torch.Generator().manual_seed(d.rank))
-    for name, accum, sync_last in [("accum 1", 1, False), ("accum 4, reduce-scatter every micro-batch", 4, False),
-                                   ("accum 4, sync only on the last (baseline)", 4, True)]:
+    for accum in (1, 4):
         cfg = config(SMALL)
         model = build_model(cfg, hf_config(cfg, SMALL["vocab_size"], 0), d)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        method = Pretrain(cfg)
-        train_step(model, optimizer, method, rows, 1, 4, None, torch.autocast("cpu", enabled=False), d)  # warm up
-        if sync_last:
-            method = _SyncOnLast(method, accum)
-        base = reset_peak()
-        train_step(model, optimizer, method, rows, accum, 4 // accum, None, torch.autocast("cpu", enabled=False), d)
-        out[name] = peak_since(base)
-        out["params"] = sum(p.numel() for p in model.parameters())
-        del model, optimizer
+        method = _HeldGradients(Pretrain(cfg))
+        loss, _, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), method, rows, accum, 4 // accum,
+                                None, torch.autocast("cpu", enabled=False), d)
+        out[f"loss {accum}"] = loss.item()
+        if accum == 4:
+            out["held"] = max(method.held)
+            out["whole"] = 4 * sum(p.numel() for p in model.parameters())
     return out
 
 
-class _SyncOnLast:
-    """The baseline: FSDP's gradient synchronisation off for every micro-batch but the last."""
+class _HeldGradients:
+    """The method's loss; records the bytes of the gradients each worker holds before each micro-batch."""
 
-    def __init__(self, method, accum: int):
-        self.method, self.accum, self.calls = method, accum, 0
+    def __init__(self, method):
+        self.method, self.held = method, [0]
 
     def loss(self, model, batch):
-        model.set_requires_gradient_sync(self.calls % self.accum == self.accum - 1)
-        self.calls += 1
+        self.held.append(sum(p.grad.to_local().numel() * 4 for p in model.parameters() if p.grad is not None))
         return self.method.loss(model, batch)
 
 

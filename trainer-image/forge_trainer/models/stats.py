@@ -107,10 +107,12 @@ def activation_bytes(cfg: PretrainedConfig, micro_batch: int, seq_len: int, bf16
     b = 2 if bf16 else 4
     d, layers = cfg.hidden_size, cfg.num_hidden_layers
     head_dim = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * head_dim, (cfg.num_key_value_heads or cfg.num_attention_heads) * head_dim
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * head_dim, kv_heads * head_dim
     experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
     copies = getattr(cfg, "num_experts_per_tok", 1) if experts else 1
-    width = cfg.moe_intermediate_size if experts else cfg.intermediate_size
+    # Qwen3-MoE names its experts' width moe_intermediate_size; Mixtral's experts are intermediate_size wide
+    width = (experts and getattr(cfg, "moe_intermediate_size", None)) or cfg.intermediate_size
     kept = (2 * q + 2 * kv + d + copies * (2 * width + d)) * b
     recomputed = (2 * d + q + kv + 2 * copies * width + 2 * d) * b + 2 * 3 * d * 4
     if experts:
