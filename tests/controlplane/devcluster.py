@@ -398,6 +398,16 @@ class DevCluster:
                    lambda: self._get("/api/v1/namespaces/default/serviceaccounts/default")[0] == 200, timeout)
 
 
+def _session_leader(pid: int) -> bool:
+    """Whether ``pid`` leads a session of its own, as every process started here does
+    (start_new_session): a pid kept in a state file that another process has since been given does
+    not, so stopping a cluster long after its processes died never signals a stranger."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3]) == pid
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -411,6 +421,8 @@ def _alive(pid: int) -> bool:
 
 
 def _terminate(pid: int, grace: float = 10.0) -> None:
+    if not _session_leader(pid):
+        return
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:

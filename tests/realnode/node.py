@@ -355,7 +355,9 @@ def _state(pid: int) -> str:
 
 
 def _terminate(pid: int, grace: float = 15.0) -> None:
-    if not _alive(pid):
+    from devcluster import _session_leader  # loaded: devcluster imports this module
+
+    if not _alive(pid) or not _session_leader(pid):
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace

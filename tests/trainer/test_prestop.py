@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -90,7 +91,8 @@ def test_under_torchrun_the_workers_checkpoint_before_torchrun_is_stopped(tmp_pa
     torchrun = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2",
          "--max-restarts=0", "-m", "forge_trainer", "--config", str(write_config(cfg, tmp_path / "config.yaml"))],
-        stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True)  # its own process group: a failure below kills its workers too
     try:
         wait_for(lambda: is_complete(Path(cfg.checkpoint.dir) / "step-00000010"), torchrun)
         # in the container every process descends from PID 1 and no argument is needed; here, only
@@ -103,9 +105,9 @@ def test_under_torchrun_the_workers_checkpoint_before_torchrun_is_stopped(tmp_pa
         # torchrun then stops on its own: its workers are gone (the kubelet's SIGTERM finds nothing to kill)
         assert torchrun.wait(60) != 0
     finally:
-        if torchrun.poll() is None:
-            torchrun.send_signal(signal.SIGKILL)
-            torchrun.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(torchrun.pid, signal.SIGKILL)  # torchrun and any worker left (100,000 steps to go)
+        torchrun.wait()
     message = read_termination(cfg)
     assert message["status"] == "preempted" and message["exitCode"] == ExitCode.PREEMPTED, message
     assert message["reason"] == "sigterm" and message["step"] >= 10
