@@ -68,9 +68,15 @@ def test_the_backward_pass_keeps_no_fp32_copy_of_the_logits():
     logits, targets = _logits(torch.bfloat16, rows=4, tokens=64, vocab=512)
     copy = logits.numel() * 4
     plain = _saved_bytes(lambda x: F.cross_entropy(x.float().flatten(0, 1), targets.flatten()), logits)
-    chunked = _saved_bytes(lambda x: cross_entropy_sum(x, targets), logits)
+    chunked = _saved_bytes(lambda x: -token_logprobs(x, targets, chunk=64).sum(), logits)  # 256 tokens: 4 chunks
     assert plain >= copy  # the fp32 log-softmax of every token
     assert chunked <= 4 * targets.numel() + 8 * targets.numel()  # one log-sum-exp and one target per token
+
+
+def test_logits_that_fit_in_one_chunk_take_the_fused_loss_and_keep_at_most_a_chunk():
+    logits, targets = _logits(torch.bfloat16, rows=4, tokens=64, vocab=512)
+    saved = _saved_bytes(lambda x: cross_entropy_sum(x, targets), logits)  # 256 tokens < one chunk at 512
+    assert 0 < saved <= chunk_tokens(512) * 512 * 4 + 8 * targets.numel()
 
 
 def test_a_chunk_holds_a_bounded_number_of_fp32_logits():

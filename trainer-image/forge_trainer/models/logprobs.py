@@ -6,7 +6,8 @@ a 128k vocabulary that is 4 GiB each, beside the logits themselves. Here the fp3
 of tokens at a time: the forward pass keeps only each token's log-sum-exp (one float per token), and
 the backward pass recomputes the softmax of one chunk at a time, writing the gradient straight into a
 tensor of the logits' own dtype. What stays alive is the logits (which the model made anyway) and
-their gradient; the fp32 copy never exists whole.
+their gradient; the fp32 copy never exists whole. Logits whose fp32 copy fits in one chunk take torch's
+fused cross-entropy instead: no more memory than a chunk, and faster.
 
 Every method's loss goes through ``token_logprobs`` (pretraining and sft's cross-entropy, dpo's
 answer log-probabilities, grpo's token log-probabilities), in training and in evaluation.
@@ -15,6 +16,7 @@ answer log-probabilities, grpo's token log-probabilities), in training and in ev
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 CHUNK_BYTES = 64 << 20
 """fp32 bytes of one chunk of logits ([tokens, vocabulary]): the most the forward and backward
@@ -63,7 +65,13 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)
     safe = targets.reshape(-1).clamp(0, vocab - 1)
-    out = _TokenLogProbs.apply(flat, safe, 1.0 / temperature, chunk or chunk_tokens(vocab))
+    chunk = chunk or chunk_tokens(vocab)
+    if flat.shape[0] <= chunk:
+        # All the fp32 logits fit in one chunk: torch's fused cross-entropy holds no more than a chunk
+        # and is about twice as fast as the two passes below (measured on CPU at 2,048 x 4,096).
+        scaled = flat.float() if temperature == 1.0 else flat.float() / temperature
+        return -F.cross_entropy(scaled, safe, reduction="none").view(targets.shape)
+    out = _TokenLogProbs.apply(flat, safe, 1.0 / temperature, chunk)
     return out.view(targets.shape)
 
 
