@@ -25,7 +25,10 @@ MODELS = {"ForgeTraining": ForgeTraining, "ForgeEval": ForgeEval}
 
 
 def example_paths() -> list[Path]:
-    return sorted(EXAMPLES_DIR.glob("*.yaml"))
+    """The examples of Forge's own kinds; files of other kinds only (the claims and the data Job of
+    examples/quickstart-data.yaml) are what an example needs, not examples of the API."""
+    return sorted(p for p in EXAMPLES_DIR.glob("*.yaml")
+                  if any(d and d.get("apiVersion", "").startswith("forge.dev/") for d in yaml.safe_load_all(p.read_text())))
 
 
 def load_example(path: Path) -> dict[str, Any]:

@@ -76,7 +76,7 @@ def test_examples_cover_methods_families_and_storage():
     assert (dense.resources.num_nodes, dense.resources.gpus_per_node) == (4, 8)
     assert dense.scheduling.queue_name and dense.tokenizer.train and dense.evaluation.gates
     ev = validate(load_example(ROOT / "examples" / "eval.yaml")).spec
-    assert {s.type for s in ev.suites} == {"perplexity", "multiple-choice", "exact-match"} and ev.gates
+    assert {s.type for s in ev.suites} == {"perplexity", "multiple-choice", "exact-match", "generation"} and ev.gates
 
 
 # --------------------------------------------------------------------------- defaults
