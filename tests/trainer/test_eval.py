@@ -251,7 +251,8 @@ def test_generation_metrics_are_the_reward_functions_on_the_generated_completion
     assert fruit[5] is None and score.per_item["reward_fruit-count"] == fruit and score.per_item["reward"] == expected.total
     assert score.metrics == pytest.approx({"reward": sum(expected.total) / 12, "reward_digit": sum(digit) / 12,
                                            "reward_fruit-count": sum(f for f in fruit if f is not None) / 11})
-    assert 0 < score.metrics["reward_fruit-count"] and 0 < score.metrics["reward_digit"]
+    # not a trivial agreement: the completions scored differently (which ones depends on the tiny model)
+    assert len(set(score.per_item["reward"])) > 1 and 0 < score.metrics["reward"]
     sampled = generation_suite(models, tmp_path, [{"name": "digit", "regex": {"must_match": [r"\d"]}}], temperature=1.5, seed=7)
     first, again = [], []
     score_generation(lm, sampled, 5, lambda n: None, first)
