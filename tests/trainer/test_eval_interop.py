@@ -17,14 +17,16 @@ from forge_trainer.eval.model import load_model
 from forge_trainer.eval.run import evaluate
 from forge_trainer.eval.suites import encode_pair, loglikelihoods, token_bytes
 
-MC_TASK = """task: forge_fruit_mc
-dataset_path: json
+# A local JSONL file as the task's test split (the datasets cache in the test's own folder)
+LOCAL_JSONL = """dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
   cache_dir: {cache}
 test_split: test
-output_type: multiple_choice
+"""
+
+MC_TASK = "task: forge_fruit_mc\n" + LOCAL_JSONL + """output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: answer
@@ -39,14 +41,7 @@ metric_list:
 
 pytestmark = pytest.mark.slow  # lm-eval's import and its run: about 40 s of CPU
 
-ROLLING_TASK = """task: forge_fruit_text
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: loglikelihood_rolling
+ROLLING_TASK = "task: forge_fruit_text\n" + LOCAL_JSONL + """output_type: loglikelihood_rolling
 doc_to_text: ""
 doc_to_target: "{{{{text}}}}"
 metric_list:

@@ -237,10 +237,10 @@ def _field_env(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
-def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dict[str, Any]:
-    """The worker pod."""
+def _volumes_and_mounts(ft: ForgeTraining) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The worker's own volumes and their mounts: the config, shared memory, the claims, node-local
+    scratch, reward ConfigMaps and the signing key (the spec's own volumes come after these)."""
     r = ft.spec.resources
-    claims = _claims(ft)
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": config_map_name(ft)}},
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": str(r.shm_size)}},
@@ -249,7 +249,7 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
         {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
         {"name": "shm", "mountPath": SHM_MOUNT},
     ]
-    for claim, writable in sorted(claims.items()):
+    for claim, writable in sorted(_claims(ft).items()):
         volumes.append({"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim,
                                                                          "readOnly": not writable}})
         mounts.append({"name": f"pvc-{claim}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": not writable})
@@ -264,6 +264,12 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
         volumes.append({"name": "signing-key", "secret": {"secretName": key.name, "defaultMode": 0o440,
                                                          "items": [{"key": key.key, "path": key.key}]}})
         mounts.append({"name": "signing-key", "mountPath": SIGNING_KEY_MOUNT, "readOnly": True})
+    return volumes + (ft.spec.pod_setting("volumes") or []), mounts + (ft.spec.pod_setting("volume_mounts") or [])
+
+
+def _worker_env(ft: ForgeTraining, state: WorkerState, image: str) -> list[dict[str, Any]]:
+    """The worker's environment: who it is, what provenance records of where it runs, the S3
+    credentials, then the spec's own variables."""
     env: list[dict[str, Any]] = [
         _field_env(ENV_POD_NAME, "metadata.name"),
         _field_env(ENV_POD_NAMESPACE, "metadata.namespace"),
@@ -278,11 +284,17 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
     user_env = ft.spec.pod_setting("env") or []
     if not any(e.get("name") == ENV_TORCHRUN_SHUTDOWN_TIMEOUT for e in user_env):  # the spec's wins
         env.append({"name": ENV_TORCHRUN_SHUTDOWN_TIMEOUT,
-                    "value": str(torchrun_shutdown_timeout(r.termination_grace_period_seconds))})
-    env += s3_secret_env(ft) + user_env
+                    "value": str(torchrun_shutdown_timeout(ft.spec.resources.termination_grace_period_seconds))})
+    return env + s3_secret_env(ft) + user_env
+
+
+def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dict[str, Any]:
+    """The worker pod."""
+    r = ft.spec.resources
+    volumes, mounts = _volumes_and_mounts(ft)
     container: dict[str, Any] = {
         "name": CONTAINER_NAME, "image": image, "command": torchrun_command(ft, state.restart_count),
-        "env": env, "volumeMounts": mounts + (ft.spec.pod_setting("volume_mounts") or []),
+        "env": _worker_env(ft, state, image), "volumeMounts": mounts,
         "ports": [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
                   {"name": "metrics", "containerPort": METRICS_PORT}],
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
@@ -307,7 +319,7 @@ def build_pod_template(ft: ForgeTraining, state: WorkerState, image: str) -> dic
         "serviceAccountName": service_account_name(ft),
         "terminationGracePeriodSeconds": r.termination_grace_period_seconds,
         "containers": [container],
-        "volumes": volumes + (ft.spec.pod_setting("volumes") or []),
+        "volumes": volumes,
     }
     tolerations = _tolerations(ft)
     if tolerations:
