@@ -15,8 +15,9 @@ uncompressed layers, cached per machine under ``~/.cache/forge/images/<name>-<ke
 (the key hashes every input), and imported into containerd with
 ``ctr images import``, where it is also tagged with the name the Helm chart's values give it
 (so that the chart's defaults find it on the node) and the image's previous versions are
-removed. Only the standard library, ``uv`` (for the wheels, offline from
-its cache) and ``apt-get download``/``dpkg-deb`` (for the Debian packages) are used.
+removed. Only the standard library, ``uv`` (for the wheels: from its cache, or the package index
+where a fresh machine's cache lacks a resolution) and ``apt-get download``/``dpkg-deb`` (for the
+Debian packages) are used.
 """
 
 from __future__ import annotations
@@ -405,7 +406,7 @@ def requirements(spec: DockerfileSpec) -> str:
         subprocess.run(
             [_uv(), "pip", "compile", "-q", str(ROOT / "pyproject.toml"), "--extra", spec.extra,
              "-c", str(lock), "--python-version", PYTHON_VERSION, "--python-platform", PYTHON_PLATFORM,
-             "--no-header", "--no-annotate", "--offline", "-o", str(out)],
+             "--no-header", "--no-annotate", "-o", str(out)],
             check=True, capture_output=True, text=True, cwd=ROOT)
         pinned = out.read_text()
     if spec.torch_version and f"\ntorch=={spec.torch_version}\n" not in f"\n{pinned}":
@@ -492,7 +493,7 @@ def _package_layers(tmp: Path, spec: DockerfileSpec, pinned: str) -> list[tuple[
     does not unpack again."""
     site, app = tmp / "site", tmp / "app"
     (tmp / "requirements.txt").write_text(pinned)
-    uv = [_uv(), "pip", "install", "-q", "--python", str(_venv() / "bin" / "python"), "--offline", "--no-deps",
+    uv = [_uv(), "pip", "install", "-q", "--python", str(_venv() / "bin" / "python"), "--no-deps",
           "--link-mode", "hardlink"]
     subprocess.run([*uv, "--target", str(site), "-r", str(tmp / "requirements.txt")], check=True)
     subprocess.run([*uv, "--target", str(app), str(ROOT)], check=True, cwd=tmp)
