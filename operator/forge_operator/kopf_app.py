@@ -19,7 +19,7 @@ from typing import Any
 import kopf
 
 from .api.base import GROUP, VERSION
-from .api.defaults import RESYNC_SECONDS
+from .api.defaults import RECONCILE_WORKERS, RESYNC_SECONDS
 from .api.names import FIELD_MANAGER, LABEL_EVAL, LABEL_MANAGED_BY, LABEL_TRAINING, MANAGED_BY
 from .evaluation.reconciler import KIND as EVAL, PLURAL as EVALS, EvalReconciler
 from .k8s.cache import CachedReader, IndexedKind, Informer, PerNamespace, Watched, slim, slim_node_body
@@ -36,6 +36,7 @@ ENV_TRAINER_IMAGE = "FORGE_TRAINER_IMAGE"
 ENV_RESYNC_SECONDS = "FORGE_RESYNC_SECONDS"
 ENV_PEERING = "FORGE_PEERING"          # name of the KopfPeering object; empty = standalone
 ENV_METRICS_PORT = "FORGE_METRICS_PORT"
+ENV_RECONCILE_WORKERS = "FORGE_RECONCILE_WORKERS"
 
 _runtime: Runtime | None = None
 # the training's children, kept in kopf's indices keyed by (namespace, training name)
@@ -82,13 +83,14 @@ def operator_startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     evals = EvalReconciler(image=os.environ.get(ENV_TRAINER_IMAGE) or None)
     _runtime = Runtime(clients, [trainings, evals], field_manager=FIELD_MANAGER,
                        resync_seconds=resync, peering=peering, reader=reader)
+    _runtime.start(int(os.environ.get(ENV_RECONCILE_WORKERS, "") or RECONCILE_WORKERS))
 
 
 def informers(clients: Clients) -> dict[tuple[str, str], Watched]:
     """The reads served by informers of the operator's own: every Node (node health, residency), the API
     server's EndpointSlices (the trainings' NetworkPolicies), the Services of each namespace a reward URL
-    names or a training runs in, and the operator's ServiceAccounts, Roles, RoleBindings and NetworkPolicies
-    of each namespace it applies them in, watched from the first read there."""
+    names or a training runs in, and the operator's ServiceAccounts, ConfigMaps, Roles, RoleBindings and
+    NetworkPolicies of each namespace it applies them in, watched from the first read there."""
     nodes = Informer(clients.core.list_node, slim_body=slim_node_body, name="nodes").start()
     api_server = Informer(clients.discovery.list_namespaced_endpoint_slice, API_SERVER_NAMESPACE,
                           label_selector=API_SERVER_SLICES, name="EndpointSlices of the kubernetes Service").start()
@@ -97,6 +99,7 @@ def informers(clients: Clients) -> dict[tuple[str, str], Watched]:
             ("discovery.k8s.io/v1", "EndpointSlice"): lambda ns: api_server if ns == API_SERVER_NAMESPACE else None,
             **{kind: children(list_fn, kind[1]) for kind, list_fn in (
                 (("v1", "ServiceAccount"), clients.core.list_namespaced_service_account),
+                (("v1", "ConfigMap"), clients.core.list_namespaced_config_map),
                 (("rbac.authorization.k8s.io/v1", "Role"), clients.rbac.list_namespaced_role),
                 (("rbac.authorization.k8s.io/v1", "RoleBinding"), clients.rbac.list_namespaced_role_binding),
                 (("networking.k8s.io/v1", "NetworkPolicy"), clients.networking.list_namespaced_network_policy))}}
@@ -127,7 +130,7 @@ def forgeeval_event(event: dict[str, Any], name: str, namespace: str, labels: di
     attach(kwargs)
     runtime().on_event(Key(EVAL, namespace, name), deleted=event.get("type") == "DELETED")
     if training := labels.get(LABEL_TRAINING):  # a training's evaluation: the training mirrors its outcome
-        runtime().reconcile_or_retry(Key(TRAINING, namespace, training))
+        runtime().enqueue(Key(TRAINING, namespace, training))
 
 
 # A training's children carry its name in a label; their events reconcile the training.
@@ -147,13 +150,13 @@ def forge_pods(body: kopf.Body, labels: dict[str, str], namespace: str, **_: Any
 @kopf.on.event("batch", "v1", "jobs", labels=CHILDREN)
 def job_event(labels: dict[str, str], namespace: str, **kwargs: Any) -> None:
     attach(kwargs)
-    runtime().reconcile_or_retry(Key(TRAINING, namespace, labels[LABEL_TRAINING]))
+    runtime().enqueue(Key(TRAINING, namespace, labels[LABEL_TRAINING]))
 
 
 @kopf.on.event("", "v1", "pods", labels=CHILDREN)
 def pod_event(labels: dict[str, str], namespace: str, **kwargs: Any) -> None:
     attach(kwargs)
-    runtime().reconcile_or_retry(Key(TRAINING, namespace, labels[LABEL_TRAINING]))
+    runtime().enqueue(Key(TRAINING, namespace, labels[LABEL_TRAINING]))
 
 
 # An evaluation's Job and pod carry its name in a label; their events reconcile the ForgeEval.
@@ -163,10 +166,10 @@ EVAL_CHILDREN = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_EVAL: kopf.PRESENT}
 @kopf.on.event("batch", "v1", "jobs", labels=EVAL_CHILDREN)
 def eval_job_event(labels: dict[str, str], namespace: str, **kwargs: Any) -> None:
     attach(kwargs)
-    runtime().reconcile_or_retry(Key(EVAL, namespace, labels[LABEL_EVAL]))
+    runtime().enqueue(Key(EVAL, namespace, labels[LABEL_EVAL]))
 
 
 @kopf.on.event("", "v1", "pods", labels=EVAL_CHILDREN)
 def eval_pod_event(labels: dict[str, str], namespace: str, **kwargs: Any) -> None:
     attach(kwargs)
-    runtime().reconcile_or_retry(Key(EVAL, namespace, labels[LABEL_EVAL]))
+    runtime().enqueue(Key(EVAL, namespace, labels[LABEL_EVAL]))

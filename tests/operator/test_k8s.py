@@ -281,7 +281,7 @@ def test_children_known_to_be_ours_are_applied_without_reading_them_and_a_replac
 class Cached(FakeApiServer):
     """The API server with a cache in front that holds its children as they are now (an informer in step)."""
 
-    def cached(self, api_version, kind, name, namespace=None):
+    def cached(self, api_version, kind, name, namespace=None, labels=None):
         return copy.deepcopy(self.children.get((kind, name)))
 
 

@@ -237,8 +237,15 @@ class CachedReader:
                 return found
         return self.api.list(api_version, kind, namespace, label_selector, field_selector)
 
-    def cached(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
-        """The object as a cache holds it, without asking the API; None: no cache holds it (yet)."""
+    def cached(self, api_version: str, kind: str, name: str, namespace: str | None = None,
+               labels: dict[str, str] | None = None) -> dict[str, Any] | None:
+        """The object as a cache holds it, without asking the API; None: no cache holds it (yet). A kind kept
+        in a kopf index is found by the value of the index's label among ``labels`` (the object's own)."""
+        indexed = self.kinds.get((api_version, kind))
+        if indexed is not None:
+            value = (labels or {}).get(indexed.label)
+            found = indexed.list(namespace or "", {indexed.label: value}) if value is not None else None
+            return next((o for o in found or () if o["metadata"]["name"] == name), None)
         watched = self.watched.get((api_version, kind))
         informer = watched(namespace) if watched is not None else None
         if informer is None or not informer.allowed or not informer.ready.is_set():

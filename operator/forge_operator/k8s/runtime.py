@@ -6,8 +6,10 @@ observe and plan, write the status if it changed (the plan's decisions are recor
 anything acts on them), server-side apply the children under one field manager, patch and delete
 what the plan says, then post the events that the stored status explains.
 
-A reconcile that raises is logged and tried again after the resync interval. Requeue timers run
-outside kopf: with peering, a timer first checks that no live peer outranks this replica.
+Triggers go through a work queue (``workqueue.py``) read by a few worker threads, once ``start`` has
+made them: a key waits in the queue once however many events arrive for it meanwhile. A reconcile that
+raises is logged and tried again after the resync interval. Requeue timers run outside kopf: with
+peering, a timer first checks that no live peer outranks this replica.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .objects import (
     utcnow, with_digest,
 )
 from .peering import Peering, standing_by
+from .workqueue import WorkQueue, start_workers
 
 log = logging.getLogger("forge.operator")
 
@@ -61,12 +64,27 @@ class Runtime:
         # as a precondition, without reading them first
         self._ours: dict[Key, dict[ChildRef, str]] = {}
         self._phases = metrics.PhaseCounts()
+        self._queue: WorkQueue | None = None
+
+    def start(self, workers: int) -> None:
+        """Reconcile from now on in ``workers`` threads fed by the work queue (without it, each trigger
+        reconciles in the caller's thread)."""
+        self._queue = WorkQueue()
+        start_workers(self._queue, workers, self.reconcile_or_retry)
 
     # ------------------------------------------------------------------ triggers
     def on_event(self, key: Key, deleted: bool = False) -> None:
         """An event of the object itself: a deletion forgets the key, anything else reconciles."""
         if deleted:
             self.forget(key)
+        else:
+            self.enqueue(key)
+
+    def enqueue(self, key: Key, urgent: bool = True) -> None:
+        """A trigger: the key joins the work queue (returns at once), or is reconciled now without one.
+        Events are urgent; a requeue timer's key waits behind them."""
+        if self._queue is not None:
+            self._queue.add(key, urgent)
         else:
             self.reconcile_or_retry(key)
 
@@ -221,7 +239,8 @@ class Runtime:
         change (no request: a cache that does not hold it answers no)."""
         cached = getattr(self.reader, "cached", None)
         meta = child["metadata"]
-        live = cached(child["apiVersion"], child["kind"], meta["name"], meta.get("namespace")) if cached else None
+        live = cached(child["apiVersion"], child["kind"], meta["name"], meta.get("namespace"),
+                      labels=meta.get("labels")) if cached else None
         return live is not None and live["metadata"].get("uid") == uid and unchanged(live, child)
 
     def post_event(self, obj: dict[str, Any], event) -> None:
@@ -252,7 +271,7 @@ class Runtime:
                     return
             except Exception:
                 log.exception("peering check for %s failed", key)
-            self.reconcile_or_retry(key)
+            self.enqueue(key, urgent=False)
 
         with self._timers_lock:
             old = self._timers.get(key)
@@ -281,6 +300,8 @@ class Runtime:
             return sorted(self._timers)
 
     def close(self) -> None:
+        if self._queue is not None:
+            self._queue.close()
         for key in self.pending():
             self.forget(key)
 
