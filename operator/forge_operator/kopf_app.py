@@ -24,11 +24,11 @@ from .api.names import FIELD_MANAGER, LABEL_EVAL, LABEL_MANAGED_BY, LABEL_TRAINI
 from .evaluation.reconciler import KIND as EVAL, PLURAL as EVALS, EvalReconciler
 from .k8s.cache import CachedReader, IndexedKind, Informer, PerNamespace, Watched, slim, slim_node_body
 from .k8s.clients import Clients
+from .k8s.network import API_SERVER_NAMESPACE, API_SERVER_SLICES
 from .k8s.objects import Key
 from .k8s.peering import Peering
 from .k8s.runtime import Runtime
 from .training.metrics import serve
-from .training.observe import API_SERVER_NAMESPACE, API_SERVER_SLICES
 from .training.reconciler import KIND as TRAINING, PLURAL as TRAININGS, Settings, TrainingReconciler
 
 # Environment of the operator process (the Helm chart sets them).

@@ -15,7 +15,8 @@ import yaml
 
 from forge_operator.api.names import METRICS_PORT
 from forge_operator.api.training import ForgeTraining
-from forge_operator.training.children import NetworkSeen, WorkerState, build_network_policy, desired_children
+from forge_operator.k8s.network import NetworkSeen
+from forge_operator.training.children import WorkerState, build_network_policy, desired_children
 from forge_operator.k8s.objects import NotAllowed
 from forge_operator.training.observe import Observed, read
 from forge_operator.training.planner import plan_training
@@ -82,7 +83,7 @@ def test_the_policy_allows_the_group_dns_the_api_server_and_the_reward_services(
 
 
 def test_the_services_read_are_those_the_reward_urls_name():
-    from forge_operator.training.children import url_services
+    from forge_operator.k8s.network import url_services
     urls = ["http://scorer.rewards.svc:8080/a", "http://scorer.rewards.svc.cluster.local/b", "http://judge/",
             "http://10.0.0.7/", "https://api.example.com/", "http://localhost:8000/", "http://[::1]:80/"]
     assert url_services(urls, "ns") == [("rewards", "scorer"), ("ns", "judge")]

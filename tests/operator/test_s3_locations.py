@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from forge_operator.api.training import ForgeTraining
 from forge_operator.k8s import conditions as C
-from forge_operator.training.children import NetworkSeen, WorkerState, build_pod_template, desired_children
+from forge_operator.k8s.network import NetworkSeen
+from forge_operator.training.children import WorkerState, build_pod_template, desired_children
 from forge_operator.training.observe import Observed
 from forge_operator.training.planner import plan_training
 from forge_operator.training.translate import TranslationError, trainer_config

@@ -8,23 +8,22 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import ipaddress
 import json
-import re
-from dataclasses import dataclass, field
-from typing import Any, Iterable
-from urllib.parse import urlsplit
+from dataclasses import dataclass
+from typing import Any
 
 from ..api import defaults
 from ..api.base import PvcLocation, s3_endpoints
+from ..api.storage import s3_credentials_env
 from ..api.names import (
     ANNOTATION_RESTART_REASON, CONFIG_FILE, CONFIG_MOUNT, CONTAINER_NAME, ENV_IMAGE, ENV_NODE_NAME, ENV_NODE_REGION,
     ENV_NODE_ZONE, ENV_POD_NAME, ENV_POD_NAMESPACE, ENV_RESTART_COUNT, ENV_TORCHRUN_SHUTDOWN_TIMEOUT, ENV_TRAINING_NAME,
     LABEL_ATTEMPT, LAUNCH_COMMAND, LABEL_KUEUE_QUEUE, LABEL_MANAGED_BY, LABEL_NAME, LABEL_REGION, LABEL_TRAINING,
     LABEL_ZONE, MANAGED_BY, METRICS_PORT, PRESTOP_COMMAND, PVC_MOUNT_ROOT, REWARDS_MOUNT_ROOT, SIGNING_KEY_MOUNT,
-    RENDEZVOUS_PORT, S3_OPTIONAL_SECRET_KEYS, S3_SECRET_KEYS, SCRATCH_MOUNT, SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_ACCOUNT_PREFIX,
+    RENDEZVOUS_PORT, SCRATCH_MOUNT, SHM_MOUNT, TERMINATION_MESSAGE_PATH, TRAINER_ACCOUNT_PREFIX,
 )
 from ..api.training import ForgeTraining, PodTemplateMetadata, PodTemplateSpec
+from ..k8s.network import DNS_RULE, NetworkSeen, api_server_rules, build_egress_policy, url_rules
 from ..k8s.objects import CONTAINER_SECURITY_CONTEXT, POD_SECURITY_CONTEXT, object_meta
 from ..k8s.objects import owner_reference as controller_reference
 from .translate import cache_on_scratch, s3_locations
@@ -41,16 +40,6 @@ class WorkerState:
     suspend: bool = False
     restart_reason: str = ""
     avoid_nodes: tuple[str, ...] = ()  # nodes blamed twice: kept out by node affinity
-
-
-@dataclass(frozen=True)
-class NetworkSeen:
-    """What the training's NetworkPolicy needs from outside the spec, as read from the API server."""
-
-    # the EndpointSlices of the `kubernetes` Service in `default`; None: they could not be read
-    api_server: tuple[dict[str, Any], ...] | None = None
-    # (namespace, name) -> the Service of an in-cluster HTTP reward URL; None: absent or not readable
-    services: dict[tuple[str, str], dict[str, Any] | None] = field(default_factory=dict)
 
 
 def labels(ft: ForgeTraining) -> dict[str, str]:
@@ -149,12 +138,7 @@ def _claims(ft: ForgeTraining) -> dict[str, bool]:
 
 def s3_secret_env(ft: ForgeTraining) -> list[dict[str, Any]]:
     """boto3's credential variables from the Secret of the training's S3 locations (they share one)."""
-    secrets = [s3.secret_ref.name for s3 in s3_locations(ft.spec).values() if s3.secret_ref is not None]
-    if not secrets:
-        return []
-    ref = lambda key, optional: {"secretKeyRef": {"name": secrets[0], "key": key, "optional": optional}}  # noqa: E731
-    return ([{"name": key, "valueFrom": ref(key, False)} for key in S3_SECRET_KEYS]
-            + [{"name": key, "valueFrom": ref(key, True)} for key in S3_OPTIONAL_SECRET_KEYS])
+    return s3_credentials_env(s3_locations(ft.spec).values())
 
 
 def _tolerations(ft: ForgeTraining) -> list[dict[str, Any]]:
@@ -384,20 +368,6 @@ def network_policy_name(ft: ForgeTraining) -> str:
     return ft.metadata.name
 
 
-API_SERVER_FALLBACK_PORTS = (443, 6443)  # when the API server's EndpointSlices cannot be read
-# <service>.<namespace>.svc[.<cluster domain>], or <service> alone (the training's namespace)
-SERVICE_HOST = re.compile(r"^(?P<svc>[a-z0-9]([-a-z0-9]*[a-z0-9])?)\.(?P<ns>[a-z0-9]([-a-z0-9]*[a-z0-9])?)\.svc(\..*)?$")
-SERVICE_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-
-
-def service_of(host: str, namespace: str) -> tuple[str, str] | None:
-    """(namespace, name) of the in-cluster Service a URL's host names, or None (an address, another name)."""
-    host = host.lower()
-    if m := SERVICE_HOST.match(host):
-        return m["ns"], m["svc"]
-    return (namespace, host) if SERVICE_NAME.match(host) and host != "localhost" else None
-
-
 def egress_urls(spec: dict[str, Any]) -> list[str]:
     """The URLs of a training's spec (as a dict) that its workers reach: HTTP reward services, S3 endpoints."""
     rewards = spec.get("rewards") or []
@@ -405,90 +375,16 @@ def egress_urls(spec: dict[str, Any]) -> list[str]:
     return [u for u in urls if isinstance(u, str)] + s3_endpoints(spec)
 
 
-def url_services(urls: Iterable[str], namespace: str) -> list[tuple[str, str]]:
-    """(namespace, name) of the in-cluster Services that URLs name (HTTP rewards, S3 endpoints)."""
-    out: list[tuple[str, str]] = []
-    for url in urls:
-        try:
-            service = service_of(urlsplit(url).hostname or "", namespace)
-        except ValueError:
-            continue
-        if service and service not in out:
-            out.append(service)
-    return out
-
-
-def _url_port(url: str) -> int:
-    u = urlsplit(url)
-    return u.port or (443 if u.scheme == "https" else 80)
-
-
-def _ip_block(address: str) -> dict[str, Any]:
-    ip = ipaddress.ip_address(address)
-    return {"ipBlock": {"cidr": f"{ip}/{ip.max_prefixlen}"}}
-
-
-def _api_server_rules(seen: NetworkSeen) -> list[dict[str, Any]]:
-    """To the addresses and ports of the `kubernetes` Service's endpoints; unread: TCP 443 and 6443 anywhere."""
-    if seen.api_server is None:
-        return [{"ports": [{"protocol": "TCP", "port": p} for p in API_SERVER_FALLBACK_PORTS]}]
-    rules: list[dict[str, Any]] = []
-    for s in seen.api_server:
-        addresses = sorted({a for e in s.get("endpoints") or [] for a in e.get("addresses") or []})
-        ports = [{"protocol": p.get("protocol", "TCP"), "port": p["port"]} for p in s.get("ports") or [] if p.get("port")]
-        if addresses and ports:
-            rules.append({"to": [_ip_block(a) for a in addresses], "ports": ports})
-    return rules
-
-
-def _service_rule(namespace: str, name: str, port: int, service: dict[str, Any] | None) -> dict[str, Any]:
-    """To a reward Service's pods (its selector, the target port of the URL's port); the Service unread (or
-    without a selector): to the URL's port of any pod in its namespace."""
-    peer: dict[str, Any] = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}
-    target: int | str = port
-    spec = (service or {}).get("spec") or {}
-    if spec.get("selector"):
-        peer["podSelector"] = {"matchLabels": dict(spec["selector"])}
-        for p in spec.get("ports") or []:
-            if p.get("port") == port and p.get("protocol", "TCP") == "TCP":
-                target = p.get("targetPort") or port
-    return {"to": [peer], "ports": [{"protocol": "TCP", "port": target}]}
-
-
-def _url_rules(ft: ForgeTraining, seen: NetworkSeen) -> list[dict[str, Any]]:
-    """To the spec's HTTP reward services and S3 endpoint: an in-cluster Service's pods, or an address."""
-    rules: list[dict[str, Any]] = []
-    for url in egress_urls(ft.spec.model_dump(mode="json", by_alias=True, exclude_none=True)):
-        try:
-            host, port = (urlsplit(url).hostname or "").lower(), _url_port(url)
-        except ValueError:
-            continue  # no port to allow; the trainer's lock refuses it too
-        if service := service_of(host, ft.metadata.namespace):
-            rule = _service_rule(*service, port, seen.services.get(service))
-        else:
-            try:
-                rule = {"to": [_ip_block(host)], "ports": [{"protocol": "TCP", "port": port}]}
-            except ValueError:
-                continue  # a name outside the cluster: a NetworkPolicy cannot name it (see docs/api.md)
-        if rule not in rules:
-            rules.append(rule)
-    return rules
-
-
 def build_network_policy(ft: ForgeTraining, seen: NetworkSeen) -> dict[str, Any]:
     """The cluster's side of ``network.egress: Restricted``: the workers talk to each other, DNS, the
     API server, the spec's HTTP reward services and S3 endpoint, and Prometheus scrapes their metrics port."""
     own = {"podSelector": {"matchLabels": labels(ft)}}  # the worker pods of every attempt
-    dns = {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
-    return {
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": _meta(ft, network_policy_name(ft)),
-        "spec": {
-            "podSelector": copy.deepcopy(own["podSelector"]),
-            "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"from": [copy.deepcopy(own)]}, {"ports": [{"protocol": "TCP", "port": METRICS_PORT}]}],
-            "egress": [{"to": [copy.deepcopy(own)]}, dns, *_api_server_rules(seen), *_url_rules(ft, seen)],
-        },
-    }
+    urls = egress_urls(ft.spec.model_dump(mode="json", by_alias=True, exclude_none=True))
+    return build_egress_policy(
+        _meta(ft, network_policy_name(ft)), labels(ft),
+        ingress=[{"from": [copy.deepcopy(own)]}, {"ports": [{"protocol": "TCP", "port": METRICS_PORT}]}],
+        egress=[{"to": [copy.deepcopy(own)]}, copy.deepcopy(DNS_RULE), *api_server_rules(seen),
+                *url_rules(urls, ft.metadata.namespace, seen)])
 
 
 def desired_children(ft: ForgeTraining, trainer_yaml: str, state: WorkerState, *, image: str | None = None,

@@ -12,7 +12,7 @@ from ..api import defaults
 from ..api.enums import PHASE_CONDITION, TERMINAL_PHASES, ConditionType as T, Phase, Reason
 from ..k8s import conditions as C
 from ..k8s.objects import Delete, Event, EventType, Patch, Plan, ts
-from .children import NetworkSeen
+from ..k8s.network import NetworkSeen
 
 
 @dataclass(frozen=True)

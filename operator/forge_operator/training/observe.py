@@ -17,7 +17,8 @@ from ..api.base import API_VERSION
 from ..api.names import LABEL_ATTEMPT, LABEL_MANAGED_BY, LABEL_TRAINING, MANAGED_BY
 from ..k8s import conditions as C
 from ..k8s.objects import NotAllowed, NotServed, Reader, annotations_of, deleting, labels_of, owned_by, parse_ts
-from .children import NetworkSeen, egress_urls, url_services
+from ..k8s.network import NetworkSeen, read_network, read_network_policy
+from .children import egress_urls
 
 JOB_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 CHILD_SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
@@ -86,8 +87,9 @@ def read(reader: Reader, obj: dict[str, Any], now: datetime) -> Observed:
     return Observed(now=now, jobs=jobs, pods=pods, nodes=nodes, refusals=refusals,
                     queue=read_queue(reader, meta["namespace"], queue_name) if queue_name else None,
                     claims=read_claims(reader, meta["namespace"], pods), evaluation=evaluation,
-                    network=read_network(reader, obj) if restricted else NetworkSeen(),
-                    network_policy=None if restricted else read_network_policy(reader, obj),
+                    network=read_network(reader, egress_urls(obj.get("spec") or {}), meta["namespace"])
+                    if restricted else NetworkSeen(),
+                    network_policy=None if restricted else read_network_policy(reader, obj, meta["name"]),
                     all_nodes=read_all_nodes(reader, pods) if (obj.get("spec") or {}).get("residency") else None)
 
 
@@ -100,37 +102,6 @@ def read_all_nodes(reader: Reader, pods: list[dict[str, Any]]) -> list[dict[str,
         return reader.list("v1", "Node", "")
     except NotAllowed:
         return None
-
-
-API_SERVER_NAMESPACE = "default"  # the namespace of the `kubernetes` Service
-API_SERVER_SLICES = "kubernetes.io/service-name=kubernetes"  # the EndpointSlices of default/kubernetes
-
-
-def read_network(reader: Reader, obj: dict[str, Any]) -> NetworkSeen:
-    """The API server's EndpointSlices and the Services of the spec's in-cluster HTTP rewards and S3 endpoint. An object the
-    operator may not read (or a URL that names no Service) leaves the policy its fallback."""
-    try:
-        slices: tuple[dict[str, Any], ...] | None = tuple(
-            reader.list("discovery.k8s.io/v1", "EndpointSlice", API_SERVER_NAMESPACE, API_SERVER_SLICES))
-    except NotAllowed:
-        slices = None
-    services: dict[tuple[str, str], dict[str, Any] | None] = {}
-    for namespace, name in url_services(egress_urls(obj.get("spec") or {}), obj["metadata"]["namespace"]):
-        try:
-            services[(namespace, name)] = reader.get("v1", "Service", name, namespace)
-        except NotAllowed:
-            services[(namespace, name)] = None
-    return NetworkSeen(api_server=slices or None, services=services)
-
-
-def read_network_policy(reader: Reader, obj: dict[str, Any]) -> dict[str, Any] | None:
-    """The training's NetworkPolicy (left from egress Restricted), if it is ours."""
-    meta = obj["metadata"]
-    try:
-        policy = reader.get("networking.k8s.io/v1", "NetworkPolicy", meta["name"], meta["namespace"])
-    except (NotAllowed, NotServed):
-        return None
-    return policy if policy is not None and owned_by(policy, obj) else None
 
 
 def read_queue(reader: Reader, namespace: str, name: str) -> QueueSeen | None:

@@ -27,6 +27,7 @@ from forge_trainer.config import (
 from ..api.base import PvcLocation, S3Location, StorageLocation
 from ..api.names import PVC_MOUNT_ROOT, SCRATCH_MOUNT, SIGNING_KEY_MOUNT
 from ..api.rewards import config_map_path, reward_config
+from ..api.storage import one_s3_setting
 from ..api.training import ONLINE_METHODS, ArchitectureSpec, DataSource, ForgeTraining, ForgeTrainingSpec, RewardSpec
 
 Resolve = Callable[[PvcLocation], str]
@@ -72,17 +73,7 @@ def s3_locations(spec: ForgeTrainingSpec) -> dict[str, S3Location]:
 
 def _s3_settings(spec: ForgeTrainingSpec) -> S3Config | None:
     """The one way the trainer reaches the store: every S3 location of a training shares it."""
-    located = s3_locations(spec)
-    if not located:
-        return None
-    (first_field, first), *rest = located.items()
-    how = lambda s3: (s3.endpoint, s3.region, s3.path_style, s3.secret_ref)  # noqa: E731
-    for field, s3 in rest:
-        if how(s3) != how(first):
-            raise TranslationError(f"{field}.s3: every S3 location of a training must use the same endpoint, region, "
-                                   f"pathStyle and secretRef (as {first_field}.s3 does)")
-    return S3Config(**_given(endpoint=first.endpoint.rstrip("/") if first.endpoint else None, region=first.region,
-                             path_style=first.path_style))
+    return one_s3_setting(s3_locations(spec), "a training", TranslationError)
 
 
 def cache_on_scratch(spec: ForgeTrainingSpec) -> bool:
