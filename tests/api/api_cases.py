@@ -436,8 +436,6 @@ BAD_CASES: tuple[Case, ...] = (
          chain(put("spec.checkpoint.location", {"s3": {"uri": "s3://runs/a/ckpt"}}),
                put("spec.output.location", {"s3": {"uri": "s3://runs/a/"}})),
          "spec.output.location.s3.uri", "checkpoints would go with them"),
-    Case("evaluation-of-a-model-on-s3", with_evaluation, put("spec.output.location", {"s3": {"uri": "s3://models/a"}}),
-         "spec.evaluation", "the evaluator does not read S3 yet"),
     Case("s3-endpoint-with-a-path", pretrain,
          put(f"{SRC0}.location", {"s3": {"uri": "s3://bucket", "endpoint": "http://store:9000/s3"}}),
          f"{S3}.endpoint", "should match"),
@@ -504,6 +502,8 @@ BAD_CASES: tuple[Case, ...] = (
     Case("training-gate-max-drop", with_evaluation, put("spec.evaluation.gates", [{"metric": "heldout.loss", "maxDrop": 0.1}]),
          "spec.evaluation.gates", "a training's evaluation has no baseline to compare with"),
     Case("eval-unknown-field", evaluation, put("spec.suites[0].shots", 5), "spec.suites[0].shots", "unknown field"),
+    Case("eval-egress-not-an-enum", evaluation, put("spec.network", {"egress": "Open"}), "spec.network.egress",
+         "Unsupported value"),
 )
 
 GOOD_CASES: tuple[Case, ...] = (
@@ -550,6 +550,11 @@ GOOD_CASES: tuple[Case, ...] = (
     Case("minimal-eval", evaluation),
     Case("minimal-eval-of-checkpoint", evaluation, put("spec.model", {"checkpoint": _pvc("models", "m")})),
     Case("gated-training", with_evaluation),
+    Case("gated-training-exported-to-s3", with_evaluation, put("spec.output.location", {"s3": {"uri": "s3://models/a"}})),
+    Case("eval-on-s3-unrestricted", evaluation, chain(
+         put("spec.model", {"checkpoint": {"s3": {"uri": "s3://models/m", "endpoint": "http://store:9000",
+                                                  "secretRef": {"name": "keys"}}}}),
+         put("spec.network", {"egress": "Unrestricted"}))),
     Case("eval-against-a-baseline", evaluation,
          chain(put("spec.baseline", {"checkpoint": _pvc("models", "old")}),
                put("spec.gates", [{"metric": "mc.acc", "maxDrop": 0.02}, {"metric": "heldout.loss", "maxDrop": 0.1,

@@ -70,8 +70,8 @@ def test_once_the_training_succeeded_its_export_is_evaluated_by_one_job():
     o = obj(baseline={"checkpoint": {"pvc": {"claimName": "old-models", "path": "v1"}}},
             gates=[{"metric": "heldout.loss", "maxDrop": 0.05}])
     p = plan(o, trainings={"llm": trained()})
-    assert p.status["phase"] == "Pending" and [c["kind"] for c in p.apply] == ["ConfigMap", "Job"]
-    config_map, job_ = p.apply
+    assert p.status["phase"] == "Pending" and [c["kind"] for c in p.apply] == ["ConfigMap", "NetworkPolicy", "Job"]
+    config_map, _, job_ = p.apply
     config = yaml.safe_load(config_map["data"]["eval.yaml"])
     assert config["model_path"] == "/mnt/pvc/models/run-1" and config["baseline_path"] == "/mnt/pvc/old-models/v1"
     assert config["output_dir"] == "/mnt/pvc/models/run-1/evaluations/llm"
@@ -95,7 +95,7 @@ def test_a_generation_suite_gets_its_rewards_mounted_and_translated_as_a_trainin
     o = obj(model={"checkpoint": MODEL}, gates=[{"metric": "gen.reward_kpi", "comparator": ">", "threshold": 0.5}],
             suites=[{"name": "gen", "type": "generation", "data": {"pvc": {"claimName": "corpus", "path": "prompts"}},
                      "temperature": 0.7, "seed": 3, "rewards": rewards}])
-    config_map, job_ = plan(o).apply
+    config_map, _, job_ = plan(o).apply
     suite = yaml.safe_load(config_map["data"]["eval.yaml"])["suites"][0]
     assert [r.get("function") for r in suite["rewards"]] == [
         "/mnt/rewards/team-kpis/kpi.py:score", "/mnt/pvc/scripts/r/reward.py:f", None]  # where the pod mounts them
@@ -110,8 +110,9 @@ def test_a_generation_suite_gets_its_rewards_mounted_and_translated_as_a_trainin
 
 
 def test_a_model_folder_needs_no_training():
-    p = plan(obj(model={"checkpoint": MODEL}))
-    assert [c["kind"] for c in p.apply] == ["ConfigMap", "Job"]
+    p = plan(obj(model={"checkpoint": MODEL}, network={"egress": "Unrestricted"}))
+    assert [c["kind"] for c in p.apply] == ["ConfigMap", "Job"]  # and no NetworkPolicy without egress Restricted
+    assert yaml.safe_load(p.apply[0]["data"]["eval.yaml"])["egress"]["lock"] is False
 
 
 def test_the_pod_runs_then_its_results_and_gates_go_into_status():

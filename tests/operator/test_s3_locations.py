@@ -109,9 +109,6 @@ def test_the_network_policy_allows_the_s3_endpoint():
     ({"output": {"location": s3("s3://runs")}}, "spec.output.location.s3.uri", "not the bucket's root"),
     ({"output": {"location": s3("s3://runs/llm")}}, "spec.output.location.s3.uri",
      "must not be the checkpoint prefix or a prefix above it"),
-    ({"evaluation": {"suites": [{"name": "h", "type": "perplexity", "format": "text",
-                                 "data": {"pvc": {"claimName": "corpus"}}}]}}, "spec.evaluation",
-     "the evaluator does not read S3 yet"),
 ])
 def test_the_api_refuses_what_s3_locations_cannot_do(change, field, message):
     from forge_operator.api.base import error_fields

@@ -21,6 +21,8 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from . import defaults
+
 GROUP = "forge.dev"
 INT64_MAX = 2**63 - 1  # the API server's integers are int64
 VERSION = "v1alpha1"
@@ -222,6 +224,17 @@ class StorageLocation(ApiModel):
         Cel("has(self.pvc) != has(self.s3)", "set exactly one of pvc or s3",
             lambda s: (s.pvc is None) != (s.s3 is None)),
     )
+
+
+class NetworkSpec(ApiModel):
+    """What the pods may reach."""
+
+    egress: Literal["Restricted", "Unrestricted"] = defaults.EGRESS
+    """Restricted: the trainer (the evaluator) refuses every outbound connection made by Python code (a
+    library fetching a model, telemetry, a reward function) except to loopback, the endpoints the spec
+    names (HTTP reward services, the S3 endpoint of its locations) and, for a training, the Kubernetes API
+    server; and the operator applies a NetworkPolicy that allows only those, DNS and, for a training, the
+    group itself (enforced where the cluster's network plugin enforces NetworkPolicies). Unrestricted: neither."""
 
 
 def describe_location(location: StorageLocation) -> str:

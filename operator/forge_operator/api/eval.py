@@ -8,7 +8,7 @@ from pydantic import Field
 
 from . import defaults
 from .base import (
-    API_VERSION, ApiModel, Cel, Condition, DnsLabel, FreeForm, ObjectMeta, Quantity, ShortStr, StorageLocation, Timestamp,
+    API_VERSION, ApiModel, Cel, Condition, DnsLabel, FreeForm, NetworkSpec, ObjectMeta, Quantity, ShortStr, StorageLocation, Timestamp,
 )
 from .enums import EVAL_PHASES
 from .rewards import RewardSpec
@@ -209,6 +209,10 @@ class ForgeEvalSpec(ApiModel):
     """Thresholds; the GatesPassed condition says whether all were met."""
     resources: EvalResourcesSpec = EvalResourcesSpec()
     """The evaluation pod."""
+    network: NetworkSpec = NetworkSpec()
+    """What the evaluation pod may reach: with egress Restricted the evaluator refuses every connection but to
+    the S3 endpoint of the model's, the baseline's and the suites' locations and the suites' HTTP reward
+    services, and a NetworkPolicy allows only those and DNS."""
 
     cel_rules = SUITES_AND_GATES_RULES + (
         Cel("!has(self.gates) || has(self.baseline) || self.gates.all(g, !has(g.maxDrop))", BASELINE_NEEDED,

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from .base import (
     Timestamp,
-    ApiModel, Cel, Condition, DnsLabel, FreeForm, ObjectMeta, PathStr, PvcLocation,
+    ApiModel, Cel, Condition, DnsLabel, FreeForm, NetworkSpec, ObjectMeta, PathStr, PvcLocation,
     Quantity, ShortStr, StorageLocation, API_VERSION,
 )
 from . import defaults
@@ -555,17 +555,6 @@ class SchedulingSpec(ApiModel):
     """Stop the workers (they write a checkpoint first); unset to resume from it."""
 
 
-class NetworkSpec(ApiModel):
-    """What the workers may reach."""
-
-    egress: Literal["Restricted", "Unrestricted"] = defaults.EGRESS
-    """Restricted: the trainer refuses every outbound connection made by Python code (a library
-    fetching a model, telemetry, a reward function) except to loopback, the Kubernetes API server
-    and the HTTP reward services of spec.rewards, and the operator applies a NetworkPolicy that
-    allows only the group itself, DNS, the API server and those services (enforced where the
-    cluster's network plugin enforces NetworkPolicies). Unrestricted: neither."""
-
-
 class CheckpointSpec(ApiModel):
     """Periodic checkpoints, from which restarts and resumes continue."""
 
@@ -720,7 +709,8 @@ class ForgeTrainingSpec(ApiModel):
     """The regions and/or zones the workers must run in (data residency); a training no node there can
     run stays Pending with condition PodsReady False, reason ResidencyUnsatisfiable."""
     network: NetworkSpec = NetworkSpec()
-    """What the workers may reach (an egress lock in the trainer and a NetworkPolicy)."""
+    """What the workers (and the evaluation of spec.evaluation) may reach: an egress lock in the trainer and a
+    NetworkPolicy."""
     checkpoint: CheckpointSpec
     """Checkpoint storage and frequency."""
     failure_policy: FailurePolicySpec = FailurePolicySpec()
@@ -818,10 +808,6 @@ class ForgeTrainingSpec(ApiModel):
             lambda s: s.output.location.s3 is None or s.checkpoint.location.s3 is None
             or not _s3_dir(s.checkpoint.location.s3.uri).startswith(_s3_dir(s.output.location.s3.uri)),
             field_path=".output.location.s3.uri"),
-        Cel("!has(self.evaluation) || has(self.output.location.pvc)",
-            "evaluation reads the exported model from a PersistentVolumeClaim: with spec.evaluation, "
-            "output.location must be pvc (the evaluator does not read S3 yet)",
-            lambda s: s.evaluation is None or s.output.location.pvc is not None, field_path=".evaluation"),
     )
 
 

@@ -2,7 +2,8 @@
 
 The file is validated with the same models as the API server and translated by the same function
 the operator uses; PersistentVolumeClaims become local folders (``--volume CLAIM=DIR``, default
-``./volumes/<claim>``), and so do the ConfigMaps of reward functions (by name). A ``model.trainingRef`` names a ForgeTraining in the same file: its
+``./volumes/<claim>``), and so do the ConfigMaps of reward functions (by name); S3 locations are read
+with the credentials of the environment, through ``./volumes/.forge-scratch``. A ``model.trainingRef`` names a ForgeTraining in the same file: its
 ``spec.output`` is the model. Prints a table of the metrics (against the baseline) and the gates;
 exit code 0 when every gate passed, 1 when one failed, the trainer's codes for bad input.
 """
@@ -17,11 +18,11 @@ from pydantic import ValidationError
 
 from forge_trainer.contract import EvalTerminationMessage, ExitCode
 
-from ..api.base import PvcLocation, format_error
+from ..api.base import PvcLocation, StorageLocation, format_error
 from ..api.eval import ForgeEval
 from ..api.training import ForgeTraining
 from ..evaluation.translate import TranslationError, eval_config, model_location
-from .local import parse_volumes
+from .local import LOCAL_SCRATCH, parse_volumes
 
 GATE_FAILED = 1
 
@@ -41,17 +42,13 @@ def load_eval(path: str) -> tuple[ForgeEval, dict[str, ForgeTraining]]:
     return evals[0], trainings
 
 
-def _training_output(ref: str | None, trainings: dict[str, ForgeTraining], field: str) -> PvcLocation | None:
+def _training_output(ref: str | None, trainings: dict[str, ForgeTraining], field: str) -> StorageLocation | None:
     if ref is None:
         return None
     if ref not in trainings:
         raise TranslationError(f"{field}.trainingRef: no ForgeTraining {ref} in the file (forge eval reads the model "
                                f"from its spec.output; or set {field}.checkpoint)")
-    output = trainings[ref].spec.output.location
-    if output.pvc is None:
-        raise TranslationError(f"{field}.trainingRef: ForgeTraining {ref} exports its model to S3, which the evaluator "
-                               "does not read yet; copy the model to a folder and set checkpoint")
-    return output.pvc
+    return trainings[ref].spec.output.location
 
 
 def local_eval_config(path: str, volumes: list[str]):
@@ -67,7 +64,8 @@ def local_eval_config(path: str, volumes: list[str]):
     baseline = (model_location(s.baseline, "spec.baseline", _training_output(s.baseline.training_ref, trainings, "spec.baseline"))
                 if s.baseline else None)
     config = eval_config(fe, model, baseline, resolve,
-                         config_map=lambda name: str(mounts.get(name, Path("volumes", name).resolve())))
+                         config_map=lambda name: str(mounts.get(name, Path("volumes", name).resolve())),
+                         scratch_dir=str(LOCAL_SCRATCH.resolve()))
     return fe, config.model_copy(update={"device": "auto"})
 
 

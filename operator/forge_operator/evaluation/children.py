@@ -1,19 +1,22 @@
-"""Pure builders of a ForgeEval's children: the ConfigMap with the evaluator's configuration and the
-Job of one pod that runs ``python -m forge_trainer.eval``."""
+"""Pure builders of a ForgeEval's children: the ConfigMap with the evaluator's configuration, the
+NetworkPolicy of network.egress Restricted, and the Job of one pod that runs ``python -m forge_trainer.eval``."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any
 
-from ..api.base import PvcLocation
+from ..api.base import PvcLocation, StorageLocation, s3_endpoints
 from ..api.eval import ForgeEval
 from ..api.names import (
     CONFIG_MOUNT, EVAL_COMMAND, EVAL_CONFIG_FILE, EVAL_CONTAINER_NAME, LABEL_EVAL, LABEL_MANAGED_BY, LABEL_NAME,
-    MANAGED_BY, PVC_MOUNT_ROOT, REWARDS_MOUNT_ROOT, TERMINATION_MESSAGE_PATH,
+    MANAGED_BY, PVC_MOUNT_ROOT, REWARDS_MOUNT_ROOT, SCRATCH_MOUNT, TERMINATION_MESSAGE_PATH,
 )
 from ..api.rewards import reward_config_maps
+from ..api.storage import s3_credentials_env
+from ..k8s.network import DNS_RULE, NetworkSeen, build_egress_policy, url_rules
 from ..k8s.objects import CONTAINER_SECURITY_CONTEXT, POD_SECURITY_CONTEXT, object_meta, owner_reference
+from .translate import s3_locations
 
 
 def job_name(fe: ForgeEval) -> str:
@@ -35,18 +38,38 @@ def _meta(fe: ForgeEval) -> dict[str, Any]:
                        owner_reference(fe.api_version, fe.kind, fe.metadata.name, fe.metadata.uid))
 
 
-def _claims(fe: ForgeEval, model: PvcLocation, baseline: PvcLocation | None) -> dict[str, bool]:
+def _claims(fe: ForgeEval, model: StorageLocation, baseline: StorageLocation | None) -> dict[str, bool]:
     """Every claim the pod mounts -> writable (the model's: the results go next to it)."""
     claims = {s.data.pvc.claim_name: False for s in fe.spec.suites if s.data.pvc}
     claims |= {r.python.pvc.claim_name: False for s in fe.spec.suites for r in s.rewards or [] if r.python and r.python.pvc}
-    if baseline is not None:
-        claims[baseline.claim_name] = claims.get(baseline.claim_name, False)
-    claims[model.claim_name] = True
+    if baseline is not None and baseline.pvc is not None:
+        claims[baseline.pvc.claim_name] = claims.get(baseline.pvc.claim_name, False)
+    if model.pvc is not None:
+        claims[model.pvc.claim_name] = True
     return claims
 
 
-def build_children(fe: ForgeEval, eval_yaml: str, model: PvcLocation, baseline: PvcLocation | None,
-                   image: str) -> list[dict[str, Any]]:
+def egress_urls(spec: dict[str, Any], models: list[dict[str, Any]]) -> list[str]:
+    """The URLs the evaluation pod reaches: the suites' HTTP reward services and the S3 endpoints of the
+    spec's locations and of ``models`` (the locations of the models, as dicts: a training's export)."""
+    urls = [(r.get("http") or {}).get("url") for s in spec.get("suites") or [] if isinstance(s, dict)
+            for r in s.get("rewards") or [] if isinstance(r, dict)]
+    return [u for u in urls if isinstance(u, str)] + s3_endpoints({"spec": spec, "models": models})
+
+
+def build_network_policy(fe: ForgeEval, model: StorageLocation, baseline: StorageLocation | None,
+                         seen: NetworkSeen) -> dict[str, Any]:
+    """The cluster's side of network.egress Restricted for the evaluation pod: DNS, the S3 endpoint and the
+    suites' HTTP reward services; nothing comes in (it serves nothing)."""
+    models = [m.model_dump(mode="json", by_alias=True, exclude_none=True) for m in (model, baseline) if m is not None]
+    urls = egress_urls(fe.spec.model_dump(mode="json", by_alias=True, exclude_none=True), models)
+    return build_egress_policy(_meta(fe), labels(fe), ingress=[],
+                               egress=[copy.deepcopy(DNS_RULE), *url_rules(urls, fe.metadata.namespace, seen)])
+
+
+def build_children(fe: ForgeEval, eval_yaml: str, model: StorageLocation, baseline: StorageLocation | None,
+                   image: str, network: NetworkSeen = NetworkSeen()) -> list[dict[str, Any]]:
+    """The ConfigMap, the NetworkPolicy (before the pod exists) and the Job, in apply order."""
     r = fe.spec.resources
     config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(fe), "data": {EVAL_CONFIG_FILE: eval_yaml}}
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": job_name(fe)}}]
@@ -54,6 +77,10 @@ def build_children(fe: ForgeEval, eval_yaml: str, model: PvcLocation, baseline: 
     for claim, writable in sorted(_claims(fe, model, baseline).items()):
         volumes.append({"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
         mounts.append({"name": f"pvc-{claim}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": not writable})
+    located = s3_locations(fe, model, baseline)
+    if located:  # node-local: the copies of the S3 locations, the results on their way up
+        volumes.append({"name": "scratch", "emptyDir": {}})
+        mounts.append({"name": "scratch", "mountPath": SCRATCH_MOUNT})
     # a reward ConfigMap is mounted as the training workers mount it (where the translation points)
     for cm in reward_config_maps([r for s in fe.spec.suites for r in s.rewards or []]):
         volumes.append({"name": f"rewards-{cm}", "configMap": {"name": cm}})
@@ -65,6 +92,7 @@ def build_children(fe: ForgeEval, eval_yaml: str, model: PvcLocation, baseline: 
         "name": EVAL_CONTAINER_NAME, "image": r.image or image,
         "command": [*EVAL_COMMAND, "--config", f"{CONFIG_MOUNT}/{EVAL_CONFIG_FILE}"],
         "volumeMounts": mounts, "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        **({"env": env} if (env := s3_credentials_env(located.values())) else {}),
         "terminationMessagePolicy": "FallbackToLogsOnError", "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
     }
     if amounts:
@@ -82,4 +110,5 @@ def build_children(fe: ForgeEval, eval_yaml: str, model: PvcLocation, baseline: 
            # one try: an evaluation that failed says why in its termination message; running it again cannot help
            "spec": {"backoffLimit": 0, "completions": 1, "parallelism": 1,
                     "template": {"metadata": {"labels": labels(fe)}, "spec": pod_spec}}}
-    return [config_map, job]
+    policy = [build_network_policy(fe, model, baseline, network)] if fe.spec.network.egress == "Restricted" else []
+    return [config_map, *policy, job]

@@ -11,13 +11,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..api.base import PvcLocation, format_error
+from ..api.base import StorageLocation, describe_location, format_error
 from ..api.enums import TERMINAL_PHASES, ConditionType as T, Phase, Reason
 from ..api.eval import ForgeEval, ModelSourceSpec
 from ..k8s import conditions as C
 from ..k8s.objects import EventType, Plan
 from .children import build_children, pod_path
-from .observe import ObservedEval, job_finished, terminated
+from .observe import ObservedEval, job_finished, terminated, training_output
 from .status import EvalDraft, read_message, record_results
 from .translate import TranslationError, eval_config, model_location
 
@@ -43,8 +43,8 @@ def plan_eval(obj: dict[str, Any], obs: ObservedEval, image: str) -> Plan:
         except (TranslationError, ValidationError) as err:
             d.condition(T.INVALID, True, Reason.INVALID_SPEC, format_error(err), EventType.WARNING)
             return d.plan
-        d.plan.apply = build_children(fe, eval_yaml, *models, image=image)
-        return d.phase(Phase.PENDING, Reason.EVALUATING, f"evaluating {models[0].claim_name}/{models[0].path}")
+        d.plan.apply = build_children(fe, eval_yaml, *models, image=image, network=obs.network)
+        return d.phase(Phase.PENDING, Reason.EVALUATING, f"evaluating {describe_location(models[0])}")
     pod = next(iter(obs.pods), None)
     ended = terminated(pod) if pod is not None else None
     if ended is not None and ended.get("exitCode") == 0:
@@ -66,9 +66,9 @@ def plan_eval(obj: dict[str, Any], obs: ObservedEval, image: str) -> Plan:
     return d.plan
 
 
-def _models(d: EvalDraft, fe: ForgeEval, obs: ObservedEval) -> tuple[PvcLocation, PvcLocation | None] | None:
-    """The model's and the baseline's folders; None (with the phase saying why) while one is not there."""
-    out: list[PvcLocation | None] = []
+def _models(d: EvalDraft, fe: ForgeEval, obs: ObservedEval) -> tuple[StorageLocation, StorageLocation | None] | None:
+    """The model's and the baseline's locations; None (with the phase saying why) while one is not there."""
+    out: list[StorageLocation | None] = []
     for field, source in (("spec.model", fe.spec.model), ("spec.baseline", fe.spec.baseline)):
         if source is None:
             out.append(None)
@@ -80,22 +80,14 @@ def _models(d: EvalDraft, fe: ForgeEval, obs: ObservedEval) -> tuple[PvcLocation
     return out[0], out[1]
 
 
-def _training_output(d: EvalDraft, field: str, source: ModelSourceSpec, obs: ObservedEval) -> PvcLocation | None | bool:
+def _training_output(d: EvalDraft, field: str, source: ModelSourceSpec, obs: ObservedEval) -> StorageLocation | None | bool:
     """The export of the training ``source`` names (None for a checkpoint); False while there is none yet."""
     if source.training_ref is None:
         return None
     training = obs.trainings.get(source.training_ref)
     phase = ((training or {}).get("status") or {}).get("phase")
-    if phase == Phase.SUCCEEDED:
-        location = (training["status"].get("modelRef") or {}).get("location") or {}
-        if location.get("pvc"):
-            return PvcLocation.model_validate(location["pvc"])
-        if location.get("s3"):
-            d.phase(Phase.FAILED, Reason.MODEL_UNAVAILABLE,
-                    f"{field}.trainingRef: ForgeTraining {source.training_ref} exported its model to "
-                    f"{location['s3'].get('uri')}; the evaluator does not read S3 yet (export to a "
-                    "PersistentVolumeClaim, or copy the model to one and set checkpoint)", EventType.WARNING)
-            return False
+    if phase == Phase.SUCCEEDED and (output := training_output(training)) is not None:
+        return output
     if phase == Phase.FAILED:
         d.phase(Phase.FAILED, Reason.MODEL_UNAVAILABLE,
                 f"{field}.trainingRef: ForgeTraining {source.training_ref} Failed; there is no model to evaluate",

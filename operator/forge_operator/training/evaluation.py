@@ -21,13 +21,15 @@ EVAL_KIND = "ForgeEval"
 
 def build_evaluation(ft: ForgeTraining) -> dict[str, Any]:
     """The training's ForgeEval: its suites and gates, of its exported model, on one GPU of the kind it
-    trained on (none for a CPU training), with its image, node selector and tolerations."""
+    trained on (none for a CPU training), with its image, node selector, tolerations and network.egress (the
+    evaluation reaches the S3 endpoint of the export and of its suites, and the suites' reward services)."""
     ev, r = ft.spec.evaluation, ft.spec.resources
     spec = ForgeEvalSpec(model=ModelSourceSpec(training_ref=ft.metadata.name), suites=ev.suites, gates=ev.gates,
                          resources=EvalResourcesSpec(gpus=min(1, r.gpus_per_node), gpu_resource_name=r.gpu_resource_name,
                                                      node_selector=ft.spec.pod_setting("node_selector"),
                                                      tolerations=ft.spec.pod_setting("tolerations"),
-                                                     image=r.image))
+                                                     image=r.image),
+                         network=ft.spec.network)
     meta = object_meta(ft.metadata.name, ft.metadata.namespace, labels(ft), owner_reference(ft))
     return {"apiVersion": API_VERSION, "kind": EVAL_KIND, "metadata": meta, "spec": spec.to_dict()}
 

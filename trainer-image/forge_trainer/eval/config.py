@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import defaults as D
-from ..config import EgressConfig, RewardConfig
+from ..config import EgressConfig, RewardConfig, S3Config
 from ..contract import DEFAULT_TERMINATION_MESSAGE_PATH
 
 SuiteType = Literal["perplexity", "multiple-choice", "exact-match", "generation"]
@@ -130,22 +130,40 @@ class GateConfig(_Model):
 class EvalConfig(_Model):
     name: str = "eval"
     model_path: str
-    """The model folder: a Forge export or any Hugging Face causal LM folder (config.json, weights, tokenizer)."""
+    """The model folder: a Forge export or any Hugging Face causal LM folder (config.json, weights, tokenizer),
+    a training's checkpoint folder or one of its checkpoints; a folder or an s3://bucket/prefix URL."""
     baseline_path: str | None = None
     """Another model folder; every suite runs on it too and relative gates compare with it."""
     suites: list[SuiteConfig] = Field(min_length=1)
     gates: list[GateConfig] = []
     batch_size: PositiveInt = D.EVAL_BATCH_SIZE
     output_dir: str
-    """results.json, report.md and its charts are written here."""
+    """results.json, report.md and its charts are written here (an s3:// prefix: written to scratch, then
+    uploaded there, results.json last)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16"] = "float32"
     termination_message_path: str = DEFAULT_TERMINATION_MESSAGE_PATH
     egress: EgressConfig = EgressConfig()
-    """The trainer's egress lock while the evaluation runs (the suites' HTTP reward services are allowed)."""
+    """The trainer's egress lock while the evaluation runs (the suites' HTTP reward services and the S3
+    endpoint of the s3:// locations are allowed)."""
+    s3: S3Config = S3Config()
+    """How to reach the store of the s3:// locations (model, baseline, suite paths, output_dir)."""
+    scratch_dir: str | None = None
+    """A local folder for the copies of s3:// locations and the results on their way up (required with them)."""
+    fields: dict[str, str] = {}
+    """s3:// location -> the field of the spec that names it, for messages."""
+
+    @property
+    def s3_locations(self) -> dict[str, str]:
+        """The s3:// locations by the configuration's field."""
+        found = {"model_path": self.model_path, "baseline_path": self.baseline_path, "output_dir": self.output_dir,
+                 **{f"suites[{i}].path": s.path for i, s in enumerate(self.suites)}}
+        return {k: v for k, v in found.items() if v is not None and v.startswith("s3://")}
 
     @model_validator(mode="after")
     def _names(self) -> EvalConfig:
+        if self.s3_locations and self.scratch_dir is None:
+            raise ValueError("scratch_dir: s3:// locations are copied to a local folder: set scratch_dir")
         names = [s.name for s in self.suites]
         if len(set(names)) != len(names):
             raise ValueError("suite names must be unique")

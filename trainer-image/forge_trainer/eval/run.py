@@ -14,6 +14,7 @@ from ..contract import EVAL_RESULTS_FILE, EvalTerminationMessage, GateOutcome, S
 from ..runtime.egress import egress_locked, policy_for
 from .config import EvalConfig, SuiteConfig
 from .gates import judge
+from .locations import localized, publish_results, s3_endpoints
 from .model import LoadedModel, load_model
 from .report import training_curve, write_report
 from .suites import SCORERS, SuiteScore
@@ -41,22 +42,28 @@ def _score(lm: LoadedModel, suite: SuiteConfig, who: str, batch_size: int, on_pr
 
 
 def egress_policy(config: EvalConfig):
-    """The trainer's egress lock for an evaluation: loopback, the API server, egress.allow and the suites'
-    HTTP reward services (None: no lock)."""
+    """The trainer's egress lock for an evaluation: loopback, egress.allow, the S3 endpoint of the s3://
+    locations and the suites' HTTP reward services (None: no lock). Not the API server: the evaluator
+    does not report to it."""
     if not config.egress.lock:
         return None
     urls = [r.http.url for s in config.suites for r in s.rewards or [] if r.http is not None]
-    return policy_for(config.egress.allow, urls)
+    return policy_for([*config.egress.allow, *s3_endpoints(config)], urls, subject="the evaluation", api_server=False)
 
 
 def evaluate(config: EvalConfig, on_progress: OnProgress | None = None) -> EvalTerminationMessage:
     """Raises ConfigError (a model or baseline that cannot be loaded, a reward function that cannot be
-    loaded), DataError (a suite's files) or RewardError (a reward function that fails), under the egress lock."""
+    loaded), DataError (a suite's files), RewardError (a reward function that fails) or StorageError (an
+    s3:// location), under the egress lock."""
     with egress_locked(egress_policy(config)):
-        return _evaluate(config, on_progress)
+        local = localized(config)
+        message = _evaluate(local, on_progress, shown=config)
+        message.results = publish_results(local, config)
+        return message
 
 
-def _evaluate(config: EvalConfig, on_progress: OnProgress | None) -> EvalTerminationMessage:
+def _evaluate(config: EvalConfig, on_progress: OnProgress | None, shown: EvalConfig) -> EvalTerminationMessage:
+    """``config`` with local folders; ``shown``: as configured, for the results' record of the models."""
     model = load_model(config.model_path, "model", config.device, config.dtype)
     baseline = load_model(config.baseline_path, "baseline", config.device, config.dtype) if config.baseline_path else None
     scores: dict[str, tuple[SuiteScore, SuiteScore | None]] = {}
@@ -72,11 +79,11 @@ def _evaluate(config: EvalConfig, on_progress: OnProgress | None) -> EvalTermina
     results = out / EVAL_RESULTS_FILE
     message = EvalTerminationMessage(status="completed", exit_code=0, suites=suites, gates=gates,
                                      gates_passed=all(g.passed for g in gates) if gates else None, results=str(results))
-    full = message.to_wire() | {"name": config.name, "model": config.model_path, "baseline": config.baseline_path,
+    full = message.to_wire() | {"name": config.name, "model": shown.model_path, "baseline": shown.baseline_path,
                                 "perItem": {n: {"model": m.per_item, "baseline": b.per_item if b else None}
                                             for n, (m, b) in scores.items() if m.per_item}}
     results.write_text(json.dumps(full, indent=1) + "\n")
-    write_report(out, config.name, config.model_path, config.baseline_path, suites, gates,
+    write_report(out, config.name, shown.model_path, shown.baseline_path, suites, gates,
                  training_curve(config.model_path))
     return message
 

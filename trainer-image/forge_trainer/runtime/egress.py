@@ -1,7 +1,8 @@
-"""The trainer's own egress lock: while a run lasts, every outbound connection made through Python's
-``socket`` module is refused unless it goes to loopback, a Unix socket, the Kubernetes API server
-(``KUBERNETES_SERVICE_HOST``, where rank 0 reports progress), an HTTP reward service of the config,
-the S3 endpoint of its s3:// locations, or an address in ``egress.allow``.
+"""The trainer's own egress lock: while a run (a training, an evaluation) lasts, every outbound connection
+made through Python's ``socket`` module is refused unless it goes to loopback, a Unix socket, the
+Kubernetes API server (``KUBERNETES_SERVICE_HOST``, where a training's rank 0 reports progress; not for
+an evaluation), an HTTP reward service of the config, the S3 endpoint of its s3:// locations, or an
+address in ``egress.allow``.
 
 It is the second line behind the cluster's NetworkPolicy, for clusters whose network plugin does
 not enforce one: a library that tries to download a model or a tokenizer, a telemetry client, or a
@@ -39,6 +40,7 @@ class Policy:
     hosts: set[str] = field(default_factory=set)
     endpoints: set[tuple[str, int]] = field(default_factory=set)
     names: list[str] = field(default_factory=list)  # as configured, for the message
+    subject: str = "the training"  # who is locked in, for the message
 
     def allows(self, host: str, port: int) -> bool:
         try:
@@ -62,8 +64,8 @@ def _audit(event: str, args: tuple) -> None:
         return
     host, port = str(address[0]), int(address[1])
     if not _policy.allows(host, port):
-        allowed = ", ".join(_policy.names) or "nothing but loopback and the Kubernetes API"
-        raise EgressRefused(f"egress to {host}:{port} refused: the training may connect to {allowed} "
+        allowed = ", ".join(_policy.names) or "nothing but loopback"
+        raise EgressRefused(f"egress to {host}:{port} refused: {_policy.subject} may connect to {allowed} "
                             "(spec.network.egress: Restricted)")
 
 
@@ -74,11 +76,13 @@ def _resolve(host: str) -> set[str]:
         return set()
 
 
-def policy_for(allow: Iterable[str], reward_urls: Iterable[str]) -> Policy:
-    """``allow``: ``host`` or ``host:port`` (names are resolved now); ``reward_urls``: HTTP reward services."""
-    p = Policy()
+def policy_for(allow: Iterable[str], reward_urls: Iterable[str], subject: str = "the training",
+               api_server: bool = True) -> Policy:
+    """``allow``: ``host`` or ``host:port`` (names are resolved now); ``reward_urls``: HTTP reward services;
+    ``api_server``: the Kubernetes API server of the pod's environment too (a training's rank 0 reports there)."""
+    p = Policy(subject=subject)
     entries = list(allow)
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+    if api_server and os.environ.get("KUBERNETES_SERVICE_HOST"):
         entries.append(f"{os.environ['KUBERNETES_SERVICE_HOST']}:{os.environ.get('KUBERNETES_SERVICE_PORT', '443')}")
     for url in reward_urls:
         u = urlsplit(url)

@@ -32,9 +32,9 @@ FIELD = "checkpoint.dir"
 class S3Checkpoints:
     """The checkpoints under one s3:// prefix."""
 
-    def __init__(self, location: str, settings: S3Config):
+    def __init__(self, location: str, settings: S3Config, field: str = FIELD):
         self.root = S3Url.parse(location)
-        self.store = S3Store(settings, FIELD, location)
+        self.store = S3Store(settings, field, location)
 
     def committed_state(self, url: S3Url) -> TrainState | None:
         text = self.store.read_text(url.child(STATE_FILE))

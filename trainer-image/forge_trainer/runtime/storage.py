@@ -312,8 +312,11 @@ def check_locations(config) -> None:
 def s3_endpoints(config) -> list[str]:
     """``host:port`` of the S3 endpoint when any location of the configuration is on S3 (for the egress lock)."""
     locations = [*input_fields(config).values(), config.checkpoint.dir, config.output.dir]
-    if not any(is_s3(x) for x in locations):
-        return []
-    endpoint = config.s3.endpoint or f"https://s3.{config.s3.region or 'us-east-1'}.amazonaws.com"
+    return [endpoint_address(config.s3)] if any(is_s3(x) for x in locations) else []
+
+
+def endpoint_address(settings) -> str:
+    """``host:port`` of the store that ``settings`` (an S3Config) reach."""
+    endpoint = settings.endpoint or f"https://s3.{settings.region or 'us-east-1'}.amazonaws.com"
     u = urlsplit(endpoint)
-    return [f"{u.hostname}:{u.port or (443 if u.scheme == 'https' else 80)}"]
+    return f"{u.hostname}:{u.port or (443 if u.scheme == 'https' else 80)}"
