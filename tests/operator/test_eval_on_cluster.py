@@ -133,3 +133,35 @@ def test_a_generation_forgeeval_mounts_its_rewards_and_reports_them(kube, operat
     done = kube.wait_for("Succeeded", lambda: (o := kube.get("forgeeval", "gen"))["status"].get("phase") == "Succeeded" and o)
     assert done["status"]["results"][0]["metrics"] == metrics and done["status"]["gates"][0]["pValue"] == 0.31
     assert condition(done, "GatesPassed")["status"] == "True"
+
+
+def test_a_forgeeval_on_s3_gets_a_network_policy_of_exactly_dns_its_store_and_its_reward_service(kube, operator):
+    """Model and suites on an in-cluster S3 store (a Service of the namespace), a reward service by address:
+    the policy the operator applies before the pod allows DNS, the Service's pods on its target port and the
+    reward's address, and nothing in; the pod gets the store's credentials and its scratch."""
+    kube.apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "rgw"},
+                "spec": {"selector": {"app": "rgw"}, "ports": [{"port": 7480, "targetPort": 8080}]}})
+    store = {"endpoint": "http://rgw:7480", "pathStyle": True, "secretRef": {"name": "store-keys"}}
+    fe = forge_eval("s3ev")
+    fe["spec"]["model"] = {"checkpoint": {"s3": {"uri": "s3://models/llm", **store}}}
+    fe["spec"]["suites"] = [
+        {"name": "heldout", "type": "perplexity", "format": "text", "data": {"s3": {"uri": "s3://data/heldout", **store}}},
+        {"name": "gen", "type": "generation", "data": {"s3": {"uri": "s3://data/prompts", **store}},
+         "rewards": [{"name": "judge", "http": {"url": "http://192.0.2.9:8080/score"}}]}]
+    kube.apply(fe)
+    pod = running_pod(kube, "s3ev")
+    policy = kube.wait_for("the NetworkPolicy", lambda: next(iter(kube.get("networkpolicies")["items"]), None))
+    assert policy["metadata"]["name"] == "s3ev-eval" and policy["metadata"]["ownerReferences"][0]["kind"] == "ForgeEval"
+    assert policy["spec"] == {
+        "podSelector": {"matchLabels": {"app.kubernetes.io/managed-by": "forge-operator",
+                                        "app.kubernetes.io/name": "forge-eval", "forge.dev/eval": "s3ev"}},
+        "policyTypes": ["Ingress", "Egress"],
+        "egress": [{"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+                   {"to": [{"ipBlock": {"cidr": "192.0.2.9/32"}}], "ports": [{"protocol": "TCP", "port": 8080}]},
+                   {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": kube.namespace}},
+                            "podSelector": {"matchLabels": {"app": "rgw"}}}],
+                    "ports": [{"protocol": "TCP", "port": 8080}]}]}
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    container = pod["spec"]["containers"][0]
+    assert {e["name"] for e in container["env"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+    assert {"name": "scratch", "mountPath": "/mnt/scratch"} in container["volumeMounts"]

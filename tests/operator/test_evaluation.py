@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import yaml
 
-from forge_operator.evaluation.observe import ObservedEval
+from forge_operator.evaluation.observe import ObservedEval, read
 from forge_operator.evaluation.planner import plan_eval
 from forge_operator.k8s import conditions as C
+from forge_operator.k8s.network import NetworkSeen
 from forge_trainer.contract import EvalTerminationMessage, GateOutcome, SuiteOutcome
 from operator_support import NOW, forge_eval
 
@@ -160,3 +161,71 @@ def test_an_invalid_forgeeval_says_why_until_it_is_fixed():
     assert not p.apply and [e.reason for e in p.events] == ["InvalidSpec"]
     fixed = plan(obj() | {"status": p.status}, trainings={"llm": trained()})
     assert cond(fixed, "Invalid") is None and fixed.apply
+
+
+# --------------------------------------------------------------------------- S3 locations and network.egress
+STORE = {"endpoint": "http://rgw.storage.svc:7480", "pathStyle": True, "secretRef": {"name": "store-keys"}}
+RGW = {"metadata": {"name": "rgw", "namespace": "storage"},
+       "spec": {"selector": {"app": "rgw"}, "ports": [{"port": 7480, "targetPort": 8080}]}}
+
+
+def on_s3(uri: str, **store) -> dict:
+    return {"s3": {"uri": uri, **(store or STORE)}}
+
+
+def test_a_model_and_suites_on_s3_are_read_through_scratch_with_the_locations_secret():
+    exported = {"metadata": {"name": "llm"}, "status": {"phase": "Succeeded",
+                                                        "modelRef": {"location": on_s3("s3://runs/llm/model")}}}
+    rewards = [{"name": "judge", "http": {"url": "http://192.0.2.9:8080/score"}}]
+    o = obj(suites=[{"name": "heldout", "type": "perplexity", "format": "text", "data": on_s3("s3://data/heldout/")},
+                    {"name": "gen", "type": "generation", "data": {"pvc": {"claimName": "corpus"}}, "rewards": rewards}])
+    config_map, policy, job_ = plan(o, trainings={"llm": exported}, network=NetworkSeen(services={("storage", "rgw"): RGW})).apply
+    config = yaml.safe_load(config_map["data"]["eval.yaml"])
+    assert config["model_path"] == "s3://runs/llm/model" and config["suites"][0]["path"] == "s3://data/heldout"
+    assert config["output_dir"] == "s3://runs/llm/model/evaluations/llm"  # beside the model, as on a claim
+    assert config["s3"]["endpoint"] == "http://rgw.storage.svc:7480" and config["s3"]["path_style"] is True
+    assert config["scratch_dir"] == "/mnt/scratch" and config["egress"]["lock"] is True
+    assert config["fields"] == {"s3://runs/llm/model": "ForgeTraining llm: spec.output.location",
+                                "s3://data/heldout": "spec.suites[0].data",
+                                "s3://runs/llm/model/evaluations/llm": "ForgeTraining llm: spec.output.location"}
+    pod_spec = job_["spec"]["template"]["spec"]
+    container = pod_spec["containers"][0]
+    assert {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]} == {
+        "AWS_ACCESS_KEY_ID": "store-keys", "AWS_SECRET_ACCESS_KEY": "store-keys", "AWS_SESSION_TOKEN": "store-keys"}
+    assert {"name": "scratch", "emptyDir": {}} in pod_spec["volumes"]
+    assert {"name": "scratch", "mountPath": "/mnt/scratch"} in container["volumeMounts"]
+    assert [v["persistentVolumeClaim"]["claimName"] for v in pod_spec["volumes"] if "persistentVolumeClaim" in v] == ["corpus"]
+    # the NetworkPolicy: DNS, the store's pods (its Service read), the reward service; nothing in
+    assert policy["metadata"]["name"] == "llm-eval" and policy["metadata"]["ownerReferences"][0]["uid"] == "uid-e"
+    assert policy["spec"] == {
+        "podSelector": {"matchLabels": job_["spec"]["template"]["metadata"]["labels"]},
+        "policyTypes": ["Ingress", "Egress"],  # no ingress rule: nothing comes in
+        "egress": [{"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+                   {"to": [{"ipBlock": {"cidr": "192.0.2.9/32"}}], "ports": [{"protocol": "TCP", "port": 8080}]},
+                   {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "storage"}},
+                            "podSelector": {"matchLabels": {"app": "rgw"}}}],
+                    "ports": [{"protocol": "TCP", "port": 8080}]}]}
+
+
+def test_s3_locations_of_one_evaluation_share_one_store():
+    o = obj(model={"checkpoint": on_s3("s3://runs/llm/ckpt")},
+            suites=[{"name": "heldout", "type": "perplexity", "format": "text",
+                     "data": on_s3("s3://data/heldout", endpoint="http://192.0.2.30:9000")}])
+    p = plan(o)
+    assert not p.apply and cond(p, "Invalid")["message"] == (
+        "spec.suites[0].data.s3: every S3 location of an evaluation must use the same endpoint, region, pathStyle and "
+        "secretRef (as spec.model.checkpoint.s3 does)")
+
+
+def test_observe_reads_the_services_of_the_urls_the_policy_allows_before_the_job_only():
+    from test_network_policy import Reader
+
+    exported = {"metadata": {"name": "llm"}, "status": {"phase": "Succeeded",
+                                                        "modelRef": {"location": on_s3("s3://runs/llm/model")}}}
+    reader = Reader({("ForgeTraining", "ns", "llm"): exported, ("Service", "storage", "rgw"): RGW})
+    seen = read(reader, obj(), NOW, "llm-eval").network
+    assert seen == NetworkSeen(services={("storage", "rgw"): RGW})  # the export's store; no API server
+    assert not any(c[1] == "EndpointSlice" for c in reader.calls)
+    unrestricted = Reader({("ForgeTraining", "ns", "llm"): exported})
+    assert read(unrestricted, obj(network={"egress": "Unrestricted"}), NOW, "llm-eval").network == NetworkSeen()
+    assert not any(c[1] == "Service" for c in unrestricted.calls)

@@ -336,3 +336,32 @@ def test_a_training_checkpoint_is_evaluated_as_the_model_it_holds(models, tmp_pa
     shutil.rmtree(old / "step-00000010" / "model")
     with pytest.raises(ConfigError, match=r"baseline .*/old: checkpoint step-00000010 has no model/config.json .*export"):
         load_model(str(old), "baseline")
+
+
+def test_the_evaluators_lock_allows_the_s3_endpoint_of_its_locations_and_refuses_the_rest(tmp_path, monkeypatch):
+    import socket
+
+    from forge_trainer.config import S3Config
+    from forge_trainer.eval.run import egress_policy
+    from forge_trainer.runtime.egress import EgressRefused, egress_locked
+
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")  # a pod's API server: not the evaluator's business
+    cfg = EvalConfig(model_path="s3://models/m", output_dir="s3://models/m/evaluations/e", scratch_dir=str(tmp_path),
+                     s3=S3Config(endpoint="http://192.0.2.20:9000"), suites=[ppl_suite(Path("/data"))])
+    outcomes = {}
+    with egress_locked(egress_policy(cfg)):
+        for address in [("192.0.2.20", 9000), ("203.0.113.5", 443), ("10.96.0.1", 443)]:
+            s = socket.socket()
+            s.settimeout(0.2)
+            try:
+                s.connect(address)
+            except EgressRefused as e:
+                outcomes[address] = str(e)
+            except OSError:
+                outcomes[address] = "let through"  # TEST-NET: nothing answers
+            finally:
+                s.close()
+    assert outcomes[("192.0.2.20", 9000)] == "let through"
+    assert outcomes[("203.0.113.5", 443)] == ("egress to 203.0.113.5:443 refused: the evaluation may connect to "
+                                              "192.0.2.20:9000 (spec.network.egress: Restricted)")
+    assert outcomes[("10.96.0.1", 443)].startswith("egress to 10.96.0.1:443 refused")

@@ -136,3 +136,43 @@ def test_the_egress_lock_allows_the_s3_endpoint_of_the_locations(tmp_path, corpu
     assert "192.0.2.10:9000" in policy.names and policy.allows("192.0.2.10", 9000)
     assert not policy.allows("192.0.2.10", 9001) and not policy.allows("192.0.2.11", 9000)
     assert "192.0.2.10:9000" not in policy_of(tiny_config(tmp_path, corpus, s3={"endpoint": "http://192.0.2.10:9000"})).names
+
+
+def test_the_evaluator_reads_a_model_a_checkpoint_folder_and_suites_from_s3_as_from_local_files(
+        s3_env, bucket, models, tmp_path, monkeypatch):
+    from forge_trainer.config import S3Config
+    from forge_trainer.contract import StorageError
+    from forge_trainer.eval.config import EvalConfig, SuiteConfig
+    from forge_trainer.eval.run import evaluate
+    from forge_trainer.runtime.checkpoint import find_latest
+
+    client = s3_env.client()
+    export, ckpt = Path(models["strong"].output_dir), models["work"] / "weak" / "ckpt"
+    for local, prefix in ((export, "model"), (ckpt, "ckpt"), (models["heldout"], "heldout"), (models["mc"], "mc")):
+        _upload(client, bucket, local, prefix)
+
+    def config(model, baseline, heldout, mc, output, **kw) -> EvalConfig:
+        return EvalConfig(name="e", model_path=str(model), baseline_path=str(baseline), output_dir=str(output), device="cpu",
+                          suites=[SuiteConfig(name="heldout", type="perplexity", path=str(heldout), format="text", seq_len=64),
+                                  SuiteConfig(name="mc", type="multiple-choice", path=str(mc))], **kw)
+
+    on_disk = evaluate(config(export, ckpt, models["heldout"], models["mc"], tmp_path / "out"))
+    s3 = dict(s3=S3Config(endpoint=s3_env.endpoint, path_style=True), scratch_dir=str(tmp_path / "scratch"),
+              fields={f"s3://{bucket}/model": "spec.model.checkpoint"})
+    in_bucket = config(f"s3://{bucket}/model", f"s3://{bucket}/ckpt", f"s3://{bucket}/heldout", f"s3://{bucket}/mc",
+                       f"s3://{bucket}/model/evaluations/e", **s3)
+    from_s3 = evaluate(in_bucket)
+    assert [(s.suite, s.samples, s.metrics, s.baseline) for s in from_s3.suites] == [
+        (s.suite, s.samples, s.metrics, s.baseline) for s in on_disk.suites]
+    # the results are uploaded beside the model, results.json last; of the checkpoint folder only the newest
+    # complete checkpoint (the one evaluated) was downloaded
+    assert from_s3.results == f"s3://{bucket}/model/evaluations/e/results.json"
+    assert {"results.json", "report.md"} <= _keys(client, bucket, "model/evaluations/e")
+    uploaded = json.loads(client.get_object(Bucket=bucket, Key="model/evaluations/e/results.json")["Body"].read())
+    assert uploaded["model"] == f"s3://{bucket}/model" and uploaded["baseline"] == f"s3://{bucket}/ckpt"
+    assert [p.name for p in (tmp_path / "scratch" / "s3" / bucket / "ckpt").iterdir()] == [find_latest(ckpt).name]
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(StorageError, match=rf"^spec.model.checkpoint s3://{bucket}/model: the S3 credentials were "
+                                           r"refused by .*: check the Secret of spec.model.checkpoint.s3.secretRef"):
+        evaluate(in_bucket)

@@ -114,10 +114,11 @@ def url_rules(urls: Iterable[str], namespace: str, seen: NetworkSeen) -> list[di
 
 def build_egress_policy(meta: dict[str, Any], pods: dict[str, str], ingress: list[dict[str, Any]],
                         egress: list[dict[str, Any]]) -> dict[str, Any]:
-    """A NetworkPolicy of the pods labelled ``pods`` that allows only ``ingress`` and ``egress``."""
+    """A NetworkPolicy of the pods labelled ``pods`` that allows only ``ingress`` (none: nothing comes in; the
+    API server drops an empty list, so it is left out) and ``egress``."""
     return {"apiVersion": POLICY_API[0], "kind": POLICY_API[1], "metadata": meta,
             "spec": {"podSelector": {"matchLabels": dict(pods)}, "policyTypes": ["Ingress", "Egress"],
-                     "ingress": ingress, "egress": egress}}
+                     **({"ingress": ingress} if ingress else {}), "egress": egress}}
 
 
 def read_network(reader: Reader, urls: Iterable[str], namespace: str, api_server: bool = True) -> NetworkSeen:
