@@ -67,24 +67,32 @@ def build_network_policy(fe: ForgeEval, model: StorageLocation, baseline: Storag
                                egress=[copy.deepcopy(DNS_RULE), *url_rules(urls, fe.metadata.namespace, seen)])
 
 
-def build_children(fe: ForgeEval, eval_yaml: str, model: StorageLocation, baseline: StorageLocation | None,
-                   image: str, network: NetworkSeen = NetworkSeen()) -> list[dict[str, Any]]:
-    """The ConfigMap, the NetworkPolicy (before the pod exists) and the Job, in apply order."""
-    r = fe.spec.resources
-    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(fe), "data": {EVAL_CONFIG_FILE: eval_yaml}}
+def _volumes(fe: ForgeEval, model: StorageLocation, baseline: StorageLocation | None,
+             scratch: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pod's volumes and the container's mounts: the configuration, the claims, the scratch of S3 copies,
+    the reward ConfigMaps."""
     volumes: list[dict[str, Any]] = [{"name": "config", "configMap": {"name": job_name(fe)}}]
     mounts: list[dict[str, Any]] = [{"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True}]
     for claim, writable in sorted(_claims(fe, model, baseline).items()):
         volumes.append({"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable}})
         mounts.append({"name": f"pvc-{claim}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": not writable})
-    located = s3_locations(fe, model, baseline)
-    if located:  # node-local: the copies of the S3 locations, the results on their way up
+    if scratch:  # node-local: the copies of the S3 locations, the results on their way up
         volumes.append({"name": "scratch", "emptyDir": {}})
         mounts.append({"name": "scratch", "mountPath": SCRATCH_MOUNT})
     # a reward ConfigMap is mounted as the training workers mount it (where the translation points)
     for cm in reward_config_maps([r for s in fe.spec.suites for r in s.rewards or []]):
         volumes.append({"name": f"rewards-{cm}", "configMap": {"name": cm}})
         mounts.append({"name": f"rewards-{cm}", "mountPath": f"{REWARDS_MOUNT_ROOT}/{cm}", "readOnly": True})
+    return volumes, mounts
+
+
+def build_children(fe: ForgeEval, eval_yaml: str, model: StorageLocation, baseline: StorageLocation | None,
+                   image: str, network: NetworkSeen = NetworkSeen()) -> list[dict[str, Any]]:
+    """The ConfigMap, the NetworkPolicy (before the pod exists) and the Job, in apply order."""
+    r = fe.spec.resources
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(fe), "data": {EVAL_CONFIG_FILE: eval_yaml}}
+    located = s3_locations(fe, model, baseline)
+    volumes, mounts = _volumes(fe, model, baseline, scratch=bool(located))
     amounts = {k: str(v) for k, v in (("cpu", r.cpu), ("memory", r.memory)) if v is not None}
     if r.gpus:
         amounts[r.gpu_resource_name] = str(r.gpus)
@@ -92,9 +100,10 @@ def build_children(fe: ForgeEval, eval_yaml: str, model: StorageLocation, baseli
         "name": EVAL_CONTAINER_NAME, "image": r.image or image,
         "command": [*EVAL_COMMAND, "--config", f"{CONFIG_MOUNT}/{EVAL_CONFIG_FILE}"],
         "volumeMounts": mounts, "terminationMessagePath": TERMINATION_MESSAGE_PATH,
-        **({"env": env} if (env := s3_credentials_env(located.values())) else {}),
         "terminationMessagePolicy": "FallbackToLogsOnError", "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
     }
+    if env := s3_credentials_env(located.values()):  # the Secret of the S3 locations, as boto3 reads it
+        container["env"] = env
     if amounts:
         container["resources"] = {"requests": dict(amounts), "limits": dict(amounts)}
     pod_spec: dict[str, Any] = {"restartPolicy": "Never", "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
