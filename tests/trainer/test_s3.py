@@ -173,6 +173,7 @@ def test_the_evaluator_reads_a_model_a_checkpoint_folder_and_suites_from_s3_as_f
     assert [p.name for p in (tmp_path / "scratch" / "s3" / bucket / "ckpt").iterdir()] == [find_latest(ckpt).name]
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
-    with pytest.raises(StorageError, match=rf"^spec.model.checkpoint s3://{bucket}/model: the S3 credentials were "
-                                           r"refused by .*: check the Secret of spec.model.checkpoint.s3.secretRef"):
+    with pytest.raises(StorageError, match=rf"^storage error: spec.model.checkpoint s3://{bucket}/model: the S3 "
+                                           r"credentials were refused by .*: check the Secret of "
+                                           r"spec.model.checkpoint.s3.secretRef"):
         evaluate(in_bucket)

@@ -40,13 +40,13 @@ def localized(config: EvalConfig) -> EvalConfig:
         return config
     local = lambda path, default: (_model(config, path, _field(config, path, default))  # noqa: E731
                                    if path is not None and is_s3(path) else path)
+    models = {"model_path": local(config.model_path, "model_path"),
+              "baseline_path": local(config.baseline_path, "baseline_path")}
     suites = [s.model_copy(update={"path": local_mirror(s.path, config.s3, config.scratch_dir,
                                                         _field(config, s.path, f"suites[{i}].path"))})
               if is_s3(s.path) else s for i, s in enumerate(config.suites)]
     output = str(Path(config.scratch_dir) / "results" / config.name) if is_s3(config.output_dir) else config.output_dir
-    return config.model_copy(update={"model_path": local(config.model_path, "model_path"),
-                                     "baseline_path": local(config.baseline_path, "baseline_path"),
-                                     "suites": suites, "output_dir": output})
+    return config.model_copy(update={**models, "suites": suites, "output_dir": output})
 
 
 def publish_results(local: EvalConfig, config: EvalConfig) -> str:
