@@ -305,6 +305,10 @@ class TrainingConfig(_Model):
     block's input and recomputes the block in the backward pass (about a third more compute, the least
     memory); selective keeps the matrix products' and attention's outputs and recomputes the rest (norms,
     activation functions, element-wise products: little compute, most of the bytes)."""
+    sharding: Literal["FullShard", "HybridShard"] = D.SHARDING
+    """FSDP2 over the workers (one included): FullShard shards parameters, gradients and optimizer state
+    over every worker; HybridShard shards them over the workers of a node (LOCAL_WORLD_SIZE) and
+    replicates them across the nodes (a 2-D device mesh: nodes x workers per node)."""
     budget: BudgetConfig = BudgetConfig(max_steps=1000)
     """When to stop."""
     eval_interval_steps: PositiveInt | None = D.EVAL_INTERVAL_STEPS
@@ -410,13 +414,20 @@ class S3Config(_Model):
     """Attempts of each request before the run fails (botocore's standard retry mode)."""
 
 
-class PretrainMethod(_Model):
+class _PackedText(_Model):
+    document_masking: bool = D.DOCUMENT_MASKING
+    """Each token attends only to its own document in a packed window: the position ids restart after
+    every end-of-text token, from which transformers builds a block-diagonal causal mask (as sft packs
+    its examples). False: a window is one sequence, each document seeing those packed before it."""
+
+
+class PretrainMethod(_PackedText):
     """Next-token prediction on packed text, from a new model (model.architecture)."""
 
     kind: Literal["pretrain"] = "pretrain"
 
 
-class ContinuedPretrainMethod(_Model):
+class ContinuedPretrainMethod(_PackedText):
     """Next-token prediction on packed text, continuing model.base_path."""
 
     kind: Literal["continued-pretrain"] = "continued-pretrain"

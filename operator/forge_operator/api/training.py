@@ -353,6 +353,16 @@ class TrainingSpec(ApiModel):
     of matrix products and attention and recomputes the rest (norms, activation functions: little compute,
     many bytes); full keeps only each block's input and recomputes the block (about a third more compute,
     the least memory)."""
+    sharding: Literal["FullShard", "HybridShard"] = defaults.SHARDING
+    """How the weights, gradients and optimizer state are spread over the workers (FSDP2, also on one GPU):
+    FullShard shards them over every GPU of every node; HybridShard shards them over the GPUs of each node
+    and replicates them across the nodes (HSDP: the gathers stay inside a node, only the gradient
+    all-reduce crosses nodes; each GPU holds numNodes times more than with FullShard). HybridShard needs
+    resources.numNodes of 2 or more."""
+    document_masking: bool = defaults.DOCUMENT_MASKING
+    """For pretrain and continued-pretrain: each token attends only to the tokens of its own document in a
+    packed sequence (positions restart after each end-of-text token), not to the documents packed before
+    it. sft, dpo and the online methods never attend across examples."""
     eval_interval_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = defaults.EVAL_INTERVAL_STEPS
     """Compute the validation loss every this many steps (and at the end)."""
     budget: BudgetSpec
@@ -789,6 +799,18 @@ class ForgeTrainingSpec(ApiModel):
             lambda s: s.method in ONLINE_METHODS or s.training.sampling is None, field_path=".training.sampling"),
         Cel("self.method == 'grpo' || !has(self.training.grpo)", "training.grpo is only for method grpo",
             lambda s: s.method == "grpo" or s.training.grpo is None, field_path=".training.grpo"),
+        Cel("!has(self.training.sharding) || self.training.sharding != 'HybridShard' || "
+            f"(has(self.resources) && has(self.resources.numNodes) ? self.resources.numNodes : {defaults.NUM_NODES}) >= 2",
+            "training.sharding HybridShard replicates across nodes and needs resources.numNodes of 2 or more; "
+            "on one node use FullShard",
+            lambda s: s.training.sharding != "HybridShard" or s.resources.num_nodes >= 2,
+            field_path=".training.sharding"),
+        Cel("self.method == 'pretrain' || self.method == 'continued-pretrain' || !has(self.training.documentMasking)"
+            " || !self.training.documentMasking",
+            "training.documentMasking is only for methods pretrain and continued-pretrain (the other methods "
+            "never attend across examples)",
+            lambda s: s.method in ("pretrain", "continued-pretrain") or not s.training.document_masking,
+            field_path=".training.documentMasking"),
         Cel("self.method == 'sft' || self.method == 'dpo' || !has(self.training.lora)",
             "training.lora is only for methods sft and dpo",
             lambda s: s.method in ("sft", "dpo") or s.training.lora is None, field_path=".training.lora"),

@@ -107,6 +107,8 @@ def _method(spec: ForgeTrainingSpec, resolve: Resolve, config_map: Callable[[str
     t = spec.training
     if spec.method == "dpo":
         return DpoMethod(**_given(beta=t.dpo_beta, loss_type=t.dpo_loss_type))
+    if spec.method in ("pretrain", "continued-pretrain"):
+        return {"kind": spec.method, "document_masking": t.document_masking}
     if spec.method not in ONLINE_METHODS:
         return spec.method
     sampling = t.sampling.model_dump(exclude_unset=True, by_alias=False) if t.sampling else {}
@@ -178,7 +180,7 @@ def trainer_config(ft: ForgeTraining, resolve: Resolve = pod_path, *, cache_dir:
         lr=t.learning_rate, min_lr=t.min_learning_rate, schedule=t.schedule, warmup_steps=t.warmup_steps,
         decay_fraction=t.decay_fraction, weight_decay=t.weight_decay, grad_clip=t.gradient_clipping or None,
         precision=t.precision, seed=t.seed, compile=t.compile, activation_checkpointing=t.activation_checkpointing,
-        eval_interval_steps=t.eval_interval_steps,
+        sharding=t.sharding, eval_interval_steps=t.eval_interval_steps,
         lora=LoraConfig(r=t.lora.r, alpha=t.lora.alpha, dropout=t.lora.dropout, target_modules=t.lora.target_modules,
                         export=t.lora.export) if t.lora is not None else None,
         budget=BudgetConfig(max_steps=t.budget.max_steps, max_tokens=t.budget.max_tokens,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..config import TrainerConfig, TrainingConfig
 from ..contract import DataError
@@ -157,3 +158,14 @@ def validation_indices(data: TokenData, t: TrainingConfig) -> list[int]:
     if total <= n:
         return list(range(total))
     return [i * total // n for i in range(n)]
+
+
+def document_positions(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Position ids of packed windows [batch, T] that restart at 0 after every end-of-text token (which
+    ends the document before it). Given these without an attention mask, transformers finds the packed
+    documents (where the position does not go up by one) and masks attention between them, as it does
+    for sft's packed examples; the rotary embedding sees each document from position 0, as if alone."""
+    index = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[..., 1:] = ids[..., :-1] == eos_id
+    return index - torch.where(starts, index, 0).cummax(dim=-1).values

@@ -1,12 +1,13 @@
 """Pretraining (from scratch or continued): next-token cross-entropy on packed text windows, plus the
-router's load-balancing loss for an MoE."""
+router's load-balancing loss for an MoE. With method.document_masking, each document of a window attends
+only to itself (position ids that restart after every end-of-text token: data.packed.document_positions)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..config import TrainerConfig
-from ..data.packed import TokenData, TrainLoader, validation_indices
+from ..data.packed import TokenData, TrainLoader, document_positions, validation_indices
 from ..data.prepare import prepare_on_ranks
 from ..models.logprobs import cross_entropy_sum
 from ..runtime.dist import Dist
@@ -18,10 +19,14 @@ class Pretrain:
     def __init__(self, config: TrainerConfig):
         self.config = config
         self.data: TokenData | None = None
+        self.eos_id: int | None = None
+        """Where documents end, when each attends only to itself (method.document_masking); None: windows
+        are one sequence."""
 
     def prepare(self, d: Dist, stop: SigtermFlag) -> Dataset:
         tokenizer, path, digest = prepare_on_ranks(self.config, d, stop)
         self.data = TokenData(path, self.config)
+        self.eos_id = tokenizer.eos_id if self.config.method.document_masking else None
         return Dataset(tokenizer=tokenizer, digest=digest, provenance=_provenance(self.data))
 
     def batches(self) -> Batches:
@@ -34,9 +39,16 @@ class Pretrain:
         return {}
 
     def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> Loss:
-        out = model(input_ids=batch[:, :-1])
+        out = self.forward(model, batch[:, :-1])
         targets = batch[:, 1:]
         return with_router_loss(cross_entropy_sum(out.logits, targets) / targets.numel(), out, model)
+
+    def forward(self, model: torch.nn.Module, inputs: torch.Tensor):
+        """The model's output on windows of tokens; documents masked from each other where eos_id is set."""
+        if self.eos_id is None:
+            return model(input_ids=inputs)
+        # no cache: with one, transformers does not look for packed sequences (as sft)
+        return model(input_ids=inputs, position_ids=document_positions(inputs, self.eos_id), use_cache=False)
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, autocast, d: Dist) -> float | None:
@@ -49,7 +61,7 @@ class Pretrain:
 
         def add(batch: torch.Tensor, real: bool) -> None:
             with autocast:
-                logits = model(input_ids=batch[:, :-1]).logits
+                logits = self.forward(model, batch[:, :-1]).logits
             if real:
                 summed = cross_entropy_sum(logits, batch[:, 1:])
                 totals.add_(torch.stack([summed.double(), torch.tensor(float(batch[:, 1:].numel()), device=d.device)]))

@@ -72,19 +72,22 @@ def build_model(config: TrainerConfig, cfg: PretrainedConfig, d: Dist | None = N
     (``parallel.parallelize``): a new model takes Hugging Face's initialisation, drawn from
     training.seed in the order Hugging Face draws it, so every worker count gives the same weights.
     A base model is read whole by one process only (rank 0, on the host), whose weights every worker
-    then receives shard by shard; in one process it is read and placed on the device."""
+    then receives shard by shard; in one process it is read and placed on the device. Sharded (FSDP2,
+    training.sharding) whenever ``d`` has a process group, one process included (train.run's)."""
     d = d or Dist()
     t = config.training
     if config.model.base_path is not None and not d.distributed:
-        return parallelize(_base_model(config, cfg), d, bf16, t.compile, t.activation_checkpointing, placed_on(d.device))
+        return parallelize(_base_model(config, cfg), d, bf16, t.compile, t.activation_checkpointing,
+                           placed_on(d.device), t.sharding)
     model = on_meta(config, cfg)
     if config.model.base_path is None:
         torch.manual_seed(t.seed)
-        return parallelize(model, d, bf16, t.compile, t.activation_checkpointing, _initialised(model, d.device))
+        return parallelize(model, d, bf16, t.compile, t.activation_checkpointing, _initialised(model, d.device),
+                           t.sharding)
     holder = {}
     d.on_every_rank(lambda: holder.update(state=_base_model(config, cfg).state_dict()) if d.is_main else None,
                     f"loading model.base_path {config.model.base_path}")
-    model = parallelize(model, d, bf16, t.compile, t.activation_checkpointing, placed_on(d.device))
+    model = parallelize(model, d, bf16, t.compile, t.activation_checkpointing, placed_on(d.device), t.sharding)
     set_model_state_dict(model, holder.get("state", {}),
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model

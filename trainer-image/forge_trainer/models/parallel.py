@@ -1,5 +1,8 @@
 """Placing a model built on the meta device on its devices, per transformer block and in torchtitan's
-order: activation checkpointing, then compile, then sharding (FSDP2).
+order: activation checkpointing, then compile, then sharding (FSDP2), over a 1-D device mesh of every
+worker (FullShard) or a 2-D one of nodes x workers per node (HybridShard: sharded within a node,
+replicated across nodes, so the all-gathers and reduce-scatters stay on a node's fast links and only
+the gradients' all-reduce crosses nodes).
 
 Every parameter is materialised (given memory and its initial value) module by module in the order
 Hugging Face initialises a model (children before their parent), and each block is sharded as soon
@@ -15,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from ..contract import ConfigError
 from ..runtime.dist import Dist
 
 Materialise = Callable[[torch.nn.Module], None]
@@ -33,15 +37,16 @@ element-wise products: cheap, and most of a block's activation bytes), as torcht
 
 
 def parallelize(model: torch.nn.Module, d: Dist, bf16: bool, compile: bool, checkpointing: str,
-                materialise: Materialise) -> torch.nn.Module:
+                materialise: Materialise, sharding: str = "FullShard") -> torch.nn.Module:
     """Checkpoint and compile each transformer block, then materialise the model module by module,
-    sharding each block (FSDP2) once it is, and at last the root; unsharded in one process."""
+    sharding each block (FSDP2) once it is, and at last the root. Unsharded only where ``d`` has no
+    process group (a model built outside a run, as tests and tools do)."""
     layers = blocks(model)
     for layer in layers:
         checkpoint_block(layer, checkpointing)
         if compile:
             layer.compile()
-    shard = _sharder(bf16) if d.distributed else None
+    shard = _sharder(bf16, device_mesh(d, sharding)) if d.sharded else None
     ids = {id(layer) for layer in layers}
 
     def visit(module: torch.nn.Module) -> None:
@@ -57,11 +62,24 @@ def parallelize(model: torch.nn.Module, d: Dist, bf16: bool, compile: bool, chec
     return model
 
 
-def _sharder(bf16: bool) -> Callable[[torch.nn.Module], None]:
+def device_mesh(d: Dist, sharding: str):
+    """The workers as FSDP2 sees them: 1-D (every worker holds a shard) for FullShard, or for HybridShard
+    2-D, nodes x workers per node ("replicate", "shard"); HybridShard on one node is FullShard."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if sharding == "HybridShard" and d.nodes > 1:
+        if d.world != d.nodes * d.local_world:
+            raise ConfigError(f"training.sharding HybridShard needs the same number of workers on every node: "
+                              f"{d.world} workers, {d.local_world} on this node")
+        return init_device_mesh(d.device.type, (d.nodes, d.local_world), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(d.device.type, (d.world,), mesh_dim_names=("shard",))
+
+
+def _sharder(bf16: bool, mesh) -> Callable[[torch.nn.Module], None]:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    return functools.partial(fully_shard, mp_policy=mp)
+    return functools.partial(fully_shard, mesh=mesh, mp_policy=mp)
 
 
 def checkpoint_block(block: torch.nn.Module, mode: str) -> None:

@@ -133,13 +133,13 @@ def recompute_bytes(cfg: PretrainedConfig, micro_batch: int, seq_len: int, bf16:
     return dropped // cfg.num_hidden_layers
 
 
-def estimate_memory(cfg: PretrainedConfig, stats: ModelStats, micro_batch: int, seq_len: int, world: int,
+def estimate_memory(cfg: PretrainedConfig, stats: ModelStats, micro_batch: int, seq_len: int, shards: int,
                     device: torch.device, bf16: bool, checkpointing: str = "none") -> int:
     """A rough upper estimate of one worker's peak training memory in bytes.
 
     What is kept the whole time: fp32 parameters, gradients and two AdamW moments, 16 bytes per parameter,
-    sharded over the workers (gradients stay sharded through gradient accumulation: train.train_step). What
-    comes and goes: two gathered blocks (the one computing and the one prefetched) with their unsharded
+    sharded over ``shards`` workers (``shards_of``; gradients stay sharded through gradient accumulation:
+    train.train_step). What comes and goes (FSDP2, one worker included): two gathered blocks (the one computing and the one prefetched) with their unsharded
     gradients; one micro-batch's activations (``activation_bytes``), plus the attention matrix where SDPA
     has no fused kernel for the mask (CPU); and in the backward pass the logits' gradient and two fp32
     chunks of the loss (models.logprobs)."""
@@ -147,9 +147,8 @@ def estimate_memory(cfg: PretrainedConfig, stats: ModelStats, micro_batch: int, 
 
     b = 2 if bf16 else 4
     tokens = micro_batch * seq_len
-    states = 16 * stats.params / world
-    if world > 1:
-        states += 2 * (b + 4) * (stats.params - stats.embedding_params) / cfg.num_hidden_layers
+    states = 16 * stats.params / shards
+    states += 2 * (b + 4) * (stats.params - stats.embedding_params) / cfg.num_hidden_layers
     acts = activation_bytes(cfg, micro_batch, seq_len, bf16, checkpointing) + recompute_bytes(
         cfg, micro_batch, seq_len, bf16, checkpointing)
     if device.type != "cuda":
@@ -158,10 +157,16 @@ def estimate_memory(cfg: PretrainedConfig, stats: ModelStats, micro_batch: int, 
     return int(states + acts + backward)
 
 
+def shards_of(sharding: str, world: int, local_world: int) -> int:
+    """The workers each parameter's state is sharded over: all of them (FullShard), or those of one node
+    (HybridShard on several nodes: every node holds a whole replica)."""
+    return local_world if sharding == "HybridShard" and world > local_world else world
+
+
 def check_fits(cfg: PretrainedConfig, stats: ModelStats, config: TrainerConfig, world: int, local_world: int, device: torch.device, bf16: bool) -> None:
     t = config.training
-    need = estimate_memory(cfg, stats, t.micro_batch_sequences, t.seq_len, world, device, bf16,
-                           t.activation_checkpointing)
+    need = estimate_memory(cfg, stats, t.micro_batch_sequences, t.seq_len, shards_of(t.sharding, world, local_world),
+                           device, bf16, t.activation_checkpointing)
     have = available_memory(device, local_world if device.type != "cuda" else 1)
     if need > 0.9 * have:
         gib = 1 << 30

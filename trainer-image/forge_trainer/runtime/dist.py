@@ -1,4 +1,7 @@
-"""Process-group setup: the same code runs as one process or under torchrun."""
+"""Process-group setup: the same code runs as one process or under torchrun.
+
+One process opens a process group of its own (one rank, in memory), so that the model is sharded with
+FSDP2 as on many workers: the same mixed precision, the same checkpoints, one code path."""
 
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ class Dist:
     local_world: int = 1
     device: torch.device = torch.device("cpu")
     setup_group: object = None
+    group_of_one: bool = False
+    """One process with a one-rank process group of its own (init_distributed): FSDP2 applies as on many."""
 
     @property
     def is_main(self) -> bool:
@@ -39,6 +44,16 @@ class Dist:
     @property
     def distributed(self) -> bool:
         return self.world > 1
+
+    @property
+    def sharded(self) -> bool:
+        """The model is sharded with FSDP2: under torchrun, or in one process with its own group."""
+        return self.distributed or self.group_of_one
+
+    @property
+    def nodes(self) -> int:
+        """Nodes of the run, as torchrun starts the same number of workers on each (LOCAL_WORLD_SIZE)."""
+        return max(self.world // max(self.local_world, 1), 1)
 
     def barrier(self) -> None:
         if self.distributed:
@@ -133,7 +148,7 @@ def _shared_error(rank: int, what: str, kind: str, message: str) -> Exception:
 
 
 def init_distributed() -> Dist:
-    """Join the torchrun process group if there is one (NCCL on CUDA, gloo on CPU)."""
+    """Join the torchrun process group (NCCL on CUDA, gloo on CPU), or open a one-rank group of this process's own."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -141,7 +156,11 @@ def init_distributed() -> Dist:
     if cuda:
         torch.cuda.set_device(device)
     if world <= 1:
-        return Dist(device=device)
+        if dist.is_initialized():  # a caller's own group: leave it as it is, and train unsharded
+            return Dist(device=device)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=device if cuda else None)
+        return Dist(device=device, group_of_one=True)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
     setup_group = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
@@ -167,6 +186,9 @@ def shutdown(d: Dist, error: BaseException | None = None, timeout: timedelta = T
     every rank is there, at most ``timeout`` (a rank that died never arrives), and only then closes.
     An error of this rank alone skips the waits: the others are stuck in a collective it will never
     join, and torchrun restarts the group once this process exits."""
+    if d.group_of_one and dist.is_initialized():
+        dist.destroy_process_group()
+        return
     if not (d.distributed and dist.is_initialized()):
         return
     if error is None or getattr(error, SHARED, False):
