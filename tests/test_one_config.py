@@ -32,7 +32,7 @@ from forge_operator.training.translate import trainer_config
 from forge_trainer import defaults as shared
 from forge_trainer.config import (
     ArchitectureConfig, CheckpointConfig, DataSourceConfig, DpoMethod, GrpoMethod, HttpReward, LoraConfig,
-    OutputConfig, TokenizerTrainConfig, TrainerConfig, TrainingConfig,
+    OutputConfig, PretrainMethod, TokenizerTrainConfig, TrainerConfig, TrainingConfig,
     load_config,
 )
 
@@ -198,6 +198,8 @@ SHARED_FIELDS = [
     (TrainingSpec, "seed", TrainingConfig, "seed"),
     (TrainingSpec, "compile", TrainingConfig, "compile"),
     (TrainingSpec, "activation_checkpointing", TrainingConfig, "activation_checkpointing"),
+    (TrainingSpec, "sharding", TrainingConfig, "sharding"),
+    (TrainingSpec, "document_masking", PretrainMethod, "document_masking"),
     (TrainingSpec, "eval_interval_steps", TrainingConfig, "eval_interval_steps"),
     (TrainingSpec, "lora", TrainingConfig, "lora"),
     (LoraSpec, "r", LoraConfig, "r"),
@@ -311,3 +313,17 @@ def test_derived_defaults_are_what_the_api_documents():
     cfg = trainer_config(ft.model_copy(update={"spec": spec}))
     assert (cfg.model.architecture.intermediate_size, cfg.model.architecture.moe_intermediate_size,
             cfg.training.min_lr) == (640, 96, 1e-5)
+
+
+def test_sharding_and_document_masking_reach_the_trainer(tmp_path):
+    """examples/continued-pretrain.yaml: HybridShard on two nodes and document masking, through the
+    operator; left out, FullShard and no masking."""
+    name, manifest = next((n, m) for n, m in EXAMPLES if m["spec"]["method"] == "continued-pretrain")
+    cfg = _by_the_operator(manifest, tmp_path)
+    assert not isinstance(cfg, str), cfg
+    assert (cfg.training.sharding, cfg.method.kind, cfg.method.document_masking) == (
+        "HybridShard", "continued-pretrain", True)
+    bare = copy.deepcopy(manifest)
+    del bare["spec"]["training"]["sharding"], bare["spec"]["training"]["documentMasking"]
+    cfg = _by_the_operator(bare, tmp_path)
+    assert (cfg.training.sharding, cfg.method.document_masking) == ("FullShard", False)

@@ -166,3 +166,83 @@ def test_the_memory_estimate_counts_the_activations_each_mode_keeps(tmp_path, co
         _, held = held_bytes(lambda: Pretrain(cfg).loss(model, _batch(0, rows=2, length=129)),
                              exclude=model.parameters())
         assert 0.9 < activation_bytes(hf, 2, 128, False, mode) / held < 1.4, (mode, held)
+
+
+# ---------------------------------------------------------------------------
+# Hybrid sharding (HSDP) on two "nodes" of two workers, against full sharding (FSDP) on the same four
+
+
+def _hybrid_and_full(d: Dist, full_cfg, hybrid_cfg, ckpt) -> dict:
+    """On each of four gloo workers: one SGD step of the same batch with FullShard and with HybridShard
+    (loss, whole gradients and weights after it, how the weights are laid out), and the HybridShard
+    checkpoint loaded into a new FullShard model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from forge_trainer.runtime import checkpoint
+    from forge_trainer.runtime.checkpoint import TrainState
+
+    def full(model):
+        return {k: v.clone() for k, v in get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True)).items()}
+
+    rows, out = _batch(seed=d.rank), {}
+    for name, cfg in (("FullShard", full_cfg), ("HybridShard", hybrid_cfg)):
+        model = build_model(cfg, hf_config(cfg, VOCAB, 0), d)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss = Pretrain(cfg).loss(model, rows)
+        loss.total.backward()
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        optimizer.step()
+        q = next(p for n, p in model.named_parameters() if n.endswith("q_proj.weight"))
+        out[name] = {"loss": loss.value.item(), "grads": grads, "weights": full(model),
+                     "mesh": tuple(q.device_mesh.shape), "rows": (q.to_local().shape[0], q.shape[0])}
+        if name == "HybridShard":
+            checkpoint.save(ckpt, model, optimizer, TrainState(step=1), 1, d)
+    model = build_model(full_cfg, hf_config(full_cfg, VOCAB, 0), d)
+    checkpoint.load(checkpoint.find_latest(ckpt), model, torch.optim.SGD(model.parameters(), lr=0.5), d)
+    out["resumed"] = full(model)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_nodes_of_two(tmp_path_factory, corpus):
+    work = tmp_path_factory.mktemp("hsdp")
+    full_cfg = _config(work, corpus)
+    hybrid_cfg = _config(work, corpus, training__sharding="HybridShard")
+    return on_ranks(work / "ranks", _hybrid_and_full, full_cfg, hybrid_cfg, work / "ckpt", world=4, local_world=2)
+
+
+@pytest.mark.slow
+def test_hybrid_sharding_computes_the_loss_and_gradients_of_full_sharding(two_nodes_of_two):
+    for rank, r in enumerate(two_nodes_of_two):
+        full, hybrid = r["FullShard"], r["HybridShard"]
+        assert hybrid["loss"] == pytest.approx(full["loss"], rel=1e-6), rank
+        for name, grad in full["grads"].items():  # the mean over all four workers, either way
+            torch.testing.assert_close(hybrid["grads"][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+            torch.testing.assert_close(two_nodes_of_two[0]["HybridShard"]["grads"][name], hybrid["grads"][name])
+        for name, value in full["weights"].items():
+            torch.testing.assert_close(hybrid["weights"][name], value, atol=1e-6, rtol=1e-5, msg=name)
+        # a 2-D mesh, each weight split over a node's two workers (half each) instead of all four (a quarter)
+        assert (full["mesh"], full["rows"]) == ((4,), (16, 64)), rank
+        assert (hybrid["mesh"], hybrid["rows"]) == ((2, 2), (32, 64)), rank
+
+
+@pytest.mark.slow
+def test_a_hybrid_sharded_checkpoint_resumes_fully_sharded(two_nodes_of_two):
+    for r in two_nodes_of_two:
+        for name, value in r["HybridShard"]["weights"].items():
+            assert torch.equal(r["resumed"][name], value), name
+
+
+def test_the_memory_estimate_counts_hybrid_sharding_shards_within_a_node(tmp_path, corpus):
+    from forge_trainer.models.stats import estimate_memory, model_stats, shards_of
+
+    assert shards_of("HybridShard", world=16, local_world=8) == 8  # two nodes of eight: a replica per node
+    assert shards_of("FullShard", world=16, local_world=8) == 16
+    assert shards_of("HybridShard", world=8, local_world=8) == 8  # one node: as FullShard
+    hf = hf_config(_config(tmp_path, corpus), VOCAB, 0)
+    stats = model_stats(hf, 64)
+    hybrid, full = (estimate_memory(hf, stats, 4, 64, shards_of(s, 16, 8), torch.device("cpu"), False)
+                    for s in ("HybridShard", "FullShard"))
+    # parameters, gradients and AdamW's two moments in fp32: 16 bytes a parameter, over 8 workers instead of 16
+    assert hybrid - full == pytest.approx(16 * stats.params / 8 - 16 * stats.params / 16, abs=1)
