@@ -246,3 +246,57 @@ def test_the_memory_estimate_counts_hybrid_sharding_shards_within_a_node(tmp_pat
                     for s in ("HybridShard", "FullShard"))
     # parameters, gradients and AdamW's two moments in fp32: 16 bytes a parameter, over 8 workers instead of 16
     assert hybrid - full == pytest.approx(16 * stats.params / 8 - 16 * stats.params / 16, abs=1)
+
+
+# ---------------------------------------------------------------------------
+# One process: FSDP2 on a process group of its own
+
+
+def test_one_process_shards_on_a_group_of_its_own_and_trains_like_an_unsharded_model(tmp_path, corpus, monkeypatch):
+    """As train.run sets up one process: a one-rank group, the model sharded as on many workers (the same
+    mixed precision, the same checkpoints), the step an unsharded model takes; an unsharded checkpoint
+    (an earlier trainer's) resumes sharded, and the group is gone after the shutdown."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from forge_trainer.runtime import checkpoint
+    from forge_trainer.runtime.checkpoint import TrainState
+    from forge_trainer.runtime.dist import init_distributed, shutdown
+    from forge_trainer.runtime.optim import build_optimizer
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = _config(tmp_path, corpus)
+    hf = hf_config(cfg, VOCAB, 0)
+
+    def step(model, d):
+        optimizer = build_optimizer(model, cfg.training, d.device)
+        loss, _, norm = train_step(model, optimizer, Pretrain(cfg), _batch(0), 2, 2, 0.5,
+                                   torch.autocast("cpu", enabled=False), d)
+        return loss.item(), norm.item(), optimizer
+
+    def full(model):
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+    plain = build_model(cfg, hf)  # no process group (a model built outside a run): unsharded
+    plain_loss, plain_norm, plain_optimizer = step(plain, Dist())
+    checkpoint.save(tmp_path / "unsharded", plain, plain_optimizer, TrainState(step=1), 1, Dist())
+    d = init_distributed()
+    try:
+        assert d.group_of_one and d.sharded and not d.distributed and dist.get_world_size() == 1
+        model = build_model(cfg, hf, d)
+        assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+        loss, norm, _ = step(model, d)
+        assert (loss, norm) == (pytest.approx(plain_loss, rel=1e-6), pytest.approx(plain_norm, rel=1e-5))
+        stepped = full(model)
+        for name, value in plain.state_dict().items():
+            torch.testing.assert_close(stepped[name], value, atol=1e-6, rtol=1e-5, msg=name)
+        resumed = build_model(cfg, hf, d)
+        checkpoint.load(checkpoint.find_latest(tmp_path / "unsharded"), resumed,
+                        build_optimizer(resumed, cfg.training, d.device), d)
+        loaded = full(resumed)
+        for name, value in plain.state_dict().items():
+            assert torch.equal(loaded[name], value), name
+    finally:
+        shutdown(d)
+    assert not dist.is_initialized()
