@@ -98,6 +98,11 @@ def test_the_method_is_a_kind_with_its_own_settings_or_the_kind_alone(tmp_path, 
     base = tiny_config(tmp_path, corpus, method="continued-pretrain", model={"base_path": "/models/x"},
                        tokenizer={"from_base": True})
     assert base.method == ContinuedPretrainMethod()
+    masked = tiny_config(tmp_path, corpus, method={"kind": "pretrain", "document_masking": True})
+    assert masked.method.document_masking and not short.method.document_masking
+    with pytest.raises(ValidationError, match="document_masking"):  # sft never attends across examples
+        tiny_config(tmp_path, corpus, method={"kind": "sft", "document_masking": True}, model={"base_path": "/m"},
+                    tokenizer={"from_base": True})
     with pytest.raises(ValidationError, match="does not match any of the expected tags: 'pretrain', 'continued-pretrain', 'sft'"):
         tiny_config(tmp_path, corpus, method={"kind": "ppo"})
     with pytest.raises(ValidationError, match="method continued-pretrain needs model.base_path"):

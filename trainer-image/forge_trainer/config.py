@@ -414,23 +414,22 @@ class S3Config(_Model):
     """Attempts of each request before the run fails (botocore's standard retry mode)."""
 
 
-class _PackedText(_Model):
+class PretrainMethod(_Model):
+    """Next-token prediction on packed text, from a new model (model.architecture)."""
+
+    kind: Literal["pretrain"] = "pretrain"
     document_masking: bool = D.DOCUMENT_MASKING
     """Each token attends only to its own document in a packed window: the position ids restart after
     every end-of-text token, from which transformers builds a block-diagonal causal mask (as sft packs
     its examples). False: a window is one sequence, each document seeing those packed before it."""
 
 
-class PretrainMethod(_PackedText):
-    """Next-token prediction on packed text, from a new model (model.architecture)."""
-
-    kind: Literal["pretrain"] = "pretrain"
-
-
-class ContinuedPretrainMethod(_PackedText):
+class ContinuedPretrainMethod(_Model):
     """Next-token prediction on packed text, continuing model.base_path."""
 
     kind: Literal["continued-pretrain"] = "continued-pretrain"
+    document_masking: bool = D.DOCUMENT_MASKING
+    """As pretrain's: each document of a packed window attends only to itself."""
 
 
 class SftMethod(_Model):
