@@ -22,7 +22,7 @@ from forge_trainer.data.records import ChatRenderer, ExampleEncoder, _Examples, 
 from forge_trainer.data.tokenizer import TextTokenizer
 from forge_trainer.methods import METHODS, build_method
 from forge_trainer.methods.dpo import Dpo, answer_logps
-from forge_trainer.runtime.dist import init_distributed
+from forge_trainer.runtime.dist import Dist
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_no_gradient_reaches_the_reference(bases, tmp_path):
 
     data = write_preferences(tmp_path / "data" / "p.jsonl", 40)
     cfg = dpo_config(tmp_path, bases["llama"], data.parent)
-    d = init_distributed()
+    d = Dist()  # one process, no process group: the model stays a plain module
     method = build_method(cfg)
     tok = method.prepare(d, SigtermFlag()).tokenizer
     model = build_model(cfg, hf_config(cfg, tok.vocab_size, tok.eos_id))
