@@ -102,6 +102,49 @@ def test_quickstart_on_two_workers_to_succeeded_with_the_model_exported(kube, ru
     model = runs / "qs" / "output"
     assert (model / "config.json").exists() and list(model.glob("*.safetensors")), sorted(runs.rglob("*"))
     assert status["progress"]["step"] == 30
+    # provenance names the image by the digest containerd ran and the node the workers ran on
+    prov = json.loads((model / "provenance.json").read_text())
+    image_ids = {p["status"]["containerStatuses"][0]["imageID"] for p in worker_pods(kube, "qs")}
+    assert prov["image"]["digest"] and all(prov["image"]["digest"] in i for i in image_ids), (prov["image"], image_ids)
+    assert {n["node"] for n in prov["nodes"]} == {"real-node-0"}, prov["nodes"]
+
+    # the exported model evaluated by a ForgeEval pod: its results come back in the real container's
+    # termination message, and in full as JSON next to the model
+    t0 = time.monotonic()
+    kube.apply(heldout_eval("qs-eval", training="qs"))
+    kube.wait_for("the evaluation to end", lambda: eval_phase(kube, "qs-eval") in ("Succeeded", "Failed"),
+                  timeout=600, interval=2)
+    TIMINGS["ForgeEval of the exported model: to Succeeded"] = time.monotonic() - t0
+    ev = kube.get("forgeeval", "qs-eval")["status"]
+    assert ev["phase"] == "Succeeded", json.dumps(ev, indent=1)
+    [result] = ev["results"]
+    assert result["suite"] == "heldout" and result["samples"] > 0
+    assert 1.0 < result["metrics"]["perplexity"] < 512, result  # better than chance over a 512-token vocabulary
+    [gate] = ev["gates"]
+    assert gate["passed"] and gate["value"] == result["metrics"]["perplexity"], gate
+    passed = next(c for c in ev["conditions"] if c["type"] == "GatesPassed")
+    assert passed["status"] == "True", passed
+    pod = next(p for p in kube.get("pods")["items"] if p["metadata"].get("labels", {}).get("forge.dev/eval") == "qs-eval")
+    message = pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"]
+    assert "perplexity" in message, message
+    written = json.loads((model / "evaluations" / "qs-eval" / "results.json").read_text())
+    assert json.dumps(written).count("perplexity") >= 1, written
+
+
+def heldout_eval(name: str, training: str) -> dict:
+    """A perplexity suite over standard-library files the training did not read (it read a*, b*, c*),
+    gated loosely: the exported model of ``training`` on the node's CPU."""
+    return {"apiVersion": "forge.dev/v1alpha1", "kind": "ForgeEval", "metadata": {"name": name},
+            "spec": {"model": {"trainingRef": training},
+                     "suites": [{"name": "heldout", "type": "perplexity", "format": "text",
+                                 "data": {"pvc": {"claimName": "stdlib"}}, "include": ["d*.py", "e*.py"],
+                                 "maxSamples": 16, "seqLen": 64}],
+                     "gates": [{"metric": "heldout.perplexity", "comparator": "<", "threshold": 512}],
+                     "resources": {"gpus": 0, "cpu": "1", "memory": "2Gi"}}}
+
+
+def eval_phase(kube, name: str) -> str | None:
+    return kube.get("forgeeval", name).get("status", {}).get("phase")
 
 
 

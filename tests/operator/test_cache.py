@@ -4,14 +4,12 @@ runtime's coalescing of triggers of one object."""
 from __future__ import annotations
 
 import json
-import threading
 from unittest import mock
 
 import pytest
 
 from forge_operator.k8s.cache import CachedReader, IndexedKind, Informer, PerNamespace, parse_selector
-from forge_operator.k8s.objects import Key, NotAllowed, Plan
-from forge_operator.k8s.runtime import Runtime
+from forge_operator.k8s.objects import NotAllowed
 
 
 def pod(name: str, training: str, **labels: str) -> dict:
@@ -61,32 +59,6 @@ def test_before_kopf_hands_over_its_index_the_api_answers():
     api = Api()
     CachedReader(api, {("v1", "Pod"): IndexedKind("forge.dev/training")}).list("v1", "Pod", "ns", "forge.dev/training=x")
     assert api.calls == [("list", ("v1", "Pod", "ns", "forge.dev/training=x", ""))]
-
-
-def test_triggers_during_a_reconcile_coalesce_into_one_more_and_never_wait():
-    started, release = threading.Event(), threading.Event()
-    runs = []
-
-    class Slow(Runtime):
-        def reconcile(self, key):
-            runs.append(key)
-            if len(runs) == 1:
-                started.set()
-                release.wait(5)
-            return Plan(status={})
-
-    rt = Slow(None, [], field_manager="t")
-    key = Key("ForgeTraining", "ns", "llm")
-    first = threading.Thread(target=rt.reconcile_or_retry, args=(key,))
-    first.start()
-    assert started.wait(5)
-    for _ in range(20):  # each returns at once: the first thread owes one more reconcile
-        rt.reconcile_or_retry(key)
-    release.set()
-    first.join(5)
-    assert runs == [key, key]
-    rt.reconcile_or_retry(key)
-    assert len(runs) == 3
 
 
 class Listing:

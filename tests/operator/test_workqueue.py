@@ -71,7 +71,8 @@ def test_workers_never_reconcile_one_key_at_the_same_time_and_miss_no_trigger():
     assert all(done_after[k] >= t for k, t in last_add.items()), (done_after, last_add)
 
 
-def test_triggers_while_the_runtime_reconciles_cost_one_more_reconcile_and_return_at_once():
+def slow_runtime():
+    """A runtime whose first reconcile waits for ``release``; ``runs`` lists the reconciles."""
     started, release = threading.Event(), threading.Event()
     runs = []
 
@@ -83,22 +84,42 @@ def test_triggers_while_the_runtime_reconciles_cost_one_more_reconcile_and_retur
                 release.wait(5)
             return Plan(status={})
 
-    rt = Slow(None, [], field_manager="t")
+    return Slow(None, [], field_manager="t"), runs, started, release
+
+
+KEY = Key("ForgeTraining", "ns", "llm")
+
+
+def test_without_the_queue_triggers_during_a_reconcile_coalesce_into_one_more_and_never_wait():
+    rt, runs, started, release = slow_runtime()
+    first = threading.Thread(target=rt.reconcile_or_retry, args=(KEY,))
+    first.start()
+    assert started.wait(5)
+    for _ in range(20):  # each returns at once: the first thread owes one more reconcile
+        rt.reconcile_or_retry(KEY)
+    release.set()
+    first.join(5)
+    assert runs == [KEY, KEY]
+    rt.reconcile_or_retry(KEY)
+    assert len(runs) == 3
+
+
+def test_triggers_while_the_runtime_reconciles_cost_one_more_reconcile_and_return_at_once():
+    rt, runs, started, release = slow_runtime()
     rt.start(workers=4)
-    key = Key("ForgeTraining", "ns", "llm")
     try:
-        rt.enqueue(key)
+        rt.enqueue(KEY)
         assert started.wait(5)
         t0 = time.monotonic()
         for _ in range(20):
-            rt.enqueue(key)
+            rt.enqueue(KEY)
         assert time.monotonic() - t0 < 1  # an event handler never waits for a reconcile
         release.set()
         deadline = time.monotonic() + 5
         while len(runs) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.2)
-        assert runs == [key, key]
+        assert runs == [KEY, KEY]
     finally:
         rt.close()
 
