@@ -89,6 +89,15 @@ def test_once_the_training_succeeded_its_export_is_evaluated_by_one_job():
     assert pod_spec["securityContext"]["runAsNonRoot"] and spec["template"]["metadata"]["labels"]["forge.dev/eval"] == "llm"
 
 
+def test_the_evaluator_uses_every_gpu_of_its_pod_and_the_cpu_without_one():
+    for gpus, device, used in ((4, "cuda", 4), (1, "cuda", 1), (0, "cpu", None)):
+        config_map, _, job_ = plan(obj(resources={"gpus": gpus}), trainings={"llm": trained()}).apply
+        config = yaml.safe_load(config_map["data"]["eval.yaml"])
+        assert (config["device"], config["gpus"]) == (device, used)  # 4: the model split across the 4
+        limits = job_["spec"]["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})
+        assert limits.get("nvidia.com/gpu") == (str(gpus) if gpus else None)
+
+
 def test_a_generation_suite_gets_its_rewards_mounted_and_translated_as_a_trainings():
     rewards = [{"name": "kpi", "weight": 2, "python": {"configMap": {"name": "team-kpis", "key": "kpi.py"}, "function": "score"}},
                {"name": "from-pvc", "python": {"pvc": {"claimName": "scripts", "path": "r/reward.py"}, "function": "f"}},

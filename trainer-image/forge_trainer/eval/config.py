@@ -141,6 +141,9 @@ class EvalConfig(_Model):
     """results.json, report.md and its charts are written here (an s3:// prefix: written to scratch, then
     uploaded there, results.json last)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpus: PositiveInt | None = None
+    """On CUDA: how many of the visible GPUs to use (default: all). More than one: the model and the
+    baseline are each split across them by layers; one: each sits whole on the GPU."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     termination_message_path: str = DEFAULT_TERMINATION_MESSAGE_PATH
     egress: EgressConfig = EgressConfig()
@@ -162,6 +165,8 @@ class EvalConfig(_Model):
 
     @model_validator(mode="after")
     def _names(self) -> EvalConfig:
+        if self.gpus is not None and self.device == "cpu":
+            raise ValueError("gpus: the evaluation runs on the CPU (device cpu); set device cuda or auto")
         if self.s3_locations and self.scratch_dir is None:
             raise ValueError("scratch_dir: s3:// locations are copied to a local folder: set scratch_dir")
         names = [s.name for s in self.suites]

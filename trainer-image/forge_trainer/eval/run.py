@@ -64,8 +64,8 @@ def evaluate(config: EvalConfig, on_progress: OnProgress | None = None) -> EvalT
 
 def _evaluate(config: EvalConfig, on_progress: OnProgress | None, shown: EvalConfig) -> EvalTerminationMessage:
     """``config`` with local folders; ``shown``: as configured, for the results' record of the models."""
-    model = load_model(config.model_path, "model", config.device, config.dtype)
-    baseline = load_model(config.baseline_path, "baseline", config.device, config.dtype) if config.baseline_path else None
+    model = load_model(config.model_path, "model", config.device, config.dtype, config.gpus)
+    baseline = load_model(config.baseline_path, "baseline", config.device, config.dtype, config.gpus) if config.baseline_path else None
     scores: dict[str, tuple[SuiteScore, SuiteScore | None]] = {}
     for suite in config.suites:
         mine = _score(model, suite, "model", config.batch_size, on_progress)
