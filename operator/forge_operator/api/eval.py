@@ -179,7 +179,9 @@ class EvalResourcesSpec(ApiModel):
     """The evaluation pod."""
 
     gpus: Annotated[int, Field(ge=0, le=16)] = defaults.EVAL_GPUS
-    """GPUs for the evaluation pod (0 for CPU)."""
+    """GPUs for the evaluation pod (0 for CPU). With more than one, the model (and the baseline) is split
+    across them by layers, so that a model larger than one GPU can be evaluated; with one, it sits whole on
+    the GPU."""
     gpu_resource_name: ShortStr = defaults.GPU_RESOURCE_NAME
     """Extended resource that counts GPUs."""
     cpu: Quantity | None = None
