@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -14,11 +15,11 @@ def _on_rank(rank: int, world: int, work_dir: str, work, args: tuple, local_worl
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{work_dir}/init", rank=rank, world_size=world)
     d = Dist(rank=rank, world=world, local_rank=rank % local_world, local_world=local_world,
-             setup_group=dist.new_group(backend="gloo"))
+             setup_group=dist.new_group(backend="gloo"), checkpoint_group=dist.new_group(backend="gloo"))
     try:
         torch.save(work(d, *args), Path(work_dir, f"result-{rank}.pt"))
     finally:
-        shutdown(d)
+        shutdown(d, sys.exc_info()[1])  # an error of this rank alone: the others fail too, none waits forever
 
 
 def on_ranks(tmp_path: Path, work, *args, world: int = 2, local_world: int | None = None) -> list:

@@ -29,7 +29,7 @@ from .runtime import checkpoint
 from .runtime.budget import Timings, budget_reached, total_steps
 from .runtime import storage
 from .runtime.checkpoint import TrainState, choose_resume
-from .runtime.dist import Dist, init_distributed, shutdown
+from .runtime.dist import SLOW_TIMEOUT, STEP_TIMEOUT, TEARDOWN_TIMEOUT, Dist, init_distributed, shutdown
 from .runtime.egress import egress_locked, policy_of
 from .runtime.export import export, write_model_files
 from .runtime.optim import build_optimizer, lr_at, set_lr
@@ -110,7 +110,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
     started = datetime.now(timezone.utc)
     with sigterm_caught(stop) as stop, egress_locked(policy_of(config)):
         d = init_distributed()
-        reporter = None
+        reporter = saves = None
         try:
             s = _set_up(_local_inputs(config, d), d, stop)
             state, resumed_from, last_ckpt = _resume(config, s, d)
@@ -118,6 +118,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
                 reporter = Reporter(on_progress, config.metrics.port)
             t, every = config.training, config.checkpoint.interval_steps
             timings, window, history = Timings(), LogWindow(), []
+            saves = checkpoint.Checkpointer(config, d, last_ckpt, timings)
             start_step = state.step
             # A checkpoint's val_loss may predate its step (evaluated earlier, or not at all): evaluate
             # again at the end, also when a finished training is resumed with nothing left to train.
@@ -140,6 +141,8 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
                 state.tokens_seen += s.tokens_per_step
                 window.add(loss, s.tokens_per_step)
                 timings.step = time.monotonic() - t0
+                if state.step == start_step + 1:
+                    d.set_timeout(STEP_TIMEOUT)  # set-up is over: a hung rank now fails the others within minutes
 
                 if state.step % t.log_interval_steps == 0 or state.step == s.total_steps:
                     state.train_loss, tps = window.close(d)
@@ -150,15 +153,16 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
                                     "tokens_per_second": tps, **({"aux_loss": aux.item()} if aux is not None else {}),
                                     **extra})
                     if d.is_main:
-                        _log_step(_progress(s, state, last_ckpt, d, state.train_loss, lr, gnorm, tps, extra), extra)
+                        _log_step(_progress(s, state, saves.last, d, state.train_loss, lr, gnorm, tps, extra), extra)
                 if t.eval_interval_steps and state.step % t.eval_interval_steps == 0:
                     _evaluate(s, state, d, timings, f"step {state.step} |")
                     val_step = state.step
                 if (every and state.step % every == 0) or save_by_time:
-                    last_ckpt, last_save = _save(config, s, state, d, timings), time.monotonic()
+                    _save(saves, s, state, d)
+                    last_save = time.monotonic()
                 if reporter is not None and time.monotonic() - last_report >= config.metrics.progress_interval_seconds:
                     current = state.train_loss if state.train_loss is not None else loss.item()
-                    reporter.report(_progress(s, state, last_ckpt, d, current, lr, gnorm, tps, extra))
+                    reporter.report(_progress(s, state, saves.last, d, current, lr, gnorm, tps, extra))
                     last_report = time.monotonic()
 
             # ---- end: checkpoint, and on a completed budget: evaluate and export
@@ -167,8 +171,9 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
                 log.info("SIGTERM: writing a checkpoint at step %d", state.step)
             if not preempted and val_step != state.step:
                 _evaluate(s, state, d, None, "final")
-            if last_ckpt is None or last_ckpt.step != state.step:  # never the same step twice: a SIGTERM
-                last_ckpt = _save(config, s, state, d, timings)     # right after a save has it already
+            if saves.step != state.step:  # never the same step twice: a SIGTERM right after a save has it already
+                _save(saves, s, state, d, final=True)  # written before going on (within the grace period)
+            last_ckpt = saves.wait()
             output_dir = None if preempted else _export(config, s, state, d, reason, started, resumed_from)
             summary = RunSummary(
                 status="preempted" if preempted else "completed", reason=reason, step=state.step,
@@ -183,6 +188,8 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
         finally:
             if reporter is not None:
                 reporter.close()
+            if saves is not None:
+                saves.abandon(TEARDOWN_TIMEOUT.total_seconds())
             shutdown(d, sys.exc_info()[1])
 
 
@@ -374,18 +381,19 @@ def _evaluate(s: Setup, state: TrainState, d: Dist, timings: Timings | None, lab
         state.record("val_loss", val_loss)
 
 
-def _save(config: TrainerConfig, s: Setup, state: TrainState, d: Dist, timings: Timings) -> LastCheckpoint:
+def _save(saves: checkpoint.Checkpointer, s: Setup, state: TrainState, d: Dist, final: bool = False) -> None:
+    """A checkpoint of this step: written in the background (the loop goes on once the state is copied),
+    or, ``final`` or on S3, before it returns."""
     t0 = time.monotonic()
     state.loader, state.world_size, state.time = s.batches.state_dict(), d.world, rfc3339()
     state.data_digest, state.tokenizer_digest = s.dataset.digest, s.dataset.tokenizer.digest
-    state.config = config.model_dump(mode="json")
+    state.config = saves.config.model_dump(mode="json")
     state.gpu_seconds = s.gpu_seconds()
-    saved = checkpoint.save_run(config, s.model, s.optimizer, state, d,
-                                model_files=lambda folder: write_model_files(folder, s.hf_cfg, s.dataset.tokenizer))
-    timings.save = time.monotonic() - t0
+    saves.save(s.model, s.optimizer, state, final=final,
+               model_files=lambda folder: write_model_files(folder, s.hf_cfg, s.dataset.tokenizer))
     if d.is_main:
-        log.info("checkpoint %s (%.1fs)", saved.path, timings.save)
-    return saved
+        written = "written" if saves.last is not None and saves.last.step == state.step else "staged, written in the background"
+        log.info("checkpoint step %d %s (%.1fs)", state.step, written, time.monotonic() - t0)
 
 
 # ---------------------------------------------------------------------------
@@ -396,6 +404,7 @@ def _export(config: TrainerConfig, s: Setup, state: TrainState, d: Dist, reason:
             resumed_from: Path | str | None) -> str:
     """The trained model in Hugging Face format with its provenance, in output.dir (every rank takes part);
     for an s3:// output.dir, written to local scratch and uploaded, provenance.json last."""
+    d.set_timeout(SLOW_TIMEOUT)  # rank 0 alone writes the model while the others wait
     tok = s.dataset.tokenizer
     provenance = build_provenance(
         config, state, reason=reason, started=started, ended=datetime.now(timezone.utc), resumed_from=resumed_from,

@@ -7,11 +7,12 @@ import json
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
 from ..config import TrainerConfig
 from ..contract import ConfigError
 from ..runtime.dist import Dist
+from ..runtime.export import meta_model
 from ..runtime.signals import SigtermFlag, on_every_rank
 from . import base, dense, lora, moe
 from .parallel import parallelize, placed_on
@@ -96,22 +97,7 @@ def build_model(config: TrainerConfig, cfg: PretrainedConfig, d: Dist | None = N
 def on_meta(config: TrainerConfig, cfg: PretrainedConfig) -> torch.nn.Module:
     """The model on the meta device (no memory, no initialisation), but for the buffers its modules
     compute when built (the rotary embedding's frequencies), which are real, on the host."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
-    for module in model.modules():
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            _rebuild_buffers(module)
-    return _with_adapters(model, config)
-
-
-def _rebuild_buffers(module: torch.nn.Module) -> None:
-    """Build a module that computes its buffers (a Hugging Face rotary embedding: built from the model's
-    config, with no parameters) again on the host, and take its buffers."""
-    if getattr(module, "config", None) is None or next(module.parameters(recurse=False), None) is not None:
-        raise RuntimeError(f"{type(module).__name__} computes buffers when built and cannot be built again alone")
-    fresh = type(module)(module.config)
-    for name, buffer in fresh.named_buffers(recurse=False):
-        module._buffers[name] = buffer
+    return _with_adapters(meta_model(cfg), config)
 
 
 def _base_model(config: TrainerConfig, cfg: PretrainedConfig) -> torch.nn.Module:

@@ -20,6 +20,12 @@ from ..contract import TrainerError, error_named
 # Rank 0 may tokenize a large corpus while the others wait: give that wait (and
 # only that one) a long timeout on a side group, keeping the default elsewhere.
 SETUP_TIMEOUT = timedelta(hours=12)
+# The training's own collectives (the default group, and any other group the model's parallelism makes):
+# long while set-up and export run (rank 0 alone reads a base model or writes the exported one while the
+# others wait in a collective), tightened after the first step of each run, so that a rank that hangs or
+# died fails the others within minutes rather than an hour.
+SLOW_TIMEOUT = timedelta(hours=1)
+STEP_TIMEOUT = timedelta(minutes=10)
 # How long a rank leaving the process group waits for the others to leave too (see shutdown).
 TEARDOWN_TIMEOUT = timedelta(minutes=2)
 
@@ -36,6 +42,9 @@ class Dist:
     setup_group: object = None
     group_of_one: bool = False
     """One process with a one-rank process group of its own (init_distributed): FSDP2 applies as on many."""
+    checkpoint_group: object = None
+    """A gloo group of its own for the checkpoints' collectives: a checkpoint written in the background
+    (runtime/checkpoint.py) runs them in another thread, beside the training's, and keeps SETUP_TIMEOUT."""
 
     @property
     def is_main(self) -> bool:
@@ -55,9 +64,9 @@ class Dist:
         """Nodes of the run, as torchrun starts the same number of workers on each (LOCAL_WORLD_SIZE)."""
         return max(self.world // max(self.local_world, 1), 1)
 
-    def barrier(self) -> None:
+    def barrier(self, group=None) -> None:
         if self.distributed:
-            dist.barrier()
+            dist.barrier(group=group)
 
     def broadcast_object(self, obj, src: int = 0, group=None):
         """obj from src on every rank (a no-op in one process)."""
@@ -108,6 +117,21 @@ class Dist:
         if failures:
             rank, (kind, message) = failures[0]
             raise _on_every_rank_too(_shared_error(rank, what, kind, message))
+
+    def set_timeout(self, timeout: timedelta) -> None:
+        """``timeout`` for the training's collectives from now on: the default group and every group
+        the model's parallelism made, not the side groups (set-up, checkpoints). Every rank calls it at
+        the same point; a barrier first lets each finish what ran under the previous timeout."""
+        if not (self.distributed and dist.is_initialized()):
+            return
+        self.barrier()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        side = {id(self.setup_group), id(self.checkpoint_group)}
+        groups = [dist.group.WORLD, *getattr(dist.distributed_c10d._world, "pg_map", {})]
+        set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # torch < 2.12
+        for group in {id(g): g for g in groups if id(g) not in side}.values():
+            set_timeout(timeout, group)
 
     def max_flags(self, flags: list[int]) -> list[int]:
         """Element-wise max over ranks, so every rank takes the same decision."""
@@ -160,10 +184,12 @@ def init_distributed() -> Dist:
             return Dist(device=device)
         dist.init_process_group(backend="nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
                                 device_id=device if cuda else None)
-        return Dist(device=device, group_of_one=True)
+        return Dist(device=device, group_of_one=True, checkpoint_group=dist.new_group(backend="gloo"))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=SLOW_TIMEOUT)
     setup_group = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
+    checkpoint_group = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
     return Dist(
         rank=dist.get_rank(),
         world=dist.get_world_size(),
@@ -171,6 +197,7 @@ def init_distributed() -> Dist:
         local_world=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
         device=device,
         setup_group=setup_group,
+        checkpoint_group=checkpoint_group,
     )
 
 
@@ -188,6 +215,7 @@ def shutdown(d: Dist, error: BaseException | None = None, timeout: timedelta = T
     join, and torchrun restarts the group once this process exits."""
     if d.group_of_one and dist.is_initialized():
         dist.destroy_process_group()
+        d.checkpoint_group = None
         return
     if not (d.distributed and dist.is_initialized()):
         return
@@ -202,7 +230,7 @@ def shutdown(d: Dist, error: BaseException | None = None, timeout: timedelta = T
     # Free the groups' gloo threads now, not during interpreter finalization: an error raised through
     # on_main/on_every_rank keeps this Dist alive in a reference cycle (exception -> traceback ->
     # frame -> exception), and a group destroyed that late aborts the process.
-    d.setup_group = None
+    d.setup_group = d.checkpoint_group = None
     gc.collect()
 
 

@@ -58,12 +58,17 @@ def export(out_dir: str | Path, model, hf_cfg: PretrainedConfig, tokenizer: Expo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
     try:
-        # A fresh plain model: the trained one may be sharded or compiled.
-        plain = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=torch.float32)
+        # A plain model (the trained one may be sharded or compiled), built empty on the meta device and
+        # given the gathered tensors themselves: no second copy of the weights, no initialisation.
+        plain = meta_model(hf_cfg)
         trained = adapters.wrap(plain) if adapters is not None else plain
-        missing, unexpected = trained.load_state_dict(state, strict=False)
-        tied = _tied_keys(plain)
-        if unexpected or [k for k in missing if not any(k == t or k.endswith("." + t) for t in tied)]:
+        dtypes = {k: v.dtype for k, v in trained.state_dict().items()}
+        state = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in state.items()}
+        missing, unexpected = trained.load_state_dict(state, strict=False, assign=True)
+        if getattr(plain.config, "tie_word_embeddings", False):
+            plain.tie_weights()  # the output head is the (new) embedding again
+        empty = [n for n, t in (*trained.named_parameters(), *trained.named_buffers()) if t.is_meta]
+        if unexpected or empty:
             raise RuntimeError(f"export: state dict mismatch (missing {missing}, unexpected {unexpected})")
         for_inference(plain.config)
         plain.generation_config = generation_config(tokenizer)
@@ -113,7 +118,22 @@ def write_model_files(folder: Path, hf_cfg: PretrainedConfig, tokenizer: Exporte
     tokenizer.save_pretrained(folder)
 
 
-def _tied_keys(model) -> set[str]:
-    if getattr(model.config, "tie_word_embeddings", False):
-        return {"lm_head.weight"}
-    return set()
+def meta_model(cfg: PretrainedConfig) -> torch.nn.Module:
+    """The plain model on the meta device (no memory, no initialisation), but for the buffers its modules
+    compute when built (the rotary embedding's frequencies), which are real, on the host."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    for module in model.modules():
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            _rebuild_buffers(module)
+    return model
+
+
+def _rebuild_buffers(module: torch.nn.Module) -> None:
+    """Build a module that computes its buffers (a Hugging Face rotary embedding: built from the model's
+    config, with no parameters) again on the host, and take its buffers."""
+    if getattr(module, "config", None) is None or next(module.parameters(recurse=False), None) is not None:
+        raise RuntimeError(f"{type(module).__name__} computes buffers when built and cannot be built again alone")
+    fresh = type(module)(module.config)
+    for name, buffer in fresh.named_buffers(recurse=False):
+        module._buffers[name] = buffer
