@@ -26,8 +26,11 @@ def killed_mid_save(tmp_path_factory, corpus, shared_cache):
     log = open(work / "first.log", "w")
     proc = subprocess.Popen(trainer_cmd(config_path), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                             env={**os.environ, SLEEP_ENV: "3"})
-    # The hook sleeps after the shards are written and before the commit.
+    # The hook sleeps after the shards are written and before the commit, in the background: the loop
+    # goes on training meanwhile.
     wait_for(lambda: (ckpt / "step-00000020.tmp" / ".metadata").exists(), proc)
+    wait_for(lambda: "step 21/30" in (work / "first.log").read_text(), proc)
+    assert not (ckpt / "step-00000020").exists()
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     return cfg, config_path
@@ -65,17 +68,21 @@ def test_a_killed_run_resumes_to_the_same_loss_as_an_uninterrupted_one(killed_mi
 
 
 def test_sigterm_checkpoints_and_exits_75(tmp_path, corpus, shared_cache):
+    """SIGTERM while a checkpoint is written in the background: that one is committed, then the last one is
+    written before the process exits."""
     cfg = tiny_config(tmp_path, corpus, shared_cache, training__budget={"max_steps": 100_000}, training__schedule="constant",
                       checkpoint__interval_steps=10)
     log = open(tmp_path / "log", "w")
-    proc = subprocess.Popen(trainer_cmd(write_config(cfg, tmp_path / "config.yaml")), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    wait_for(lambda: is_complete(Path(cfg.checkpoint.dir) / "step-00000010"), proc)
+    proc = subprocess.Popen(trainer_cmd(write_config(cfg, tmp_path / "config.yaml")), stdout=log, stderr=subprocess.STDOUT,
+                            cwd=REPO, env={**os.environ, SLEEP_ENV: "1"})
+    wait_for(lambda: (Path(cfg.checkpoint.dir) / "step-00000010.tmp" / ".metadata").exists(), proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == ExitCode.PREEMPTED
     message = read_termination(cfg)
     assert message["status"] == "preempted" and message["reason"] == "sigterm" and message["step"] >= 10
     latest = find_latest(cfg.checkpoint.dir)
     assert latest.name == f"step-{message['step']:08d}" and message["checkpoint"] == str(latest)
+    assert is_complete(Path(cfg.checkpoint.dir) / "step-00000010") and message["lastCheckpoint"]["step"] == message["step"]
     assert not Path(cfg.output.dir).exists()  # preempted runs resume; they do not export
 
 

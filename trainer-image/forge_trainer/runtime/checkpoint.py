@@ -53,8 +53,8 @@ LATEST = "latest"
 # so a test can kill the process mid-save deterministically.
 SLEEP_ENV = "FORGE_TEST_SLEEP_IN_SAVE"
 
-# "assuming the intent is to save (load) in a single process": it is; a background save warns in its thread
-warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process", category=UserWarning)
+# "assuming the intent is to save in a single process": it is (a background save warns in its own thread)
+warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process", category=UserWarning)
 
 
 class TrainState(BaseModel):
@@ -246,7 +246,9 @@ def _commit(root: Path, tmp: Path, state_json: str, keep_last: int, line: str | 
 def _write_shards(folder: Path, model, optimizer, d: Dist) -> None:
     """Every rank writes its DCP shards and its RNG state into ``folder``; returns when all have."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder), process_group=d.checkpoint_group)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder), process_group=d.checkpoint_group)
     _write_rng(folder, d)
     _sleep_in_save()
     d.barrier(d.checkpoint_group)
@@ -269,7 +271,9 @@ def load(path: Path, model, optimizer, d: Dist) -> TrainState:
     """Restore model, optimizer and this rank's RNG from a checkpoint; returns its trainer state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / "rng" / f"rank-{d.rank:05d}.pt"
     if rng_file.exists():  # absent when resuming on more ranks than saved
