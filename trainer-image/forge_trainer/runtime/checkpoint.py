@@ -12,9 +12,9 @@ Layout of checkpoint.dir:
     step-00001000.tmp/        a checkpoint being written (ignored, removed on the next save)
     latest                    the name of the newest complete checkpoint
 
-All ranks write into `step-N.tmp/`; rank 0 then writes trainer_state.json,
-renames the directory and finally replaces `latest` (itself via a temporary
-file and rename). A kill at any moment leaves the previous checkpoint, and
+All ranks write into `step-N.tmp/` (during the training, in the background: Checkpointer); once
+every rank has, rank 0 writes trainer_state.json, renames the directory and finally replaces `latest`
+(itself via a temporary file and rename). A kill at any moment leaves the previous checkpoint, and
 `latest`, valid. DCP reshards on load, so a run may resume on another world size.
 A checkpoint.dir that is an s3:// prefix keeps the same layout there (s3checkpoint.py).
 """
