@@ -197,6 +197,7 @@ class StagingWriter(FileSystemWriter):
         self._pin_memory, self._staged = pin_memory, None
 
     def stage(self, state_dict):
+        self.per_thread_copy_ahead = 0  # as FileSystemWriter.stage: what it writes is on the host already
         if self._staged is None:
             self._staged = _create_cpu_state_dict(state_dict, pin_memory=self._pin_memory)
         return _copy_state_dict(state_dict, self._staged)
