@@ -69,4 +69,4 @@ EVAL_GPUS = 1
 
 # The operator process (the Helm chart may override it through its environment)
 RESYNC_SECONDS = 15.0  # how often an unfinished resource is looked at again without any event
-RECONCILE_WORKERS = 4  # threads reconciling keys from the work queue (one object is never in two at once)
+RECONCILE_WORKERS = 16  # threads reconciling keys from the work queue (one object is never in two at once)
