@@ -235,6 +235,23 @@ class DevCluster:
         return Path(pv["spec"]["hostPath"]["path"])
 
     # -- helpers for callers -------------------------------------------------
+    def wait_established(self, *what: str, timeout: float = 60.0) -> None:
+        """Wait until the CRDs ``what`` names (``crd/NAME ...`` or ``-f PATH``) are Established. ``kubectl wait
+        --for=condition=Established`` fails instead of waiting when it reads a CRD whose status has no
+        conditions yet, right after the apply."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.kubectl("get", *what, "-o", "json", check=False)
+            if out.returncode == 0:
+                doc = json.loads(out.stdout)
+                items = doc.get("items", []) if doc.get("kind") == "List" else [doc]
+                if items and all(any(c.get("type") == "Established" and c.get("status") == "True"
+                                     for c in (i.get("status") or {}).get("conditions") or []) for i in items):
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"CRDs {' '.join(what)} not Established after {timeout:.0f}s: {out.stderr.strip()}")
+            time.sleep(0.5)
+
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         """kubectl against this cluster, with a discovery cache of its own (the cache is keyed by
         host:port, and another cluster may have had this port before). ``check`` raises with stderr."""

@@ -47,7 +47,7 @@ class Kueue:
 
     def install_crds(self) -> None:
         self.cluster.kubectl("apply", "--server-side", "-f", str(self.bin / "crds"))
-        self.cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(self.bin / "crds"))
+        self.cluster.wait_established("-f", str(self.bin / "crds"))
         deadline = time.monotonic() + 60
         while "localqueues" not in self.cluster.kubectl("api-resources", "--api-group=kueue.x-k8s.io",
                                                          check=False).stdout:

@@ -44,8 +44,7 @@ def quiet_kube(tmp_path_factory):
     c.up()
     try:
         c.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-        c.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/forgetrainings.forge.dev",
-                  "crd/forgeevals.forge.dev")
+        c.wait_established("crd/forgetrainings.forge.dev", "crd/forgeevals.forge.dev")
         ns = f"api-load-{uuid.uuid4().hex[:6]}"
         c.kubectl("create", "namespace", ns)
         kube = Kube(c, ns)

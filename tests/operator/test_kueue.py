@@ -47,7 +47,7 @@ def kueue_cluster(tmp_path_factory):
     kueue = Kueue(c, c.dir / "kueue")
     try:
         c.kubectl("apply", "--server-side", "-f", str(ROOT / "crds"))
-        c.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/forgetrainings.forge.dev")
+        c.wait_established("crd/forgetrainings.forge.dev")
         yield c, kueue
     finally:
         kueue.stop()
