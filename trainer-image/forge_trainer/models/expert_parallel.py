@@ -97,10 +97,12 @@ def shard_experts(experts: torch.nn.Module, group) -> None:
         raise ConfigError(f"model.architecture.num_experts {num_experts} is not a multiple of the "
                           f"{ep} expert-parallel workers")
     local = num_experts // ep
-    for name, p in list(experts.named_parameters(recurse=False)):
+    params = list(experts.named_parameters(recurse=False))
+    for name, p in params:
         if p.shape[0] != num_experts:
             raise ConfigError(f"expert parallelism: {type(experts).__name__}.{name} has {p.shape[0]} rows, "
                               f"not one per expert ({num_experts})")
+    for name, p in params:
         piece = p.detach()[rank * local:(rank + 1) * local].clone()
         experts.register_parameter(name, torch.nn.Parameter(piece, requires_grad=p.requires_grad))
     experts.num_experts = local
