@@ -1,6 +1,7 @@
 """Expert parallelism (models/expert_parallel.py) on 2 and 4 gloo workers: a Qwen3-MoE layer whose experts
 are split over the workers, the tokens sent to them by all-to-all, computes what the whole layer computes on
-one worker, forward and backward, also where a worker's experts receive no tokens at all."""
+one worker, forward and backward, also where a worker's experts receive no tokens at all, and under
+activation checkpointing."""
 
 from __future__ import annotations
 
@@ -46,13 +47,17 @@ def _gap(a: torch.Tensor | None, b: torch.Tensor) -> float:
     return (b if a is None else a - b).abs().max().item()
 
 
-def _block(d: Dist) -> dict:
+def _block(d: Dist, checkpointing: str) -> dict:
     """A whole sparse MoE block (router, then experts): this worker's tokens through the split block,
-    against every worker's tokens through the whole block."""
+    against every worker's tokens through the whole block; the split block under activation checkpointing
+    (models/parallel.py) recomputes its dispatch and combine, exchanges included, in the backward pass."""
     import torch.distributed as dist
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
+    from forge_trainer.models.parallel import checkpoint_block
+
     whole, split = _whole_and_split(Qwen3MoeSparseMoeBlock, _config("grouped_mm"), dist.group.WORLD)
+    checkpoint_block(split, checkpointing)
     data = _inputs(d.world, TOKENS)
     x = data[d.rank][0].clone().requires_grad_()
     out = split(x.view(2, TOKENS // 2, HIDDEN))
@@ -118,14 +123,17 @@ def _refused(d: Dist) -> str:
 
 
 def _all(d: Dist) -> dict:
-    return {"block": _block(d), "skewed grouped_mm": _skewed(d, "grouped_mm"), "skewed loop": _skewed(d, "eager"),
-            "refused": _refused(d)}
+    return {**{f"block, {mode} checkpointing": _block(d, mode) for mode in ("none", "selective", "full")},
+            "skewed grouped_mm": _skewed(d, "grouped_mm"), "skewed loop": _skewed(d, "eager"), "refused": _refused(d)}
 
 
 def _check(results: list[dict], world: int) -> None:
     for rank, result in enumerate(results):
-        assert result["block"].pop("local experts") == EXPERTS // world
-        for case in ("block", "skewed grouped_mm", "skewed loop"):
+        cases = [case for case in result if case != "refused"]
+        assert len(cases) == 5
+        for case in cases:
+            if case.startswith("block"):
+                assert result[case].pop("local experts") == EXPERTS // world
             received = result[case].pop("received", None)
             if received is not None:  # the last worker's experts get no rows; the others get some
                 assert (received == 0) == (rank == world - 1), (case, rank, received)
