@@ -50,6 +50,24 @@ def test_the_blocks_linear_layers_compute_in_fp8_not_the_head(tmp_path, corpus):
     assert set(plain.values()) == {"Linear"} and plain.keys() == kinds.keys()
 
 
+def test_an_fp8_step_computes_the_loss_and_gradients_of_a_bf16_step(tmp_path, corpus):
+    """The same weights, the same 2 x 45 tokens (no multiple of 16), bf16 autocast: FP8's quantisation
+    moves the loss and the gradients a little, not their direction."""
+    rows = torch.randint(0, VOCAB, (2, 46), generator=torch.Generator().manual_seed(3))
+    results = []
+    for cfg in (tiny_config(tmp_path, corpus, training__precision="bf16"), _fp8(tmp_path, corpus)):
+        model = build_model(cfg, hf_config(cfg, VOCAB, 0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = Pretrain(cfg).loss(model, rows).total
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.flatten().float() for n, p in model.named_parameters()}))
+    (bf16_loss, bf16_grads), (fp8_loss, fp8_grads) = results
+    assert fp8_loss == pytest.approx(bf16_loss, rel=0.01)
+    for name, grad in bf16_grads.items():
+        similarity = torch.nn.functional.cosine_similarity(grad, fp8_grads[name], dim=0).item()
+        assert similarity > 0.95, (name, similarity)
+
+
 def test_an_moe_model_keeps_its_experts_and_routers_in_bf16(tmp_path, corpus):
     cfg = _fp8(tmp_path, corpus, model__architecture=MOE)
     model = build_model(cfg, hf_config(cfg, VOCAB, 0))
@@ -59,7 +77,7 @@ def test_an_moe_model_keeps_its_experts_and_routers_in_bf16(tmp_path, corpus):
     assert kinds == {**attention, **{f"model.layers.{i}.mlp.experts": "Qwen3MoeExperts" for i in (0, 1)},
                      **{f"model.layers.{i}.mlp.gate": "Qwen3MoeTopKRouter" for i in (0, 1)}, "lm_head": "Linear"}
     # the experts' widths (24) are no multiple of 16: they are not FP8 layers, so the model is accepted
-    loss = Pretrain(cfg).loss(model, torch.randint(0, VOCAB, (2, 33)))
+    loss = Pretrain(cfg).loss(model, torch.randint(0, VOCAB, (2, 30)))  # 58 tokens: no multiple of 16
     loss.total.backward()
     assert torch.isfinite(loss.total) and all(p.grad is not None for p in model.parameters())
 

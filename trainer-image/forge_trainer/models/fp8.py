@@ -82,7 +82,9 @@ def convert(model: torch.nn.Module, blocks: list[torch.nn.Module], sharded: bool
     linears = fp8_linears(model, blocks)
     check_dims(linears)
     chosen = {id(m) for m in linears.values()}
-    config = Float8LinearConfig(enable_fsdp_float8_all_gather=sharded)
+    # pad_inner_dim: the weight gradient's product runs over the micro-batch's tokens, which need not be a
+    # multiple of 16 (a GRPO row is as long as its completion); torchao pads that inner dimension with zeros.
+    config = Float8LinearConfig(enable_fsdp_float8_all_gather=sharded, pad_inner_dim=True)
     convert_to_float8_training(model, config=config, module_filter_fn=lambda m, _fqn: id(m) in chosen)
     return list(linears)
 
