@@ -209,3 +209,33 @@ def test_two_workers_gather_fp8_weights_rescale_after_each_step_and_resume(tmp_p
         for name, value in r["saved"].items():
             assert torch.equal(r["loaded"][name], value), name
     assert results[0]["scales"] == results[1]["scales"]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_base_moe_models_router_and_experts_stay_in_bf16(tmp_path, corpus, family):
+    from sft_helpers import make_base
+
+    base = make_base(tmp_path, family)
+    cfg = _fp8(tmp_path, corpus, method="continued-pretrain", model={"base_path": str(base)},
+               tokenizer={"from_base": True})
+    model = build_model(cfg, hf_config(cfg, VOCAB, 0))
+    fp8_layers = {name.split(".", 3)[-1] for name, m in model.named_modules() if isinstance(m, Float8Linear)}
+    assert fp8_layers == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+
+
+@pytest.mark.slow
+def test_grpo_trains_in_fp8_beside_a_bf16_reference(tmp_path, monkeypatch):
+    """GRPO samples with the FP8 policy (rows as long as their completions) and holds it near a plain copy
+    of the starting weights (the KL term)."""
+    from sft_helpers import make_base
+    from test_grpo import grpo_config, write_prompts
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    data = write_prompts(tmp_path / "data" / "p.jsonl")
+    cfg = grpo_config(tmp_path, make_base(tmp_path / "bases", "llama"), data, {"beta": 0.1},
+                      training__precision="fp8", training__budget={"max_steps": 2})
+    summary = forge_trainer.run(cfg)
+    assert [x["step"] for x in summary.history] == [1, 2]
+    assert all(torch.isfinite(torch.tensor([x["loss"], x["kl"]])).all() for x in summary.history)
+    assert AutoModelForCausalLM.from_pretrained(summary.output_dir) is not None
