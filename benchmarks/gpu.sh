@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/benchmarks.md, on a machine with one or more NVIDIA GPUs and the trainer's
 # Python packages (the trainer image, or .venv): tokens/s, MFU and peak memory of the dense ~1B and
-# the small MoE presets, eager and compiled, on one GPU and (with more than one) on all of them with
-# FSDP2; then the same models under transformers.Trainer for the ratio. MFU's formula is in
+# the small MoE presets, eager and compiled (the trainer's default on GPUs: training.compile unset), on
+# one GPU and (with more than one) on all of them with FSDP2; then the same models under transformers.Trainer for the ratio. MFU's formula is in
 # benchmarks/throughput.py's docstring.
 #   benchmarks/gpu.sh [LOG]            # prints everything, and keeps it in LOG (default gpu-benchmarks.log)
 #   benchmarks/gpu.sh --check [LOG]    # the same steps on CPU with the tiny preset: checks the script itself
@@ -38,11 +38,11 @@ run() {
   "$python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
   echo
   for preset in "${presets[@]}"; do
-    run "$python" benchmarks/throughput.py --preset "$preset" "${steps[@]}"
-    run "$python" benchmarks/throughput.py --preset "$preset" --compile "${steps[@]}"
+    run "$python" benchmarks/throughput.py --preset "$preset" --no-compile "${steps[@]}"
+    run "$python" benchmarks/throughput.py --preset "$preset" "${steps[@]}"  # the default: compiled on a GPU
     if [ "$gpus" -gt 1 ]; then
       run "$python" -m torch.distributed.run --standalone --nproc-per-node "$gpus" benchmarks/throughput.py \
-        --preset "$preset" --compile "${steps[@]}"
+        --preset "$preset" "${steps[@]}"
     fi
     run "$python" benchmarks/throughput.py --preset "$preset" --against hf --rounds 1 "${steps[@]}"
   done

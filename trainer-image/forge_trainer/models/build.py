@@ -9,6 +9,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import PretrainedConfig
 
+from .. import defaults
 from ..config import TrainerConfig
 from ..contract import ConfigError
 from ..runtime.dist import Dist
@@ -77,21 +78,29 @@ def build_model(config: TrainerConfig, cfg: PretrainedConfig, d: Dist | None = N
     training.sharding) whenever ``d`` has a process group, one process included (train.run's)."""
     d = d or Dist()
     t = config.training
+    compile = compiles(config, d.device)
     if config.model.base_path is not None and not d.distributed:
-        return parallelize(_base_model(config, cfg), d, bf16, t.compile, t.activation_checkpointing,
+        return parallelize(_base_model(config, cfg), d, bf16, compile, t.activation_checkpointing,
                            placed_on(d.device), t.sharding)
     model = on_meta(config, cfg)
     if config.model.base_path is None:
         torch.manual_seed(t.seed)
-        return parallelize(model, d, bf16, t.compile, t.activation_checkpointing, _initialised(model, d.device),
+        return parallelize(model, d, bf16, compile, t.activation_checkpointing, _initialised(model, d.device),
                            t.sharding)
     holder = {}
     d.on_every_rank(lambda: holder.update(state=_base_model(config, cfg).state_dict()) if d.is_main else None,
                     f"loading model.base_path {config.model.base_path}")
-    model = parallelize(model, d, bf16, t.compile, t.activation_checkpointing, placed_on(d.device), t.sharding)
+    model = parallelize(model, d, bf16, compile, t.activation_checkpointing, placed_on(d.device), t.sharding)
     set_model_state_dict(model, holder.get("state", {}),
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
+
+
+def compiles(config: TrainerConfig, device: torch.device) -> bool:
+    """Whether the blocks are compiled: training.compile, or when it is not set, by the device
+    (``defaults.compile_blocks``: on GPUs, not on CPUs)."""
+    t = config.training
+    return t.compile if t.compile is not None else defaults.compile_blocks(device.type)
 
 
 def on_meta(config: TrainerConfig, cfg: PretrainedConfig) -> torch.nn.Module:
