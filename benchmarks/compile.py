@@ -18,13 +18,14 @@ and the graph breaks: `torch._dynamo.explain` of one plain block (its forward, a
 it), and dynamo's graph-break counter over the compiled training run (sharded, backward included).
 
     .venv/bin/python benchmarks/compile.py                      # both models, CPU
-    .venv/bin/python benchmarks/compile.py --models moe --steps 40
+    .venv/bin/python benchmarks/compile.py --models dense --steps 40 --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import time
 
@@ -45,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="dense,moe", help=f"comma-separated, of {','.join(MODELS)}")
     parser.add_argument("--steps", type=int, help="steps per run (default: per model)")
+    parser.add_argument("--threads", type=int, help="torch's intra-op threads (default: torch's own, one per core)")
     return parser.parse_args(argv)
 
 
@@ -142,10 +144,13 @@ def main(argv=None) -> None:
     from forge_trainer.runtime.dist import init_distributed, shutdown
 
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = [n for n in args.models.split(",") if n]
     d = init_distributed()
     try:
-        print(f"torch {torch.__version__}, {d.device.type}, {torch.get_num_threads()} threads, fp32")
+        print(f"torch {torch.__version__}, {d.device.type}, {torch.get_num_threads()} threads, fp32, "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         for name in names:
             shape = MODELS[name]
             steps = args.steps or shape["steps"]
@@ -185,6 +190,7 @@ def main(argv=None) -> None:
             print(f"dynamo over the compiled run: {graphs} unique graph(s), graph breaks: "
                   + (", ".join(f"{reason[:120]!r} x{n}" for reason, n in breaks.items()) or "none"))
             loss_gap = max(abs(a - b) for a, b in zip(e.losses, c.losses))
+            print(f"load average now: {os.getloadavg()[0]:.1f}")
             print(f"largest loss difference compiled vs eager over the run: {loss_gap:.2e}")
     finally:
         shutdown(d)

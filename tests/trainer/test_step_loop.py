@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from test_distributed import _free_port
 from trainer_helpers import REPO, tiny_config
 
 import forge_trainer
+from forge_trainer.contract import ConfigError
 from forge_trainer.models.build import build_model, compiles, hf_config
 from forge_trainer.models.parallel import blocks
 from forge_trainer.runtime.dist import ALLOCATOR_CONF, EXPANDABLE_SEGMENTS, Dist, default_allocator_conf
@@ -29,6 +31,19 @@ ALLOCATOR_NAMES = (ALLOCATOR_CONF, "PYTORCH_ALLOC_CONF")
 def test_blocks_compile_on_gpus_unless_training_compile_says(tmp_path, setting, device, compiled):
     cfg = tiny_config(tmp_path, tmp_path, training__compile=setting)
     assert compiles(cfg, torch.device(device)) is compiled
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_without_the_compiler_torch_compile_needs_the_default_is_eager_and_true_is_refused(tmp_path, monkeypatch,
+                                                                                          device):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    for name in ("CC", "CXX"):
+        monkeypatch.delenv(name, raising=False)
+    assert not compiles(tiny_config(tmp_path, tmp_path), torch.device(device))
+    with pytest.raises(ConfigError, match="^config error: training.compile: torch.compile needs a C.* compiler"):
+        compiles(tiny_config(tmp_path, tmp_path, training__compile=True), torch.device(device))
+    monkeypatch.setenv("CC" if device == "cuda" else "CXX", "/opt/cc")
+    assert compiles(tiny_config(tmp_path, tmp_path), torch.device("cuda")) is (device == "cuda")
 
 
 @pytest.mark.parametrize("setting", [None, True])

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
+from . import defaults
 from .config import BudgetConfig, TrainerConfig
 from .contract import ConfigError, ExitCode, LastCheckpoint, Progress, TerminationMessage, rfc3339
 from .methods import Batches, Dataset, Method, build_method
-from .models.build import build_model, check_model, compiles, describe, hf_config, preflight
+from .models.build import build_model, check_model, compiles, describe, hf_config, missing_compiler, preflight
 from .models.lora import LoraExport, trainable_parameters
 from .models.stats import ModelStats, peak_flops
 from .runtime import checkpoint
@@ -265,6 +266,8 @@ def _set_up(config: TrainerConfig, d: Dist, stop: SigtermFlag) -> Setup:
         signing_key=signing_key(config) if d.is_main else None, gpus=d.world if d.device.type == "cuda" else 0,
     )
     method.start(model, s.autocast, d)  # before any checkpoint is loaded: dpo's reference is the starting model
+    if d.is_main and t.compile is None and defaults.compile_blocks(d.device.type) and not compiles(config, d.device):
+        log.warning("training.compile: the blocks run eager, as torch.compile needs %s", missing_compiler(d.device))
     if d.is_main:
         log.info(
             "%s: %s %.1fM params (%.1fM active non-embedding), %d worker(s) on %s, %s, %s, %d micro-steps x %d seqs x %d tokens per worker, %s steps",

@@ -4,6 +4,8 @@ the checks that it can run here, and its weights (seeded random init, or the bas
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -61,6 +63,7 @@ def check_model(config: TrainerConfig, cfg: PretrainedConfig, d: Dist, bf16: boo
 def preflight(config: TrainerConfig, d: Dist, bf16: bool, stop: SigtermFlag) -> None:
     """check_model with the configured vocabulary size, before any data is tokenized (it runs again
     with the real tokenizer once that exists)."""
+    compiles(config, d.device)  # training.compile true without the compiler it needs: refused before any data
     arch, train = config.model.architecture, config.tokenizer.train
     vocab = (arch and arch.vocab_size) or (train and train.vocab_size) or 1
     check_model(config, hf_config(config, vocab, 0), d, bf16, stop)
@@ -98,9 +101,26 @@ def build_model(config: TrainerConfig, cfg: PretrainedConfig, d: Dist | None = N
 
 def compiles(config: TrainerConfig, device: torch.device) -> bool:
     """Whether the blocks are compiled: training.compile, or when it is not set, by the device
-    (``defaults.compile_blocks``: on GPUs, not on CPUs)."""
+    (``defaults.compile_blocks``: on GPUs, not on CPUs) if the compiler torch.compile needs is there.
+    training.compile true without that compiler is refused."""
     t = config.training
-    return t.compile if t.compile is not None else defaults.compile_blocks(device.type)
+    if t.compile is False or (t.compile is None and not defaults.compile_blocks(device.type)):
+        return False
+    missing = missing_compiler(device)
+    if missing is not None and t.compile:
+        raise ConfigError(f"training.compile: torch.compile needs {missing}; install one in the image, "
+                          "or set training.compile to false")
+    return missing is None
+
+
+def missing_compiler(device: torch.device) -> str | None:
+    """What torch.compile lacks here to build its kernels (None: nothing): on a GPU, Triton builds each
+    kernel's launcher with a C compiler (CC, gcc or clang, as Triton looks for it); on a CPU, Inductor
+    writes C++ (CXX, g++ or clang++). The slim runtime images of PyTorch had neither."""
+    variable, names, what = (("CC", ("gcc", "clang"), "a C compiler for Triton") if device.type == "cuda"
+                             else ("CXX", ("g++", "clang++"), "a C++ compiler for Inductor"))
+    found = [os.environ[variable]] if os.environ.get(variable) else [shutil.which(n) for n in names]
+    return None if any(found) else f"{what} ({variable}, {' or '.join(names)}), and none was found"
 
 
 def on_meta(config: TrainerConfig, cfg: PretrainedConfig) -> torch.nn.Module:
