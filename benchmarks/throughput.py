@@ -10,6 +10,7 @@ and on CUDA, in one process or under torchrun.
     python benchmarks/throughput.py --preset llama-1b               # compiled: the trainer's default on GPUs
     python benchmarks/throughput.py --preset llama-1b --no-compile  # eager
     python benchmarks/throughput.py --preset moe-small
+    python benchmarks/throughput.py --preset llama-1b --precision fp8   # GPUs of capability >= 8.9
     # 8 GPUs
     torchrun --nproc-per-node 8 benchmarks/throughput.py --preset llama-1b
     # against Hugging Face transformers.Trainer, same model, rows, optimizer and precision, in one process
@@ -67,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile each block, or not (--no-compile); default: as the trainer decides "
                              "(training.compile unset: on GPUs, not on CPUs)")
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32", "fp8"], default="auto",
+                        help="fp8: the transformer blocks' linear layers in FP8 (training.precision fp8)")
     parser.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s of one device, for MFU")
     parser.add_argument("--against", choices=["hf"], help="also train the same model with transformers.Trainer")
     parser.add_argument("--variants", default=",".join(VARIANTS),
@@ -113,7 +115,11 @@ class Bench:
                          "schedule": "constant", "budget": {"max_steps": args.steps + args.warmup}},
         })
         t = config.training
-        bf16 = t.precision == "bf16" or (t.precision == "auto" and d.device.type == "cuda")
+        bf16 = t.precision in ("bf16", "fp8") or (t.precision == "auto" and d.device.type == "cuda")
+        if t.precision == "fp8":
+            from forge_trainer.models.fp8 import check_device
+
+            check_device(d.device)
         cfg = hf_config(config, vocab, 0)
         stats = model_stats(cfg, seq_len)
         check_fits(cfg, stats, config, d.world, d.local_world, d.device, bf16)
@@ -148,6 +154,10 @@ def forge_run(b: Bench, rows, compile: bool | None) -> tuple[float, float]:
     t = b.config.training
     model = b.new_model(compile, placed=True)
     optimizer = build_optimizer(model, t, b.d.device)
+    if t.precision == "fp8":
+        from forge_trainer.models.fp8 import rescale_after_steps
+
+        rescale_after_steps(optimizer, model)
     autocast = torch.autocast(b.d.device.type, dtype=torch.bfloat16) if b.bf16 else contextlib.nullcontext()
     method = Pretrain(b.config)  # its loss only
     n, losses = b.rows_per_step, []
@@ -216,7 +226,8 @@ def print_setup(b: Bench, compile: bool | str) -> None:
     name = torch.cuda.get_device_name(b.d.device) if b.d.device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"model: {b.cfg.model_type} {a.preset} {s.params / 1e6:,.1f}M params, {s.active_params / 1e6:,.1f}M counted in "
           f"FLOPs (non-embedding, active experts, output layer), {s.flops_per_token / 1e6:,.1f} MFLOP/token")
-    print(f"setup: {b.d.world} x {name}, {'bf16' if b.bf16 else 'fp32'}, compile={compile}, "
+    precision = "fp8" if b.config.training.precision == "fp8" else "bf16" if b.bf16 else "fp32"
+    print(f"setup: {b.d.world} x {name}, {precision}, compile={compile}, "
           f"seq {b.seq_len} x micro-batch {b.micro} x accum {a.grad_accum}, {a.warmup} warmup + {a.steps} timed steps")
 
 
@@ -269,7 +280,16 @@ def print_summary(results: dict[str, list[tuple[float, float]]]) -> None:
 def main(argv=None) -> None:
     from forge_trainer.runtime.dist import shutdown
 
-    b = Bench.create(parse_args(argv))
+    args = parse_args(argv)
+    if args.against == "hf" and args.precision == "fp8":
+        raise SystemExit("throughput.py: --against hf compares bf16 or fp32 loops (transformers.Trainer has no "
+                         "torchao FP8 path here); run --precision fp8 without --against")
+    from forge_trainer.contract import ConfigError
+
+    try:
+        b = Bench.create(args)
+    except ConfigError as e:
+        raise SystemExit(f"throughput.py: {e}") from None
     try:
         against_hf(b) if b.args.against == "hf" else own(b)
     finally:

@@ -327,3 +327,42 @@ def test_sharding_and_document_masking_reach_the_trainer(tmp_path):
     del bare["spec"]["training"]["sharding"], bare["spec"]["training"]["documentMasking"]
     cfg = _by_the_operator(bare, tmp_path)
     assert (cfg.training.sharding, cfg.method.document_masking) == ("FullShard", False)
+
+
+FP8_SHAPES = [  # family, hiddenSize, numAttentionHeads, numKeyValueHeads, intermediateSize, accepted
+    ("dense", 512, 8, None, None, True),
+    ("dense", 512, 32, 1, 1408, True),  # key/value width 16
+    ("dense", 512, 64, 1, None, False),  # key/value width 8
+    ("dense", 520, 8, None, None, False),
+    ("dense", 512, 8, None, 1400, False),
+    ("moe", 512, 8, 2, 1400, True),  # a dense MLP width that no MoE layer uses; experts stay bf16
+    ("moe", 512, 64, 1, None, False),
+]
+
+
+@pytest.mark.parametrize("family, hidden, heads, kv, intermediate, accepted", FP8_SHAPES)
+def test_fp8_reaches_the_trainer_and_both_sides_refuse_the_same_widths(family, hidden, heads, kv, intermediate,
+                                                                       accepted):
+    ft, trainer = _bare(family)
+    spec = ft.model_dump(mode="json", by_alias=True, exclude_none=True)
+    arch = {"hiddenSize": hidden, "numAttentionHeads": heads, "numKeyValueHeads": kv, "intermediateSize": intermediate}
+    spec["spec"]["model"]["architecture"] |= {k: v for k, v in arch.items() if v is not None}
+    spec["spec"]["training"]["precision"] = "fp8"
+    raw = trainer.model_dump(mode="json")
+    raw["model"]["architecture"] |= {"hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv,
+                                     "intermediate_size": intermediate or shared.intermediate_size(hidden),
+                                     "moe_intermediate_size": None}
+    raw["training"]["precision"] = "fp8"
+    verdicts = []
+    for model, data in ((ForgeTraining, spec), (TrainerConfig, raw)):
+        try:
+            model.model_validate(data)
+            verdicts.append(None)
+        except ValueError as e:
+            verdicts.append(str(e))
+    assert [v is None for v in verdicts] == [accepted, accepted], verdicts
+    if accepted:
+        assert trainer_config(ForgeTraining.model_validate(spec)).training.precision == "fp8"
+    else:
+        assert all("training.precision fp8 needs the widths of the transformer blocks' linear layers to be multiples "
+                   "of 16" in v for v in verdicts), verdicts

@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCH_PINNED = re.compile(r"^(torch|triton|nvidia-|cuda-|setuptools)")
+TORCH_PINNED = re.compile(r"^(torch$|triton|nvidia-|cuda-|setuptools)")  # torch, not torchao
 
 
 def _pins(lock: str) -> dict[str, str]:
@@ -22,7 +22,7 @@ def _pins(lock: str) -> dict[str, str]:
 
 def _torch_floor() -> str:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    (spec,) = [d for d in project["optional-dependencies"]["trainer"] if d.startswith("torch")]
+    (spec,) = [d for d in project["optional-dependencies"]["trainer"] if re.match(r"torch\b", d)]
     return re.fullmatch(r"torch>=(\d+\.\d+)", spec).group(1)
 
 

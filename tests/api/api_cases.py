@@ -375,6 +375,20 @@ BAD_CASES: tuple[Case, ...] = (
          "spec.training.documentMasking", "only for methods pretrain and continued-pretrain"),
     Case("document-masking-on-grpo", grpo, put("spec.training.documentMasking", True),
          "spec.training.documentMasking", "never attend across examples"),
+    Case("precision-not-an-enum", pretrain, put("spec.training.precision", "fp4"),
+         "spec.training.precision", "Unsupported value"),
+    Case("fp8-hidden-size-not-a-multiple-of-16", pretrain,
+         chain(put("spec.training.precision", "fp8"), put(f"{ARCH}.hiddenSize", 72)),
+         "spec.training.precision", "training.precision fp8 needs the widths of the transformer blocks' linear layers"),
+    Case("fp8-key-value-width-not-a-multiple-of-16", pretrain,
+         chain(put("spec.training.precision", "fp8"), put(f"{ARCH}.numAttentionHeads", 8),
+               put(f"{ARCH}.numKeyValueHeads", 1)),
+         "spec.training.precision", "key/value width (key/value heads x hidden size / attention heads)"),
+    Case("fp8-dense-mlp-width-not-a-multiple-of-16", pretrain,
+         chain(put("spec.training.precision", "fp8"), put(f"{ARCH}.intermediateSize", 200)),
+         "spec.training.precision", "for dense models, the MLP's width"),
+    Case("fp8-with-lora", sft, chain(put("spec.training.precision", "fp8"), put("spec.training.lora", {"r": 8})),
+         "spec.training.precision", "training.precision fp8 does not combine with training.lora"),
     Case("lora-on-pretrain", pretrain, put("spec.training.lora", {"r": 8}),
          "spec.training.lora", "training.lora is only for methods sft and dpo"),
     Case("lora-on-continued-pretrain", finetune, lambda m: m["spec"].update(
@@ -531,6 +545,15 @@ GOOD_CASES: tuple[Case, ...] = (
         put("spec.method", "continued-pretrain"), put("spec.training.documentMasking", True))),
     Case("document-masking-off-said-on-dpo", dpo, put("spec.training.documentMasking", False)),
     Case("minimal-dpo", dpo),
+    Case("fp8-pretrain", pretrain, put("spec.training.precision", "fp8")),
+    Case("fp8-grouped-query-attention-said-dense", pretrain, chain(
+        put("spec.training.precision", "fp8"), put(f"{ARCH}.family", "dense"), put(f"{ARCH}.numKeyValueHeads", 1),
+        put(f"{ARCH}.intermediateSize", 192))),
+    # the experts and the router stay in bf16: their widths and the unused dense MLP width do not count
+    Case("fp8-moe-with-odd-expert-widths", pretrain, chain(
+        put("spec.training.precision", "fp8"), put(f"{ARCH}.family", "moe"), put(f"{ARCH}.intermediateSize", 200),
+        put(f"{ARCH}.experts", {"numExperts": 6, "numExpertsPerToken": 2, "expertIntermediateSize": 24}))),
+    Case("fp8-sft-on-a-base-model", sft, put("spec.training.precision", "fp8")),  # its widths: checked at start
     Case("data-checkpoints-and-output-on-s3", pretrain, chain(
         put(f"{SRC0}.location", {"s3": {"uri": "s3://corpora/web/", "endpoint": "http://store.storage.svc:9000",
                                         "region": "eu-west-1", "pathStyle": True, "secretRef": {"name": "keys"}}}),

@@ -176,11 +176,13 @@ def test_the_operator_may_apply_every_child_it_builds(helm, values):
 
 
 def test_operator_container_matches_what_the_operator_reads(helm):
-    docs = helm.template({"trainerImage": "registry.internal/forge/trainer:7", "resyncSeconds": 30})
+    docs = helm.template({"trainerImage": "registry.internal/forge/trainer:7", "resyncSeconds": 30,
+                          "reconcileWorkers": 4})
     c = container(docs)
     e = env(docs)
     assert e[kopf_app.ENV_TRAINER_IMAGE] == "registry.internal/forge/trainer:7"
     assert float(e[kopf_app.ENV_RESYNC_SECONDS]) == 30
+    assert int(e[kopf_app.ENV_RECONCILE_WORKERS]) == 4
     assert int(e[kopf_app.ENV_METRICS_PORT]) == 8000
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert e[runner.ENV_HEALTH_ENDPOINT] == f"http://0.0.0.0:{ports['health']}/healthz"
@@ -192,6 +194,12 @@ def test_operator_container_matches_what_the_operator_reads(helm):
     service = one(docs, "Service")
     assert service["spec"]["ports"][0]["port"] == 8000
     assert service["spec"]["selector"].items() <= pod_labels(docs).items()
+
+
+def test_the_charts_operator_settings_default_to_the_operators_own():
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["resyncSeconds"] == kopf_app.RESYNC_SECONDS
+    assert values["reconcileWorkers"] == kopf_app.RECONCILE_WORKERS
 
 
 def pod_labels(docs: list[dict]) -> dict[str, str]:

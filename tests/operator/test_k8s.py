@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import threading
 from datetime import timedelta
 
 import pytest
@@ -153,16 +152,6 @@ def test_a_requeue_replaces_only_the_same_kinds_timer(make_runtime):
     assert rt._timers[T] is first and rt.pending() == [E, T]
     rt.requeue(T, 3600)
     assert rt._timers[T] is not first and first.finished.is_set()  # the old timer was cancelled
-
-
-def test_each_kind_has_its_own_lock(make_runtime):
-    api = FakeApiServer(stored(training("llm"), "uid-t"), stored(forge_eval(), "uid-e"))
-    rt = make_runtime(api)
-    assert rt.lock(T) is rt.lock(Key("ForgeTraining", NS, "llm")) and rt.lock(T) is not rt.lock(E)
-    done = threading.Event()
-    with rt.lock(T):  # a training's reconcile in progress does not hold up the eval of the same name
-        threading.Thread(target=lambda: (rt.reconcile(E), done.set()), daemon=True).start()
-        assert done.wait(10)
 
 
 @pytest.mark.parametrize("key, written", [(T, "ForgeTraining"), (E, "ForgeEval")])

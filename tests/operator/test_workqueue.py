@@ -88,20 +88,33 @@ def slow_runtime():
 
 
 KEY = Key("ForgeTraining", "ns", "llm")
+EVAL = Key("ForgeEval", "ns", "llm")
 
 
-def test_without_the_queue_triggers_during_a_reconcile_coalesce_into_one_more_and_never_wait():
+def test_without_workers_triggers_during_a_reconcile_coalesce_into_one_more_and_never_wait():
     rt, runs, started, release = slow_runtime()
-    first = threading.Thread(target=rt.reconcile_or_retry, args=(KEY,))
+    first = threading.Thread(target=rt.enqueue, args=(KEY,))
     first.start()
     assert started.wait(5)
     for _ in range(20):  # each returns at once: the first thread owes one more reconcile
-        rt.reconcile_or_retry(KEY)
+        rt.enqueue(KEY)
     release.set()
     first.join(5)
     assert runs == [KEY, KEY]
-    rt.reconcile_or_retry(KEY)
+    rt.enqueue(KEY)
     assert len(runs) == 3
+
+
+def test_a_trainings_reconcile_in_progress_does_not_hold_up_the_eval_of_the_same_name():
+    rt, runs, started, release = slow_runtime()
+    first = threading.Thread(target=rt.enqueue, args=(KEY,))
+    first.start()
+    assert started.wait(5)
+    rt.enqueue(EVAL)  # reconciled in this thread, while the training's reconcile waits
+    assert runs == [KEY, EVAL]
+    release.set()
+    first.join(5)
+    assert not first.is_alive()
 
 
 def test_triggers_while_the_runtime_reconciles_cost_one_more_reconcile_and_return_at_once():

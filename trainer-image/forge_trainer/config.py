@@ -294,8 +294,11 @@ class TrainingConfig(_Model):
     """Clip the global gradient norm to this value; null disables clipping."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
-    precision: Literal["auto", "bf16", "fp32"] = D.PRECISION
-    """auto = bf16 autocast on CUDA, fp32 on CPU."""
+    precision: Literal["auto", "bf16", "fp32", "fp8"] = D.PRECISION
+    """auto = bf16 autocast on CUDA, fp32 on CPU; fp8 = bf16, but the transformer blocks' linear layers
+    multiply in FP8 (torchao's Float8Linear, tensorwise scaling; not the output head, the MoE routers or the
+    MoE experts): GPUs of compute capability 8.9 or later (or a CPU whose PyTorch has FP8 matrix products),
+    and every such layer's dimensions multiples of 16."""
     seed: int = D.SEED
     """Seeds weight init and data order; the same seed and data give the same run."""
     compile: bool | None = None
@@ -698,7 +701,14 @@ class TrainerConfig(_Model):
             raise ValueError(f"training.lora is only for methods sft and dpo (method is {self.method.kind})")
         if self.tokenizer.from_base and self.model.base_path is None:
             raise ValueError("tokenizer.from_base needs model.base_path")
+        if self.training.precision == "fp8" and self.training.lora is not None:
+            raise ValueError("training.precision fp8 does not combine with training.lora (the adapters and their "
+                             "frozen base train in bf16): use bf16")
         arch = self.model.architecture
+        if arch is not None and self.training.precision == "fp8" and (odd := D.fp8_misfits(
+                arch.family, arch.hidden_size, arch.num_attention_heads, arch.num_key_value_heads,
+                arch.intermediate_size)):
+            raise ValueError(f"training.precision fp8 needs {D.FP8_DIMS}: {odd}")
         if arch is not None and self.training.seq_len > arch.max_position_embeddings:
             raise ValueError(
                 f"training.seq_len {self.training.seq_len} exceeds the model's context "

@@ -32,6 +32,22 @@ def expert_intermediate_size(intermediate: int, experts_per_token: int) -> int:
     return max(8, intermediate // experts_per_token)
 
 
+FP8_MULTIPLE = 16
+FP8_DIMS = ("the widths of the transformer blocks' linear layers to be multiples of 16: hidden size, key/value "
+            "width (key/value heads x hidden size / attention heads) and, for dense models, the MLP's width")
+
+
+def fp8_misfits(family: str, hidden_size: int, heads: int, kv_heads: int | None, intermediate: int | None) -> str:
+    """With training.precision fp8, the first width of a new model's FP8 linear layers that is not a multiple
+    of 16 (FP8 matrix products need it), described; "" when every one is. MoE experts and routers stay in
+    bf16, so only a dense model's MLP counts."""
+    kv = (kv_heads or heads) * (hidden_size // heads)
+    widths = [("hidden size", hidden_size), ("key/value width", kv)]
+    if family == "dense" and intermediate is not None:
+        widths.append(("MLP width", intermediate))
+    return next((f"the {name} is {width}" for name, width in widths if width % FP8_MULTIPLE), "")
+
+
 # tokenizer.train
 VOCAB_SIZE = 32000
 

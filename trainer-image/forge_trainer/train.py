@@ -23,6 +23,7 @@ from . import defaults
 from .config import BudgetConfig, TrainerConfig
 from .contract import ConfigError, ExitCode, LastCheckpoint, Progress, TerminationMessage, rfc3339
 from .methods import Batches, Dataset, Method, build_method
+from .models import fp8
 from .models.build import build_model, check_model, compiles, describe, hf_config, missing_compiler, preflight
 from .models.lora import LoraExport, trainable_parameters
 from .models.stats import ModelStats, peak_flops
@@ -243,7 +244,9 @@ def _local_inputs(config: TrainerConfig, d: Dist) -> TrainerConfig:
 def _set_up(config: TrainerConfig, d: Dist, stop: SigtermFlag) -> Setup:
     """Fail fast on a model that cannot run, then the method's data, the model, the optimizer."""
     t = config.training
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and d.device.type == "cuda")
+    bf16 = t.precision in ("bf16", "fp8") or (t.precision == "auto" and d.device.type == "cuda")
+    if t.precision == "fp8":
+        on_every_rank(d, lambda: fp8.check_device(d.device), stop)
     preflight(config, d, bf16, stop)
     method = build_method(config)
     dataset = method.prepare(d, stop)
@@ -251,6 +254,8 @@ def _set_up(config: TrainerConfig, d: Dist, stop: SigtermFlag) -> Setup:
     stats = check_model(config, hf_cfg, d, bf16, stop)
     model = build_model(config, hf_cfg, d, bf16)
     optimizer = build_optimizer(model, t, d.device)
+    if t.precision == "fp8":
+        fp8.rescale_after_steps(optimizer, model)
     if t.global_batch_sequences % (t.micro_batch_sequences * d.world):
         raise ConfigError(
             f"training.global_batch_sequences {t.global_batch_sequences} is not a multiple of "
@@ -272,8 +277,9 @@ def _set_up(config: TrainerConfig, d: Dist, stop: SigtermFlag) -> Setup:
         log.info(
             "%s: %s %.1fM params (%.1fM active non-embedding), %d worker(s) on %s, %s, %s, %d micro-steps x %d seqs x %d tokens per worker, %s steps",
             config.run_name, type(model).__name__.removeprefix("FSDP"), stats.params / 1e6, stats.active_params / 1e6,
-            d.world, d.device.type, "bf16" if bf16 else "fp32", "compiled" if compiles(config, d.device) else "eager",
-            s.accum, t.micro_batch_sequences, t.seq_len, s.total_steps or "?",
+            d.world, d.device.type, "fp8" if t.precision == "fp8" else "bf16" if bf16 else "fp32",
+            "compiled" if compiles(config, d.device) else "eager", s.accum, t.micro_batch_sequences, t.seq_len,
+            s.total_steps or "?",
         )
         if config.training.lora is not None:
             trained, every = trainable_parameters(model)

@@ -342,8 +342,12 @@ class TrainingSpec(ApiModel):
     """AdamW weight decay."""
     gradient_clipping: Annotated[float, Field(ge=0)] = defaults.GRADIENT_CLIPPING
     """Clip the global gradient norm to this value; 0 turns clipping off."""
-    precision: Literal["auto", "bf16", "fp32"] = defaults.PRECISION
-    """auto: bf16 on GPUs, fp32 on CPUs."""
+    precision: Literal["auto", "bf16", "fp32", "fp8"] = defaults.PRECISION
+    """auto: bf16 on GPUs, fp32 on CPUs. fp8: bf16, but the linear layers of the transformer blocks (attention
+    projections, dense MLPs) multiply in FP8 with dynamic tensorwise scaling (torchao's Float8Linear; their
+    weights are all-gathered in FP8); the embeddings, the output head, the MoE routers and the MoE experts stay
+    in bf16. Needs GPUs of compute capability 8.9 or later (L4, L40S, H100, H200, B200; refused at start
+    otherwise), widths of those layers that are multiples of 16, and no lora."""
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = defaults.SEED
     """Seed for initialisation, data order and dropout."""
     compile: bool | None = None
@@ -382,6 +386,10 @@ class TrainingSpec(ApiModel):
     """For sft and dpo: train LoRA adapters instead of every weight; left out: full fine-tuning."""
 
     cel_rules = (
+        Cel("!has(self.precision) || self.precision != 'fp8' || !has(self.lora)",
+            "training.precision fp8 does not combine with training.lora (the adapters and their frozen base train "
+            "in bf16): use bf16",
+            lambda s: s.precision != "fp8" or s.lora is None, field_path=".precision"),
         Cel("!has(self.minLearningRate)"
             f" || self.minLearningRate <= (has(self.learningRate) ? self.learningRate : {defaults.LEARNING_RATE})",
             "minLearningRate must be <= learningRate",
@@ -696,6 +704,19 @@ POD_SETTINGS = {"nodeSelector": "node_selector", "tolerations": "tolerations", "
                 "imagePullSecrets": "image_pull_secrets"}
 
 
+_A = "self.model.architecture"
+_CEL_FP8_DIMS = (
+    f"!has(self.training.precision) || self.training.precision != 'fp8' || !has({_A}) || ("
+    f"{_A}.hiddenSize % {defaults.FP8_MULTIPLE} == 0"
+    f" && ((has({_A}.numKeyValueHeads) ? {_A}.numKeyValueHeads : {_A}.numAttentionHeads)"
+    f" * ({_A}.hiddenSize / {_A}.numAttentionHeads)) % {defaults.FP8_MULTIPLE} == 0"
+    f" && ((has({_A}.family) && {_A}.family == 'moe') || !has({_A}.intermediateSize)"
+    f" || {_A}.intermediateSize % {defaults.FP8_MULTIPLE} == 0))"
+)
+"""training.precision fp8 and a new model: the widths of its FP8 linear layers are multiples of 16
+(defaults.fp8_misfits; left out, intermediateSize defaults to a multiple of 64)."""
+
+
 class ForgeTrainingSpec(ApiModel):
     """Desired state of a ForgeTraining."""
 
@@ -770,6 +791,11 @@ class ForgeTrainingSpec(ApiModel):
             lambda s: s.model.architecture is None
             or s.training.sequence_length <= s.model.architecture.context_length,
             field_path=".training.sequenceLength"),
+        Cel(_CEL_FP8_DIMS, f"training.precision fp8 needs {defaults.FP8_DIMS}",
+            lambda s: s.training.precision != "fp8" or s.model.architecture is None or not defaults.fp8_misfits(
+                s.model.architecture.family, s.model.architecture.hidden_size, s.model.architecture.num_attention_heads,
+                s.model.architecture.num_key_value_heads, s.model.architecture.intermediate_size),
+            field_path=".training.precision"),
         *_method_data_rules("dpo", "preference data", _PREFERENCE,
                             "promptField, chosenField and rejectedField (no completionField or messagesField)",
                             _is_preference),

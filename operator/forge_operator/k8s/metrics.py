@@ -15,7 +15,7 @@ RECONCILE_SECONDS = Histogram("forge_operator_reconcile_duration_seconds", "Time
 RECONCILE_ERRORS = Counter("forge_operator_reconcile_errors_total",
                            "Reconciles that raised (retried after the resync interval), by kind and error",
                            ["kind", "reason"])
-REQUEUES_PENDING = Gauge("forge_operator_requeues_pending", "Objects waiting on a requeue timer (the work queue)")
+REQUEUES_PENDING = Gauge("forge_operator_requeues_pending", "Objects waiting on a requeue timer (a resync, or a retry after a failed reconcile)")
 RESOURCES = Gauge("forge_operator_resources", "Objects this replica reconciles, by kind and phase",
                   ["kind", "phase"])
 LAST_RECONCILE = Gauge("forge_operator_last_reconcile_timestamp_seconds",

@@ -1,13 +1,14 @@
 """The reconciler runtime: the same loop for every kind, keyed by (kind, namespace, name).
 
 Every trigger (the object changed, one of its children changed, or a requeue timer fired) runs
-``reconcile(key)``: under the key's lock, read the object, let its kind's :class:`Reconciler`
+``reconcile(key)``: read the object, let its kind's :class:`Reconciler`
 observe and plan, write the status if it changed (the plan's decisions are recorded before
 anything acts on them), server-side apply the children under one field manager, patch and delete
 what the plan says, then post the events that the stored status explains.
 
 Triggers go through a work queue (``workqueue.py``) read by a few worker threads, once ``start`` has
-made them: a key waits in the queue once however many events arrive for it meanwhile. A reconcile that
+made them (before that, by the thread that adds the key): a key waits in the queue once however many
+events arrive for it meanwhile, and no two threads reconcile one object at a time. A reconcile that
 raises is logged and tried again after the resync interval. Requeue timers run outside kopf: with
 peering, a timer first checks that no live peer outranks this replica.
 """
@@ -20,7 +21,6 @@ import logging
 import socket
 import threading
 import time
-from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
@@ -54,22 +54,19 @@ class Runtime:
         self.resync_seconds = resync_seconds
         self.peering = peering
         self.instance = instance or socket.gethostname()
-        self._locks: defaultdict[Key, threading.Lock] = defaultdict(threading.Lock)
         self._timers: dict[Key, threading.Timer] = {}
         self._timers_lock = threading.Lock()
-        # keys being reconciled by a trigger, and those triggered again meanwhile (see reconcile_or_retry)
-        self._busy: set[Key] = set()
-        self._again: set[Key] = set()
         # per object, the uids of the children last applied (known to be ours): applied again with the uid
         # as a precondition, without reading them first
         self._ours: dict[Key, dict[ChildRef, str]] = {}
         self._phases = metrics.PhaseCounts()
-        self._queue: WorkQueue | None = None
+        self._queue = WorkQueue()
+        self._started = False
 
     def start(self, workers: int) -> None:
-        """Reconcile from now on in ``workers`` threads fed by the work queue (without it, each trigger
-        reconciles in the caller's thread)."""
-        self._queue = WorkQueue()
+        """Reconcile from now on in ``workers`` threads fed by the work queue (before, each trigger
+        reconciles in the thread that adds it)."""
+        self._started = True
         start_workers(self._queue, workers, self.reconcile_or_retry)
 
     # ------------------------------------------------------------------ triggers
@@ -81,68 +78,45 @@ class Runtime:
             self.enqueue(key)
 
     def enqueue(self, key: Key, urgent: bool = True) -> None:
-        """A trigger: the key joins the work queue (returns at once), or is reconciled now without one.
-        Events are urgent; a requeue timer's key waits behind them."""
-        if self._queue is not None:
-            self._queue.add(key, urgent)
-        else:
-            self.reconcile_or_retry(key)
+        """A trigger: the key joins the work queue and the call returns at once. Events are urgent; a
+        requeue timer's key waits behind them. Without worker threads the caller reconciles what is
+        queued, except a key another thread is reconciling: that thread reconciles it once more."""
+        self._queue.add(key, urgent)
+        if not self._started:
+            while (queued := self._queue.get(wait=False)) is not None:
+                try:
+                    self.reconcile_or_retry(queued)
+                finally:
+                    self._queue.done(queued)
 
     def reconcile_or_retry(self, key: Key) -> None:
-        """Every trigger goes through here: a reconcile that raises (API server unavailable, a conflict,
-        a bug) is logged and tried again after the resync interval, so no object is left behind.
-
-        Triggers of one object are serialised without waiting: a trigger that arrives while the object is
-        being reconciled returns at once and leaves one more reconcile to the thread doing it, so a burst
-        of child events costs at most two reconciles and never parks a worker thread on a lock."""
-        with self._timers_lock:
-            if key in self._busy:
-                self._again.add(key)
-                return
-            self._busy.add(key)
+        """A reconcile that raises (API server unavailable, a conflict, a bug) is logged and tried again
+        after the resync interval, so no object is left behind."""
+        started = time.monotonic()
         try:
-            while True:
-                started = time.monotonic()
-                try:
-                    self.reconcile(key)
-                except Exception as e:
-                    metrics.finished(key.kind, started, e)
-                    log.exception("reconcile failed; retrying in %.0fs", self.resync_seconds, extra=_ref(key))
-                    self.requeue(key, max(1.0, self.resync_seconds))
-                else:
-                    metrics.finished(key.kind, started)
-                with self._timers_lock:  # the check and the release under one lock: no trigger is lost
-                    if key not in self._again:
-                        self._busy.discard(key)
-                        return
-                    self._again.discard(key)
-        except BaseException:
-            with self._timers_lock:
-                self._busy.discard(key)
-                self._again.discard(key)
-            raise
+            self.reconcile(key)
+        except Exception as e:
+            metrics.finished(key.kind, started, e)
+            log.exception("reconcile failed; retrying in %.0fs", self.resync_seconds, extra=_ref(key))
+            self.requeue(key, max(1.0, self.resync_seconds))
+        else:
+            metrics.finished(key.kind, started)
 
     def reconcile(self, key: Key) -> Plan | None:
-        """Converge one object; safe to call any number of times, from any trigger."""
+        """Converge one object; safe to call any number of times, one call per object at a time (the work
+        queue hands a key to one thread at a time)."""
         kind = self.kinds[key.kind]
-        with self.lock(key):
-            c = self.clients
-            obj = c.get_custom(kind.api_version, kind.plural, key.namespace, key.name)
-            if obj is None:
-                self.forget(key)
-                return None
-            if obj["metadata"].get("deletionTimestamp"):
-                return None
-            now = utcnow()
-            plan = kind.plan(obj, self.reader, now)
-            if self._execute(kind, key, obj, plan, now) and plan.requeue_after is not None:
-                self.requeue(key, plan.requeue_after)
-            return plan
-
-    def lock(self, key: Key) -> threading.Lock:
-        """The lock one object's reconciles hold: one reconcile of an object at a time."""
-        with self._timers_lock:
-            return self._locks[key]
+        obj = self.clients.get_custom(kind.api_version, kind.plural, key.namespace, key.name)
+        if obj is None:
+            self.forget(key)
+            return None
+        if obj["metadata"].get("deletionTimestamp"):
+            return None
+        now = utcnow()
+        plan = kind.plan(obj, self.reader, now)
+        if self._execute(kind, key, obj, plan, now) and plan.requeue_after is not None:
+            self.requeue(key, plan.requeue_after)
+        return plan
 
     # ------------------------------------------------------------------ acting on a plan
     def _execute(self, kind: Reconciler, key: Key, obj: dict[str, Any], plan: Plan, now: datetime) -> bool:
@@ -284,8 +258,7 @@ class Runtime:
             timer.start()
 
     def forget(self, key: Key) -> None:
-        """The object is gone: its timer and what is known of its children go (its lock is left, a
-        reconcile may hold it)."""
+        """The object is gone: its timer and what is known of its children go."""
         self._ours.pop(key, None)
         self._phases.set(key, key.kind, None)
         with self._timers_lock:
@@ -300,8 +273,7 @@ class Runtime:
             return sorted(self._timers)
 
     def close(self) -> None:
-        if self._queue is not None:
-            self._queue.close()
+        self._queue.close()
         for key in self.pending():
             self.forget(key)
 

@@ -54,10 +54,11 @@ class WorkQueue:
         DEPTH.set(len(self._urgent) + len(self._later))
         self._cond.notify()
 
-    def get(self) -> Hashable | None:
-        """The next key, once there is one (None: the queue is closed); the caller calls ``done`` with it."""
+    def get(self, wait: bool = True) -> Hashable | None:
+        """The next key, once there is one (None: the queue is closed, or empty and ``wait`` is false); the
+        caller calls ``done`` with it."""
         with self._cond:
-            while not (self._urgent or self._later) and not self._closed:
+            while wait and not (self._urgent or self._later) and not self._closed:
                 self._cond.wait()
             if not (self._urgent or self._later):
                 return None

@@ -155,7 +155,10 @@ def frozen_copy(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    from ..runtime.export import plain_tensors
+
+    state = plain_tensors(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                               cpu_offload=False)))
     ref = AutoModelForCausalLM.from_config(model.config)
     ref.load_state_dict({k: v.detach().clone() for k, v in state.items()})
     ref.to(device=d.device, dtype=next(model.parameters()).dtype)

@@ -75,25 +75,27 @@ def build_model(config: TrainerConfig, cfg: PretrainedConfig, d: Dist | None = N
 
     Built on the meta device (no memory, no time) and materialised block by block as it is sharded
     (``parallel.parallelize``): a new model takes Hugging Face's initialisation, drawn from
-    training.seed in the order Hugging Face draws it, so every worker count gives the same weights.
+    training.seed in the order Hugging Face draws it, so every worker count gives the same weights. With
+training.precision fp8 the blocks' linear layers compute in FP8 (models/fp8.py), under the same names.
     A base model is read whole by one process only (rank 0, on the host), whose weights every worker
     then receives shard by shard; in one process it is read and placed on the device. Sharded (FSDP2,
     training.sharding) whenever ``d`` has a process group, one process included (train.run's)."""
     d = d or Dist()
     t = config.training
     compile = compiles(config, d.device)
+    fp8 = t.precision == "fp8"
     if config.model.base_path is not None and not d.distributed:
         return parallelize(_base_model(config, cfg), d, bf16, compile, t.activation_checkpointing,
-                           placed_on(d.device), t.sharding)
+                           placed_on(d.device), t.sharding, fp8)
     model = on_meta(config, cfg)
     if config.model.base_path is None:
         torch.manual_seed(t.seed)
         return parallelize(model, d, bf16, compile, t.activation_checkpointing, _initialised(model, d.device),
-                           t.sharding)
+                           t.sharding, fp8)
     holder = {}
     d.on_every_rank(lambda: holder.update(state=_base_model(config, cfg).state_dict()) if d.is_main else None,
                     f"loading model.base_path {config.model.base_path}")
-    model = parallelize(model, d, bf16, compile, t.activation_checkpointing, placed_on(d.device), t.sharding)
+    model = parallelize(model, d, bf16, compile, t.activation_checkpointing, placed_on(d.device), t.sharding, fp8)
     set_model_state_dict(model, holder.get("state", {}),
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model

@@ -1,8 +1,8 @@
 """Placing a model built on the meta device on its devices, per transformer block and in torchtitan's
-order: activation checkpointing, then compile, then sharding (FSDP2), over a 1-D device mesh of every
-worker (FullShard) or a 2-D one of nodes x workers per node (HybridShard: sharded within a node,
-replicated across nodes, so the all-gathers and reduce-scatters stay on a node's fast links and only
-the gradients' all-reduce crosses nodes).
+order: FP8 linear layers (training.precision fp8), then activation checkpointing, then compile, then
+sharding (FSDP2), over a 1-D device mesh of every worker (FullShard) or a 2-D one of nodes x workers per
+node (HybridShard: sharded within a node, replicated across nodes, so the all-gathers and reduce-scatters
+stay on a node's fast links and only the gradients' all-reduce crosses nodes).
 
 Every parameter is materialised (given memory and its initial value) module by module in the order
 Hugging Face initialises a model (children before their parent), and each block is sharded as soon
@@ -37,11 +37,16 @@ element-wise products: cheap, and most of a block's activation bytes), as torcht
 
 
 def parallelize(model: torch.nn.Module, d: Dist, bf16: bool, compile: bool, checkpointing: str,
-                materialise: Materialise, sharding: str = "FullShard") -> torch.nn.Module:
-    """Checkpoint and compile each transformer block, then materialise the model module by module,
-    sharding each block (FSDP2) once it is, and at last the root. Unsharded only where ``d`` has no
-    process group (a model built outside a run, as tests and tools do)."""
+                materialise: Materialise, sharding: str = "FullShard", fp8: bool = False) -> torch.nn.Module:
+    """With ``fp8``, swap the blocks' linear layers for FP8 ones (models/fp8.py); checkpoint and compile
+    each transformer block, then materialise the model module by module, sharding each block (FSDP2) once
+    it is, and at last the root. Unsharded only where ``d`` has no process group (a model built outside a
+    run, as tests and tools do)."""
     layers = blocks(model)
+    if fp8:
+        from .fp8 import convert
+
+        convert(model, layers, sharded=d.sharded)
     for layer in layers:
         checkpoint_block(layer, checkpointing)
         if compile:

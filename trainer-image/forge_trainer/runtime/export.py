@@ -51,7 +51,7 @@ def export(out_dir: str | Path, model, hf_cfg: PretrainedConfig, tokenizer: Expo
     the merged model or the adapter alone, as it says; ``log_history`` (the training's curve) as
     training_log.jsonl. The record, last, gets every exported file's hash and, with ``signing_key``
     (Ed25519), a signature; the files get ``file_mode``."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = plain_tensors(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
     if not d.is_main:
         return None
     out = Path(out_dir)
@@ -90,6 +90,19 @@ def export(out_dir: str | Path, model, hf_cfg: PretrainedConfig, tokenizer: Expo
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with plain tensors where the model's are wrappers of them: the weights of FP8 layers
+    gathered in FP8 (torchao's WeightWithDynamicFloat8CastTensor keeps the weight itself as ``_tensor``),
+    which safetensors cannot write."""
+    def plain(t: torch.Tensor) -> torch.Tensor:
+        inner = getattr(t, "_tensor", None)
+        while type(t) not in (torch.Tensor, torch.nn.Parameter) and isinstance(inner, torch.Tensor):
+            t, inner = inner, getattr(inner, "_tensor", None)
+        return t
+
+    return {k: plain(v) for k, v in state.items()}
 
 
 def for_inference(cfg: PretrainedConfig) -> PretrainedConfig:
