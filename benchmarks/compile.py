@@ -16,6 +16,7 @@ second half) and tokens/s, and then:
 
 and the graph breaks: `torch._dynamo.explain` of one plain block (its forward, as the trainer calls
 it), and dynamo's graph-break counter over the compiled training run (sharded, backward included).
+Inductor's on-disk cache starts empty, as in a new pod (--warm-cache keeps the machine's own).
 
     .venv/bin/python benchmarks/compile.py                      # both models, CPU
     .venv/bin/python benchmarks/compile.py --models dense --steps 40 --threads 1
@@ -27,6 +28,7 @@ import argparse
 import contextlib
 import os
 import statistics
+import tempfile
 import time
 
 MODELS = {
@@ -47,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--models", default="dense,moe", help=f"comma-separated, of {','.join(MODELS)}")
     parser.add_argument("--steps", type=int, help="steps per run (default: per model)")
     parser.add_argument("--threads", type=int, help="torch's intra-op threads (default: torch's own, one per core)")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="use Inductor's on-disk cache as it is (default: an empty one, as a new pod starts with)")
     return parser.parse_args(argv)
 
 
@@ -138,19 +142,22 @@ def explain_block(shape: dict) -> list[str]:
 
 
 def main(argv=None) -> None:
+    args = parse_args(argv)
+    if not args.warm_cache:  # before torch: compiled kernels of earlier runs would make compiling look free
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="forge-compile-bench-")
     import numpy as np
     import torch
 
     from forge_trainer.runtime.dist import init_distributed, shutdown
 
-    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [n for n in args.models.split(",") if n]
     d = init_distributed()
     try:
         print(f"torch {torch.__version__}, {d.device.type}, {torch.get_num_threads()} threads, fp32, "
-              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, "
+              f"{'warm' if args.warm_cache else 'empty'} Inductor cache")
         for name in names:
             shape = MODELS[name]
             steps = args.steps or shape["steps"]
@@ -165,6 +172,7 @@ def main(argv=None) -> None:
             rng = np.random.default_rng(0)
             rows = rng.integers(0, shape["arch"]["vocab_size"], dtype=np.int64,
                                 size=(steps * shape["micro"] * shape["accum"], shape["seq_len"] + 1))
+            Run(shape, 1, False, d, rows).step(0)  # the process's own first-call costs, outside both runs
             e, c = Run(shape, steps, False, d, rows), Run(shape, steps, True, d, rows)
             for i in range(steps):  # alternating, so that a change in the machine's load hits both alike
                 e.step(i)

@@ -97,8 +97,8 @@ def min_learning_rate(learning_rate: float) -> float:
 
 def compile_blocks(device_type: str) -> bool:
     """Whether the transformer blocks are compiled (torch.compile) when training.compile is not set: on
-    GPUs, as torchtitan trains; not on CPUs, where compiling takes minutes that the short CPU runs (tests,
-    the quickstart) do not win back (docs/benchmarks.md, benchmarks/compile.py)."""
+    GPUs, as torchtitan trains; not on CPUs, where the short runs there (tests, the quickstart) would not
+    win back the compile time (docs/benchmarks.md, benchmarks/compile.py)."""
     return device_type == "cuda"
 
 
