@@ -7,11 +7,12 @@ and on CUDA, in one process or under torchrun.
     # CPU (this repo's figure)
     .venv/bin/python benchmarks/throughput.py --preset cpu-6m
     # one H100
-    python benchmarks/throughput.py --preset llama-1b --compile
-    python benchmarks/throughput.py --preset moe-small --compile
-    python benchmarks/throughput.py --preset llama-1b --compile --precision fp8   # GPUs of capability >= 8.9
+    python benchmarks/throughput.py --preset llama-1b               # compiled: the trainer's default on GPUs
+    python benchmarks/throughput.py --preset llama-1b --no-compile  # eager
+    python benchmarks/throughput.py --preset moe-small
+    python benchmarks/throughput.py --preset llama-1b --precision fp8   # GPUs of capability >= 8.9
     # 8 GPUs
-    torchrun --nproc-per-node 8 benchmarks/throughput.py --preset llama-1b --compile
+    torchrun --nproc-per-node 8 benchmarks/throughput.py --preset llama-1b
     # against Hugging Face transformers.Trainer, same model, rows, optimizer and precision, in one process
     .venv/bin/python benchmarks/throughput.py --preset cpu-6m --against hf --steps 10 --rounds 2
 
@@ -64,7 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile each block, or not (--no-compile); default: as the trainer decides "
+                             "(training.compile unset: on GPUs, not on CPUs)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32", "fp8"], default="auto",
                         help="fp8: the transformer blocks' linear layers in FP8 (training.precision fp8)")
     parser.add_argument("--peak-flops", type=float, default=None, help="peak FLOP/s of one device, for MFU")
@@ -122,9 +125,10 @@ class Bench:
         check_fits(cfg, stats, config, d.world, d.local_world, d.device, bf16)
         return cls(args, config, cfg, stats, d, bf16, seq_len, micro)
 
-    def new_model(self, compile: bool = False, placed: bool = False):
+    def new_model(self, compile: bool | None = False, placed: bool = False):
         """A fresh model from training.seed (every run starts from the same weights), compiled per block
-        or not; ``placed``: sharded over the group and cast as Forge trains it, else plain for Trainer."""
+        or not (None: as the trainer decides for the device); ``placed``: sharded over the group and cast as
+        Forge trains it, else plain for Trainer."""
         from forge_trainer.models.build import build_model
 
         t = self.config.training.model_copy(update={"compile": compile})
@@ -138,7 +142,7 @@ class Bench:
             torch.cuda.synchronize()
 
 
-def forge_run(b: Bench, rows, compile: bool) -> tuple[float, float]:
+def forge_run(b: Bench, rows, compile: bool | None) -> tuple[float, float]:
     """Forge's step over ``rows`` (warmup + timed steps of this rank's rows); returns (seconds of the
     timed steps, mean loss over all steps)."""
     import torch
@@ -201,12 +205,14 @@ def own(b: Bench) -> None:
 
     if b.d.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    from forge_trainer.models.build import compiles
+
     seconds, _ = forge_run(b, random_rows(b), b.args.compile)
     tokens_per_device = b.args.steps * b.rows_per_step * b.seq_len / seconds
     peak = peak_flops(b.d.device, b.args.peak_flops)
     mfu = b.stats.flops_per_token * tokens_per_device / peak if peak else None
     if b.d.is_main:
-        print_setup(b, b.args.compile)
+        print_setup(b, f"{compiles(b.config, b.d.device)}" + (" (the default)" if b.args.compile is None else ""))
         print(f"tokens/s per device: {tokens_per_device:,.0f}   total: {tokens_per_device * b.d.world:,.0f}")
         print(f"MFU: {f'{mfu:.1%}' if mfu is not None else 'n/a (no peak known for this device; pass --peak-flops)'}")
         if b.d.device.type == "cuda":

@@ -301,8 +301,9 @@ class TrainingConfig(_Model):
     and every such layer's dimensions multiples of 16."""
     seed: int = D.SEED
     """Seeds weight init and data order; the same seed and data give the same run."""
-    compile: bool = D.COMPILE
-    """torch.compile each transformer block."""
+    compile: bool | None = None
+    """torch.compile each transformer block; default: on GPUs (CUDA), off on CPUs (decided where the
+    run starts, by the device it trains on)."""
     activation_checkpointing: Literal["none", "selective", "full"] = D.ACTIVATION_CHECKPOINTING
     """Per transformer block: none keeps every activation for the backward pass; full keeps only each
     block's input and recomputes the block in the backward pass (about a third more compute, the least
@@ -319,7 +320,10 @@ class TrainingConfig(_Model):
     eval_batches: PositiveInt = 20
     """Micro-batches in one validation pass, in all (split over the workers), spread over the whole validation split."""
     log_interval_steps: PositiveInt = 10
-    """Print a log line every N steps (rank 0)."""
+    """Print a log line every N steps (rank 0); the loss and gradient norm are read from the device then only."""
+    gc_interval_steps: PositiveInt = 50
+    """Python's automatic garbage collection is off while the loop runs; it collects (the young
+    generations) every N steps, between two steps, on every worker at the same step."""
     lora: LoraConfig | None = None
     """Train LoRA adapters instead of every weight (methods sft and dpo); null: full fine-tuning."""
 

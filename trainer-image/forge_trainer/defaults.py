@@ -69,7 +69,6 @@ WEIGHT_DECAY = 0.1
 GRADIENT_CLIPPING = 1.0
 PRECISION = "auto"
 SEED = 1234
-COMPILE = False
 ACTIVATION_CHECKPOINTING = "none"  # none | selective | full, per transformer block
 SHARDING = "FullShard"  # FullShard (FSDP over every worker) | HybridShard (replicated across nodes, sharded within)
 DOCUMENT_MASKING = False  # pretrain, continued-pretrain: tokens attend only within their own document
@@ -94,6 +93,13 @@ LORA_EXPORT = "merged"  # merged: a plain model of the base's family; adapter: t
 def min_learning_rate(learning_rate: float) -> float:
     """Learning rate at the end of the schedule: a tenth of the peak."""
     return learning_rate / 10
+
+
+def compile_blocks(device_type: str) -> bool:
+    """Whether the transformer blocks are compiled (torch.compile) when training.compile is not set: on
+    GPUs, as torchtitan trains; not on CPUs, where the short runs there (tests, the quickstart) would not
+    win back the compile time (docs/benchmarks.md, benchmarks/compile.py)."""
+    return device_type == "cuda"
 
 
 # checkpoint

@@ -14,6 +14,9 @@ And when the workers stopped after saving a checkpoint (exit code 75, `ExitCode.
 hook or SIGTERM on eviction), torchrun ends with a ChildFailedError and exit code 1; the launcher exits
 75 instead, so that the container's exit code says what the workers' do (Job pod failure policies and
 the operator read it).
+
+The workers' environment gets `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` unless the pod's sets
+the allocator itself (`runtime.dist.default_allocator_conf`).
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun, parse_args
 
+    from .runtime.dist import default_allocator_conf
+
+    default_allocator_conf()  # the workers inherit it, and have it before they import torch
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:

@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
+from . import defaults
 from .config import BudgetConfig, TrainerConfig
 from .contract import ConfigError, ExitCode, LastCheckpoint, Progress, TerminationMessage, rfc3339
 from .methods import Batches, Dataset, Method, build_method
 from .models import fp8
-from .models.build import build_model, check_model, describe, hf_config, preflight
+from .models.build import build_model, check_model, compiles, describe, hf_config, missing_compiler, preflight
 from .models.lora import LoraExport, trainable_parameters
 from .models.stats import ModelStats, peak_flops
 from .runtime import checkpoint
@@ -32,6 +33,7 @@ from .runtime import storage
 from .runtime.checkpoint import TrainState, choose_resume
 from .runtime.dist import SLOW_TIMEOUT, STEP_TIMEOUT, TEARDOWN_TIMEOUT, Dist, init_distributed, shutdown
 from .runtime.egress import egress_locked, policy_of
+from .runtime.garbage import GarbageCollection
 from .runtime.export import export, write_model_files
 from .runtime.optim import build_optimizer, lr_at, set_lr
 from .runtime.progress import Reporter, build_progress
@@ -112,6 +114,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
     with sigterm_caught(stop) as stop, egress_locked(policy_of(config)):
         d = init_distributed()
         reporter = saves = None
+        collector = GarbageCollection(config.training.gc_interval_steps)
         try:
             s = _set_up(_local_inputs(config, d), d, stop)
             state, resumed_from, last_ckpt = _resume(config, s, d)
@@ -127,6 +130,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
             lr, gnorm, tps, extra = lr_at(state.step, t, s.total_steps), None, None, {}
             last_save = last_report = time.monotonic()
             on_every_rank(d, lambda: None, stop)  # last look before the loop; from here: step, checkpoint, 75
+            collector.start()  # no automatic collection inside a step from here: every N steps, between two
             while True:
                 reason, save_by_time = _stop_or_save(config, state.step, s.total_steps, timings, last_save, stop, d)
                 if reason is not None:
@@ -136,17 +140,21 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
                 lr = lr_at(state.step, t, s.total_steps)
                 set_lr(s.optimizer, lr)
                 rows = s.batches.next_step(t.global_batch_sequences, d.rank, d.world)
+                # queued on the device: nothing is read back from it until the log line (window.close)
                 loss, aux, grad_norm = train_step(s.model, s.optimizer, s.method, rows, s.accum,
                                                   t.micro_batch_sequences, t.grad_clip, s.autocast, d)
                 state.step += 1
                 state.tokens_seen += s.tokens_per_step
                 window.add(loss, s.tokens_per_step)
-                timings.step = time.monotonic() - t0
+                collector.step(state.step)  # while the device runs the step
                 if state.step == start_step + 1:
+                    d.synchronize()
+                    timings.step = time.monotonic() - t0  # the first step, until a log window measures more
                     d.set_timeout(STEP_TIMEOUT)  # set-up is over: a hung rank now fails the others within minutes
 
                 if state.step % t.log_interval_steps == 0 or state.step == s.total_steps:
-                    state.train_loss, tps = window.close(d)
+                    state.train_loss, tps, step_seconds = window.close(d)
+                    timings.step = step_seconds
                     state.record("loss", state.train_loss)
                     gnorm = grad_norm.item() if grad_norm is not None else None
                     extra = s.method.step_metrics(d)  # dpo: reward accuracy, margin, log-probs
@@ -166,6 +174,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
                     reporter.report(_progress(s, state, saves.last, d, current, lr, gnorm, tps, extra))
                     last_report = time.monotonic()
 
+            collector.stop()
             # ---- end: checkpoint, and on a completed budget: evaluate and export
             preempted = reason == "sigterm"
             if preempted and d.is_main:
@@ -187,6 +196,7 @@ def run(config: TrainerConfig, on_progress=None, stop: SigtermFlag | None = None
                 reporter.report(_progress(s, state, last_ckpt, d, state.train_loss, lr, gnorm, tps, extra))
             return summary
         finally:
+            collector.stop()
             if reporter is not None:
                 reporter.close()
             if saves is not None:
@@ -198,7 +208,7 @@ class LogWindow:
     """The training loss and throughput over the steps since the last log line."""
 
     def __init__(self):
-        self.losses: list[torch.Tensor] = []  # one per step: no device sync until the window closes
+        self.losses: list[torch.Tensor] = []  # one per step, on the device: no device sync until the window closes
         self.tokens = 0
         self.start = time.monotonic()
 
@@ -206,13 +216,16 @@ class LogWindow:
         self.losses.append(loss)
         self.tokens += tokens
 
-    def close(self, d: Dist) -> tuple[float, float]:
-        """The mean loss over the window and all ranks (a collective), and tokens per second; starts a new window."""
+    def close(self, d: Dist) -> tuple[float, float, float]:
+        """The mean loss over the window and all ranks (a collective), tokens per second, and seconds per
+        step; starts a new window. Reading the loss waits for the window's steps to finish on the device,
+        so the time is theirs, not only the host's."""
         loss = d.sum([torch.stack(self.losses).mean().item()])[0] / d.world
         now = time.monotonic()
-        tps = self.tokens / max(now - self.start, 1e-9)
+        elapsed = max(now - self.start, 1e-9)
+        tps, step_seconds = self.tokens / elapsed, elapsed / max(len(self.losses), 1)
         self.losses, self.tokens, self.start = [], 0, now
-        return loss, tps
+        return loss, tps, step_seconds
 
 
 # ---------------------------------------------------------------------------
@@ -258,11 +271,14 @@ def _set_up(config: TrainerConfig, d: Dist, stop: SigtermFlag) -> Setup:
         signing_key=signing_key(config) if d.is_main else None, gpus=d.world if d.device.type == "cuda" else 0,
     )
     method.start(model, s.autocast, d)  # before any checkpoint is loaded: dpo's reference is the starting model
+    if d.is_main and t.compile is None and defaults.compile_blocks(d.device.type) and not compiles(config, d.device):
+        log.warning("training.compile: the blocks run eager, as torch.compile needs %s", missing_compiler(d.device))
     if d.is_main:
         log.info(
-            "%s: %s %.1fM params (%.1fM active non-embedding), %d worker(s) on %s, %s, %d micro-steps x %d seqs x %d tokens per worker, %s steps",
+            "%s: %s %.1fM params (%.1fM active non-embedding), %d worker(s) on %s, %s, %s, %d micro-steps x %d seqs x %d tokens per worker, %s steps",
             config.run_name, type(model).__name__.removeprefix("FSDP"), stats.params / 1e6, stats.active_params / 1e6,
-            d.world, d.device.type, "fp8" if t.precision == "fp8" else "bf16" if bf16 else "fp32", s.accum, t.micro_batch_sequences, t.seq_len,
+            d.world, d.device.type, "fp8" if t.precision == "fp8" else "bf16" if bf16 else "fp32",
+            "compiled" if compiles(config, d.device) else "eager", s.accum, t.micro_batch_sequences, t.seq_len,
             s.total_steps or "?",
         )
         if config.training.lora is not None:

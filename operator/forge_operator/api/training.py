@@ -350,8 +350,10 @@ class TrainingSpec(ApiModel):
     otherwise), widths of those layers that are multiples of 16, and no lora."""
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = defaults.SEED
     """Seed for initialisation, data order and dropout."""
-    compile: bool = defaults.COMPILE
-    """Compile each transformer block with torch.compile."""
+    compile: bool | None = None
+    """Compile each transformer block with torch.compile (default: on GPUs, off on CPUs). Compiling takes
+    time at the start of every run, a resumed one too, and makes every step after it faster; true or
+    false decides for every device."""
     activation_checkpointing: Literal["none", "selective", "full"] = defaults.ACTIVATION_CHECKPOINTING
     """Per transformer block: none keeps every activation for the backward pass; selective keeps the outputs
     of matrix products and attention and recomputes the rest (norms, activation functions: little compute,

@@ -4,11 +4,14 @@ the checks that it can run here, and its weights (seeded random init, or the bas
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import PretrainedConfig
 
+from .. import defaults
 from ..config import TrainerConfig
 from ..contract import ConfigError
 from ..runtime.dist import Dist
@@ -60,6 +63,7 @@ def check_model(config: TrainerConfig, cfg: PretrainedConfig, d: Dist, bf16: boo
 def preflight(config: TrainerConfig, d: Dist, bf16: bool, stop: SigtermFlag) -> None:
     """check_model with the configured vocabulary size, before any data is tokenized (it runs again
     with the real tokenizer once that exists)."""
+    compiles(config, d.device)  # training.compile true without the compiler it needs: refused before any data
     arch, train = config.model.architecture, config.tokenizer.train
     vocab = (arch and arch.vocab_size) or (train and train.vocab_size) or 1
     check_model(config, hf_config(config, vocab, 0), d, bf16, stop)
@@ -78,22 +82,47 @@ training.precision fp8 the blocks' linear layers compute in FP8 (models/fp8.py),
     training.sharding) whenever ``d`` has a process group, one process included (train.run's)."""
     d = d or Dist()
     t = config.training
+    compile = compiles(config, d.device)
     fp8 = t.precision == "fp8"
     if config.model.base_path is not None and not d.distributed:
-        return parallelize(_base_model(config, cfg), d, bf16, t.compile, t.activation_checkpointing,
+        return parallelize(_base_model(config, cfg), d, bf16, compile, t.activation_checkpointing,
                            placed_on(d.device), t.sharding, fp8)
     model = on_meta(config, cfg)
     if config.model.base_path is None:
         torch.manual_seed(t.seed)
-        return parallelize(model, d, bf16, t.compile, t.activation_checkpointing, _initialised(model, d.device),
+        return parallelize(model, d, bf16, compile, t.activation_checkpointing, _initialised(model, d.device),
                            t.sharding, fp8)
     holder = {}
     d.on_every_rank(lambda: holder.update(state=_base_model(config, cfg).state_dict()) if d.is_main else None,
                     f"loading model.base_path {config.model.base_path}")
-    model = parallelize(model, d, bf16, t.compile, t.activation_checkpointing, placed_on(d.device), t.sharding, fp8)
+    model = parallelize(model, d, bf16, compile, t.activation_checkpointing, placed_on(d.device), t.sharding, fp8)
     set_model_state_dict(model, holder.get("state", {}),
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
+
+
+def compiles(config: TrainerConfig, device: torch.device) -> bool:
+    """Whether the blocks are compiled: training.compile, or when it is not set, by the device
+    (``defaults.compile_blocks``: on GPUs, not on CPUs) if the compiler torch.compile needs is there.
+    training.compile true without that compiler is refused."""
+    t = config.training
+    if t.compile is False or (t.compile is None and not defaults.compile_blocks(device.type)):
+        return False
+    missing = missing_compiler(device)
+    if missing is not None and t.compile:
+        raise ConfigError(f"training.compile: torch.compile needs {missing}; install one in the image, "
+                          "or set training.compile to false")
+    return missing is None
+
+
+def missing_compiler(device: torch.device) -> str | None:
+    """What torch.compile lacks here to build its kernels (None: nothing): on a GPU, Triton builds each
+    kernel's launcher with a C compiler (CC, gcc or clang, as Triton looks for it); on a CPU, Inductor
+    writes C++ (CXX, g++ or clang++). The slim runtime images of PyTorch had neither."""
+    variable, names, what = (("CC", ("gcc", "clang"), "a C compiler for Triton") if device.type == "cuda"
+                             else ("CXX", ("g++", "clang++"), "a C++ compiler for Inductor"))
+    found = [os.environ[variable]] if os.environ.get(variable) else [shutil.which(n) for n in names]
+    return None if any(found) else f"{what} ({variable}, {' or '.join(names)}), and none was found"
 
 
 def on_meta(config: TrainerConfig, cfg: PretrainedConfig) -> torch.nn.Module:

@@ -45,6 +45,9 @@ class Dist:
     checkpoint_group: object = None
     """A gloo group of its own for the checkpoints' collectives: a checkpoint written in the background
     (runtime/checkpoint.py) runs them in another thread, beside the training's, and keeps SETUP_TIMEOUT."""
+    control_group: object = None
+    """A gloo group for the loop's decisions (max_flags): host values reduced on the host, so that
+    taking them never waits for the device's queued work. None: the default group."""
 
     @property
     def is_main(self) -> bool:
@@ -125,20 +128,26 @@ class Dist:
         if not (self.distributed and dist.is_initialized()):
             return
         self.barrier()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self.synchronize()
         side = {id(self.setup_group), id(self.checkpoint_group)}
         groups = [dist.group.WORLD, *getattr(dist.distributed_c10d._world, "pg_map", {})]
         set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout  # torch < 2.12
         for group in {id(g): g for g in groups if id(g) not in side}.values():
             set_timeout(timeout, group)
 
+    def synchronize(self) -> None:
+        """Wait until this worker's device has run everything queued on it (nothing to wait for on CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def max_flags(self, flags: list[int]) -> list[int]:
-        """Element-wise max over ranks, so every rank takes the same decision."""
+        """Element-wise max over ranks, so every rank takes the same decision. The flags are the host's
+        (SIGTERM, clocks): reduced on the host over the gloo control group, never through the device,
+        whose queue a read-back would have to drain every step."""
         if not self.distributed:
             return flags
-        t = torch.tensor(flags, dtype=torch.int32, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor(flags, dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control_group)
         return t.tolist()
 
     def sum(self, values: list[float]) -> list[float]:
@@ -171,8 +180,24 @@ def _shared_error(rank: int, what: str, kind: str, message: str) -> Exception:
     return error_named(kind, message) or RuntimeError(f"rank {rank} failed {what}: {message}")
 
 
+ALLOCATOR_CONF = "PYTORCH_CUDA_ALLOC_CONF"
+ALLOCATOR_CONF_NAMES = (ALLOCATOR_CONF, "PYTORCH_ALLOC_CONF")  # the second: torch's newer, generic name
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
+
+
+def default_allocator_conf(environ=os.environ) -> None:
+    """CUDA's caching allocator with expandable segments (one segment per stream that grows, instead of
+    fixed blocks that fragment as activation sizes vary: fewer out-of-memory errors with free memory
+    left, as torchtitan runs), unless the environment configures the allocator already (the user's
+    value stands). torch reads it when CUDA first allocates: this runs before that, and the launcher
+    (`forge_trainer.launch`) sets it before torchrun starts the workers, which inherit it."""
+    if not any(name in environ for name in ALLOCATOR_CONF_NAMES):
+        environ[ALLOCATOR_CONF] = EXPANDABLE_SEGMENTS
+
+
 def init_distributed() -> Dist:
     """Join the torchrun process group (NCCL on CUDA, gloo on CPU), or open a one-rank group of this process's own."""
+    default_allocator_conf()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -190,6 +215,7 @@ def init_distributed() -> Dist:
                                 timeout=SLOW_TIMEOUT)
     setup_group = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
     checkpoint_group = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
+    control_group = dist.new_group(backend="gloo", timeout=SLOW_TIMEOUT)  # tightened with the others after step 1
     return Dist(
         rank=dist.get_rank(),
         world=dist.get_world_size(),
@@ -198,6 +224,7 @@ def init_distributed() -> Dist:
         device=device,
         setup_group=setup_group,
         checkpoint_group=checkpoint_group,
+        control_group=control_group,
     )
 
 
@@ -230,7 +257,7 @@ def shutdown(d: Dist, error: BaseException | None = None, timeout: timedelta = T
     # Free the groups' gloo threads now, not during interpreter finalization: an error raised through
     # on_main/on_every_rank keeps this Dist alive in a reference cycle (exception -> traceback ->
     # frame -> exception), and a group destroyed that late aborts the process.
-    d.setup_group = d.checkpoint_group = None
+    d.setup_group = d.checkpoint_group = d.control_group = None
     gc.collect()
 
 
