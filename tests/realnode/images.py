@@ -5,7 +5,9 @@
   (bookworm) base from Debian's packages, extracted; CPython in ``/usr/local`` as the
   ``python:3.11-slim`` images have it; the ``trainer`` extra at the torch of the
   Dockerfile's base image (the pins of ``requirements/torch-floor.lock``); the forge
-  package itself; the Dockerfile's ENV, user 10001, directories, entrypoint and command;
+  package itself; the Dockerfile's ENV, user 10001, directories, entrypoint and command (not the
+  C compiler the Dockerfile adds for torch.compile on GPUs: on the CPU node the trainer runs eager
+  by default, and refuses ``training.compile: true`` without a compiler);
 - the operator image, as the ``Dockerfile`` at the repository root describes it: the same
   base, a virtualenv in ``/opt/forge`` with the ``operator`` extra (pinned by
   ``requirements/dev.lock``, no torch) and forge, ``forge operator`` as its entrypoint.
