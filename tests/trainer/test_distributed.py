@@ -223,13 +223,14 @@ sys.exit(code)
 
 @pytest.mark.slow
 @pytest.mark.soak
-@pytest.mark.timeout(1500)  # 50 pairs of processes that import torch: about 5 s each on a quiet machine
-def test_every_rank_keeps_its_exit_code_through_the_teardown_50_times(tmp_path):
+@pytest.mark.timeout(900)  # 20 pairs of processes that import torch: about 9 s each on a quiet machine
+def test_every_rank_keeps_its_exit_code_through_the_teardown_20_times(tmp_path):
     """A set-up check that fails on one rank ends every rank with the check's exit code (78), also
     after leaving the process group: a signal at teardown would make the operator retry a failure
-    that no retry can fix."""
+    that no retry can fix. The abort it guards against came at interpreter exit, from gloo threads
+    still running, and not every time: hence the repeats."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for attempt in range(50):
+    for attempt in range(20):
         init = tmp_path / f"init-{attempt}"
         ranks = [subprocess.Popen([sys.executable, "-c", RANK_THAT_FAILS_A_CHECK, str(r), str(init)], cwd=REPO,
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
